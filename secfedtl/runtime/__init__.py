@@ -1,0 +1,1 @@
+"""secfedtl.runtime"""
