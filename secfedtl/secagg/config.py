@@ -1,0 +1,136 @@
+"""Secure-aggregation parameters and the rule that picks them.
+
+Parameter rule (documented in docs/protocol.md). Each client shares its secrets with its ``k``
+graph neighbours using a ``t``-of-``k`` Shamir scheme. For ``n`` clients, a dropout rate ``delta``
+and a corrupt fraction ``gamma``:
+
+* **privacy**: ``t > k / 2`` (a server cannot obtain both kinds of share for one client from
+  honest neighbours that each reveal only one kind), and the chance that one client has ``t`` or
+  more corrupt neighbours, ``P[Bin(k, gamma) >= t]``, summed over the ``n`` clients, is at most
+  ``2**-security_bits`` (default 40);
+* **correctness**: the chance that some client keeps fewer than ``t`` live neighbours,
+  ``n * P[Bin(k, 1 - delta) < t]``, is at most ``2**-correctness_bits`` (default 20).
+
+:meth:`SecAggConfig.recommended` picks the smallest even ``k < n - 1`` and the smallest ``t``
+that meet both; ``k`` grows as ``O(log n)``, so per-client cost is ``O(log n)`` and the whole
+round ``O(n log n)``. When no sparse graph meets them (small ``n``: the union bound over ``n``
+clients cannot reach ``2**-40`` with few neighbours), it uses the complete graph with worst-case
+counts instead of probabilities: ``t > max(k / 2, floor(gamma * n))`` and
+``k - ceil(delta * n) >= t``. A hand-written config is
+checked against the hard rules (``k/2 < t <= k``, no wrap-around, ``n >= 3``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from secfedtl.encoding.fixed_point import FixedPointEncoding
+from secfedtl.errors import ConfigError
+
+PROTOCOL_VERSION = 1
+MIN_CLIENTS = 3
+
+
+def _binom_tail_ge(k: int, p: float, t: int) -> float:
+    """P[Bin(k, p) >= t]."""
+    if t <= 0:
+        return 1.0
+    if t > k:
+        return 0.0
+    if p <= 0.0:
+        return 0.0
+    if p >= 1.0:
+        return 1.0
+    return sum(math.comb(k, i) * p**i * (1 - p) ** (k - i) for i in range(t, k + 1))
+
+
+def failure_probabilities(*, num_clients: int, degree: int, threshold: int, dropout_rate: float,
+                          corrupt_fraction: float) -> tuple[float, float]:
+    """(privacy failure, correctness failure) probabilities of the rule above (union bounds)."""
+    privacy = min(1.0, num_clients * _binom_tail_ge(degree, corrupt_fraction, threshold))
+    correctness = min(1.0, num_clients * (1.0 - _binom_tail_ge(degree, 1.0 - dropout_rate, threshold)))
+    return privacy, correctness
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SecAggConfig:
+    """Public parameters of one secure aggregation.
+
+    ``neighbors=None`` selects the complete graph (every client is every other's neighbour);
+    ``neighbors=k`` a SecAgg+ random k-regular graph. ``threshold`` is the Shamir threshold
+    among a client's neighbours. ``clip``, ``bits``, ``scale`` and ``max_weight`` define the
+    fixed-point encoding (see :class:`~secfedtl.encoding.FixedPointEncoding`).
+    ``min_survivors`` (default ``threshold``) is the fewest clients whose inputs the server may
+    ever learn the sum of. ``authenticated`` turns on Ed25519-signed keys and survivor lists.
+    """
+
+    num_clients: int
+    threshold: int
+    neighbors: int | None = None
+    clip: float = 1.0
+    bits: int = 32
+    scale: float | None = None
+    max_weight: int = 1
+    min_survivors: int | None = None
+    authenticated: bool = False
+    encoding: FixedPointEncoding = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        n = self.num_clients
+        if isinstance(n, bool) or not isinstance(n, int) or n < MIN_CLIENTS:
+            raise ConfigError(f"secure aggregation needs at least {MIN_CLIENTS} clients, got {n!r}")
+        k = self.degree
+        if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= n - 1:
+            raise ConfigError(f"neighbors must be an integer in [2, {n - 1}], got {self.neighbors!r}")
+        if k % 2 == 1 and n % 2 == 1:
+            raise ConfigError(f"no {k}-regular graph on {n} clients: use an even number of neighbours")
+        t = self.threshold
+        if isinstance(t, bool) or not isinstance(t, int) or not (k // 2 < t <= k):
+            raise ConfigError(
+                f"threshold must satisfy neighbours/2 < threshold <= neighbours ({k // 2 + 1}..{k}), "
+                f"got {t!r}: a lower threshold lets a server collect both kinds of shares of a client")
+        m = self.threshold if self.min_survivors is None else self.min_survivors
+        if isinstance(m, bool) or not isinstance(m, int) or not t <= m <= n:
+            raise ConfigError(f"min_survivors must be in [threshold, num_clients], got {m!r}")
+        object.__setattr__(self, "min_survivors", m)
+        object.__setattr__(self, "encoding", FixedPointEncoding(
+            clip=self.clip, bits=self.bits, num_clients=n, max_weight=self.max_weight, scale=self.scale))
+
+    @property
+    def degree(self) -> int:
+        """Number of neighbours of each client."""
+        return self.num_clients - 1 if self.neighbors is None else self.neighbors
+
+    @property
+    def full_graph(self) -> bool:
+        return self.degree == self.num_clients - 1
+
+    @classmethod
+    def recommended(cls, *, num_clients: int, dropout_rate: float = 0.05, corrupt_fraction: float = 0.05,
+                    security_bits: int = 40, correctness_bits: int = 20, **kwargs: object) -> SecAggConfig:
+        """The smallest graph degree and threshold that meet the rule in the module docstring."""
+        if not 0 <= dropout_rate < 1 or not 0 <= corrupt_fraction < 0.5:
+            raise ConfigError("dropout_rate must be in [0, 1) and corrupt_fraction in [0, 0.5)")
+        if dropout_rate + corrupt_fraction >= 0.5:
+            raise ConfigError("dropout_rate + corrupt_fraction must stay below 1/2")
+        n = num_clients
+        if isinstance(n, bool) or not isinstance(n, int) or n < MIN_CLIENTS:
+            raise ConfigError(f"secure aggregation needs at least {MIN_CLIENTS} clients")
+        sec, cor = 2.0 ** -security_bits, 2.0 ** -correctness_bits
+        for k in range(2, n - 1, 2):
+            for t in range(k // 2 + 1, k + 1):
+                p_priv, p_corr = failure_probabilities(num_clients=n, degree=k, threshold=t,
+                                                       dropout_rate=dropout_rate,
+                                                       corrupt_fraction=corrupt_fraction)
+                if p_priv <= sec and p_corr <= cor:
+                    return cls(num_clients=n, threshold=t, neighbors=k, **kwargs)  # type: ignore[arg-type]
+                if p_priv <= sec:
+                    break  # larger t only hurts correctness
+        k = n - 1
+        t = max(k // 2 + 1, math.floor(corrupt_fraction * n) + 1)
+        if k - math.ceil(dropout_rate * n) >= t:
+            return cls(num_clients=n, threshold=t, neighbors=None, **kwargs)  # type: ignore[arg-type]
+        raise ConfigError(
+            f"no graph on {n} clients meets 2^-{security_bits} privacy and 2^-{correctness_bits} "
+            f"correctness at dropout {dropout_rate} and corrupt fraction {corrupt_fraction}")

@@ -1,0 +1,314 @@
+"""The server side of secure aggregation, as a Sans-I/O state machine.
+
+Ground rules:
+
+* ``receive(message)`` records one client message for the current phase. A message that is
+  illegal (wrong phase, wrong session, unknown or repeated sender, malformed content, bad
+  signature) raises a :mod:`secfedtl.errors` exception and changes nothing: one misbehaving
+  client cannot abort everyone's round, it simply counts as a dropout if it never sends a
+  valid message.
+* ``advance()`` closes the current phase (the runtime calls it when every expected message
+  arrived or a deadline passed) and returns the messages for the next one. If fewer clients
+  than the config allows remain, it raises :class:`~secfedtl.errors.TooFewSurvivorsError`
+  and the session is ``ABORTED``: the server never returns a sum over too few clients, and
+  never a wrong one.
+* The server only ever holds the running sum of masked inputs; it never stores an individual
+  masked vector, and an individual masked vector is uniformly random anyway.
+
+Phases: ADVERTISE -> SHARE -> MASK -> CONSISTENCY -> UNMASK -> DONE.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from secfedtl.crypto import primitives as cp
+from secfedtl.crypto import shamir
+from secfedtl.crypto.prg import add_masks
+from secfedtl.errors import (
+    AuthenticationError,
+    ConfigError,
+    EncodingError,
+    LocalProtocolError,
+    ReconstructionError,
+    RemoteProtocolError,
+    ReplayError,
+    SecFedTLError,
+    TooFewSurvivorsError,
+    WrongSessionError,
+)
+from secfedtl.secagg import messages as m
+from secfedtl.secagg.session import PURPOSE_MASK, SessionParams, sign_of
+
+
+class ServerState(enum.Enum):
+    ADVERTISE = "advertise"
+    SHARE = "share"
+    MASK = "mask"
+    CONSISTENCY = "consistency"
+    UNMASK = "unmask"
+    DONE = "done"
+    ABORTED = "aborted"
+
+
+_LEGAL: dict[ServerState, type] = {
+    ServerState.ADVERTISE: m.AdvertiseKeys,
+    ServerState.SHARE: m.EncryptedShares,
+    ServerState.MASK: m.MaskedInput,
+    ServerState.CONSISTENCY: m.ConsistencyResponse,
+    ServerState.UNMASK: m.UnmaskResponse,
+}
+_NEXT = {
+    ServerState.ADVERTISE: ServerState.SHARE,
+    ServerState.SHARE: ServerState.MASK,
+    ServerState.MASK: ServerState.CONSISTENCY,
+    ServerState.CONSISTENCY: ServerState.UNMASK,
+    ServerState.UNMASK: ServerState.DONE,
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AggregateResult:
+    """What the server learns: the sum, over ``included`` clients, of their field vectors."""
+
+    field_sum: np.ndarray
+    included: tuple[int, ...]
+    dropped: tuple[int, ...]
+
+
+class ServerSession:
+    """The server's part in one aggregation (see the module docstring)."""
+
+    def __init__(self, *, params: SessionParams, identities: Mapping[int, bytes] | None = None) -> None:
+        if params.config.authenticated and identities is None:
+            raise ConfigError("authenticated mode needs every client's identity public key")
+        self.params = params
+        self._identities = dict(identities or {})
+        self.state = ServerState.ADVERTISE
+        self._adverts: dict[int, m.AdvertiseKeys] = {}
+        self._boxes: dict[int, dict[int, bytes]] = {}      # sender -> recipient -> box
+        self._sum = np.zeros(params.vector_length, dtype=params.dtype)
+        self._masked: set[int] = set()                     # U3 so far
+        self._signatures: dict[int, bytes] = {}            # U4
+        self._requests: dict[int, m.UnmaskRequest] = {}
+        self._responses: dict[int, m.UnmaskResponse] = {}  # U5
+        self._result: AggregateResult | None = None
+
+    def __repr__(self) -> str:
+        return f"ServerSession(state={self.state.value}, clients={self.params.config.num_clients})"
+
+    # -- membership of each phase -------------------------------------------------------------
+
+    @property
+    def advertised(self) -> tuple[int, ...]:
+        return tuple(sorted(self._adverts))
+
+    @property
+    def shared(self) -> tuple[int, ...]:
+        return tuple(sorted(self._boxes))
+
+    @property
+    def survivors(self) -> tuple[int, ...]:
+        return tuple(sorted(self._masked))
+
+    def expected_senders(self) -> tuple[int, ...]:
+        """Clients from which a message is still expected in the current phase."""
+        n = self.params.config.num_clients
+        pending = {
+            ServerState.ADVERTISE: set(range(n)) - set(self._adverts),
+            ServerState.SHARE: set(self._adverts) - set(self._boxes),
+            ServerState.MASK: set(self._boxes) - self._masked,
+            ServerState.CONSISTENCY: self._masked - set(self._signatures),
+            ServerState.UNMASK: set(self._requests) - set(self._responses),
+        }.get(self.state, set())
+        return tuple(sorted(pending))
+
+    # -- receive ------------------------------------------------------------------------------
+
+    def receive(self, message: m.Message) -> None:
+        """Record one client message for the current phase (see the module docstring)."""
+        if self.state in (ServerState.DONE, ServerState.ABORTED):
+            raise LocalProtocolError(f"no message is accepted in state {self.state.value}")
+        expected = _LEGAL[self.state]
+        if type(message) is not expected:
+            raise ReplayError(f"{type(message).__name__} is not accepted in phase {self.state.value}")
+        p = self.params
+        if message.session_id != p.session_id or message.round != p.round:
+            raise WrongSessionError("message belongs to another session or round")
+        sender = message.sender
+        if sender not in self.expected_senders():
+            if 0 <= sender < p.config.num_clients and self._already(sender):
+                raise ReplayError(f"second {type(message).__name__} from client {sender}")
+            raise RemoteProtocolError(f"client {sender} is not expected in phase {self.state.value}")
+        {
+            m.AdvertiseKeys: self._on_advert,
+            m.EncryptedShares: self._on_shares,
+            m.MaskedInput: self._on_masked,
+            m.ConsistencyResponse: self._on_consistency,
+            m.UnmaskResponse: self._on_unmask,
+        }[expected](message)
+
+    def _already(self, sender: int) -> bool:
+        return sender in {
+            ServerState.ADVERTISE: self._adverts,
+            ServerState.SHARE: self._boxes,
+            ServerState.MASK: self._masked,
+            ServerState.CONSISTENCY: self._signatures,
+            ServerState.UNMASK: self._responses,
+        }[self.state]
+
+    def _on_advert(self, msg: m.AdvertiseKeys) -> None:
+        keys = {msg.enc_public_key, msg.mask_public_key}
+        if len(keys) != 2 or any(keys & {a.enc_public_key, a.mask_public_key} for a in self._adverts.values()):
+            raise RemoteProtocolError(f"client {msg.sender} advertised reused keys")
+        if self.params.config.authenticated:
+            self._verify(msg.sender, msg.signature, self.params.advert_transcript(
+                msg.sender, msg.enc_public_key, msg.mask_public_key))
+        self._adverts[msg.sender] = msg
+
+    def _on_shares(self, msg: m.EncryptedShares) -> None:
+        want = self.params.neighbours[msg.sender] & set(self._adverts)
+        got = {r for r, _ in msg.ciphertexts}
+        if got != want:
+            raise RemoteProtocolError(f"client {msg.sender} must send one box to each live neighbour")
+        self._boxes[msg.sender] = dict(msg.ciphertexts)
+
+    def _on_masked(self, msg: m.MaskedInput) -> None:
+        try:
+            vector = self.params.vector_from_bytes(msg.vector)
+        except EncodingError as exc:
+            raise RemoteProtocolError(f"malformed masked input from client {msg.sender}: {exc}") from exc
+        np.add(self._sum, vector, out=self._sum)
+        self._masked.add(msg.sender)
+
+    def _on_consistency(self, msg: m.ConsistencyResponse) -> None:
+        if self.params.config.authenticated:
+            self._verify(msg.sender, msg.signature,
+                         self.params.consistency_transcript(msg.sender, self.survivors))
+        self._signatures[msg.sender] = msg.signature
+
+    def _on_unmask(self, msg: m.UnmaskResponse) -> None:
+        request = self._requests[msg.sender]
+        if tuple(o for o, _ in msg.self_mask_shares) != request.survivors or \
+                tuple(o for o, _ in msg.mask_key_shares) != request.dropped:
+            raise RemoteProtocolError(f"client {msg.sender} answered with other shares than requested")
+        self._responses[msg.sender] = msg
+
+    def _verify(self, party: int, signature: bytes, transcript: bytes) -> None:
+        public = self._identities.get(party)
+        if public is None or not signature:
+            raise AuthenticationError(f"no identity key or signature for client {party}")
+        try:
+            cp.verify_signature(public, signature, transcript)
+        except SecFedTLError as exc:
+            raise AuthenticationError(f"bad signature from client {party}") from exc
+
+    # -- advance ------------------------------------------------------------------------------
+
+    def advance(self) -> list[m.Message]:
+        """Close the current phase; returns the next phase's messages (empty once DONE)."""
+        if self.state in (ServerState.DONE, ServerState.ABORTED):
+            raise LocalProtocolError(f"cannot advance from state {self.state.value}")
+        try:
+            out = {
+                ServerState.ADVERTISE: self._close_advertise,
+                ServerState.SHARE: self._close_share,
+                ServerState.MASK: self._close_mask,
+                ServerState.CONSISTENCY: self._close_consistency,
+                ServerState.UNMASK: self._close_unmask,
+            }[self.state]()
+        except BaseException:
+            self.state = ServerState.ABORTED
+            raise
+        self.state = _NEXT[self.state]
+        return out
+
+    def _enough(self, count: int, what: str) -> None:
+        need = self.params.config.min_survivors
+        if count < need:
+            raise TooFewSurvivorsError(f"{what}: {count} clients, at least {need} required")
+
+    def _close_advertise(self) -> list[m.Message]:
+        self._enough(len(self._adverts), "clients that advertised keys")
+        p = self.params
+        return [m.KeyDirectory(session_id=p.session_id, round=p.round, recipient=u,
+                               peers=tuple(self._adverts[v] for v in sorted(p.neighbours[u] & set(self._adverts))))
+                for u in sorted(self._adverts)]
+
+    def _close_share(self) -> list[m.Message]:
+        self._enough(len(self._boxes), "clients that shared their secrets")
+        p = self.params
+        out = []
+        for u in sorted(self._boxes):
+            boxes = tuple((v, self._boxes[v][u]) for v in sorted(p.neighbours[u] & set(self._boxes)))
+            out.append(m.ShareDelivery(session_id=p.session_id, round=p.round, recipient=u, ciphertexts=boxes))
+        return out
+
+    def _close_mask(self) -> list[m.Message]:
+        self._enough(len(self._masked), "clients that sent masked inputs")
+        p = self.params
+        return [m.SurvivorList(session_id=p.session_id, round=p.round, recipient=u, survivors=self.survivors)
+                for u in self.survivors]
+
+    def _close_consistency(self) -> list[m.Message]:
+        self._enough(len(self._signatures), "clients that confirmed the survivor list")
+        p = self.params
+        signatures = tuple(sorted(self._signatures.items())) if p.config.authenticated else ()
+        shared = set(self._boxes)
+        requests = {}
+        for u in sorted(self._signatures):
+            near = p.neighbours[u] & shared
+            requests[u] = m.UnmaskRequest(
+                session_id=p.session_id, round=p.round, recipient=u,
+                survivors=tuple(sorted(near & self._masked)), dropped=tuple(sorted(near - self._masked)),
+                signatures=signatures)
+        self._requests = requests
+        return list(requests.values())
+
+    def _close_unmask(self) -> list[m.Message]:
+        p = self.params
+        t = p.config.threshold
+        self._enough(len(self._responses), "clients that answered the unmask request")
+        b_shares: dict[int, dict[int, bytes]] = {}
+        k_shares: dict[int, dict[int, bytes]] = {}
+        for responder, resp in self._responses.items():
+            for owner, share in resp.self_mask_shares:
+                b_shares.setdefault(owner, {})[responder + 1] = share
+            for owner, share in resp.mask_key_shares:
+                k_shares.setdefault(owner, {})[responder + 1] = share
+        seeds: list[tuple[bytes, int]] = []
+        for owner in self.survivors:
+            have = b_shares.get(owner, {})
+            if len(have) < t:
+                raise TooFewSurvivorsError(
+                    f"only {len(have)} shares of client {owner}'s self-mask seed, {t} required")
+            seeds.append((shamir.combine(have, threshold=t), -1))
+        dropped = sorted(set(self._boxes) - self._masked)
+        for owner in dropped:
+            partners = sorted(p.neighbours[owner] & self._masked)
+            if not partners:
+                continue  # no survivor masked with this client: nothing to remove
+            have = k_shares.get(owner, {})
+            if len(have) < t:
+                raise TooFewSurvivorsError(
+                    f"only {len(have)} shares of dropped client {owner}'s mask key, {t} required")
+            private = shamir.combine(have, threshold=t)
+            if cp.x25519_public(private) != self._adverts[owner].mask_public_key:
+                raise ReconstructionError(f"reconstructed mask key of client {owner} does not match its advert")
+            for w in partners:
+                s_wd = cp.agree(private, self._adverts[w].mask_public_key, binding=p.binding,
+                                purpose=PURPOSE_MASK, party_a=owner, party_b=w)
+                seeds.append((s_wd, -sign_of(w, owner)))
+        total = add_masks(self._sum.copy(), seeds)
+        p.config.encoding.reduce(total)
+        self._result = AggregateResult(field_sum=total, included=self.survivors, dropped=tuple(dropped))
+        return []
+
+    def result(self) -> AggregateResult:
+        if self.state is not ServerState.DONE or self._result is None:
+            raise LocalProtocolError("the aggregate is available only once the session is DONE")
+        return self._result
