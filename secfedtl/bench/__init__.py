@@ -1,1 +1,1 @@
-"""secfedtl.bench"""
+"""Benchmarks (`secfedtl bench ...`). Never imported by the test suite's assertions."""

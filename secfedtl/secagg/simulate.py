@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ from secfedtl.secagg import codec
 from secfedtl.secagg import messages as m
 from secfedtl.secagg.client import ClientSession
 from secfedtl.secagg.config import SecAggConfig
-from secfedtl.secagg.server import ServerSession
+from secfedtl.secagg.server import AggregateResult, ServerSession
 from secfedtl.secagg.session import SessionParams
 
 #: Phases a client can fall silent from, in protocol order. A client silent from ``"unmask"``
@@ -91,17 +92,62 @@ def simulate(inputs: Sequence[np.ndarray], cfg: SecAggConfig, dropouts: Mapping[
     encoded = [cfg.encoding.encode(a, weight=w, rng=rng) for a, w in zip(arrays, weights)]
     params = SessionParams(config=cfg, session_id=session_id_for(seed), round=round,
                            vector_length=arrays[0].size + 1, context=context)
-    identities = None
+    clients, server = build_sessions(params, encoded)
+    outcome = drive_round(clients, server, dropouts=dropouts)
+    result = outcome.result
+    total, weight_total = cfg.encoding.decode_sum(result.field_sum)
+    return SimulationResult(total=total, included=result.included, weight_total=weight_total,
+                            field_sum=result.field_sum, error_bound=cfg.encoding.error_bound(len(result.included)),
+                            refused=outcome.refused, wire_bytes=outcome.wire_bytes)
+
+
+def build_sessions(params: SessionParams, field_vectors: Sequence[np.ndarray]
+                   ) -> tuple[list[ClientSession], ServerSession]:
+    """One ClientSession per encoded vector and the ServerSession, with fresh Ed25519
+    identities when the config is authenticated."""
+    n = params.config.num_clients
     keys: list[SigningKey | None] = [None] * n
-    if cfg.authenticated:
-        keys = [SigningKey.generate() for _ in range(n)]
-        identities = {i: k.public for i, k in enumerate(keys)}  # type: ignore[union-attr]
-    clients = [ClientSession(params=params, client_id=i, input_vector=encoded[i], identity=keys[i],
+    identities = None
+    if params.config.authenticated:
+        signing = [SigningKey.generate() for _ in range(n)]
+        keys = list(signing)
+        identities = {i: k.public for i, k in enumerate(signing)}
+    clients = [ClientSession(params=params, client_id=i, input_vector=field_vectors[i], identity=keys[i],
                              peer_identities=identities) for i in range(n)]
-    server = ServerSession(params=params, identities=identities)
-    silent_from = {i: PHASES.index(p) for i, p in dropouts.items()}
+    return clients, ServerSession(params=params, identities=identities)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RoundOutcome:
+    """What :func:`drive_round` returns: the server's result, the clients that refused, the
+    bytes that crossed the wire, and (when asked for) seconds spent per ``role:phase``."""
+
+    result: AggregateResult
+    refused: tuple[int, ...]
+    wire_bytes: int
+    timings: dict[str, list[float]]
+
+
+def drive_round(clients: Sequence[ClientSession], server: ServerSession, *,
+                dropouts: Mapping[int, str] | None = None, timed: bool = False) -> RoundOutcome:
+    """Move every message of one aggregation between ``clients`` and ``server`` in process,
+    through the codec. A client that refuses with TooFewSurvivorsError falls silent (a dropout).
+    With ``timed``, records the seconds of each client step (``client:<phase>``), of the
+    server's message intake (``server:receive:<phase>``) and of closing each phase
+    (``server:advance:<phase>``)."""
+    silent_from = {i: PHASES.index(p) for i, p in (dropouts or {}).items()}
     refused: set[int] = set()
+    timings: dict[str, list[float]] = {}
     wire = 0
+
+    def clock(key: str, fn, *args):  # type: ignore[no-untyped-def]
+        if not timed:
+            return fn(*args)
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            timings.setdefault(key, []).append(time.perf_counter() - t0)
 
     def send(message: m.Message) -> m.Message:
         nonlocal wire
@@ -112,25 +158,25 @@ def simulate(inputs: Sequence[np.ndarray], cfg: SecAggConfig, dropouts: Mapping[
     def speaks(client: int, phase: str) -> bool:
         return client not in refused and silent_from.get(client, len(PHASES)) > PHASES.index(phase)
 
-    for i in range(n):
+    for i, client in enumerate(clients):
         if speaks(i, "advertise"):
-            server.receive(send(clients[i].start()))
-    outgoing = server.advance()
+            advert = clock("client:advertise", client.start)
+            clock("server:receive:advertise", server.receive, send(advert))
+    phase = "advertise"
+    outgoing = clock(f"server:advance:{phase}", server.advance)
     while outgoing:
+        phase = _REPLY_PHASE[type(outgoing[0])]
         for message in outgoing:
             u = message.recipient
-            if not speaks(u, _REPLY_PHASE[type(message)]):
+            if not speaks(u, phase):
                 continue
             try:
-                replies = clients[u].receive(send(message))
+                replies = clock(f"client:{phase}", clients[u].receive, send(message))
             except TooFewSurvivorsError:
                 refused.add(u)  # the client refuses and falls silent: a dropout
                 continue
             for reply in replies:
-                server.receive(send(reply))
-        outgoing = server.advance()
-    result = server.result()
-    total, weight_total = cfg.encoding.decode_sum(result.field_sum)
-    return SimulationResult(total=total, included=result.included, weight_total=weight_total,
-                            field_sum=result.field_sum, error_bound=cfg.encoding.error_bound(len(result.included)),
-                            refused=tuple(sorted(refused)), wire_bytes=wire)
+                clock(f"server:receive:{phase}", server.receive, send(reply))
+        outgoing = clock(f"server:advance:{phase}", server.advance)
+    return RoundOutcome(result=server.result(), refused=tuple(sorted(refused)), wire_bytes=wire,
+                        timings=timings)
