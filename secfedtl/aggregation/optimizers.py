@@ -122,7 +122,11 @@ def _as_vector(name: str, value: object) -> np.ndarray:
 def average_update(weighted_sum: object, total_weight: object) -> np.ndarray:
     """``weighted_sum / total_weight`` after checking both (the FedAvg average of client deltas)."""
     total = _check_total_weight(total_weight)
-    return _as_vector("weighted_sum", weighted_sum) / total
+    with np.errstate(over="ignore"):
+        delta = _as_vector("weighted_sum", weighted_sum) / total
+    if not np.isfinite(delta).all():
+        raise AggregationError("weighted_sum / total_weight overflowed")
+    return delta
 
 
 def _check_total_weight(total_weight: object) -> float:
@@ -201,7 +205,8 @@ class ServerOptimizer(ABC):
             raise InputError(
                 f"this optimiser holds state for {self._dim} parameters, got {params.shape[0]}"
             )
-        delta = summed / total
+        with np.errstate(over="ignore"):
+            delta = summed / total
         if not np.isfinite(delta).all():
             raise AggregationError("weighted_sum / total_weight overflowed")
         buffers = {
