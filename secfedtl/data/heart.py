@@ -20,8 +20,10 @@ one *named* centre's training split -- by default Cleveland, the long-public UCI
 transfer "source" -- so no private hospital's statistics leave it. :func:`validation_split` holds
 out validation rows from a training split; tuning must never look at the test splits.
 
-pandas and scikit-learn are needed only here, through the optional extra ``secfedtl[data]``;
-without them :func:`load_fed_heart_disease` raises :class:`~secfedtl.errors.DataError`.
+The default ``engine="numpy"`` needs nothing but numpy: it reproduces pandas' type inference and
+scikit-learn's split draws exactly (the tests compare it with the reference engine, row for row).
+``engine="pandas"`` runs the recipe through pandas and scikit-learn, the optional extra
+``secfedtl[data]``; without them it raises :class:`~secfedtl.errors.DataError` saying so.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ __all__ = [
     "CenterFile",
     "CENTER_FILES",
     "DATA_DIR",
+    "FEATURE_NAMES",
     "FeatureStats",
     "feature_stats",
     "NUM_FEATURES",
@@ -122,6 +125,14 @@ CENTER_FILES: dict[str, CenterFile] = {
 """FLamby centre order (0..3): the pooling order fixes the one-hot column order."""
 
 CENTER_NAMES: tuple[str, ...] = tuple(CENTER_FILES)
+
+FEATURE_NAMES: tuple[str, ...] = (
+    "age", "sex", "trestbps", "chol", "fbs", "thalach", "exang", "oldpeak",
+    "cp_2.0", "cp_3.0", "cp_4.0",
+    "restecg_1.0", "restecg_2.0",  # numeric levels (Cleveland, VA)
+    "restecg_0", "restecg_1", "restecg_2",  # text levels (Hungarian, Switzerland)
+)
+"""The 16 columns, named as pandas ``get_dummies`` names them (``1.0`` numeric, ``1`` text level)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -252,20 +263,49 @@ def _feature_name(column: object) -> str:
     return f"{_COLUMN_NAMES[int(prefix)]}_{level}"
 
 
-def load_fed_heart_disease(*, data_dir: Path | str | None = None) -> dict[str, Center]:
+def load_fed_heart_disease(
+    *, data_dir: Path | str | None = None, engine: str = "numpy"
+) -> dict[str, Center]:
     """Load the four Fed-Heart-Disease centres with FLamby's split and 16 features.
 
     Returns ``{"cleveland", "hungary", "switzerland", "va"} -> Center`` in FLamby's centre order.
-    ``data_dir`` defaults to the bundled files. Raises :class:`DataError` if pandas/scikit-learn
-    are missing, a file fails its checksum, or the split does not give FLamby's counts.
+    ``data_dir`` defaults to the bundled files.
+
+    ``engine="numpy"`` (default) needs only numpy: it re-implements the pandas parsing quirk and
+    scikit-learn's (Stratified)ShuffleSplit draw from ``RandomState(43)``; the test suite checks
+    that it gives exactly what ``engine="pandas"`` gives. ``engine="pandas"`` runs FLamby's own
+    recipe through pandas and scikit-learn (``pip install 'secfedtl[data]'``).
+
+    Raises :class:`ConfigError` for an unknown engine and :class:`DataError` if the extras are
+    missing (pandas engine), a file fails its checksum, or the split does not give FLamby's counts.
     """
+    if engine == "numpy":
+        return _load_numpy(verify_files(data_dir=data_dir))
+    if engine == "pandas":
+        return _load_pandas(data_dir)
+    raise ConfigError(f"engine must be 'numpy' or 'pandas', got {engine!r}")
+
+
+def _check_counts(center: str, num_rows: int, num_train: int, num_test: int) -> None:
+    spec = CENTER_FILES[center]
+    counts = (num_rows, num_train, num_test)
+    expected = (spec.num_rows_clean, spec.num_train, spec.num_test)
+    if counts != expected:
+        raise DataError(
+            f"{center}: split gave rows/train/test {counts}, expected {expected}; "
+            "FLamby's split was not reproduced"
+        )
+
+
+def _load_pandas(data_dir: Path | str | None) -> dict[str, Center]:
+    """FLamby's recipe, through pandas and scikit-learn."""
     pd, _sklearn, train_test_split = _import_extras()
     paths = verify_files(data_dir=data_dir)
 
     features = []
     labels: dict[str, np.ndarray] = {}
     splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for center, spec in CENTER_FILES.items():
+    for center in CENTER_FILES:
         try:
             frame = pd.read_csv(paths[center], header=None)
         except Exception as exc:  # pandas raises many kinds; all mean "not the expected file"
@@ -276,13 +316,7 @@ def load_fed_heart_disease(*, data_dir: Path | str | None = None) -> dict[str, C
         raw_label = pd.to_numeric(frame[_LABEL_COLUMN]).to_numpy()
         y = np.where(raw_label == 0, 0, 1).astype(np.int64)
         train_idx, test_idx = _split_positions(y, train_test_split)
-        counts = (len(y), len(train_idx), len(test_idx))
-        expected = (spec.num_rows_clean, spec.num_train, spec.num_test)
-        if counts != expected:
-            raise DataError(
-                f"{center}: split gave rows/train/test {counts}, expected {expected}; "
-                "this pandas/scikit-learn version does not reproduce FLamby's split"
-            )
+        _check_counts(center, len(y), len(train_idx), len(test_idx))
         features.append(frame.drop(columns=[_LABEL_COLUMN]))
         labels[center] = y
         splits[center] = (train_idx, test_idx)
@@ -294,6 +328,8 @@ def load_fed_heart_disease(*, data_dir: Path | str | None = None) -> dict[str, C
             f"one-hot encoding gave {encoded.shape[1]} features, expected {NUM_FEATURES}"
         )
     feature_names = tuple(_feature_name(c) for c in encoded.columns)
+    if feature_names != FEATURE_NAMES:
+        raise DataError(f"one-hot columns {feature_names} differ from FLamby's {FEATURE_NAMES}")
     try:
         matrix = encoded.to_numpy().astype(np.float32)
     except (TypeError, ValueError) as exc:
@@ -305,15 +341,133 @@ def load_fed_heart_disease(*, data_dir: Path | str | None = None) -> dict[str, C
         y = labels[center]
         block = matrix[start : start + len(y)]
         start += len(y)
-        train_idx, test_idx = splits[center]
-        centers[center] = Center(
-            name=center,
-            x_train=np.ascontiguousarray(block[train_idx]),
-            y_train=y[train_idx].copy(),
-            x_test=np.ascontiguousarray(block[test_idx]),
-            y_test=y[test_idx].copy(),
-            feature_names=feature_names,
-        )
+        centers[center] = _make_center(center, block, y, *splits[center])
+    return centers
+
+
+def _make_center(
+    center: str, x: np.ndarray, y: np.ndarray, train_idx: np.ndarray, test_idx: np.ndarray
+) -> Center:
+    return Center(
+        name=center,
+        x_train=np.ascontiguousarray(x[train_idx], dtype=np.float32),
+        y_train=y[train_idx].astype(np.int64),
+        x_test=np.ascontiguousarray(x[test_idx], dtype=np.float32),
+        y_test=y[test_idx].astype(np.int64),
+        feature_names=FEATURE_NAMES,
+    )
+
+
+# --- numpy engine ------------------------------------------------------------------------------
+
+_PLAIN_COLUMNS: tuple[int, ...] = (0, 1, 3, 4, 5, 7, 8, 9)
+_CP_LEVELS: tuple[float, ...] = (2.0, 3.0, 4.0)  # level 1 is the dropped first category
+_RESTECG_NUMERIC_LEVELS: tuple[float, ...] = (1.0, 2.0)  # numeric 0 is the dropped first one
+_RESTECG_TEXT_LEVELS: tuple[str, ...] = ("0", "1", "2")
+
+
+def _parse_file(center: str, path: Path) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Cleaned rows of one file: raw columns 0-9 as float64, binary labels, and whether pandas
+    would read ``restecg`` as text (it does when the column holds any non-numeric token)."""
+    try:
+        lines = path.read_text(encoding="ascii").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{center}: cannot read {path}: {exc}") from exc
+    rows = [line.split(",") for line in lines]
+    if not rows or any(len(r) != _LABEL_COLUMN + 1 for r in rows):
+        raise DataError(f"{center}: every line must have 14 comma-separated fields")
+
+    def is_number(token: str) -> bool:
+        try:
+            float(token)
+        except ValueError:
+            return False
+        return True
+
+    restecg_is_text = not all(is_number(r[6]) for r in rows)
+    features, labels = [], []
+    for row in rows:
+        kept = row[:10] + [row[_LABEL_COLUMN]]
+        if "?" in kept:
+            continue
+        try:
+            values = [float(v) for v in kept]
+        except ValueError as exc:
+            raise DataError(f"{center}: non-numeric field in {row}: {exc}") from exc
+        features.append(values[:10])
+        labels.append(0 if values[10] == 0 else 1)
+    return np.array(features, dtype=np.float64), np.array(labels, dtype=np.int64), restecg_is_text
+
+
+def _one_hot(center: str, raw: np.ndarray, restecg_is_text: bool) -> np.ndarray:
+    """The 16 FLamby columns for one centre's cleaned rows (see :data:`FEATURE_NAMES`)."""
+    cp = raw[:, 2]
+    restecg = raw[:, 6]
+    if not np.isin(cp, (1.0,) + _CP_LEVELS).all() or not np.isin(restecg, (0.0, 1.0, 2.0)).all():
+        raise DataError(f"{center}: cp or restecg outside their documented levels")
+    cp_dummies = np.stack([cp == lvl for lvl in _CP_LEVELS], axis=1)
+    numeric = np.stack([restecg == lvl for lvl in _RESTECG_NUMERIC_LEVELS], axis=1)
+    text = np.stack([restecg == float(lvl) for lvl in _RESTECG_TEXT_LEVELS], axis=1)
+    if restecg_is_text:
+        numeric[:] = False
+    else:
+        text[:] = False
+    return np.concatenate(
+        [raw[:, list(_PLAIN_COLUMNS)], cp_dummies, numeric, text], axis=1
+    ).astype(np.float32)
+
+
+def _approximate_mode(
+    class_counts: np.ndarray, n_draws: int, rng: np.random.RandomState
+) -> np.ndarray:
+    """How many of each class to draw: floor of the proportional share, the rest given to the
+    largest remainders, ties broken by ``rng.choice`` (scikit-learn's rule, same RNG calls)."""
+    continuous = class_counts / class_counts.sum() * n_draws
+    floored = np.floor(continuous)
+    missing = int(n_draws - floored.sum())
+    remainder = continuous - floored
+    for value in np.sort(np.unique(remainder))[::-1]:
+        if missing <= 0:
+            break
+        (candidates,) = np.where(remainder == value)
+        take = min(len(candidates), missing)
+        chosen = rng.choice(candidates, size=take, replace=False)
+        floored[chosen] += 1
+        missing -= take
+    return floored.astype(np.int64)
+
+
+def _split_positions_numpy(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """FLamby's split of positions 0..n-1 without scikit-learn, drawing from ``RandomState(43)``
+    in the same order as scikit-learn's ShuffleSplit / StratifiedShuffleSplit."""
+    n = labels.shape[0]
+    num_test = math.ceil((1.0 - TRAIN_FRACTION) * n)
+    num_train = math.floor(TRAIN_FRACTION * n)
+    rng = np.random.RandomState(SPLIT_RANDOM_STATE)
+    classes, class_of, class_counts = np.unique(labels, return_inverse=True, return_counts=True)
+    if len(classes) < 2 or class_counts.min() <= 2:
+        order = rng.permutation(n)
+        return order[num_test : num_test + num_train], order[:num_test]
+    members = np.split(np.argsort(class_of, kind="stable"), np.cumsum(class_counts)[:-1])
+    train_per_class = _approximate_mode(class_counts, num_train, rng)
+    test_per_class = _approximate_mode(class_counts - train_per_class, num_test, rng)
+    train: list[int] = []
+    test: list[int] = []
+    for rows, k_train, k_test in zip(members, train_per_class, test_per_class):
+        shuffled = rows[rng.permutation(len(rows))]
+        train.extend(shuffled[:k_train].tolist())
+        test.extend(shuffled[k_train : k_train + k_test].tolist())
+    return rng.permutation(train), rng.permutation(test)
+
+
+def _load_numpy(paths: Mapping[str, Path]) -> dict[str, Center]:
+    centers: dict[str, Center] = {}
+    for center in CENTER_FILES:
+        raw, y, restecg_is_text = _parse_file(center, paths[center])
+        train_idx, test_idx = _split_positions_numpy(y)
+        _check_counts(center, len(y), len(train_idx), len(test_idx))
+        x = _one_hot(center, raw, restecg_is_text)
+        centers[center] = _make_center(center, x, y, train_idx, test_idx)
     return centers
 
 

@@ -171,7 +171,9 @@ def test_missing_file_raises(tmp_path: Path) -> None:
         load_fed_heart_disease(data_dir=folder)
 
 
-def test_missing_extras_raise_data_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_extras_raise_data_error(
+    monkeypatch: pytest.MonkeyPatch, centers: dict[str, heart.Center]
+) -> None:
     real_import = builtins.__import__
 
     def no_pandas(name: str, *args: object, **kwargs: object) -> object:
@@ -181,7 +183,41 @@ def test_missing_extras_raise_data_error(monkeypatch: pytest.MonkeyPatch) -> Non
 
     monkeypatch.setattr(builtins, "__import__", no_pandas)
     with pytest.raises(DataError, match=r"secfedtl\[data\]"):
-        load_fed_heart_disease()
+        load_fed_heart_disease(engine="pandas")
+    # the default engine needs neither
+    again = load_fed_heart_disease()
+    np.testing.assert_array_equal(again["va"].x_train, centers["va"].x_train)
+
+
+def test_unknown_engine_is_refused() -> None:
+    with pytest.raises(ConfigError):
+        load_fed_heart_disease(engine="polars")
+
+
+def test_numpy_engine_equals_pandas_sklearn_engine(centers: dict[str, heart.Center]) -> None:
+    """The dependency-free default reproduces FLamby's pandas/scikit-learn recipe exactly."""
+    reference = load_fed_heart_disease(engine="pandas")
+    assert tuple(reference) == tuple(centers)
+    for name, ref in reference.items():
+        got = centers[name]
+        assert got.feature_names == ref.feature_names == heart.FEATURE_NAMES
+        for field in ("x_train", "y_train", "x_test", "y_test"):
+            a, b = getattr(got, field), getattr(ref, field)
+            assert a.dtype == b.dtype and a.shape == b.shape
+            assert a.tobytes() == b.tobytes(), (name, field)
+
+
+@settings(max_examples=150, deadline=None)
+@given(labels=st.lists(st.integers(0, 1), min_size=4, max_size=400))
+def test_numpy_split_matches_sklearn_train_test_split(labels: list[int]) -> None:
+    """Same train/test positions as sklearn's train_test_split, stratified or not, any labels."""
+    from sklearn.model_selection import train_test_split
+
+    y = np.array(labels, dtype=np.int64)
+    want_train, want_test = heart._split_positions(y, train_test_split)
+    got_train, got_test = heart._split_positions_numpy(y)
+    np.testing.assert_array_equal(got_train, want_train)
+    np.testing.assert_array_equal(got_test, want_test)
 
 
 def test_standardize_uses_only_the_named_centre(centers: dict[str, heart.Center]) -> None:
