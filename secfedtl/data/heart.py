@@ -140,7 +140,7 @@ class Center:
     """One centre's train and test split.
 
     ``x_*`` are float32 arrays of shape ``(n, NUM_FEATURES)``, ``y_*`` int64 arrays of 0/1 labels.
-    The arrays are read-only; copy them to change them.
+    The arrays are read-only copies; copy them again to change them.
     """
 
     name: str
@@ -168,8 +168,11 @@ class Center:
                 raise InputError(f"{self.name}: x_{split} contains NaN or inf")
             if not np.isin(y, (0, 1)).all():
                 raise InputError(f"{self.name}: y_{split} must hold only 0/1 labels")
-            x.setflags(write=False)
-            y.setflags(write=False)
+        for split in ("train", "test"):  # private read-only copies: the caller's arrays stay as they are
+            for prefix in ("x", "y"):
+                frozen = getattr(self, f"{prefix}_{split}").copy()
+                frozen.setflags(write=False)
+                object.__setattr__(self, f"{prefix}_{split}", frozen)
 
     @property
     def num_train(self) -> int:

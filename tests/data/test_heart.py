@@ -74,6 +74,28 @@ def test_counts_and_features(centers: dict[str, heart.Center]) -> None:
 def test_arrays_are_read_only(centers: dict[str, heart.Center]) -> None:
     with pytest.raises(ValueError):
         centers["va"].x_train[0, 0] = 1.0
+    mine = np.zeros((2, NUM_FEATURES), dtype=np.float32)
+    c = heart.Center(name="t", x_train=mine, y_train=np.zeros(2, dtype=np.int64), x_test=mine,
+                     y_test=np.ones(2, dtype=np.int64), feature_names=heart.FEATURE_NAMES)
+    mine[0, 0] = 5.0  # the caller's array stays writable and the centre does not see the change
+    assert c.x_train[0, 0] == 0.0
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"x_train": np.zeros((2, 3), dtype=np.float32)},
+     {"x_train": np.zeros((2, NUM_FEATURES), dtype=np.float64)},
+     {"y_train": np.zeros(3, dtype=np.int64)},
+     {"y_train": np.full(2, 2, dtype=np.int64)},
+     {"x_test": np.full((2, NUM_FEATURES), np.nan, dtype=np.float32)}],
+)
+def test_center_rejects_bad_arrays(change: dict[str, np.ndarray]) -> None:
+    good = dict(name="t", x_train=np.zeros((2, NUM_FEATURES), dtype=np.float32),
+                y_train=np.zeros(2, dtype=np.int64),
+                x_test=np.zeros((2, NUM_FEATURES), dtype=np.float32),
+                y_test=np.zeros(2, dtype=np.int64), feature_names=heart.FEATURE_NAMES)
+    with pytest.raises(InputError):
+        heart.Center(**{**good, **change})
 
 
 def _raw_rows(name: str) -> list[list[str]]:
