@@ -1,1 +1,29 @@
-"""secfedtl.data"""
+"""secfedtl.data: loaders for the bundled example data sets.
+
+Importing this package needs only numpy; the Fed-Heart-Disease loader itself needs the optional
+extra ``secfedtl[data]`` (pandas, scikit-learn) and says so with a DataError when it is missing.
+"""
+
+from secfedtl.data.heart import (
+    CENTER_NAMES,
+    NUM_FEATURES,
+    Center,
+    FeatureStats,
+    feature_stats,
+    load_fed_heart_disease,
+    standardize,
+    validation_split,
+    verify_files,
+)
+
+__all__ = [
+    "CENTER_NAMES",
+    "NUM_FEATURES",
+    "Center",
+    "FeatureStats",
+    "feature_stats",
+    "load_fed_heart_disease",
+    "standardize",
+    "validation_split",
+    "verify_files",
+]
