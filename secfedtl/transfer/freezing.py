@@ -130,7 +130,9 @@ def replace_head(model: nn.Module, attr: str, new_module: nn.Module) -> nn.Modul
     old = _get_submodule(model, attr)
     parent_name, _, child = attr.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    ref = next(old.parameters(), None) or next(model.parameters(), None)
+    ref = next(old.parameters(), None)
+    if ref is None:
+        ref = next(model.parameters(), None)
     if ref is not None:
         new_module = new_module.to(device=ref.device, dtype=ref.dtype)
     for p in new_module.parameters():
