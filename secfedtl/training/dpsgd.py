@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable
 from typing import Protocol
 
@@ -168,55 +169,58 @@ def run_dp_sgd(
     target = regularized_model if regularized_model is not None else model
     losses: list[float] = []
     gsm.train()
-    try:
-        for _ in range(steps):
-            optimizer.zero_grad(set_to_none=True)
-            chosen = torch.nonzero(
-                torch.rand(n, generator=data_generator) < sample_rate, as_tuple=False
-            ).flatten()
-            if chosen.numel() == 0:
-                # Empty Poisson batch: zero clipped sum, noise still added and the step still taken.
-                for p in params:
-                    if ghost:
-                        p.grad = torch.zeros_like(p)
-                    else:
-                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-                losses.append(0.0)
-            else:
-                x, y = _batch(data, chosen)
-                x, y = x.to(device), y.to(device)
-                per_sample = loss_fn(gsm, x, y)
-                if per_sample.shape != (x.shape[0],):
-                    raise TrainingError(
-                        f"loss_fn must return one loss per example, got shape {tuple(per_sample.shape)}"
-                    )
-                if not torch.isfinite(per_sample).all():
-                    raise TrainingError("non-finite loss during private training")
-                if ghost:
-                    per_sample.sum().backward(retain_graph=True)
-                    optimizer.zero_grad(set_to_none=True)
-                    coeff = gsm.get_clipping_coef()  # type: ignore[operator]
-                    gsm.disable_hooks()  # type: ignore[operator]
-                    (coeff.to(per_sample.device) * per_sample).sum().backward()
-                    gsm.enable_hooks()  # type: ignore[operator]
+    with warnings.catch_warnings():
+        # Opacus' backward hooks on a model whose inputs need no grad (frozen backbone): harmless.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        try:
+            for _ in range(steps):
+                optimizer.zero_grad(set_to_none=True)
+                chosen = torch.nonzero(
+                    torch.rand(n, generator=data_generator) < sample_rate, as_tuple=False
+                ).flatten()
+                if chosen.numel() == 0:
+                    # Empty Poisson batch: zero clipped sum, noise still added and the step still taken.
+                    for p in params:
+                        if ghost:
+                            p.grad = torch.zeros_like(p)
+                        else:
+                            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+                    losses.append(0.0)
                 else:
-                    per_sample.sum().backward()
-                losses.append(float(per_sample.detach().mean()))
-            if optimizer.pre_step():
-                if regularizer is not None:
-                    regularizer.add_gradient(target)
-                inner.step()
-            if not all(torch.isfinite(p).all() for p in params):
-                raise TrainingError("non-finite parameters after a DP-SGD step")
-    finally:
-        optimizer.zero_grad(set_to_none=True)
-        for p in params:
-            for attr in ("grad_sample", "summed_grad", "_norm_sample"):
-                if hasattr(p, attr):
-                    try:
-                        delattr(p, attr)
-                    except AttributeError:
-                        pass
-        if hasattr(gsm, "_close"):
-            gsm._close()  # removes hooks and Opacus attributes
+                    x, y = _batch(data, chosen)
+                    x, y = x.to(device), y.to(device)
+                    per_sample = loss_fn(gsm, x, y)
+                    if per_sample.shape != (x.shape[0],):
+                        raise TrainingError(
+                            f"loss_fn must return one loss per example, got shape {tuple(per_sample.shape)}"
+                        )
+                    if not torch.isfinite(per_sample).all():
+                        raise TrainingError("non-finite loss during private training")
+                    if ghost:
+                        per_sample.sum().backward(retain_graph=True)
+                        optimizer.zero_grad(set_to_none=True)
+                        coeff = gsm.get_clipping_coef()  # type: ignore[operator]
+                        gsm.disable_hooks()  # type: ignore[operator]
+                        (coeff.to(per_sample.device) * per_sample).sum().backward()
+                        gsm.enable_hooks()  # type: ignore[operator]
+                    else:
+                        per_sample.sum().backward()
+                    losses.append(float(per_sample.detach().mean()))
+                if optimizer.pre_step():
+                    if regularizer is not None:
+                        regularizer.add_gradient(target)
+                    inner.step()
+                if not all(torch.isfinite(p).all() for p in params):
+                    raise TrainingError("non-finite parameters after a DP-SGD step")
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+            for p in params:
+                for attr in ("grad_sample", "summed_grad", "_norm_sample"):
+                    if hasattr(p, attr):
+                        try:
+                            delattr(p, attr)
+                        except AttributeError:
+                            pass
+            if hasattr(gsm, "_close"):
+                gsm._close()  # removes hooks and Opacus attributes
     return losses
