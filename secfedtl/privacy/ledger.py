@@ -1,0 +1,412 @@
+"""The privacy ledger: an append-only, hash-chained JSON-lines file of every mechanism run.
+
+File format (version 1)
+-----------------------
+* UTF-8 text, one JSON object per line, each line ending in ``\\n``. Objects are written with
+  sorted keys and compact separators (``json.dumps(obj, sort_keys=True, separators=(",", ":"))``);
+  a line that is not in exactly that canonical form is rejected.
+* ``prev_hash`` is the hex SHA-256 of the previous line's exact bytes, *including* its trailing
+  ``\\n``. The first line's ``prev_hash`` is 64 zeros (:data:`GENESIS_HASH`); there is no header.
+* ``line_hash`` is the hex SHA-256 of the line's canonical JSON with the ``line_hash`` key left
+  out (so it covers ``prev_hash``). It lets a verifier pin a change to the exact line that was
+  edited, including the last line, which no later ``prev_hash`` covers.
+* Every line has ``version``, ``entry_id``, ``status``, ``client``, ``round``, ``mechanism``,
+  ``sample_rate``, ``noise_multiplier``, ``steps``, ``delta``, ``model_hash``, ``timestamp``
+  (UTC ISO 8601), ``prev_hash``, ``line_hash`` and ``extra`` (caller-supplied JSON fields, kept in
+  their own object so they can never overwrite a ledger field).
+* ``status`` is ``"pending"`` on the line written by :meth:`Ledger.begin` (before the mechanism
+  runs) and ``"complete"`` on the line written by :meth:`Ledger.complete`, which repeats the
+  pending line's mechanism fields and carries the same ``entry_id``. A pending entry with no
+  completion COUNTS AS SPENT: the process may have crashed after noise was drawn.
+
+What the chain does and does not prove
+--------------------------------------
+Any change to a byte, a removed, inserted or reordered line, or a torn (unterminated) last line
+is detected and reported with its 1-based line number. The chain has no key: someone able to
+rewrite the whole file can recompute every hash, and removing whole lines *from the end* leaves a
+valid shorter chain. Anchor :attr:`Ledger.head_hash` (printed by ``secfedtl audit``) somewhere
+the ledger's writer cannot change, and pass it back as ``expected_head`` to detect both.
+
+Each line is written with one ``write``, flushed and ``os.fsync``'d before the call returns.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from secfedtl.errors import AccountingError, LedgerError, LedgerTamperedError
+from secfedtl.privacy.events import PoissonGaussianEvent, event_from_dict
+
+__all__ = [
+    "GENESIS_HASH",
+    "LEDGER_VERSION",
+    "Ledger",
+    "read_verified_ledger",
+    "spent_events",
+    "verify_ledger",
+]
+
+LEDGER_VERSION = 1
+GENESIS_HASH = "0" * 64
+
+_STATUSES = ("pending", "complete")
+_EVENT_FIELDS = ("mechanism", "sample_rate", "noise_multiplier", "steps")
+# Fields a complete line copies from its pending line.
+_COPIED_FIELDS = ("client", "round", *_EVENT_FIELDS, "delta", "model_hash")
+_LINE_FIELDS = frozenset(
+    {
+        "version",
+        "entry_id",
+        "status",
+        *_COPIED_FIELDS,
+        "timestamp",
+        "prev_hash",
+        "line_hash",
+        "extra",
+    }
+)
+
+
+def _canonical(obj: Mapping[str, Any]) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _line_hash(obj: Mapping[str, Any]) -> str:
+    return _sha256(_canonical({k: v for k, v in obj.items() if k != "line_hash"}))
+
+
+def _tampered(line_number: int, message: str) -> LedgerTamperedError:
+    err = LedgerTamperedError(f"line {line_number}: {message}")
+    err.line_number = line_number  # type: ignore[attr-defined]
+    return err
+
+
+def _is_hex64(value: object) -> bool:
+    return (
+        isinstance(value, str)
+        and len(value) == 64
+        and all(c in "0123456789abcdef" for c in value)
+    )
+
+
+def _check_line_fields(obj: dict[str, Any], line_number: int) -> None:
+    """Semantic checks on one line whose hashes are already known to be right."""
+    if obj.get("version") != LEDGER_VERSION:
+        raise LedgerError(
+            f"line {line_number}: unknown ledger version {obj.get('version')!r} "
+            f"(this secfedtl reads version {LEDGER_VERSION})"
+        )
+    if set(obj) != _LINE_FIELDS:
+        raise _tampered(line_number, f"unexpected fields {sorted(set(obj) ^ _LINE_FIELDS)}")
+    if obj["status"] not in _STATUSES:
+        raise _tampered(line_number, f"unknown status {obj['status']!r}")
+    if not isinstance(obj["client"], str) or not obj["client"]:
+        raise _tampered(line_number, "client must be a non-empty string")
+    rnd = obj["round"]
+    if isinstance(rnd, bool) or not isinstance(rnd, int) or rnd < 0:
+        raise _tampered(line_number, "round must be an int >= 0")
+    try:
+        event_from_dict({k: obj[k] for k in _EVENT_FIELDS})
+    except AccountingError as exc:
+        raise _tampered(line_number, f"invalid mechanism: {exc}") from exc
+    delta = obj["delta"]
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
+        raise _tampered(line_number, "delta must be in (0, 1)")
+    if not isinstance(obj["entry_id"], str) or not obj["entry_id"]:
+        raise _tampered(line_number, "entry_id must be a non-empty string")
+    if not isinstance(obj["model_hash"], str) or not isinstance(obj["timestamp"], str):
+        raise _tampered(line_number, "model_hash and timestamp must be strings")
+    if not isinstance(obj["extra"], dict):
+        raise _tampered(line_number, "extra must be an object")
+
+
+def _parse(data: bytes, *, expected_head: str | None = None) -> tuple[list[dict[str, Any]], str]:
+    """Verify ``data`` as a ledger; return its entries and the head hash (hash of the last line)."""
+    entries: list[dict[str, Any]] = []
+    prev = GENESIS_HASH
+    pending: dict[str, dict[str, Any]] = {}
+    completed: set[str] = set()
+    seen_ids: set[str] = set()
+    pos = 0
+    line_number = 0
+    while pos < len(data):
+        line_number += 1
+        end = data.find(b"\n", pos)
+        if end < 0:
+            raise _tampered(line_number, "truncated: the last line has no terminating newline")
+        raw = data[pos : end + 1]
+        pos = end + 1
+        try:
+            obj = json.loads(raw[:-1].decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise _tampered(line_number, f"not valid JSON: {exc}") from exc
+        if not isinstance(obj, dict):
+            raise _tampered(line_number, "not a JSON object")
+        try:
+            canonical = _canonical(obj)
+        except ValueError as exc:
+            raise _tampered(line_number, f"not canonical JSON: {exc}") from exc
+        if canonical != raw[:-1]:
+            raise _tampered(line_number, "not in canonical form (sorted keys, compact)")
+        if not _is_hex64(obj.get("line_hash")) or obj["line_hash"] != _line_hash(obj):
+            raise _tampered(line_number, "line_hash does not match the line's content")
+        if obj.get("prev_hash") != prev:
+            raise _tampered(
+                line_number, "prev_hash does not match the previous line (removed/reordered?)"
+            )
+        _check_line_fields(obj, line_number)
+        entry_id = obj["entry_id"]
+        if obj["status"] == "pending":
+            if entry_id in seen_ids:
+                raise _tampered(line_number, f"entry_id {entry_id!r} begun twice")
+            seen_ids.add(entry_id)
+            pending[entry_id] = obj
+        else:
+            begun = pending.get(entry_id)
+            if begun is None:
+                raise _tampered(line_number, f"completes unknown entry {entry_id!r}")
+            if entry_id in completed:
+                raise _tampered(line_number, f"entry {entry_id!r} completed twice")
+            if any(obj[k] != begun[k] for k in _COPIED_FIELDS):
+                raise _tampered(line_number, "complete line disagrees with its pending line")
+            completed.add(entry_id)
+        entries.append(obj)
+        prev = _sha256(raw)
+    if expected_head is not None and prev != expected_head:
+        raise _tampered(
+            line_number + 1,
+            f"head hash {prev} is not the expected {expected_head} (lines removed at the end?)",
+        )
+    return entries, prev
+
+
+def verify_ledger(path: str | os.PathLike[str], *, expected_head: str | None = None) -> list[dict]:
+    """Read and verify a ledger; return its lines as dicts, in order.
+
+    Args:
+        path: the ledger file.
+        expected_head: if given, the hash the last line must have (an anchored
+            :attr:`Ledger.head_hash`); detects lines removed from the end.
+
+    Raises:
+        LedgerTamperedError: on the first bad line; ``str(err)`` starts with ``"line N:"`` and
+            ``err.line_number`` is N (1-based; for a head mismatch, one past the last line).
+        LedgerError: the file cannot be read, or was written by an unknown ledger version.
+    """
+    entries, _ = read_verified_ledger(path, expected_head=expected_head)
+    return entries
+
+
+def read_verified_ledger(
+    path: str | os.PathLike[str], *, expected_head: str | None = None
+) -> tuple[list[dict], str]:
+    """Like :func:`verify_ledger`, but also return the head hash (hash of the last line)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise LedgerError(f"cannot read ledger {os.fspath(path)!r}: {exc}") from exc
+    return _parse(data, expected_head=expected_head)
+
+
+def spent_events(
+    entries: Iterable[Mapping[str, Any]],
+) -> dict[str, list[tuple[int, PoissonGaussianEvent, float]]]:
+    """Everything each client has spent: ``{client: [(round, event, delta), ...]}`` in ledger order.
+
+    Every begun entry counts once, whether it was completed or is still pending (a pending entry
+    may have crashed after its noise was drawn, so it is charged). Completion lines add nothing.
+    """
+    spent: dict[str, list[tuple[int, PoissonGaussianEvent, float]]] = {}
+    for entry in entries:
+        if entry.get("status") != "pending":
+            continue
+        try:
+            event = event_from_dict({k: entry[k] for k in _EVENT_FIELDS})
+        except KeyError as exc:
+            raise LedgerError(f"ledger entry lacks field {exc}") from exc
+        spent.setdefault(entry["client"], []).append(
+            (int(entry["round"]), event, float(entry["delta"]))
+        )
+    return spent
+
+
+def _utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+class Ledger:
+    """Append-only writer of a privacy ledger (see the module docstring for the format).
+
+    Opening an existing file verifies its whole chain (raising :class:`LedgerTamperedError` if
+    it is broken) and continues it. Only one process may write a ledger at a time; the writer
+    notices (and refuses to write) if the file changed under it.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self._path = Path(path)
+        try:
+            data = self._path.read_bytes()
+        except FileNotFoundError:
+            data = b""
+        except OSError as exc:
+            raise LedgerError(f"cannot read ledger {os.fspath(path)!r}: {exc}") from exc
+        entries, head = _parse(data)
+        self._entries: list[dict[str, Any]] = entries
+        self._head = head
+        self._size = len(data)
+        self._open_ids = {e["entry_id"] for e in entries if e["status"] == "pending"} - {
+            e["entry_id"] for e in entries if e["status"] == "complete"
+        }
+
+    @property
+    def path(self) -> Path:
+        """The ledger file."""
+        return self._path
+
+    @property
+    def head_hash(self) -> str:
+        """SHA-256 of the last line's bytes (:data:`GENESIS_HASH` for an empty ledger)."""
+        return self._head
+
+    @property
+    def entries(self) -> list[dict[str, Any]]:
+        """Copies of every line written so far, in order."""
+        return [json.loads(_canonical(e)) for e in self._entries]
+
+    @property
+    def pending_ids(self) -> frozenset[str]:
+        """Entry ids begun but not completed."""
+        return frozenset(self._open_ids)
+
+    def begin(
+        self,
+        *,
+        client: str,
+        round: int,  # noqa: A002 - the ledger field is called "round"
+        event: PoissonGaussianEvent,
+        delta: float,
+        model_hash: str,
+        **extra: Any,
+    ) -> str:
+        """Record, durably, that ``client`` is about to run ``event`` in ``round``; return its id.
+
+        Call this BEFORE running the mechanism. The entry counts as spent from now on, even if
+        :meth:`complete` is never called.
+
+        Raises:
+            LedgerError: invalid arguments (nothing written), or the write failed.
+        """
+        if not isinstance(client, str) or not client:
+            raise LedgerError("client must be a non-empty string")
+        if isinstance(round, bool) or not isinstance(round, int) or round < 0:
+            raise LedgerError(f"round must be an int >= 0, got {round!r}")
+        if not isinstance(event, PoissonGaussianEvent):
+            raise LedgerError(f"event must be a PoissonGaussianEvent, got {type(event).__name__}")
+        if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
+            raise LedgerError(f"delta must be in (0, 1), got {delta!r}")
+        if not isinstance(model_hash, str):
+            raise LedgerError("model_hash must be a string")
+        entry_id = uuid.uuid4().hex
+        obj: dict[str, Any] = {
+            "version": LEDGER_VERSION,
+            "entry_id": entry_id,
+            "status": "pending",
+            "client": client,
+            "round": round,
+            **event.to_dict(),
+            "delta": float(delta),
+            "model_hash": model_hash,
+            "timestamp": _utc_now(),
+            "extra": dict(extra),
+        }
+        self._append(obj)
+        self._open_ids.add(entry_id)
+        return entry_id
+
+    def complete(self, entry_id: str, **extra: Any) -> None:
+        """Record that the pending entry ``entry_id`` finished normally.
+
+        Raises:
+            LedgerError: ``entry_id`` is unknown or already completed (nothing written), or the
+                write failed.
+        """
+        if entry_id not in self._open_ids:
+            raise LedgerError(f"no pending ledger entry {entry_id!r}")
+        begun = next(
+            e for e in self._entries if e["entry_id"] == entry_id and e["status"] == "pending"
+        )
+        obj: dict[str, Any] = {
+            "version": LEDGER_VERSION,
+            "entry_id": entry_id,
+            "status": "complete",
+            **{k: begun[k] for k in _COPIED_FIELDS},
+            "timestamp": _utc_now(),
+            "extra": dict(extra),
+        }
+        self._append(obj)
+        self._open_ids.discard(entry_id)
+
+    def _append(self, obj: dict[str, Any]) -> None:
+        obj["prev_hash"] = self._head
+        try:
+            obj["line_hash"] = _line_hash(obj)
+            line = _canonical(obj) + b"\n"
+        except (TypeError, ValueError) as exc:
+            raise LedgerError(f"ledger fields must be JSON-serialisable and finite: {exc}") from exc
+        stored = json.loads(line)
+        created = not self._path.exists()
+        try:
+            fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError as exc:
+            raise LedgerError(f"cannot open ledger {os.fspath(self._path)!r}: {exc}") from exc
+        try:
+            size = os.fstat(fd).st_size
+            if size != self._size:
+                raise LedgerError(
+                    f"ledger {os.fspath(self._path)!r} changed under this writer "
+                    f"({size} bytes, expected {self._size}); reopen it"
+                )
+            try:
+                written = os.write(fd, line)
+                if written != len(line):
+                    raise OSError(f"short write ({written} of {len(line)} bytes)")
+                os.fsync(fd)
+            except OSError as exc:
+                # Undo a partial line so the chain stays valid.
+                try:
+                    os.ftruncate(fd, self._size)
+                    os.fsync(fd)
+                except OSError:
+                    pass
+                raise LedgerError(f"cannot write ledger: {exc}") from exc
+        finally:
+            os.close(fd)
+        if created:
+            _fsync_dir(self._path.parent.resolve())
+        self._entries.append(stored)
+        self._head = _sha256(line)
+        self._size += len(line)

@@ -1,0 +1,262 @@
+"""The private client: turns the global trainable weights plus local data into a DP update.
+
+Order of a round (:meth:`PrivateClient.train_round`):
+
+1. check the incoming global state (exactly the trainable names, right shapes, finite);
+2. build the round's DP event ``PoissonGaussianEvent(sample_rate, noise_multiplier, steps)``;
+3. ``with guard.charge(event, round=..., model_hash=...)``: the guard refuses with
+   :class:`~secfedtl.errors.PrivacyBudgetExceeded` *before* anything runs, so a refused round
+   trains nothing and leaves the model bitwise unchanged;
+4. inside the block, train a copy of the model with DP-SGD (:func:`~secfedtl.training.dpsgd.run_dp_sgd`);
+5. only when training succeeded are the new weights copied into the client's model and the delta
+   (``new - global``, trainable parameters only) returned. A failure (e.g. non-finite loss ->
+   :class:`~secfedtl.errors.TrainingError`) leaves the model as it was.
+
+The guard is injected (anything with a ``charge`` context manager, :class:`BudgetGuardLike`); the
+real one is :class:`secfedtl.privacy.budget.BudgetGuard`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from secfedtl.errors import ConfigError, InputError, TrainingError
+from secfedtl.training.config import DPTrainingConfig
+from secfedtl.training.dpsgd import GradientRegularizer, PerSampleLoss, run_dp_sgd, sample_rate_for
+from secfedtl.training.update import ClientUpdate
+from secfedtl.transfer.batchnorm import prepare_for_dp
+from secfedtl.transfer.caching import cache_features, check_frozen_deterministic, split_head
+from secfedtl.transfer.distillation import cross_entropy_loss
+
+__all__ = ["BudgetGuardLike", "PrivateClient"]
+
+
+class BudgetGuardLike(Protocol):
+    """What the trainer needs of a budget guard (``secfedtl.privacy.budget.BudgetGuard``)."""
+
+    def charge(
+        self, event: Any, *, round: int, model_hash: str
+    ) -> contextlib.AbstractContextManager[Any]: ...
+
+
+def _make_event(*, sample_rate: float, noise_multiplier: float, steps: int) -> Any:
+    from secfedtl.privacy.events import PoissonGaussianEvent
+
+    return PoissonGaussianEvent(sample_rate=sample_rate, noise_multiplier=noise_multiplier, steps=steps)
+
+
+def _calibrate(*, target_epsilon: float, target_delta: float, sample_rate: float, steps: int) -> float:
+    from secfedtl.privacy.accountants import calibrate_noise_multiplier
+
+    return float(
+        calibrate_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=target_delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant="rdp",
+        )
+    )
+
+
+class PrivateClient:
+    """One client that fine-tunes its copy of the transferred model with DP-SGD.
+
+    ``model`` must already have its freezing policy applied (``requires_grad`` marks what is
+    trained). It is prepared for DP: trainable BatchNorm becomes GroupNorm (with a warning), frozen
+    BatchNorm and dropout in frozen parts are pinned in eval mode.
+
+    With ``cache_features=True`` and ``head`` naming the last module of the forward pass (e.g.
+    ``"fc"``), the frozen backbone is run once over ``train_data`` and only the head is trained on
+    the cached features; refused with :class:`ConfigError` when the backbone has trainable
+    parameters or is not deterministic, or with a custom ``loss_fn`` (which may need raw inputs).
+
+    ``noise_generator`` is a sharp tool for reproducible experiments and tests only (it makes the
+    noise predictable); it is refused in ``secure_mode``.
+
+    The dataset size stays on the client: it sets the Poisson sample rate
+    ``expected_batch_size / len(train_data)`` for sampling and for the local ledger, but updates are
+    normalised by the public ``expected_batch_size`` and the server only sees aggregated sums.
+    """
+
+    def __init__(
+        self,
+        *,
+        client_id: str,
+        model: nn.Module,
+        train_data: Dataset,
+        config: DPTrainingConfig,
+        guard: BudgetGuardLike,
+        loss_fn: PerSampleLoss | None = None,
+        regularizer: GradientRegularizer | None = None,
+        head: str | None = None,
+        cache_features: bool = False,
+        noise_generator: torch.Generator | None = None,
+    ) -> None:
+        if not isinstance(client_id, str) or not client_id:
+            raise InputError("client_id must be a non-empty string")
+        if not isinstance(model, nn.Module):
+            raise InputError(f"model must be an nn.Module, not {type(model).__name__}")
+        if not isinstance(config, DPTrainingConfig):
+            raise InputError("config must be a DPTrainingConfig")
+        if not callable(getattr(guard, "charge", None)):
+            raise InputError("guard must provide charge(event, *, round, model_hash)")
+        if config.secure_mode and noise_generator is not None:
+            raise ConfigError("secure_mode draws noise from the OS CSPRNG; noise_generator is refused")
+        try:
+            dataset_size = len(train_data)  # type: ignore[arg-type]
+        except TypeError as exc:
+            raise InputError("train_data must have a length") from exc
+        if dataset_size < 1:
+            raise InputError("train_data is empty")
+        self.client_id = client_id
+        self.config = config
+        self._guard = guard
+        self._device = config.resolve_device()
+        self._model = prepare_for_dp(copy.deepcopy(model))
+        self._trainable = [n for n, p in self._model.named_parameters() if p.requires_grad]
+        if not self._trainable:
+            raise ConfigError("the model has no trainable parameters: apply a freezing policy")
+        self._loss_fn: PerSampleLoss = loss_fn if loss_fn is not None else cross_entropy_loss
+        self._regularizer = regularizer
+        self._noise_generator = noise_generator
+        self._data_generator = torch.Generator()
+        if config.seed is not None:
+            self._data_generator.manual_seed(config.seed)
+        else:
+            self._data_generator.seed()
+        self.num_samples = dataset_size
+        self.sample_rate = sample_rate_for(
+            expected_batch_size=config.expected_batch_size, dataset_size=dataset_size
+        )
+        self.local_steps = config.local_steps(sample_rate=self.sample_rate)
+        if config.noise_multiplier is not None:
+            self.noise_multiplier = float(config.noise_multiplier)
+        else:
+            assert config.planned_rounds is not None
+            self.noise_multiplier = _calibrate(
+                target_epsilon=float(config.target_epsilon),  # type: ignore[arg-type]
+                target_delta=float(config.target_delta),  # type: ignore[arg-type]
+                sample_rate=self.sample_rate,
+                steps=config.planned_rounds * self.local_steps,
+            )
+        self._head = head
+        self._data: Dataset = train_data
+        self._cached = False
+        if cache_features:
+            self._data = self._build_cache(train_data, head, loss_fn)
+            self._cached = True
+
+    def _build_cache(self, train_data: Dataset, head: str | None, loss_fn: PerSampleLoss | None) -> Dataset:
+        if head is None:
+            raise ConfigError("cache_features needs the name of the head module")
+        if loss_fn is not None:
+            raise ConfigError("cache_features trains the head on features; a custom loss_fn is not supported")
+        backbone, head_module = split_head(self._model, head)
+        head_names = {f"{head}.{n}" for n, _ in head_module.named_parameters()}
+        extra = sorted(set(self._trainable) - head_names)
+        if extra:
+            raise ConfigError(f"cannot cache features: trainable parameters outside the head: {', '.join(extra)}")
+        backbone.train()  # pinned modules stay in eval: this is what private training would see
+        check_frozen_deterministic(backbone)
+        features = cache_features(backbone, train_data, batch_size=256)
+        # The split must reproduce the model: head(backbone(x)) == model(x) on a probe batch.
+        probe_x = torch.stack([train_data[i][0] for i in range(min(4, len(features)))])  # type: ignore[index]
+        was = self._model.training
+        self._model.eval()
+        head_module.eval()
+        with torch.no_grad():
+            same = torch.allclose(head_module(backbone(probe_x).reshape(len(probe_x), -1)), self._model(probe_x), atol=1e-5)
+        self._model.train(was)
+        if not same:
+            raise ConfigError(f"model(x) is not {head}(backbone(x)): cannot cache features for this model")
+        return features
+
+    @property
+    def model(self) -> nn.Module:
+        """The client's model (after the last successful round)."""
+        return self._model
+
+    @property
+    def trainable_names(self) -> list[str]:
+        """Names of the trained parameters; the keys of ``global_state`` and of every delta."""
+        return list(self._trainable)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """A copy of the current trainable parameters."""
+        params = dict(self._model.named_parameters())
+        return {n: params[n].detach().clone() for n in self._trainable}
+
+    def _check_global_state(self, global_state: Mapping[str, torch.Tensor]) -> None:
+        if not isinstance(global_state, Mapping):
+            raise InputError("global_state must map parameter names to tensors")
+        missing = sorted(set(self._trainable) - set(global_state))
+        unexpected = sorted(set(global_state) - set(self._trainable))
+        if missing or unexpected:
+            raise InputError(
+                f"global_state must hold exactly the trainable parameters; missing {missing}, unexpected {unexpected}"
+            )
+        params = dict(self._model.named_parameters())
+        for name in self._trainable:
+            t = global_state[name]
+            if not isinstance(t, torch.Tensor) or t.shape != params[name].shape:
+                raise InputError(f"global_state[{name!r}] must be a tensor of shape {tuple(params[name].shape)}")
+            if not t.is_floating_point() or not torch.isfinite(t).all():
+                raise InputError(f"global_state[{name!r}] must be finite floating point")
+
+    def make_event(self) -> Any:
+        """The DP event one round runs: Poisson sampling + Gaussian noise for ``local_steps`` steps."""
+        return _make_event(
+            sample_rate=self.sample_rate, noise_multiplier=self.noise_multiplier, steps=self.local_steps
+        )
+
+    def train_round(self, *, global_state: Mapping[str, torch.Tensor], round: int, model_hash: str) -> ClientUpdate:
+        """Charge the round's event to the guard, then train; see the module docstring."""
+        if isinstance(round, bool) or not isinstance(round, int) or round < 0:
+            raise InputError(f"round must be a non-negative int, got {round!r}")
+        if not isinstance(model_hash, str) or not model_hash:
+            raise InputError("model_hash must be a non-empty string")
+        self._check_global_state(global_state)
+        event = self.make_event()
+        with self._guard.charge(event, round=round, model_hash=model_hash):
+            work = copy.deepcopy(self._model)
+            params = dict(work.named_parameters())
+            with torch.no_grad():
+                for name in self._trainable:
+                    params[name].copy_(global_state[name])
+            work.to(self._device)
+            start = {n: params[n].detach().clone() for n in self._trainable}
+            trained = work.get_submodule(self._head) if self._cached and self._head else work
+            try:
+                run_dp_sgd(
+                    model=trained,
+                    data=self._data,
+                    config=self.config,
+                    noise_multiplier=self.noise_multiplier,
+                    steps=self.local_steps,
+                    sample_rate=self.sample_rate,
+                    loss_fn=self._loss_fn,
+                    regularizer=self._regularizer,
+                    regularized_model=work,
+                    data_generator=self._data_generator,
+                    noise_generator=self._noise_generator,
+                    device=self._device,
+                )
+            except NotImplementedError as exc:  # Opacus: layer without per-sample gradients
+                raise TrainingError(f"Opacus cannot train this model privately: {exc}") from exc
+            delta = {n: (params[n].detach() - start[n]).to("cpu") for n in self._trainable}
+            if not all(torch.isfinite(d).all() for d in delta.values()):
+                raise TrainingError("non-finite update")
+        work.to("cpu")
+        own = dict(self._model.named_parameters())
+        with torch.no_grad():
+            for name in self._trainable:
+                own[name].copy_(params[name].detach().to(own[name].device))
+        return ClientUpdate(delta=delta, num_samples=self.num_samples, event=event)

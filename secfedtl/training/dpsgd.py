@@ -1,0 +1,226 @@
+"""DP-SGD steps with Opacus, spelled out: Poisson batch, per-sample loss, clip, noise, scale, step.
+
+This is the level below :class:`~secfedtl.training.client.PrivateClient`. It follows Opacus'
+``DPOptimizer.step`` (``pre_step`` = clip and accumulate, add noise, scale; then the inner
+optimizer's ``step``) with three deliberate choices:
+
+* **Normalisation by the public expected batch size.** Per-sample losses are *summed* (the grad
+  sample module uses ``loss_reduction="sum"``), and the noisy sum of clipped gradients is divided
+  by the configured ``expected_batch_size`` (the DP optimizer uses ``loss_reduction="mean"`` with
+  that fixed divisor) -- never by the actual size of the Poisson batch or of the dataset. Dividing
+  by a data-dependent count changes the sensitivity analysis (Opacus issues #571 and #819); a fixed
+  public divisor is post-processing.
+* **Empty Poisson batches still step**: the clipped sum is zero, noise is added and the step is
+  taken, exactly as the accountant assumes.
+* **Data-independent regularisers** (L2-SP) are added to the gradient after noise, which costs no
+  privacy (see :mod:`secfedtl.transfer.regularizers`).
+
+Noise comes from Opacus (``generator`` or torch's default generator). With ``secure_mode`` it
+comes from the operating system's CSPRNG (``os.urandom``) through Box-Muller, summed 4 times and
+halved as in Opacus' secure mode (the floating-point attack mitigation of arXiv:2107.10138).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset, default_collate
+
+from secfedtl.errors import ConfigError, TrainingError
+from secfedtl.training.config import DPTrainingConfig
+
+__all__ = ["PerSampleLoss", "sample_rate_for", "secure_gaussian", "run_dp_sgd"]
+
+
+class PerSampleLoss(Protocol):
+    """``(model, inputs, targets) -> losses`` of shape ``(batch,)``, one loss per example."""
+
+    def __call__(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
+
+
+class GradientRegularizer(Protocol):
+    """A data-independent term whose gradient is added after noise (e.g. :class:`L2SP`)."""
+
+    def add_gradient(self, model: nn.Module) -> None: ...
+
+
+def sample_rate_for(*, expected_batch_size: int, dataset_size: int) -> float:
+    """Poisson sample rate ``min(1, expected_batch_size / dataset_size)``.
+
+    ``dataset_size`` is the client's private count. It only sets the client's own sampling and
+    accounting (recorded in the client's local ledger); nothing derived from it is sent to the
+    server, which only sees the secure-aggregated sum of updates. When the dataset is smaller than
+    the expected batch size the rate is 1 (every example in every step) and the update is still
+    divided by ``expected_batch_size``.
+    """
+    if dataset_size < 1:
+        raise ConfigError("cannot train on an empty dataset")
+    return min(1.0, expected_batch_size / dataset_size)
+
+
+def secure_gaussian(shape: torch.Size | tuple[int, ...], *, std: float, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """Gaussian noise with standard deviation ``std`` drawn from ``os.urandom``.
+
+    Box-Muller on 53-bit uniforms in float64; four draws are summed and halved (Opacus' secure-mode
+    construction) so the low bits of one float do not reveal the sample.
+    """
+    n = math.prod(shape)
+    if n == 0 or std == 0:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    total = torch.zeros(n, dtype=torch.float64)
+    mask = (1 << 53) - 1
+    for _ in range(4):
+        raw = torch.frombuffer(bytearray(os.urandom(16 * n)), dtype=torch.int64).view(2, n)
+        u = ((raw >> 11) & mask).to(torch.float64).add_(0.5).div_(2.0**53)  # in (0, 1)
+        total += torch.sqrt(-2.0 * torch.log(u[0])) * torch.cos(2.0 * math.pi * u[1])
+    return (total * (std / 2.0)).view(shape).to(dtype=dtype, device=device)
+
+
+def _secure_add_noise(self: DPOptimizer) -> None:
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    for p in self.params:
+        _check_processed_flag(p.summed_grad)
+        noise = secure_gaussian(
+            p.summed_grad.shape,
+            std=self.noise_multiplier * self.max_grad_norm,
+            dtype=p.summed_grad.dtype,
+            device=p.summed_grad.device,
+        )
+        p.grad = (p.summed_grad + noise).view_as(p)
+        _mark_as_processed(p.summed_grad)
+
+
+class _SecureDPOptimizer(DPOptimizer):
+    add_noise = _secure_add_noise
+
+
+class _SecureDPOptimizerGhost(DPOptimizerFastGradientClipping):
+    add_noise = _secure_add_noise
+
+
+def _batch(data: Dataset, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(data, TensorDataset) and len(data.tensors) == 2:
+        return data.tensors[0][idx], data.tensors[1][idx]
+    x, y = default_collate([data[int(i)] for i in idx])
+    return x, torch.as_tensor(y)
+
+
+def _inner_optimizer(config: DPTrainingConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
+
+
+def run_dp_sgd(
+    *,
+    model: nn.Module,
+    data: Dataset,
+    config: DPTrainingConfig,
+    noise_multiplier: float,
+    steps: int,
+    sample_rate: float,
+    loss_fn: PerSampleLoss,
+    regularizer: GradientRegularizer | None = None,
+    regularized_model: nn.Module | None = None,
+    data_generator: torch.Generator,
+    noise_generator: torch.Generator | None = None,
+    device: str = "cpu",
+) -> list[float]:
+    """Run ``steps`` DP-SGD steps on ``model`` in place and return the mean loss of each step.
+
+    ``model`` is trained as given (its frozen parameters get no gradient); ``regularized_model`` is
+    the model the regulariser's names refer to (defaults to ``model``). Raises
+    :class:`TrainingError` on a non-finite loss or parameter; the caller owns rollback.
+    """
+    if config.secure_mode and noise_generator is not None:
+        raise ConfigError("secure_mode draws noise from the OS CSPRNG; do not pass a noise generator")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("the model has no trainable parameters")
+    n = len(data)  # type: ignore[arg-type]
+    inner = _inner_optimizer(config, params)
+    ghost = config.clipping == "ghost"
+    common = dict(
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=config.max_grad_norm,
+        expected_batch_size=config.expected_batch_size,
+        loss_reduction="mean",  # divide the noisy sum by the fixed expected_batch_size
+        generator=noise_generator,
+        secure_mode=config.secure_mode,
+    )
+    if ghost:
+        gsm: nn.Module = GradSampleModuleFastGradientClipping(
+            model, loss_reduction="sum", max_grad_norm=config.max_grad_norm, use_ghost_clipping=True
+        )
+        cls = _SecureDPOptimizerGhost if config.secure_mode else DPOptimizerFastGradientClipping
+    else:
+        gsm = GradSampleModule(model, loss_reduction="sum")
+        cls = _SecureDPOptimizer if config.secure_mode else DPOptimizer
+    optimizer = cls(inner, **common)
+    target = regularized_model if regularized_model is not None else model
+    losses: list[float] = []
+    gsm.train()
+    with warnings.catch_warnings():
+        # Opacus' backward hooks on a model whose inputs need no grad (frozen backbone): harmless.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        try:
+            for _ in range(steps):
+                optimizer.zero_grad(set_to_none=True)
+                chosen = torch.nonzero(
+                    torch.rand(n, generator=data_generator) < sample_rate, as_tuple=False
+                ).flatten()
+                if chosen.numel() == 0:
+                    # Empty Poisson batch: zero clipped sum, noise still added and the step still taken.
+                    for p in params:
+                        if ghost:
+                            p.grad = torch.zeros_like(p)
+                        else:
+                            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+                    losses.append(0.0)
+                else:
+                    x, y = _batch(data, chosen)
+                    x, y = x.to(device), y.to(device)
+                    per_sample = loss_fn(gsm, x, y)
+                    if per_sample.shape != (x.shape[0],):
+                        raise TrainingError(
+                            f"loss_fn must return one loss per example, got shape {tuple(per_sample.shape)}"
+                        )
+                    if not torch.isfinite(per_sample).all():
+                        raise TrainingError("non-finite loss during private training")
+                    if ghost:
+                        per_sample.sum().backward(retain_graph=True)
+                        optimizer.zero_grad(set_to_none=True)
+                        coeff = gsm.get_clipping_coef()  # type: ignore[operator]
+                        gsm.disable_hooks()  # type: ignore[operator]
+                        (coeff.to(per_sample.device) * per_sample).sum().backward()
+                        gsm.enable_hooks()  # type: ignore[operator]
+                    else:
+                        per_sample.sum().backward()
+                    losses.append(float(per_sample.detach().mean()))
+                if optimizer.pre_step():
+                    if regularizer is not None:
+                        regularizer.add_gradient(target)
+                    inner.step()
+                if not all(torch.isfinite(p).all() for p in params):
+                    raise TrainingError("non-finite parameters after a DP-SGD step")
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+            for p in params:
+                for attr in ("grad_sample", "summed_grad", "_norm_sample"):
+                    if hasattr(p, attr):
+                        try:
+                            delattr(p, attr)
+                        except AttributeError:
+                            pass
+            if hasattr(gsm, "_close"):
+                gsm._close()  # removes hooks and Opacus attributes
+    return losses

@@ -1,0 +1,83 @@
+"""What one client's local round produces, and its flat-vector form for secure aggregation."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from secfedtl.errors import InputError
+
+__all__ = ["ClientUpdate", "flatten_delta", "unflatten_delta", "delta_names"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientUpdate:
+    """A client's round result.
+
+    ``delta`` holds ``new - old`` for the trainable parameters only. ``num_samples`` is the
+    client's dataset size: it is private, kept for local bookkeeping; do not send it to the server
+    in the clear (it is what makes the Poisson sample rate, see
+    :func:`~secfedtl.training.dpsgd.sample_rate_for`). ``event`` is the DP mechanism that was run
+    and charged to the budget (a ``PoissonGaussianEvent``).
+    """
+
+    delta: dict[str, torch.Tensor]
+    num_samples: int
+    event: Any
+
+    def __post_init__(self) -> None:
+        if not self.delta:
+            raise InputError("an update needs at least one tensor")
+        for name, t in self.delta.items():
+            if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+                raise InputError("delta must map names to tensors")
+            if not torch.isfinite(t).all():
+                raise InputError(f"delta for {name!r} is not finite")
+        if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
+            raise InputError(f"num_samples must be a positive int, got {self.num_samples!r}")
+        object.__setattr__(self, "delta", {k: v.detach().clone() for k, v in self.delta.items()})
+
+
+def delta_names(delta: Mapping[str, Any]) -> list[str]:
+    """The fixed order used by :func:`flatten_delta`: names sorted lexicographically."""
+    return sorted(delta)
+
+
+def flatten_delta(delta: Mapping[str, torch.Tensor]) -> np.ndarray:
+    """Concatenate ``delta``'s tensors, in :func:`delta_names` order, into a 1-D float64 vector."""
+    if not delta:
+        raise InputError("cannot flatten an empty delta")
+    parts = []
+    for name in delta_names(delta):
+        t = delta[name]
+        if not isinstance(t, torch.Tensor):
+            raise InputError(f"delta[{name!r}] is not a tensor")
+        parts.append(t.detach().to("cpu", torch.float64).reshape(-1).numpy())
+    return np.concatenate(parts).astype(np.float64, copy=False)
+
+
+def unflatten_delta(vector: np.ndarray, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`flatten_delta`: split ``vector`` into tensors shaped and typed like ``like``.
+
+    Raises :class:`InputError` when the vector is not 1-D, has the wrong length, or is not finite.
+    """
+    vec = np.asarray(vector)
+    if vec.ndim != 1:
+        raise InputError(f"expected a 1-D vector, got shape {vec.shape}")
+    if not np.issubdtype(vec.dtype, np.floating) or not np.isfinite(vec).all():
+        raise InputError("vector must be finite floating point")
+    sizes = {name: like[name].numel() for name in delta_names(like)}
+    if vec.shape[0] != sum(sizes.values()):
+        raise InputError(f"vector has {vec.shape[0]} entries, the template needs {sum(sizes.values())}")
+    out: dict[str, torch.Tensor] = {}
+    offset = 0
+    for name, size in sizes.items():
+        ref = like[name]
+        chunk = torch.from_numpy(vec[offset : offset + size].astype(np.float64, copy=True))
+        out[name] = chunk.reshape(ref.shape).to(dtype=ref.dtype)
+        offset += size
+    return out

@@ -1,0 +1,105 @@
+"""Feature caching for head-only private training.
+
+When everything below the head is frozen and deterministic, the backbone maps each example to the
+same feature vector at every step, so running it once per client dataset and training the head on
+the cached features gives the same per-sample gradients, the same clipping and (with the same
+Poisson batches and noise) the same head weights as running the backbone every step -- at a
+fraction of the cost. Privacy is unchanged: the features are a fixed, data-independent function of
+each example, computed and kept on the client.
+
+:func:`cache_features` refuses (:class:`~secfedtl.errors.ConfigError`) a backbone with trainable
+parameters, a BatchNorm or dropout in train mode, or one whose output differs between two runs on
+the same batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from secfedtl.errors import ConfigError, InputError
+
+__all__ = ["cache_features", "check_frozen_deterministic", "split_head"]
+
+_MODE_DEPENDENT = (_BatchNorm, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+
+
+def check_frozen_deterministic(backbone: nn.Module) -> None:
+    """Raise :class:`ConfigError` unless ``backbone`` has no trainable parameter and no
+    BatchNorm/dropout in train mode."""
+    trainable = [n for n, p in backbone.named_parameters() if p.requires_grad]
+    if trainable:
+        raise ConfigError(
+            f"cannot cache features: backbone has trainable parameters {', '.join(trainable)}"
+        )
+    active = [
+        n or type(m).__name__
+        for n, m in backbone.named_modules()
+        if isinstance(m, _MODE_DEPENDENT) and m.training
+    ]
+    if active:
+        raise ConfigError(
+            "cannot cache features: backbone modules in train mode (non-deterministic or "
+            f"batch-dependent): {', '.join(active)}"
+        )
+
+
+def split_head(model: nn.Module, head: str) -> tuple[nn.Module, nn.Module]:
+    """Return ``(backbone, head_module)`` for a model whose forward ends with ``head``.
+
+    The backbone is a deep copy of ``model`` with the head replaced by ``nn.Identity`` (the
+    torchvision convention: ``model.fc`` applied last). The head module is the model's own object.
+    The caller should check ``head_module(backbone(x)) == model(x)`` on a probe batch; the client
+    trainer does.
+    """
+    import copy
+
+    try:
+        head_module = model.get_submodule(head)
+    except AttributeError as exc:
+        raise ConfigError(f"model has no head {head!r}") from exc
+    backbone = copy.deepcopy(model)
+    parent_name, _, child = head.rpartition(".")
+    parent = backbone.get_submodule(parent_name) if parent_name else backbone
+    setattr(parent, child, nn.Identity())
+    return backbone, head_module
+
+
+def _examples(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    loader = DataLoader(dataset, batch_size=len(dataset), shuffle=False)  # type: ignore[arg-type]
+    xs, ys = next(iter(loader))
+    return xs, ys
+
+
+@torch.no_grad()
+def cache_features(backbone: nn.Module, dataset: Dataset, batch_size: int) -> TensorDataset:
+    """Run the frozen ``backbone`` once over ``dataset`` ((input, label) pairs, in order) and return
+    ``TensorDataset(features, labels)`` with features flattened to ``(n, d)``.
+
+    Raises :class:`ConfigError` when the backbone is not frozen and deterministic (checked
+    statically and by running the first batch twice), :class:`InputError` for an empty dataset,
+    a bad ``batch_size`` or non-finite features.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
+    try:
+        n = len(dataset)  # type: ignore[arg-type]
+    except TypeError as exc:
+        raise InputError("dataset must have a length") from exc
+    if n == 0:
+        raise InputError("cannot cache features of an empty dataset")
+    check_frozen_deterministic(backbone)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    features, labels = [], []
+    for i, (x, y) in enumerate(loader):
+        f = backbone(x)
+        if i == 0 and not torch.equal(f, backbone(x)):
+            raise ConfigError("cannot cache features: backbone output is not deterministic")
+        features.append(f.reshape(f.shape[0], -1))
+        labels.append(torch.as_tensor(y))
+    out = torch.cat(features)
+    if not torch.isfinite(out).all():
+        raise InputError("backbone produced non-finite features")
+    return TensorDataset(out.detach(), torch.cat(labels))

@@ -1,0 +1,171 @@
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from secfedtl.errors import ConfigError, TrainingError
+from secfedtl.training.config import DPTrainingConfig
+from secfedtl.training.dpsgd import run_dp_sgd, sample_rate_for, secure_gaussian
+from secfedtl.transfer.distillation import cross_entropy_loss
+from secfedtl.transfer.regularizers import L2SP
+
+
+def _cfg(**kw):
+    base = dict(lr=1.0, expected_batch_size=20, max_grad_norm=100.0, steps=1, noise_multiplier=1e-9)
+    base.update(kw)
+    return DPTrainingConfig(**base)
+
+
+def _linear():
+    m = nn.Linear(3, 2)
+    with torch.no_grad():
+        m.weight.copy_(torch.tensor([[0.1, -0.2, 0.3], [0.0, 0.2, -0.1]]))
+        m.bias.zero_()
+    return m
+
+
+X = torch.tensor([[1.0, 2.0, -1.0]])
+Y = torch.tensor([1])
+
+
+def _one_example_grad():
+    m = _linear()
+    cross_entropy_loss(m, X, Y).sum().backward()
+    return m.weight.grad.clone()
+
+
+def _identical(n):
+    return TensorDataset(X.repeat(n, 1), Y.repeat(n))
+
+
+def _train(model, data, config, *, sample_rate, seed=0, noise_seed=None, loss_fn=cross_entropy_loss, **kw):
+    return run_dp_sgd(
+        model=model, data=data, config=config, noise_multiplier=config.noise_multiplier, steps=config.steps,
+        sample_rate=sample_rate, loss_fn=loss_fn, data_generator=torch.Generator().manual_seed(seed),
+        noise_generator=None if noise_seed is None else torch.Generator().manual_seed(noise_seed), **kw,
+    )
+
+
+def test_sample_rate():
+    assert sample_rate_for(expected_batch_size=10, dataset_size=40) == 0.25
+    assert sample_rate_for(expected_batch_size=10, dataset_size=4) == 1.0
+    with pytest.raises(ConfigError):
+        sample_rate_for(expected_batch_size=10, dataset_size=0)
+
+
+@pytest.mark.parametrize("clipping", ["flat", "ghost"])
+def test_update_is_normalised_by_expected_batch_size_not_dataset_size(clipping):
+    # Every example has the same gradient g, nothing is clipped and the noise is negligible.
+    # Sum / expected_batch_size gives lr * n * g / B: proportional to n. Mean-normalisation (by the
+    # actual batch or dataset size) would give lr * g for every n and fail this test.
+    g = _one_example_grad()
+    deltas = {}
+    for n in (5, 10):
+        m = _linear()
+        before = m.weight.detach().clone()
+        _train(m, _identical(n), _cfg(clipping=clipping), sample_rate=1.0)
+        deltas[n] = m.weight.detach() - before
+        assert torch.allclose(deltas[n], -1.0 * n * g / 20, atol=1e-6)
+    assert torch.allclose(deltas[10], 2 * deltas[5], atol=1e-6)
+
+
+def test_poisson_batch_divided_by_expected_not_actual_size():
+    g = _one_example_grad()
+    n, rate, seed = 400, 0.05, 7
+    actual = int((torch.rand(n, generator=torch.Generator().manual_seed(seed)) < rate).sum())
+    assert actual != 20  # the test is only meaningful when actual != expected
+    m = _linear()
+    before = m.weight.detach().clone()
+    _train(m, _identical(n), _cfg(), sample_rate=rate, seed=seed)
+    assert torch.allclose(m.weight.detach() - before, -actual * g / 20, atol=1e-6)
+
+
+def test_clipping_bounds_each_example():
+    m = _linear()
+    before = [p.detach().clone() for p in m.parameters()]
+    big = TensorDataset(X * 1e4, torch.tensor([0]))  # confidently wrong: huge gradient
+    _train(m, big, _cfg(max_grad_norm=0.5, expected_batch_size=4), sample_rate=1.0)
+    moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(m.parameters(), before)]).norm()
+    assert 0.5 / 4 * 0.999 < moved <= 0.5 / 4 * 1.001  # lr * C / B, the example was clipped
+
+
+def test_empty_poisson_batches_still_add_noise():
+    m = _linear()
+    before = [p.detach().clone() for p in m.parameters()]
+    cfg = _cfg(noise_multiplier=1.0, max_grad_norm=2.0, expected_batch_size=4)
+    losses = _train(m, _identical(30), cfg, sample_rate=1e-12, noise_seed=5)
+    assert losses == [0.0]
+    g = torch.Generator().manual_seed(5)
+    for p, b in zip(m.parameters(), before):
+        noise = torch.normal(0.0, 2.0, size=p.shape, generator=g)
+        assert torch.allclose(p.detach() - b, -noise / 4, atol=1e-6)
+
+
+def test_l2sp_gradient_is_added_after_noise_and_not_clipped():
+    source = {n: torch.zeros_like(p) for n, p in _linear().named_parameters()}
+    reg = L2SP(strength=50.0, source=source)  # gradient norm >> max_grad_norm
+    cfg = _cfg(noise_multiplier=0.8, max_grad_norm=0.1, expected_batch_size=4)
+    plain, regd = _linear(), _linear()
+    start = {n: p.detach().clone() for n, p in plain.named_parameters()}
+    _train(plain, _identical(6), cfg, sample_rate=0.5, seed=1, noise_seed=2)
+    _train(regd, _identical(6), cfg, sample_rate=0.5, seed=1, noise_seed=2, regularizer=reg)
+    for (name, p), q in zip(plain.named_parameters(), regd.parameters()):
+        expected = -1.0 * 2 * 50.0 * (start[name] - source[name])
+        assert torch.allclose(q.detach() - p.detach(), expected, atol=1e-5)
+
+
+def test_flat_and_ghost_clipping_agree():
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(40, 5), torch.randint(0, 3, (40,)))
+    proto = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    results = []
+    for clipping in ("flat", "ghost"):
+        m = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+        m.load_state_dict(proto.state_dict())
+        cfg = _cfg(lr=0.3, max_grad_norm=0.2, expected_batch_size=8, steps=5, noise_multiplier=0.5, clipping=clipping)
+        _train(m, data, cfg, sample_rate=0.2, seed=3, noise_seed=4)
+        results.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
+    assert not torch.allclose(results[0], torch.cat([p.detach().flatten() for p in proto.parameters()]))
+    assert torch.allclose(results[0], results[1], atol=1e-5)
+
+
+def test_non_finite_loss_raises():
+    def nan_loss(model, x, y):
+        return cross_entropy_loss(model, x, y) * float("nan")
+
+    with pytest.raises(TrainingError, match="non-finite"):
+        _train(_linear(), _identical(5), _cfg(), sample_rate=1.0, loss_fn=nan_loss)
+
+
+def test_loss_must_be_per_sample():
+    def mean_loss(model, x, y):
+        return cross_entropy_loss(model, x, y).mean()
+
+    with pytest.raises(TrainingError, match="one loss per example"):
+        _train(_linear(), _identical(5), _cfg(), sample_rate=1.0, loss_fn=mean_loss)
+
+
+def test_secure_gaussian_statistics():
+    z = secure_gaussian((200_000,), std=3.0, dtype=torch.float32, device="cpu")
+    assert z.dtype == torch.float32 and torch.isfinite(z).all()
+    assert abs(float(z.mean())) < 0.05
+    assert float(z.std()) == pytest.approx(3.0, rel=0.02)
+    assert not torch.equal(z[:10], secure_gaussian((10,), std=3.0, dtype=torch.float32, device="cpu"))
+
+
+def test_secure_mode_trains_and_refuses_seeded_noise():
+    m = _linear()
+    before = m.weight.detach().clone()
+    cfg = _cfg(noise_multiplier=1.0, secure_mode=True)
+    _train(m, _identical(5), cfg, sample_rate=1.0)
+    assert not torch.equal(m.weight, before)
+    with pytest.raises(ConfigError):
+        _train(_linear(), _identical(5), cfg, sample_rate=1.0, noise_seed=1)
+
+
+def test_adam_and_opacus_state_cleaned_up():
+    m = _linear()
+    _train(m, _identical(5), _cfg(optimizer="adam", lr=0.01, steps=3), sample_rate=0.5)
+    for p in m.parameters():
+        assert getattr(p, "grad_sample", None) is None and p.grad is None
+    assert not m._forward_hooks and not m._backward_hooks

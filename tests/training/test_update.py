@@ -1,0 +1,67 @@
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from secfedtl.errors import InputError
+from secfedtl.training.update import ClientUpdate, delta_names, flatten_delta, unflatten_delta
+
+names = st.text(alphabet="abcdefgh.", min_size=1, max_size=8)
+shapes = st.lists(st.integers(1, 4), min_size=0, max_size=3).map(tuple)
+
+
+@st.composite
+def deltas(draw):
+    spec = draw(st.dictionaries(names, shapes, min_size=1, max_size=5))
+    out = {}
+    for name, shape in spec.items():
+        n = int(np.prod(shape)) if shape else 1
+        values = draw(st.lists(st.floats(-1e6, 1e6, width=32), min_size=n, max_size=n))
+        out[name] = torch.tensor(values, dtype=torch.float32).reshape(shape)
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(delta=deltas())
+def test_flatten_round_trip(delta):
+    vec = flatten_delta(delta)
+    assert vec.dtype == np.float64 and vec.ndim == 1
+    assert vec.shape[0] == sum(t.numel() for t in delta.values())
+    back = unflatten_delta(vec, delta)
+    assert list(back) == delta_names(delta)
+    for name, t in delta.items():
+        assert back[name].dtype == t.dtype and back[name].shape == t.shape
+        assert torch.equal(back[name], t)
+
+
+def test_order_is_fixed_by_name_not_insertion():
+    a = {"b": torch.tensor([2.0]), "a": torch.tensor([1.0])}
+    b = {"a": torch.tensor([1.0]), "b": torch.tensor([2.0])}
+    assert np.array_equal(flatten_delta(a), flatten_delta(b))
+    assert flatten_delta(a).tolist() == [1.0, 2.0]
+
+
+def test_unflatten_rejects_bad_vectors():
+    like = {"w": torch.zeros(2, 2)}
+    with pytest.raises(InputError):
+        unflatten_delta(np.zeros(3), like)
+    with pytest.raises(InputError):
+        unflatten_delta(np.zeros((2, 2)), like)
+    with pytest.raises(InputError):
+        unflatten_delta(np.array([0.0, 1.0, np.nan, 0.0]), like)
+    with pytest.raises(InputError):
+        flatten_delta({})
+
+
+def test_client_update_validates_and_copies():
+    t = torch.ones(2)
+    u = ClientUpdate(delta={"w": t}, num_samples=3, event=None)
+    t.add_(1.0)
+    assert torch.equal(u.delta["w"], torch.ones(2))
+    with pytest.raises(InputError):
+        ClientUpdate(delta={"w": torch.tensor([float("inf")])}, num_samples=3, event=None)
+    with pytest.raises(InputError):
+        ClientUpdate(delta={"w": t}, num_samples=0, event=None)
+    with pytest.raises(TypeError):
+        ClientUpdate({"w": t}, 3, None)  # type: ignore[misc]

@@ -1,0 +1,113 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from secfedtl.errors import ConfigError, InputError
+from secfedtl.training.config import DPTrainingConfig
+from secfedtl.training.dpsgd import run_dp_sgd
+from secfedtl.transfer.batchnorm import pin_frozen_in_eval
+from secfedtl.transfer.caching import cache_features, check_frozen_deterministic, split_head
+from secfedtl.transfer.distillation import cross_entropy_loss
+from secfedtl.transfer.freezing import HeadOnly
+
+
+class CNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.3), nn.Flatten()
+        )
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+def _data(n=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 3, (n,), generator=g))
+
+
+def _model():
+    torch.manual_seed(3)
+    m = CNN()
+    HeadOnly(head="fc").apply(m)
+    pin_frozen_in_eval(m)
+    return m
+
+
+def test_refuses_trainable_or_stochastic_backbone():
+    m = CNN()
+    backbone, _ = split_head(m, "fc")
+    with pytest.raises(ConfigError, match="trainable"):
+        cache_features(backbone, _data(), batch_size=8)
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    backbone.train()  # BN and dropout active, not pinned
+    with pytest.raises(ConfigError, match="train mode"):
+        cache_features(backbone, _data(), batch_size=8)
+    backbone.eval()
+    check_frozen_deterministic(backbone)  # now fine
+
+
+def test_refuses_nondeterministic_custom_module():
+    class Noisy(nn.Module):
+        def forward(self, x):
+            return x + torch.randn_like(x)
+
+    with pytest.raises(ConfigError, match="deterministic"):
+        cache_features(Noisy(), _data(), batch_size=8)
+
+
+def test_bad_inputs():
+    backbone, _ = split_head(_model(), "fc")
+    with pytest.raises(InputError):
+        cache_features(backbone, _data(), batch_size=0)
+    with pytest.raises(InputError):
+        cache_features(backbone, TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0)), batch_size=4)
+
+
+def test_features_equal_backbone_in_training_mode():
+    m = _model()
+    backbone, head = split_head(m, "fc")
+    backbone.train()
+    data = _data()
+    cached = cache_features(backbone, data, batch_size=7)
+    assert cached.tensors[0].shape == (40, 144)
+    assert torch.equal(cached.tensors[1], data.tensors[1])
+    m.train()
+    with torch.no_grad():
+        assert torch.allclose(head(cached.tensors[0]), m(data.tensors[0]), atol=1e-6)
+
+
+@pytest.mark.parametrize("clipping", ["flat", "ghost"])
+def test_cached_training_equals_training_through_backbone(clipping):
+    data = _data()
+    config = DPTrainingConfig(
+        lr=0.5, expected_batch_size=8, max_grad_norm=0.5, steps=12, noise_multiplier=0.7, clipping=clipping
+    )
+    full = _model()
+    head_only = copy.deepcopy(full)
+    backbone, head = split_head(head_only, "fc")
+    backbone.train()
+    cached = cache_features(backbone, data, batch_size=16)
+    before = full.fc.weight.detach().clone()
+
+    def train(model, dataset):
+        return run_dp_sgd(
+            model=model, data=dataset, config=config, noise_multiplier=0.7, steps=12, sample_rate=0.2,
+            loss_fn=cross_entropy_loss, data_generator=torch.Generator().manual_seed(11),
+            noise_generator=torch.Generator().manual_seed(12),
+        )
+
+    losses_full = train(full, data)
+    losses_cached = train(head, cached)
+    assert losses_full == pytest.approx(losses_cached, abs=1e-5)
+    assert not torch.allclose(full.fc.weight, before)  # it did train
+    assert torch.allclose(full.fc.weight, head.weight, atol=1e-5)
+    assert torch.allclose(full.fc.bias, head.bias, atol=1e-5)
+    # frozen parts untouched, BN statistics not updated from private data
+    assert torch.equal(full.features[1].running_mean, head_only.features[1].running_mean)
