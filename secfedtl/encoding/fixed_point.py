@@ -74,8 +74,12 @@ class FixedPointEncoding:
 
     def error_bound(self, num_summed: int) -> float:
         """Largest absolute difference, per coordinate, between the dequantised total of
-        ``num_summed`` clients and the float sum of their clipped, weighted inputs."""
-        return num_summed / self.scale
+        ``num_summed`` clients and the float sum of their clipped, weighted inputs.
+
+        ``num_summed / scale`` is the rounding to the grid; the second term covers float64
+        rounding (2**-53 relative, at most three times: scaling, decoding, the reference sum),
+        which exceeds one grid unit once ``bits`` > 53 (the 64-bit grid is finer than float64)."""
+        return num_summed / self.scale + num_summed * self.max_weight * self.clip * 2.0 ** -51
 
     def encode(self, values: np.ndarray, *, weight: int = 1,
                rng: np.random.Generator | None = None) -> np.ndarray:
