@@ -124,7 +124,7 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> m.Message:
     return message
 
 
-def _decode_one(reader: _Reader) -> m.Message:
+def _decode_one(reader: _Reader, only: type | None = None) -> m.Message:
     if bytes(reader.take(4)) != MAGIC:
         raise DecodeError("not a secfedtl message (bad magic)")
     version, tag = reader.take(2)
@@ -133,6 +133,8 @@ def _decode_one(reader: _Reader) -> m.Message:
     cls = _TAGS.get(tag)
     if cls is None:
         raise DecodeError(f"unknown message type tag {tag}")
+    if only is not None and cls is not only:  # checked before decoding: no unbounded nesting
+        raise DecodeError(f"expected {only.__name__}, found {cls.__name__}")
     values: dict[str, object] = {}
     for name, kind in _SCHEMAS[cls]:
         if kind == "u32":
@@ -149,7 +151,7 @@ def _decode_one(reader: _Reader) -> m.Message:
             adverts = []
             for _ in range(reader.count(4)):
                 inner = _Reader(memoryview(reader.blob()), reader.max_bytes)
-                advert = _decode_one(inner)
+                advert = _decode_one(inner, m.AdvertiseKeys)
                 if not isinstance(advert, m.AdvertiseKeys) or inner.pos != len(inner.data):
                     raise DecodeError("peers must hold exactly one AdvertiseKeys each")
                 adverts.append(advert)
