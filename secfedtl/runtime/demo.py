@@ -1,0 +1,26 @@
+"""`secfedtl demo`: the bundled heart-disease job (secfedtl/configs/heart.toml) with overrides."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from secfedtl.runtime.job import JobConfig, _add_common, _run_cli
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_common(parser)
+    parser.set_defaults(out=Path("runs/demo"))
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--epsilon", type=float, default=None, help="per-hospital budget (default 1.0)")
+    parser.add_argument("--delta", type=float, default=None, help="default 1e-5")
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def main(args: argparse.Namespace) -> int:
+    data = JobConfig.load(None).to_dict()
+    for section, key, value in (("job", "rounds", args.rounds), ("privacy", "epsilon", args.epsilon),
+                                ("privacy", "delta", args.delta), ("job", "seed", args.seed)):
+        if value is not None:
+            data[section][key] = value
+    return _run_cli(JobConfig.from_mapping(data), args)

@@ -1,0 +1,380 @@
+"""`secfedtl run CONFIG.toml`: a federated transfer-learning job described by a TOML file.
+
+The bundled default (`secfedtl demo`) is ``secfedtl/configs/heart.toml``; the schema is in
+docs/config.md. A job writes into its output directory:
+
+* ``config.json``: the resolved job configuration (what `--resume` rebuilds from);
+* ``ledger.jsonl``: the hash-chained privacy ledger of every hospital (`secfedtl audit`);
+* ``budgets/<client>.json``: each hospital's accountant state;
+* ``checkpoint.json``: server state after the last completed round;
+* ``metrics.json`` and ``report.png``: results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from secfedtl.aggregation import make_server_optimizer
+from secfedtl.data import load_fed_heart_disease, standardize, validation_split
+from secfedtl.errors import ConfigError, PrivacyBudgetExceeded
+from secfedtl.privacy.accountants import compute_epsilon
+from secfedtl.privacy.budget import BudgetGuard, PrivacyBudget
+from secfedtl.privacy.ledger import Ledger, read_verified_ledger
+from secfedtl.runtime.federation import Federation, RoundReport
+from secfedtl.training import DPTrainingConfig, PrivateClient, evaluate, flatten_delta
+from secfedtl.transfer.freezing import HeadOnly
+from secfedtl.transfer.regularizers import L2SP
+
+_SECTIONS = {
+    "job": {"dataset": str, "source": str, "clients": list, "rounds": int, "seed": int,
+            "validation_fraction": float},
+    "privacy": {"epsilon": float, "delta": float, "accountant": str, "personalise": bool},
+    "model": {"hidden": int, "source_epochs": int, "source_lr": float, "source_weight_decay": float},
+    "training": {"lr": float, "expected_batch_size": int, "max_grad_norm": float, "epochs": int,
+                 "l2sp": float, "optimizer": str},
+    "server": {"optimizer": str, "lr": float},
+    "secagg": {"clip": float, "bits": int, "max_samples": int},
+}
+
+
+@dataclass(kw_only=True)
+class JobConfig:
+    """A validated job configuration (sections and keys of docs/config.md)."""
+
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> dict[str, Any]:
+        return self.sections[key]
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any]) -> JobConfig:
+        unknown = set(data) - set(_SECTIONS)
+        if unknown:
+            raise ConfigError(f"unknown config sections {sorted(unknown)}")
+        sections: dict[str, dict[str, Any]] = {}
+        for name, schema in _SECTIONS.items():
+            given = dict(data.get(name, {}))
+            extra = set(given) - set(schema)
+            missing = set(schema) - set(given)
+            if extra or missing:
+                raise ConfigError(f"[{name}]: unknown keys {sorted(extra)}, missing keys {sorted(missing)}")
+            for key, kind in schema.items():
+                value = given[key]
+                if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                    value = float(value)
+                if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                    raise ConfigError(f"[{name}] {key} must be {kind.__name__}, got {value!r}")
+                given[key] = value
+            sections[name] = given
+        job = sections["job"]
+        if job["dataset"] != "uci_heart_disease":
+            raise ConfigError("the only bundled dataset is 'uci_heart_disease'")
+        if job["rounds"] < 1:
+            raise ConfigError("rounds must be >= 1")
+        if not 0 < job["validation_fraction"] < 0.5:
+            raise ConfigError("validation_fraction must be in (0, 0.5)")
+        if len(job["clients"]) < 3 or job["source"] in job["clients"]:
+            raise ConfigError("at least 3 private clients, and the source is not one of them")
+        if not sections["privacy"]["epsilon"] > 0 or not 0 < sections["privacy"]["delta"] < 1:
+            raise ConfigError("epsilon must be > 0 and delta in (0, 1)")
+        return cls(sections=sections)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> JobConfig:
+        if path is None:
+            text = resources.files("secfedtl.configs").joinpath("heart.toml").read_text(encoding="utf-8")
+        else:
+            text = Path(path).read_text(encoding="utf-8")
+        try:
+            return cls.from_mapping(tomllib.loads(text))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"invalid TOML: {exc}") from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(self.sections)
+
+
+class HeartNet(nn.Module):
+    """A small MLP: ``backbone`` (Linear + ReLU, frozen after source training) and ``head``."""
+
+    def __init__(self, num_features: int, hidden: int) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(num_features, hidden), nn.ReLU())
+        self.head = nn.Linear(hidden, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def _dataset(x: np.ndarray, y: np.ndarray) -> TensorDataset:
+    return TensorDataset(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long))
+
+
+def train_source(x: np.ndarray, y: np.ndarray, *, hidden: int, epochs: int, lr: float, weight_decay: float,
+                 seed: int, validation_fraction: float) -> tuple[HeartNet, dict[str, float]]:
+    """Non-private training on the public source centre, with the epoch count chosen on a
+    validation split of the source's own training data (never a test split)."""
+    torch.manual_seed(seed)
+    x_fit, y_fit, x_val, y_val = validation_split(x, y, validation_fraction, seed)
+    model = HeartNet(x.shape[1], hidden)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    xf, yf = torch.as_tensor(x_fit), torch.as_tensor(y_fit)
+    xv, yv = torch.as_tensor(x_val), torch.as_tensor(y_val)
+    best = (math.inf, 0, copy.deepcopy(model.state_dict()))
+    for epoch in range(epochs):
+        model.train()
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(xf), yf).backward()
+        opt.step()
+        model.eval()
+        with torch.no_grad():
+            val = float(nn.functional.cross_entropy(model(xv), yv))
+        if val < best[0]:
+            best = (val, epoch + 1, copy.deepcopy(model.state_dict()))
+    model.load_state_dict(best[2])
+    return model, {"validation_loss": best[0], "epochs": best[1]}
+
+
+@dataclass(kw_only=True)
+class HeartJob:
+    """Everything one run of the heart job holds."""
+
+    config: JobConfig
+    out: Path
+    source: HeartNet
+    source_info: dict[str, float]
+    clients: dict[str, PrivateClient]
+    guards: dict[str, BudgetGuard]
+    tests: dict[str, TensorDataset]
+    validation: dict[str, TensorDataset]
+    federation: Federation
+
+    def global_model(self) -> HeartNet:
+        model = copy.deepcopy(self.source)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in self.federation.global_state().items():
+                params[name].copy_(value)
+        return model
+
+
+def build_job(config: JobConfig, out: Path, *, resume: bool = False) -> HeartJob:
+    """Load data, train the source model, and set up the clients, ledger and federation."""
+    job, priv, mcfg, tcfg = config["job"], config["privacy"], config["model"], config["training"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "budgets").mkdir(exist_ok=True)
+    centres, _ = standardize(load_fed_heart_disease(), stats_from=job["source"])
+    src = centres[job["source"]]
+    source, info = train_source(src.x_train, src.y_train, hidden=mcfg["hidden"], epochs=mcfg["source_epochs"],
+                                lr=mcfg["source_lr"], weight_decay=mcfg["source_weight_decay"], seed=job["seed"],
+                                validation_fraction=job["validation_fraction"])
+    HeadOnly(head="head").apply(source)
+    ledger_path = out / "ledger.jsonl"
+    if not resume and ledger_path.exists():
+        raise ConfigError(f"{ledger_path} exists: use --resume to continue that run, or another --out")
+    ledger = Ledger(ledger_path)
+    entries = read_verified_ledger(ledger_path) if ledger_path.exists() else []
+    planned = job["rounds"] + (1 if priv["personalise"] else 0)
+    source_head = {n: p.detach().clone() for n, p in source.named_parameters() if p.requires_grad}
+    clients: dict[str, PrivateClient] = {}
+    guards: dict[str, BudgetGuard] = {}
+    tests: dict[str, TensorDataset] = {}
+    validation: dict[str, TensorDataset] = {}
+    for k, name in enumerate(job["clients"]):
+        c = centres[name]
+        x_fit, y_fit, x_val, y_val = validation_split(c.x_train, c.y_train, job["validation_fraction"], job["seed"] + k)
+        budget = PrivacyBudget.from_ledger(entries, name, epsilon=priv["epsilon"], delta=priv["delta"],
+                                           accountant=priv["accountant"])
+        guards[name] = BudgetGuard(client=name, budget=budget, ledger=ledger, state_path=out / "budgets" / f"{name}.json")
+        dp = DPTrainingConfig(lr=tcfg["lr"], expected_batch_size=min(tcfg["expected_batch_size"], len(y_fit)),
+                              max_grad_norm=tcfg["max_grad_norm"], epochs=tcfg["epochs"],
+                              optimizer=tcfg["optimizer"], target_epsilon=priv["epsilon"],
+                              target_delta=priv["delta"], planned_rounds=planned, device="auto",
+                              seed=job["seed"] * 1000 + k)
+        clients[name] = PrivateClient(client_id=name, model=source, train_data=_dataset(x_fit, y_fit), config=dp,
+                                      guard=guards[name], regularizer=L2SP(strength=tcfg["l2sp"], source=source_head),
+                                      head="head", cache_features=True)
+        tests[name] = _dataset(c.x_test, c.y_test)
+        validation[name] = _dataset(x_val, y_val)
+    names = next(iter(clients.values())).trainable_names
+    federation = Federation(
+        clients=clients, names=names, global_params=flatten_delta(source_head),
+        optimizer=make_server_optimizer(config["server"]["optimizer"], server_lr=config["server"]["lr"]),
+        clip=config["secagg"]["clip"], bits=config["secagg"]["bits"], max_samples=config["secagg"]["max_samples"],
+        seed=job["seed"])
+    if resume and (out / "checkpoint.json").exists():
+        federation.load_state_dict(json.loads((out / "checkpoint.json").read_text(encoding="utf-8")))
+    return HeartJob(config=config, out=out, source=source, source_info=info, clients=clients, guards=guards,
+                    tests=tests, validation=validation, federation=federation)
+
+
+def _accuracies(model: nn.Module, data: dict[str, TensorDataset]) -> tuple[dict[str, float], float]:
+    per = {}
+    correct = total = 0
+    for name, ds in data.items():
+        ev = evaluate(model, ds)
+        per[name] = ev.accuracy
+        correct += round(ev.accuracy * ev.num_samples)
+        total += ev.num_samples
+    return per, correct / total
+
+
+def run_job(config: JobConfig, out: Path, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) the job; writes metrics.json, ledger.jsonl, report.png into ``out``."""
+    t_start = time.perf_counter()
+    if resume:
+        saved = out / "config.json"
+        if not saved.exists():
+            raise ConfigError(f"nothing to resume in {out}")
+        config = JobConfig.from_mapping(json.loads(saved.read_text(encoding="utf-8")))
+    job = build_job(config, out, resume=resume)
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2), encoding="utf-8")
+    rounds = config["job"]["rounds"]
+    delta = config["privacy"]["delta"]
+    round_rows: list[dict[str, Any]] = [r for r in _saved_rows(out) if r["round"] < job.federation.rounds_done]
+    source_acc, source_pooled = _accuracies(job.source, job.tests)
+    bar = _progress(rounds, job.federation.rounds_done, progress)
+
+    def on_round(report: RoundReport) -> None:
+        per, pooled = _accuracies(job.global_model(), job.tests)
+        val_per, val_pooled = _accuracies(job.global_model(), job.validation)
+        eps = {n: g.budget.spent_epsilon for n, g in job.guards.items()}
+        round_rows.append({**report.to_dict(), "test_accuracy": per, "pooled_test_accuracy": pooled,
+                           "validation_accuracy": val_per, "pooled_validation_accuracy": val_pooled,
+                           "epsilon": eps})
+        (out / "rounds.json").write_text(json.dumps(round_rows, indent=2), encoding="utf-8")
+        bar.update(1)
+        bar.set_postfix(acc=f"{pooled:.3f}", eps=f"{max(eps.values()):.2f}", status=report.status)
+
+    job.federation.run(rounds, checkpoint=out / "checkpoint.json", on_round=on_round)
+    bar.close()
+    federated_acc, federated_pooled = _accuracies(job.global_model(), job.tests)
+    personal: dict[str, float] = {}
+    personal_status: dict[str, str] = {}
+    if config["privacy"]["personalise"]:
+        state = job.federation.global_state()
+        for name, client in job.clients.items():
+            try:
+                client.train_round(global_state=state, round=rounds, model_hash="personalise:" + job.federation.history[-1].model_hash)
+            except PrivacyBudgetExceeded as exc:
+                personal_status[name] = f"refused: {exc}"
+                continue
+            model = copy.deepcopy(job.source)
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for pname, value in client.trainable_state().items():
+                    params[pname].copy_(value)
+            personal[name] = evaluate(model, job.tests[name]).accuracy
+            personal_status[name] = "ok"
+    eps_rdp = {n: g.budget.spent_epsilon for n, g in job.guards.items()}
+    eps_prv = {n: compute_epsilon(g.budget.events, delta, accountant="prv") if g.budget.events else 0.0
+               for n, g in job.guards.items()}
+    metrics = {
+        "job": "uci_heart_disease", "delta": delta, "epsilon_budget": config["privacy"]["epsilon"],
+        "source": {"centre": config["job"]["source"], **job.source_info,
+                   "test_accuracy": source_acc, "pooled_test_accuracy": source_pooled},
+        "final": {"pooled_test_accuracy": federated_pooled, "per_client_test_accuracy": federated_acc,
+                  "personalised_test_accuracy": personal, "personalisation": personal_status,
+                  "epsilon": eps_rdp, "epsilon_prv": eps_prv},
+        "noise_multiplier": {n: c.noise_multiplier for n, c in job.clients.items()},
+        "rounds": round_rows,
+        "wall_seconds": time.perf_counter() - t_start,
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    _plot(metrics, out / "report.png")
+    return metrics
+
+
+def _saved_rows(out: Path) -> list[dict[str, Any]]:
+    path = out / "rounds.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else []
+
+
+def _progress(total: int, initial: int, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="federated rounds", unit="round", disable=not enabled,
+                file=sys.stderr)
+
+
+def _plot(metrics: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = metrics["rounds"]
+    xs = [r["round"] + 1 for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for name in metrics["final"]["per_client_test_accuracy"]:
+        ax1.plot(xs, [r["test_accuracy"][name] for r in rows], marker="o", label=name)
+    ax1.plot(xs, [r["pooled_test_accuracy"] for r in rows], color="black", linewidth=2, label="pooled")
+    ax1.axhline(metrics["source"]["pooled_test_accuracy"], color="grey", linestyle="--", label="source (pooled)")
+    ax1.set_xlabel("round")
+    ax1.set_ylabel("test accuracy")
+    ax1.set_title("Global model accuracy per round")
+    ax1.legend(fontsize=8)
+    for name in metrics["final"]["epsilon"]:
+        ax2.plot(xs, [r["epsilon"][name] for r in rows], marker="o", label=name)
+    ax2.axhline(metrics["epsilon_budget"], color="red", linestyle="--", label="budget")
+    ax2.set_xlabel("round")
+    ax2.set_ylabel(f"epsilon (RDP, delta={metrics['delta']:g})")
+    ax2.set_title("Privacy spent per hospital")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def print_summary(metrics: dict[str, Any]) -> None:
+    final = metrics["final"]
+    src = metrics["source"]["test_accuracy"]
+    print(f"\n{'hospital':<14}{'source':>9}{'federated':>11}{'personalised':>14}{'epsilon':>10}")
+    for name, acc in final["per_client_test_accuracy"].items():
+        pers = final["personalised_test_accuracy"].get(name)
+        pers_s = f"{pers:.3f}" if pers is not None else "-"
+        print(f"{name:<14}{src[name]:>9.3f}{acc:>11.3f}{pers_s:>14}{final['epsilon'][name]:>10.3f}")
+    print(f"{'pooled':<14}{metrics['source']['pooled_test_accuracy']:>9.3f}{final['pooled_test_accuracy']:>11.3f}")
+    print(f"delta = {metrics['delta']:g}; epsilon budget {metrics['epsilon_budget']:g} per hospital; "
+          f"{metrics['wall_seconds']:.1f} s")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, help="job TOML file (schema: docs/config.md)")
+    _add_common(parser)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("runs/job"), help="output directory")
+    parser.add_argument("--resume", type=Path, default=None, metavar="DIR",
+                        help="continue the run in DIR from its last completed round")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def main(args: argparse.Namespace) -> int:
+    config = JobConfig.load(args.config)
+    return _run_cli(config, args)
+
+
+def _run_cli(config: JobConfig, args: argparse.Namespace) -> int:
+    out = args.resume if args.resume is not None else args.out
+    metrics = run_job(config, out, resume=args.resume is not None, progress=not args.no_progress)
+    print_summary(metrics)
+    print(f"wrote {out / 'metrics.json'}, {out / 'ledger.jsonl'}, {out / 'report.png'}")
+    return 0
+
+
