@@ -42,6 +42,7 @@ class Round:
     identities: dict[int, bytes] | None
     refused: set[int] = field(default_factory=set)
     pending: list[m.Message] = field(default_factory=list)  # server -> client messages not yet delivered
+    sent: list[m.Message] = field(default_factory=list)  # every client -> server message, in order
 
 
 def random_field_vectors(params: SessionParams, rng: np.random.Generator) -> list[np.ndarray]:
@@ -83,7 +84,9 @@ def run_until(rnd: Round, stop: str | None = None, dropouts: Mapping[int, str] |
     if not rnd.pending and server.state.value == "advertise" and not server.advertised:
         for i, c in enumerate(rnd.clients):
             if _speaks(rnd, drops, i, "advertise"):
-                server.receive(c.start())
+                advert = c.start()
+                rnd.sent.append(advert)
+                server.receive(advert)
         rnd.pending = server.advance()
     while rnd.pending:
         phase = REPLY_PHASE[type(rnd.pending[0])]
@@ -99,6 +102,7 @@ def run_until(rnd: Round, stop: str | None = None, dropouts: Mapping[int, str] |
                 rnd.refused.add(u)
                 continue
             for reply in replies:
+                rnd.sent.append(reply)
                 server.receive(reply)
         rnd.pending = server.advance()
 
