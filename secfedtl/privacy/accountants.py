@@ -3,7 +3,8 @@
 Two accountants share one interface (``name``, ``compose``, ``get_epsilon``, ``events``,
 ``to_dict``/``from_dict``, ``copy``):
 
-* :class:`RDPAccountant` -- Renyi-DP composition (Mironov 2017; Mironov, Talwar, Zhang 2019) over
+* :class:`RDPAccountant` -- Renyi-DP composition (Mironov 2017; Mironov, Talwar, Zhang 2019),
+  computed by :mod:`secfedtl.privacy._rdp` in pure Python (so auditing does not import torch), over
   Opacus' default orders ``1.1, 1.2, ..., 10.9, 12, 13, ..., 63``, converted to (epsilon, delta)
   with the improved conversion of Balle et al. 2020 as Opacus implements it. With these orders it
   reproduces the epsilon Opacus' ``RDPAccountant`` reports for the same history. It is a valid
@@ -27,11 +28,8 @@ import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, Protocol
 
-import numpy as np
-from opacus.accountants.analysis import rdp as _opacus_rdp
-from opacus.accountants.prv import PRVAccountant as _OpacusPRV
-
 from secfedtl.errors import AccountingError
+from secfedtl.privacy._rdp import epsilon_from_rdp, rdp_poisson_gaussian
 from secfedtl.privacy.events import PoissonGaussianEvent, event_from_dict
 
 __all__ = [
@@ -71,10 +69,7 @@ def _grouped(events: Iterable[PoissonGaussianEvent]) -> list[tuple[float, float,
 @functools.lru_cache(maxsize=4096)
 def _rdp_one_step(sample_rate: float, noise_multiplier: float) -> tuple[float, ...]:
     """RDP of one step of the subsampled Gaussian at every order of :data:`RDP_ORDERS`."""
-    rdp = _opacus_rdp.compute_rdp(
-        q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(RDP_ORDERS)
-    )
-    return tuple(float(x) for x in rdp)
+    return tuple(rdp_poisson_gaussian(sample_rate, noise_multiplier, a) for a in RDP_ORDERS)
 
 
 class Accountant(Protocol):
@@ -172,14 +167,10 @@ class RDPAccountant(_EventAccountant):
     __slots__ = ()
 
     def _epsilon(self, groups: list[tuple[float, float, int]], delta: float) -> float:
-        rdp = np.zeros(len(RDP_ORDERS))
+        rdp = [0.0] * len(RDP_ORDERS)
         for sigma, q, steps in groups:
-            rdp += steps * np.asarray(_rdp_one_step(q, sigma))
-        with warnings.catch_warnings():
-            # Opacus warns when the best order is at the edge of the range; the bound is valid.
-            warnings.simplefilter("ignore")
-            eps, _ = _opacus_rdp.get_privacy_spent(orders=list(RDP_ORDERS), rdp=rdp, delta=delta)
-        return float(eps)
+            rdp = [total + steps * one for total, one in zip(rdp, _rdp_one_step(q, sigma))]
+        return epsilon_from_rdp(RDP_ORDERS, rdp, delta)
 
 
 class PRVAccountant(_EventAccountant):
@@ -204,6 +195,9 @@ class PRVAccountant(_EventAccountant):
         return PRVAccountant(self._events, eps_error=self.eps_error)
 
     def _epsilon(self, groups: list[tuple[float, float, int]], delta: float) -> float:
+        import numpy as np  # noqa: PLC0415 - PRV (and torch, via opacus) only when asked for
+        from opacus.accountants.prv import PRVAccountant as _OpacusPRV  # noqa: PLC0415
+
         acc = _OpacusPRV()
         acc.history = list(groups)
         try:

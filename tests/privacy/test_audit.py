@@ -1,0 +1,122 @@
+"""Tests for secfedtl.privacy.audit and the `secfedtl audit` command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from secfedtl.cli import main as cli_main
+from secfedtl.errors import AccountingError, LedgerTamperedError
+from secfedtl.privacy.accountants import compute_epsilon
+from secfedtl.privacy.audit import audit_ledger
+from secfedtl.privacy.events import PoissonGaussianEvent
+from secfedtl.privacy.ledger import Ledger
+
+REPO = Path(__file__).resolve().parents[2]
+A = PoissonGaussianEvent(sample_rate=0.02, noise_multiplier=1.1, steps=150)
+B = PoissonGaussianEvent(sample_rate=0.05, noise_multiplier=1.5, steps=40)
+
+
+@pytest.fixture
+def ledger_path(tmp_path: Path) -> Path:
+    path = tmp_path / "ledger.jsonl"
+    ledger = Ledger(path)
+    for r in range(3):
+        ledger.complete(ledger.begin(client="h1", round=r, event=A, delta=1e-5, model_hash="m"))
+    ledger.complete(ledger.begin(client="h2", round=0, event=B, delta=1e-6, model_hash="m"))
+    ledger.begin(client="h2", round=1, event=A, delta=1e-6, model_hash="m")  # crashed
+    return path
+
+
+def test_audit_recomputes_each_client(ledger_path: Path) -> None:
+    report = audit_ledger(ledger_path)
+    h1, h2 = report.client("h1"), report.client("h2")
+    assert (h1.rounds, h1.steps, h1.entries, h1.pending) == (3, 450, 3, 0)
+    assert (h2.rounds, h2.steps, h2.entries, h2.pending) == (2, 190, 2, 1)
+    assert h1.delta == 1e-5 and h2.delta == 1e-6
+    by = dict(h2.epsilon_by_accountant)
+    assert by["rdp"] == pytest.approx(compute_epsilon([B, A], 1e-6, "rdp"))
+    assert by["prv"] == pytest.approx(compute_epsilon([B, A], 1e-6, "prv"))
+    assert h2.epsilon == by["rdp"] and by["prv"] < by["rdp"]
+    assert report.lines == 9
+
+
+def test_audit_with_explicit_delta(ledger_path: Path) -> None:
+    report = audit_ledger(ledger_path, 1e-3, accountants=("rdp",))
+    assert report.client("h1").delta == 1e-3
+    assert report.client("h1").epsilon == pytest.approx(compute_epsilon([A] * 3, 1e-3))
+    with pytest.raises(AccountingError):
+        audit_ledger(ledger_path, 0.0)
+    with pytest.raises(AccountingError):
+        audit_ledger(ledger_path, accountants=("pld",))
+
+
+def run_cli(*args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = cli_main(["audit", *args])
+    return code, capsys.readouterr().out
+
+
+def test_cli_json_intact(ledger_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = run_cli(str(ledger_path), "--json", capsys=capsys)
+    assert code == 0
+    data = json.loads(out)  # exactly one JSON object
+    assert data["chain"] == "ok"
+    assert set(data["clients"]) == {"h1", "h2"}
+    h2 = data["clients"]["h2"]
+    assert {"epsilon", "delta", "rounds", "steps", "epsilon_by_accountant", "pending"} <= set(h2)
+    assert set(h2["epsilon_by_accountant"]) == {"rdp", "prv"}
+    assert h2["epsilon"] == h2["epsilon_by_accountant"]["rdp"]
+    assert h2["pending"] == 1 and h2["steps"] == 190
+
+
+def test_cli_single_accountant(ledger_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = run_cli(str(ledger_path), "--json", "--accountant", "prv", capsys=capsys)
+    assert code == 0
+    h1 = json.loads(out)["clients"]["h1"]
+    assert set(h1["epsilon_by_accountant"]) == {"prv"}
+    assert h1["epsilon"] == h1["epsilon_by_accountant"]["prv"]
+
+
+def test_cli_table(ledger_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = run_cli(str(ledger_path), capsys=capsys)
+    assert code == 0
+    assert "h1" in out and "h2" in out and "chain ok" in out
+
+
+def test_cli_tampered(ledger_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    lines = ledger_path.read_bytes().splitlines(keepends=True)
+    lines[3] = lines[3].replace(b'"steps":150', b'"steps":15')
+    ledger_path.write_bytes(b"".join(lines))
+    code, out = run_cli(str(ledger_path), "--json", capsys=capsys)
+    assert code == 1
+    data = json.loads(out)
+    assert data["chain"] == "broken" and data["first_bad_line"] == 4
+    code, out = run_cli(str(ledger_path), capsys=capsys)
+    assert code == 1 and "first bad line 4" in out
+    with pytest.raises(LedgerTamperedError):
+        audit_ledger(ledger_path)
+
+
+def test_cli_missing_file_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _ = run_cli(str(tmp_path / "absent.jsonl"), capsys=capsys)
+    assert code == 2
+
+
+def test_cli_as_a_process(ledger_path: Path) -> None:
+    """`python -m secfedtl.cli audit` end to end, exit status 0 then 1."""
+    cmd = [sys.executable, "-m", "secfedtl.cli", "audit", str(ledger_path), "--json"]
+    cmd += ["--accountant", "rdp"]  # torch-free, so the process starts fast
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    ok = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["chain"] == "ok"
+    data = bytearray(ledger_path.read_bytes())
+    data[10] ^= 1
+    ledger_path.write_bytes(bytes(data))
+    bad = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert bad.returncode == 1
+    assert json.loads(bad.stdout)["first_bad_line"] == 1
