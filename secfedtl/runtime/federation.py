@@ -279,10 +279,10 @@ class Federation:
         """Run rounds until ``rounds`` are done (resuming from ``rounds_done``)."""
         while self.rounds_done < rounds:
             report = self.run_round()
+            if on_round is not None:  # first: a kill before the checkpoint re-runs this round
+                on_round(report)
             if checkpoint is not None:
                 self.save_checkpoint(checkpoint)
-            if on_round is not None:
-                on_round(report)
         return self.history
 
 

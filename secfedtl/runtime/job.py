@@ -33,7 +33,7 @@ from secfedtl.data import load_fed_heart_disease, standardize, validation_split
 from secfedtl.errors import ConfigError, PrivacyBudgetExceeded
 from secfedtl.privacy.accountants import compute_epsilon
 from secfedtl.privacy.budget import BudgetGuard, PrivacyBudget
-from secfedtl.privacy.ledger import Ledger, read_verified_ledger
+from secfedtl.privacy.ledger import Ledger
 from secfedtl.runtime.federation import Federation, RoundReport
 from secfedtl.training import DPTrainingConfig, PrivateClient, evaluate, flatten_delta
 from secfedtl.transfer.freezing import HeadOnly
@@ -187,7 +187,7 @@ def build_job(config: JobConfig, out: Path, *, resume: bool = False) -> HeartJob
     if not resume and ledger_path.exists():
         raise ConfigError(f"{ledger_path} exists: use --resume to continue that run, or another --out")
     ledger = Ledger(ledger_path)
-    entries = read_verified_ledger(ledger_path) if ledger_path.exists() else []
+    entries = ledger.entries  # verified when the ledger was opened
     planned = job["rounds"] + (1 if priv["personalise"] else 0)
     source_head = {n: p.detach().clone() for n, p in source.named_parameters() if p.requires_grad}
     clients: dict[str, PrivateClient] = {}
