@@ -24,6 +24,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -146,7 +147,15 @@ def train_source(x: np.ndarray, y: np.ndarray, *, hidden: int, epochs: int, lr: 
         if val < best[0]:
             best = (val, epoch + 1, copy.deepcopy(model.state_dict()))
     model.load_state_dict(best[2])
-    return model, {"validation_loss": best[0], "epochs": best[1]}
+    # Inputs that never vary in the source carry nothing learned there; their first-layer weights
+    # would keep their random initial values and only add noise where the feature does vary (in
+    # the 16-feature FLamby encoding, three restecg columns are always 0 at Cleveland). Standardised
+    # with the source's own statistics they are 0 on every source row, so zeroing them changes
+    # nothing on the source and removes that noise elsewhere.
+    constant = torch.as_tensor(np.ptp(x, axis=0) == 0)
+    with torch.no_grad():
+        model.backbone[0].weight[:, constant] = 0.0
+    return model, {"validation_loss": best[0], "epochs": best[1], "constant_inputs_zeroed": int(constant.sum())}
 
 
 @dataclass(kw_only=True)
