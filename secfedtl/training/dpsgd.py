@@ -247,8 +247,6 @@ def run_dp_sgd(
                     if regularizer is not None:
                         regularizer.add_gradient(target)
                     inner.step()
-                    if not all(torch.isfinite(p).all() for p in params):
-                        raise TrainingError("non-finite parameters after a DP-SGD step")
                     continue
                 if chosen.numel() == 0:
                     # Empty Poisson batch: zero clipped sum, noise still added and the step still taken.
@@ -282,8 +280,9 @@ def run_dp_sgd(
                     if regularizer is not None:
                         regularizer.add_gradient(target)
                     inner.step()
-                if not all(torch.isfinite(p).all() for p in params):
-                    raise TrainingError("non-finite parameters after a DP-SGD step")
+            # Non-finite weights make the next step's loss non-finite; check the last step here.
+            if not all(bool(torch.isfinite(p).all()) for p in params):
+                raise TrainingError("non-finite parameters after DP-SGD")
         finally:
             optimizer.zero_grad(set_to_none=True)
             for p in params:
