@@ -228,3 +228,24 @@ def test_constructor_validation(guard):
         PrivateClient(client_id="a", model=frozen, train_data=_data(), config=_cfg(), guard=guard)
     with pytest.raises(InputError):
         PrivateClient(client_id="a", model=_model(), train_data=_data(0), config=_cfg(), guard=guard)
+
+
+@pytest.mark.parametrize("clipping", ["flat", "ghost"])
+def test_training_conv_blocks_with_frozen_bn(guard, clipping):
+    # the last conv block is trained (per-sample conv gradients), the first block keeps frozen BN
+    m = _model(LastBlocks(k=1, blocks="layers", head="fc"))
+    client = _client(guard, model=m, config=_cfg(clipping=clipping, steps=3))
+    stats = client.model.layers[0][1].running_var.clone()
+    update = client.train_round(global_state=client.trainable_state(), round=0, model_hash="h")
+    assert set(update.delta) == {"layers.1.0.weight", "layers.1.0.bias", "fc.weight", "fc.bias"}
+    assert float(update.delta["layers.1.0.weight"].abs().max()) > 0
+    assert torch.equal(client.model.layers[0][1].running_var, stats)
+
+
+def test_two_rounds_use_fresh_batches(guard):
+    client = _client(guard, noise_generator=torch.Generator().manual_seed(1))
+    state = client.trainable_state()
+    a = client.train_round(global_state=state, round=0, model_hash="h")
+    b = client.train_round(global_state=state, round=1, model_hash="h")
+    assert [e[1] for e in guard.completed] == [0, 1]
+    assert not torch.allclose(a.delta["fc.weight"], b.delta["fc.weight"])
