@@ -204,17 +204,20 @@ def run_dp_sgd(
         generator=noise_generator,
         secure_mode=config.secure_mode,
     )
-    if ghost:
-        gsm: nn.Module = GradSampleModuleFastGradientClipping(
-            model, loss_reduction="sum", max_grad_norm=config.max_grad_norm, use_ghost_clipping=True
-        )
-        cls = _SecureDPOptimizerGhost if config.secure_mode else DPOptimizerFastGradientClipping
-    elif fast:
-        gsm = model  # closed-form per-sample gradients: no hooks
-        cls = _SecureDPOptimizer if config.secure_mode else DPOptimizer
-    else:
-        gsm = GradSampleModule(model, loss_reduction="sum")
-        cls = _SecureDPOptimizer if config.secure_mode else DPOptimizer
+    try:
+        if ghost:
+            gsm: nn.Module = GradSampleModuleFastGradientClipping(
+                model, loss_reduction="sum", max_grad_norm=config.max_grad_norm, use_ghost_clipping=True
+            )
+            cls = _SecureDPOptimizerGhost if config.secure_mode else DPOptimizerFastGradientClipping
+        elif fast:
+            gsm = model  # closed-form per-sample gradients: no hooks
+            cls = _SecureDPOptimizer if config.secure_mode else DPOptimizer
+        else:
+            gsm = GradSampleModule(model, loss_reduction="sum")
+            cls = _SecureDPOptimizer if config.secure_mode else DPOptimizer
+    except NotImplementedError as exc:  # Opacus: a trainable layer with buffers (e.g. BatchNorm)
+        raise TrainingError(f"Opacus cannot train this model privately: {exc}") from exc
     optimizer = cls(inner, **common)
     target = regularized_model if regularized_model is not None else model
     losses: list[float] = []

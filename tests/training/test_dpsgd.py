@@ -204,3 +204,9 @@ def test_linear_head_fast_path_matches_opacus_hooks(bias, secure):
     assert not torch.allclose(out[0][0], torch.cat([p.detach().flatten() for p in proto.parameters()]))
     assert torch.allclose(out[0][0], out[1][0], atol=1e-5)
     assert out[0][1] == pytest.approx(out[1][1], abs=1e-5)
+
+
+def test_trainable_batchnorm_is_a_training_error():
+    m = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    with pytest.raises(TrainingError, match="Opacus cannot train"):
+        _train(m, _identical(5), _cfg(), sample_rate=1.0, loss_fn=_hooked_ce)
