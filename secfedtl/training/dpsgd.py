@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Callable
 from typing import Protocol
 
 import torch
