@@ -122,9 +122,22 @@ def run_benchmark(
     backbones: tuple[str, ...] = tuple(BACKBONES),
     seed: int = 0,
 ) -> dict[str, object]:
-    """Run every configuration and return a dict of steps/s, ratios and the setup."""
+    """Run every configuration and return a dict of steps/s, ratios and the setup.
+
+    ``threads`` sets torch's intra-op thread count for the run (restored afterwards)."""
+    previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
+    try:
+        return _run(samples, batch_size, backbone_steps, head_steps, repeats, backbones, seed)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run(
+    samples: int, batch_size: int, backbone_steps: int, head_steps: int, repeats: int,
+    backbones: tuple[str, ...], seed: int,
+) -> dict[str, object]:
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     data = TensorDataset(torch.randn(samples, 1, 28, 28, generator=g), torch.randint(0, 10, (samples,), generator=g))

@@ -151,9 +151,11 @@ def test_global_state_is_loaded_and_delta_flattens(guard):
 def test_cached_client_equals_uncached_client(guard):
     results = []
     for cached in (False, True):
+        model = _model()
+        reg = L2SP(strength=0.3, source={n: torch.zeros_like(p) for n, p in model.fc.named_parameters(prefix="fc")})
         client = _client(
-            guard, cache_features=cached, head="fc", noise_generator=torch.Generator().manual_seed(9),
-            config=_cfg(steps=6),
+            guard, model=model, cache_features=cached, head="fc", noise_generator=torch.Generator().manual_seed(9),
+            config=_cfg(steps=6), regularizer=reg,
         )
         update = client.train_round(global_state=client.trainable_state(), round=0, model_hash="h")
         results.append(flatten_delta(update.delta))
