@@ -53,8 +53,13 @@ def test_sample_rate():
         sample_rate_for(expected_batch_size=10, dataset_size=0)
 
 
-@pytest.mark.parametrize("clipping", ["flat", "ghost"])
-def test_update_is_normalised_by_expected_batch_size_not_dataset_size(clipping):
+def _hooked_ce(model, x, y):
+    # same loss, but not the identical function: forces the generic Opacus hook path
+    return cross_entropy_loss(model, x, y)
+
+
+@pytest.mark.parametrize(("clipping", "loss_fn"), [("flat", cross_entropy_loss), ("flat", _hooked_ce), ("ghost", cross_entropy_loss)])
+def test_update_is_normalised_by_expected_batch_size_not_dataset_size(clipping, loss_fn):
     # Every example has the same gradient g, nothing is clipped and the noise is negligible.
     # Sum / expected_batch_size gives lr * n * g / B: proportional to n. Mean-normalisation (by the
     # actual batch or dataset size) would give lr * g for every n and fail this test.
@@ -63,37 +68,40 @@ def test_update_is_normalised_by_expected_batch_size_not_dataset_size(clipping):
     for n in (5, 10):
         m = _linear()
         before = m.weight.detach().clone()
-        _train(m, _identical(n), _cfg(clipping=clipping), sample_rate=1.0)
+        _train(m, _identical(n), _cfg(clipping=clipping), sample_rate=1.0, loss_fn=loss_fn)
         deltas[n] = m.weight.detach() - before
         assert torch.allclose(deltas[n], -1.0 * n * g / 20, atol=1e-6)
     assert torch.allclose(deltas[10], 2 * deltas[5], atol=1e-6)
 
 
-def test_poisson_batch_divided_by_expected_not_actual_size():
+@pytest.mark.parametrize("loss_fn", [cross_entropy_loss, _hooked_ce])
+def test_poisson_batch_divided_by_expected_not_actual_size(loss_fn):
     g = _one_example_grad()
     n, rate, seed = 400, 0.05, 7
     actual = int((torch.rand(n, generator=torch.Generator().manual_seed(seed)) < rate).sum())
     assert actual != 20  # the test is only meaningful when actual != expected
     m = _linear()
     before = m.weight.detach().clone()
-    _train(m, _identical(n), _cfg(), sample_rate=rate, seed=seed)
+    _train(m, _identical(n), _cfg(), sample_rate=rate, seed=seed, loss_fn=loss_fn)
     assert torch.allclose(m.weight.detach() - before, -actual * g / 20, atol=1e-6)
 
 
-def test_clipping_bounds_each_example():
+@pytest.mark.parametrize("loss_fn", [cross_entropy_loss, _hooked_ce])
+def test_clipping_bounds_each_example(loss_fn):
     m = _linear()
     before = [p.detach().clone() for p in m.parameters()]
     big = TensorDataset(X * 1e4, torch.tensor([0]))  # confidently wrong: huge gradient
-    _train(m, big, _cfg(max_grad_norm=0.5, expected_batch_size=4), sample_rate=1.0)
+    _train(m, big, _cfg(max_grad_norm=0.5, expected_batch_size=4), sample_rate=1.0, loss_fn=loss_fn)
     moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(m.parameters(), before)]).norm()
     assert 0.5 / 4 * 0.999 < moved <= 0.5 / 4 * 1.001  # lr * C / B, the example was clipped
 
 
-def test_empty_poisson_batches_still_add_noise():
+@pytest.mark.parametrize("loss_fn", [cross_entropy_loss, _hooked_ce])
+def test_empty_poisson_batches_still_add_noise(loss_fn):
     m = _linear()
     before = [p.detach().clone() for p in m.parameters()]
     cfg = _cfg(noise_multiplier=1.0, max_grad_norm=2.0, expected_batch_size=4)
-    losses = _train(m, _identical(30), cfg, sample_rate=1e-12, noise_seed=5)
+    losses = _train(m, _identical(30), cfg, sample_rate=1e-12, noise_seed=5, loss_fn=loss_fn)
     assert losses == [0.0]
     g = torch.Generator().manual_seed(5)
     for p, b in zip(m.parameters(), before):
@@ -101,14 +109,15 @@ def test_empty_poisson_batches_still_add_noise():
         assert torch.allclose(p.detach() - b, -noise / 4, atol=1e-6)
 
 
-def test_l2sp_gradient_is_added_after_noise_and_not_clipped():
+@pytest.mark.parametrize("loss_fn", [cross_entropy_loss, _hooked_ce])
+def test_l2sp_gradient_is_added_after_noise_and_not_clipped(loss_fn):
     source = {n: torch.zeros_like(p) for n, p in _linear().named_parameters()}
     reg = L2SP(strength=50.0, source=source)  # gradient norm >> max_grad_norm
     cfg = _cfg(noise_multiplier=0.8, max_grad_norm=0.1, expected_batch_size=4)
     plain, regd = _linear(), _linear()
     start = {n: p.detach().clone() for n, p in plain.named_parameters()}
-    _train(plain, _identical(6), cfg, sample_rate=0.5, seed=1, noise_seed=2)
-    _train(regd, _identical(6), cfg, sample_rate=0.5, seed=1, noise_seed=2, regularizer=reg)
+    _train(plain, _identical(6), cfg, sample_rate=0.5, seed=1, noise_seed=2, loss_fn=loss_fn)
+    _train(regd, _identical(6), cfg, sample_rate=0.5, seed=1, noise_seed=2, regularizer=reg, loss_fn=loss_fn)
     for (name, p), q in zip(plain.named_parameters(), regd.parameters()):
         expected = -1.0 * 2 * 50.0 * (start[name] - source[name])
         assert torch.allclose(q.detach() - p.detach(), expected, atol=1e-5)
@@ -169,3 +178,35 @@ def test_adam_and_opacus_state_cleaned_up():
     for p in m.parameters():
         assert getattr(p, "grad_sample", None) is None and p.grad is None
     assert not m._forward_hooks and not m._backward_hooks
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("secure", [False, True])
+def test_linear_head_fast_path_matches_opacus_hooks(bias, secure):
+    from secfedtl.training import dpsgd
+
+    torch.manual_seed(0)
+    feats = TensorDataset(torch.randn(60, 6) * 3, torch.randint(0, 4, (60,)))
+    proto = nn.Linear(6, 4, bias=bias)
+    reg = L2SP(strength=0.2, source={n: torch.zeros_like(p) for n, p in proto.named_parameters()})
+    cfg = _cfg(lr=0.2, max_grad_norm=0.3, expected_batch_size=8, steps=7, noise_multiplier=0.0 + (1e-9 if secure else 0.6),
+               secure_mode=secure)
+    out = []
+    for generic in (False, True):
+        m = nn.Linear(6, 4, bias=bias)
+        m.load_state_dict(proto.state_dict())
+        assert dpsgd._is_linear_ce_fast_path(m, feats, cross_entropy_loss, cfg)
+        loss = _hooked_ce if generic else cross_entropy_loss
+        assert dpsgd._is_linear_ce_fast_path(m, feats, loss, cfg) is not generic
+        losses = _train(m, feats, cfg, sample_rate=0.15, seed=2, noise_seed=None if secure else 3, loss_fn=loss,
+                        regularizer=reg)
+        out.append((torch.cat([p.detach().flatten() for p in m.parameters()]), losses))
+    assert not torch.allclose(out[0][0], torch.cat([p.detach().flatten() for p in proto.parameters()]))
+    assert torch.allclose(out[0][0], out[1][0], atol=1e-5)
+    assert out[0][1] == pytest.approx(out[1][1], abs=1e-5)
+
+
+def test_trainable_batchnorm_is_a_training_error():
+    m = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    with pytest.raises(TrainingError, match="Opacus cannot train"):
+        _train(m, _identical(5), _cfg(), sample_rate=1.0, loss_fn=_hooked_ce)

@@ -1,0 +1,252 @@
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from secfedtl.errors import ConfigError, InputError, PrivacyBudgetExceeded, TrainingError
+from secfedtl.training.client import PrivateClient
+from secfedtl.training.config import DPTrainingConfig
+from secfedtl.training.update import flatten_delta, unflatten_delta
+from secfedtl.transfer.distillation import DistillationLoss, cross_entropy_loss
+from secfedtl.transfer.freezing import HeadOnly, LastBlocks
+from secfedtl.transfer.models import state_hash
+from secfedtl.transfer.regularizers import L2SP
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU()),
+            nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten()),
+        )
+        self.fc = nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x):
+        return self.fc(self.layers(x))
+
+
+def _model(policy=None) -> Net:
+    torch.manual_seed(0)
+    m = Net()
+    m.train()
+    with torch.no_grad():
+        m(torch.randn(32, 1, 8, 8) + 0.5)  # non-trivial BN statistics
+    (policy or HeadOnly(head="fc")).apply(m)
+    return m
+
+
+def _data(n=48, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 3, (n,), generator=g))
+
+
+def _cfg(**kw):
+    base = dict(lr=0.5, expected_batch_size=8, max_grad_norm=1.0, steps=4, noise_multiplier=0.5, seed=3)
+    base.update(kw)
+    return DPTrainingConfig(**base)
+
+
+def _client(guard, model=None, **kw):
+    kw.setdefault("config", _cfg())
+    return PrivateClient(client_id="h1", model=model or _model(), train_data=kw.pop("data", _data()), guard=guard, **kw)
+
+
+def _snapshot(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def _bitwise_equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_round_charges_then_returns_delta_of_trainable_params_only(guard):
+    client = _client(guard)
+    start = client.trainable_state()
+    frozen_before = {k: v for k, v in _snapshot(client.model).items() if not k.startswith("fc.")}
+    update = client.train_round(global_state=start, round=0, model_hash="abc")
+    assert set(update.delta) == {"fc.weight", "fc.bias"} == set(client.trainable_names)
+    assert any(float(d.abs().max()) > 0 for d in update.delta.values())
+    event, rnd, h = guard.completed[0]
+    assert (rnd, h) == (0, "abc") and update.event is event
+    assert event.sample_rate == pytest.approx(8 / 48)
+    assert event.noise_multiplier == 0.5 and event.steps == 4
+    assert update.num_samples == 48
+    # the client model now holds global + delta; frozen parts (incl. BN statistics) are untouched
+    for name, t in client.trainable_state().items():
+        assert torch.allclose(t, start[name] + update.delta[name])
+    after = _snapshot(client.model)
+    assert all(torch.equal(after[k], v) for k, v in frozen_before.items())
+
+
+def test_refused_budget_trains_nothing(refusing_guard):
+    calls = []
+
+    def loss(model, x, y):
+        calls.append(1)
+        return cross_entropy_loss(model, x, y)
+
+    client = _client(refusing_guard, loss_fn=loss)
+    before = _snapshot(client.model)
+    rng_before = client._data_generator.get_state().clone()
+    with pytest.raises(PrivacyBudgetExceeded):
+        client.train_round(global_state=client.trainable_state(), round=0, model_hash="h")
+    assert calls == []
+    assert _bitwise_equal(_snapshot(client.model), before)
+    assert torch.equal(client._data_generator.get_state(), rng_before)
+
+
+def test_non_finite_loss_leaves_model_unchanged(guard):
+    def exploding(model, x, y):
+        return cross_entropy_loss(model, x, y) * float("inf")
+
+    client = _client(guard, loss_fn=exploding)
+    before = _snapshot(client.model)
+    with pytest.raises(TrainingError):
+        client.train_round(global_state=client.trainable_state(), round=2, model_hash="h")
+    assert _bitwise_equal(_snapshot(client.model), before)
+    assert len(guard.failed) == 1 and not guard.completed
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda s: s.pop("fc.bias"),
+        lambda s: s.__setitem__("layers.0.0.weight", torch.zeros(3, 1, 3, 3)),  # frozen param
+        lambda s: s.__setitem__("fc.bias", torch.zeros(4)),
+        lambda s: s.__setitem__("fc.bias", torch.tensor([0.0, float("nan"), 0.0])),
+    ],
+)
+def test_bad_global_state_refused_before_charging(guard, mutate):
+    client = _client(guard)
+    state = client.trainable_state()
+    mutate(state)
+    before = _snapshot(client.model)
+    with pytest.raises(InputError):
+        client.train_round(global_state=state, round=0, model_hash="h")
+    assert guard.pending == [] and _bitwise_equal(_snapshot(client.model), before)
+
+
+def test_bad_round_arguments(guard):
+    client = _client(guard)
+    with pytest.raises(InputError):
+        client.train_round(global_state=client.trainable_state(), round=-1, model_hash="h")
+    with pytest.raises(InputError):
+        client.train_round(global_state=client.trainable_state(), round=0, model_hash="")
+
+
+def test_global_state_is_loaded_and_delta_flattens(guard):
+    client = _client(guard)
+    glob = {k: torch.full_like(v, 0.01) for k, v in client.trainable_state().items()}
+    update = client.train_round(global_state=glob, round=1, model_hash=state_hash(client.model))
+    vec = flatten_delta(update.delta)
+    back = unflatten_delta(vec, update.delta)
+    for name in glob:
+        assert torch.allclose(client.trainable_state()[name], glob[name] + back[name])
+
+
+def test_cached_client_equals_uncached_client(guard):
+    results = []
+    for cached in (False, True):
+        model = _model()
+        reg = L2SP(strength=0.3, source={n: torch.zeros_like(p) for n, p in model.fc.named_parameters(prefix="fc")})
+        client = _client(
+            guard, model=model, cache_features=cached, head="fc", noise_generator=torch.Generator().manual_seed(9),
+            config=_cfg(steps=6), regularizer=reg,
+        )
+        update = client.train_round(global_state=client.trainable_state(), round=0, model_hash="h")
+        results.append(flatten_delta(update.delta))
+    assert abs(results[0]).max() > 0
+    assert results[0] == pytest.approx(results[1], abs=1e-5)
+
+
+def test_cache_refused_when_backbone_trains(guard):
+    with pytest.raises(ConfigError, match="outside the head"):
+        _client(guard, model=_model(LastBlocks(k=1, blocks="layers", head="fc")), cache_features=True, head="fc")
+    with pytest.raises(ConfigError):
+        _client(guard, cache_features=True)  # no head named
+
+
+def test_trainable_batchnorm_replaced_with_warning(guard):
+    m = _model(LastBlocks(k=2, blocks="layers", head="fc"))
+    with pytest.warns(UserWarning, match="statistics are lost"):
+        client = _client(guard, model=m)
+    assert isinstance(client.model.layers[0][1], nn.GroupNorm)
+    assert isinstance(m.layers[0][1], nn.BatchNorm2d)  # caller's model untouched
+    update = client.train_round(global_state=client.trainable_state(), round=0, model_hash="h")
+    assert "layers.0.1.weight" in update.delta
+
+
+def test_frozen_batchnorm_kept_and_not_updated(guard):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        client = _client(guard)
+    bn = client.model.layers[0][1]
+    assert isinstance(bn, nn.BatchNorm2d)
+    stats = bn.running_mean.clone()
+    client.train_round(global_state=client.trainable_state(), round=0, model_hash="h")
+    assert torch.equal(client.model.layers[0][1].running_mean, stats)
+
+
+@pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")
+def test_calibrated_noise_multiplier(guard):
+    cfg = DPTrainingConfig(
+        lr=0.5, expected_batch_size=8, max_grad_norm=1.0, epochs=1,
+        target_epsilon=1.0, target_delta=1e-5, planned_rounds=5, seed=0,
+    )
+    client = _client(guard, config=cfg)
+    assert client.local_steps == 6  # 1 epoch at q = 8/48
+    calibrate = sys.modules["secfedtl.privacy.accountants"].calibrate_noise_multiplier
+    expected = calibrate(target_epsilon=1.0, target_delta=1e-5, sample_rate=8 / 48, steps=30, accountant="rdp")
+    assert client.noise_multiplier == pytest.approx(expected)
+    assert client.make_event().noise_multiplier == pytest.approx(expected)
+
+
+def test_distillation_and_l2sp_in_a_round(guard):
+    teacher = _model()
+    model = _model()
+    reg = L2SP.from_model(model, strength=0.1)
+    client = _client(guard, model=model, loss_fn=DistillationLoss(teacher=teacher, alpha=0.5, temperature=2.0), regularizer=reg)
+    update = client.train_round(global_state=client.trainable_state(), round=0, model_hash="h")
+    assert all(torch.isfinite(d).all() for d in update.delta.values())
+
+
+def test_constructor_validation(guard):
+    with pytest.raises(InputError):
+        PrivateClient(client_id="", model=_model(), train_data=_data(), config=_cfg(), guard=guard)
+    with pytest.raises(InputError):
+        PrivateClient(client_id="a", model=_model(), train_data=_data(), config=_cfg(), guard=object())
+    with pytest.raises(ConfigError):
+        PrivateClient(client_id="a", model=_model(), train_data=_data(), config=_cfg(secure_mode=True),
+                      guard=guard, noise_generator=torch.Generator())
+    frozen = _model()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ConfigError):
+        PrivateClient(client_id="a", model=frozen, train_data=_data(), config=_cfg(), guard=guard)
+    with pytest.raises(InputError):
+        PrivateClient(client_id="a", model=_model(), train_data=_data(0), config=_cfg(), guard=guard)
+
+
+@pytest.mark.parametrize("clipping", ["flat", "ghost"])
+def test_training_conv_blocks_with_frozen_bn(guard, clipping):
+    # the last conv block is trained (per-sample conv gradients), the first block keeps frozen BN
+    m = _model(LastBlocks(k=1, blocks="layers", head="fc"))
+    client = _client(guard, model=m, config=_cfg(clipping=clipping, steps=3))
+    stats = client.model.layers[0][1].running_var.clone()
+    update = client.train_round(global_state=client.trainable_state(), round=0, model_hash="h")
+    assert set(update.delta) == {"layers.1.0.weight", "layers.1.0.bias", "fc.weight", "fc.bias"}
+    assert float(update.delta["layers.1.0.weight"].abs().max()) > 0
+    assert torch.equal(client.model.layers[0][1].running_var, stats)
+
+
+def test_two_rounds_use_fresh_batches(guard):
+    client = _client(guard, noise_generator=torch.Generator().manual_seed(1))
+    state = client.trainable_state()
+    a = client.train_round(global_state=state, round=0, model_hash="h")
+    b = client.train_round(global_state=state, round=1, model_hash="h")
+    assert [e[1] for e in guard.completed] == [0, 1]
+    assert not torch.allclose(a.delta["fc.weight"], b.delta["fc.weight"])
