@@ -9,8 +9,8 @@ encoding is chosen so that the true integer sum can never wrap:
 
 ``scale`` is a power of two (so ``x * scale`` is exact in floating point). Stochastic rounding is
 unbiased (``E[SR(v)] = v``) and moves each coordinate by less than one unit, so the dequantised
-total of ``n`` clients is within ``n / scale`` of the float sum in every coordinate
-(:meth:`FixedPointEncoding.error_bound`). The rounding randomness is not a secret; it comes from a
+total of ``n`` clients is within ``n / scale`` of the float sum in every coordinate, plus a
+float64 rounding term that only matters at 64 bits (:meth:`FixedPointEncoding.error_bound`). The rounding randomness is not a secret; it comes from a
 numpy generator the caller may seed for reproducibility.
 """
 
