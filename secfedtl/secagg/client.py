@@ -46,6 +46,7 @@ from secfedtl.secagg.session import (
     PURPOSE_SHARE_KEY,
     SessionParams,
     sign_of,
+    verify_identity,
 )
 
 
@@ -277,10 +278,4 @@ class ClientSession:
         return out
 
     def _verify(self, party: int, signature: bytes, transcript: bytes) -> None:
-        public = self._peer_identities.get(party)
-        if public is None or not signature:
-            raise AuthenticationError(f"no identity key or signature for client {party}")
-        try:
-            cp.verify_signature(public, signature, transcript)
-        except SecFedTLError as exc:
-            raise AuthenticationError(f"bad signature from client {party}") from exc
+        verify_identity(self._peer_identities, party, signature, transcript)

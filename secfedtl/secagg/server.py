@@ -30,19 +30,17 @@ from secfedtl.crypto import primitives as cp
 from secfedtl.crypto import shamir
 from secfedtl.crypto.prg import add_masks
 from secfedtl.errors import (
-    AuthenticationError,
     ConfigError,
     EncodingError,
     LocalProtocolError,
     ReconstructionError,
     RemoteProtocolError,
     ReplayError,
-    SecFedTLError,
     TooFewSurvivorsError,
     WrongSessionError,
 )
 from secfedtl.secagg import messages as m
-from secfedtl.secagg.session import PURPOSE_MASK, SessionParams, sign_of
+from secfedtl.secagg.session import PURPOSE_MASK, SessionParams, sign_of, verify_identity
 
 
 class ServerState(enum.Enum):
@@ -199,13 +197,7 @@ class ServerSession:
         self._responses[msg.sender] = msg
 
     def _verify(self, party: int, signature: bytes, transcript: bytes) -> None:
-        public = self._identities.get(party)
-        if public is None or not signature:
-            raise AuthenticationError(f"no identity key or signature for client {party}")
-        try:
-            cp.verify_signature(public, signature, transcript)
-        except SecFedTLError as exc:
-            raise AuthenticationError(f"bad signature from client {party}") from exc
+        verify_identity(self._identities, party, signature, transcript)
 
     # -- advance ------------------------------------------------------------------------------
 

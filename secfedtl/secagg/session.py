@@ -6,8 +6,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from secfedtl.crypto.primitives import Binding
-from secfedtl.errors import ConfigError, EncodingError
+from collections.abc import Mapping
+
+from secfedtl.crypto.primitives import Binding, verify_signature
+from secfedtl.errors import AuthenticationError, ConfigError, EncodingError, SecFedTLError
 from secfedtl.secagg.config import PROTOCOL_VERSION, SecAggConfig
 from secfedtl.secagg.graph import neighbour_sets
 from secfedtl.secagg.messages import MAX_ROUND, SESSION_ID_BYTES
@@ -95,3 +97,17 @@ def sign_of(owner: int, peer: int) -> int:
     return 1 if owner < peer else -1
 
 
+
+
+def verify_identity(identities: Mapping[int, bytes], party: int, signature: bytes, transcript: bytes) -> None:
+    """Check ``party``'s Ed25519 signature over ``transcript`` (authenticated mode).
+
+    Raises :class:`AuthenticationError` when the key or signature is missing or does not verify.
+    """
+    public = identities.get(party)
+    if public is None or not signature:
+        raise AuthenticationError(f"no identity key or signature for client {party}")
+    try:
+        verify_signature(public, signature, transcript)
+    except SecFedTLError as exc:
+        raise AuthenticationError(f"bad signature from client {party}") from exc
