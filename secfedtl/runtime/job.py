@@ -18,7 +18,6 @@ import json
 import math
 import sys
 import time
-import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -28,6 +27,11 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 from secfedtl.aggregation import make_server_optimizer
 from secfedtl.data import load_fed_heart_disease, standardize, validation_split
