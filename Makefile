@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
+	rm -rf runs/demo  # the demo ledger is a throwaway; real jobs never overwrite a ledger
 	$(VENV)/bin/secfedtl demo --out runs/demo
 
 test: $(STAMP)
