@@ -126,7 +126,7 @@ class HeartNet(nn.Module):
 
 
 def _dataset(x: np.ndarray, y: np.ndarray) -> TensorDataset:
-    return TensorDataset(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long))
+    return TensorDataset(torch.tensor(np.asarray(x), dtype=torch.float32), torch.tensor(np.asarray(y), dtype=torch.long))
 
 
 def train_source(x: np.ndarray, y: np.ndarray, *, hidden: int, epochs: int, lr: float, weight_decay: float,
