@@ -337,6 +337,7 @@ def _plot(metrics: dict[str, Any], path: Path) -> None:
         ax1.plot(xs, [r["test_accuracy"][name] for r in rows], marker="o", label=name)
     ax1.plot(xs, [r["pooled_test_accuracy"] for r in rows], color="black", linewidth=2, label="pooled")
     ax1.axhline(metrics["source"]["pooled_test_accuracy"], color="grey", linestyle="--", label="source (pooled)")
+    ax1.set_xticks(xs)
     ax1.set_xlabel("round")
     ax1.set_ylabel("test accuracy")
     ax1.set_title("Global model accuracy per round")
@@ -344,6 +345,7 @@ def _plot(metrics: dict[str, Any], path: Path) -> None:
     for name in metrics["final"]["epsilon"]:
         ax2.plot(xs, [r["epsilon"][name] for r in rows], marker="o", label=name)
     ax2.axhline(metrics["epsilon_budget"], color="red", linestyle="--", label="budget")
+    ax2.set_xticks(xs)
     ax2.set_xlabel("round")
     ax2.set_ylabel(f"epsilon (RDP, delta={metrics['delta']:g})")
     ax2.set_title("Privacy spent per hospital")
