@@ -24,7 +24,6 @@ otherwise it is recorded as failed, the global model is unchanged, the budgets s
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
@@ -38,6 +37,7 @@ import numpy as np
 import torch
 
 from secfedtl.aggregation import ServerOptimizer
+from secfedtl.aggregation.optimizers import decode_vector, encode_vector
 from secfedtl.errors import (
     ConfigError,
     PrivacyBudgetExceeded,
@@ -64,14 +64,6 @@ def model_hash(names: Sequence[str], params: np.ndarray, round: int) -> str:
         h.update(name.encode() + b"\0")
     h.update(np.ascontiguousarray(params, dtype="<f8").tobytes())
     return h.hexdigest()
-
-
-def _b64(array: np.ndarray) -> str:
-    return base64.b64encode(np.ascontiguousarray(array, dtype="<f8").tobytes()).decode()
-
-
-def _unb64(text: str) -> np.ndarray:
-    return np.frombuffer(base64.b64decode(text), dtype="<f8").astype(np.float64)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -248,13 +240,13 @@ class Federation:
     def state_dict(self) -> dict[str, Any]:
         """JSON-able server state: global weights, optimizer state, rounds done, history."""
         return {"version": CHECKPOINT_VERSION, "rounds_done": self.rounds_done, "names": list(self.names),
-                "global_params": _b64(self.global_params), "optimizer": self.optimizer.state_dict(),
+                "global_params": encode_vector(self.global_params), "optimizer": self.optimizer.state_dict(),
                 "history": [h.to_dict() for h in self.history]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("version") != CHECKPOINT_VERSION or list(state.get("names", [])) != list(self.names):
             raise ConfigError("checkpoint is of another version or another model")
-        params = _unb64(state["global_params"])
+        params = decode_vector(state["global_params"])
         if params.shape != self.global_params.shape:
             raise ConfigError("checkpoint weights have the wrong shape")
         self.optimizer.load_state_dict(state["optimizer"])

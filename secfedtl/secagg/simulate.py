@@ -101,19 +101,24 @@ def simulate(inputs: Sequence[np.ndarray], cfg: SecAggConfig, dropouts: Mapping[
                             refused=outcome.refused, wire_bytes=outcome.wire_bytes)
 
 
-def build_sessions(params: SessionParams, field_vectors: Sequence[np.ndarray]
-                   ) -> tuple[list[ClientSession], ServerSession]:
-    """One ClientSession per encoded vector and the ServerSession, with fresh Ed25519
-    identities when the config is authenticated."""
+def generate_identities(config: SecAggConfig) -> list[SigningKey] | None:
+    """Fresh Ed25519 identity keys, one per client, when ``config`` is authenticated."""
+    if not config.authenticated:
+        return None
+    return [SigningKey.generate() for _ in range(config.num_clients)]
+
+
+def build_sessions(params: SessionParams, field_vectors: Sequence[np.ndarray], *,
+                   keys: Sequence[SigningKey] | None = None) -> tuple[list[ClientSession], ServerSession]:
+    """One ClientSession per encoded vector and the ServerSession. In authenticated mode the
+    clients use ``keys`` (fresh ones from :func:`generate_identities` when not given)."""
     n = params.config.num_clients
-    keys: list[SigningKey | None] = [None] * n
-    identities = None
-    if params.config.authenticated:
-        signing = [SigningKey.generate() for _ in range(n)]
-        keys = list(signing)
-        identities = {i: k.public for i, k in enumerate(signing)}
-    clients = [ClientSession(params=params, client_id=i, input_vector=field_vectors[i], identity=keys[i],
-                             peer_identities=identities) for i in range(n)]
+    if keys is None:
+        keys = generate_identities(params.config)
+    identities = None if keys is None else {i: k.public for i, k in enumerate(keys)}
+    clients = [ClientSession(params=params, client_id=i, input_vector=field_vectors[i],
+                             identity=None if keys is None else keys[i], peer_identities=identities)
+               for i in range(n)]
     return clients, ServerSession(params=params, identities=identities)
 
 

@@ -20,7 +20,7 @@ from secfedtl.secagg.client import ClientSession
 from secfedtl.secagg.config import SecAggConfig
 from secfedtl.secagg.server import AggregateResult, ServerSession
 from secfedtl.secagg.session import SessionParams
-from secfedtl.secagg.simulate import PHASES
+from secfedtl.secagg.simulate import PHASES, build_sessions, generate_identities
 
 __all__ = ["Round", "expected_field_sum", "make_round", "random_field_vectors", "run_round", "run_until"]
 
@@ -58,14 +58,10 @@ def make_round(cfg: SecAggConfig, *, vector_length: int = 4, session_id: bytes =
     params = SessionParams(config=cfg, session_id=session_id, round=round, vector_length=vector_length,
                            context=context)
     vecs = list(vectors) if vectors is not None else random_field_vectors(params, np.random.default_rng(seed))
-    keys: list[SigningKey | None] = [None] * cfg.num_clients
-    identities = None
-    if cfg.authenticated:
-        keys = [SigningKey.generate() for _ in range(cfg.num_clients)]
-        identities = {i: k.public for i, k in enumerate(keys)}  # type: ignore[union-attr]
-    clients = [ClientSession(params=params, client_id=i, input_vector=vecs[i], identity=keys[i],
-                             peer_identities=identities) for i in range(cfg.num_clients)]
-    server = ServerSession(params=params, identities=identities)
+    signing = generate_identities(cfg)
+    clients, server = build_sessions(params, vecs, keys=signing)
+    keys: list[SigningKey | None] = list(signing) if signing is not None else [None] * cfg.num_clients
+    identities = None if signing is None else {i: k.public for i, k in enumerate(signing)}
     return Round(params=params, server=server, clients=clients, vectors=vecs, keys=keys, identities=identities)
 
 
