@@ -245,6 +245,14 @@ def _utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
 
 
+def _lock(fd: int) -> None:
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: one writer per ledger
+        return
+    fcntl.flock(fd, fcntl.LOCK_EX)
+
+
 def _fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -262,8 +270,10 @@ class Ledger:
     """Append-only writer of a privacy ledger (see the module docstring for the format).
 
     Opening an existing file verifies its whole chain (raising :class:`LedgerTamperedError` if
-    it is broken) and continues it. Only one process may write a ledger at a time; the writer
-    notices (and refuses to write) if the file changed under it.
+    it is broken) and continues it. Several processes may hold the same ledger (e.g. the worker
+    processes of one job): each append takes an exclusive ``flock`` on the file, and a writer
+    that finds lines appended by another verifies them and continues after them. A file that
+    changed in any other way (truncated, rewritten) is refused.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -371,25 +381,23 @@ class Ledger:
         self._open_ids.discard(entry_id)
 
     def _append(self, obj: dict[str, Any]) -> None:
-        obj["prev_hash"] = self._head
-        try:
-            obj["line_hash"] = _line_hash(obj)
-            line = _canonical(obj) + b"\n"
-        except (TypeError, ValueError) as exc:
-            raise LedgerError(f"ledger fields must be JSON-serialisable and finite: {exc}") from exc
-        stored = json.loads(line)
         created = not self._path.exists()
         try:
-            fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         except OSError as exc:
             raise LedgerError(f"cannot open ledger {os.fspath(self._path)!r}: {exc}") from exc
         try:
+            _lock(fd)  # released when fd is closed
             size = os.fstat(fd).st_size
             if size != self._size:
-                raise LedgerError(
-                    f"ledger {os.fspath(self._path)!r} changed under this writer "
-                    f"({size} bytes, expected {self._size}); reopen it"
-                )
+                self._catch_up(fd, size)
+            obj["prev_hash"] = self._head
+            try:
+                obj["line_hash"] = _line_hash(obj)
+                line = _canonical(obj) + b"\n"
+            except (TypeError, ValueError) as exc:
+                raise LedgerError(f"ledger fields must be JSON-serialisable and finite: {exc}") from exc
+            stored = json.loads(line)
             try:
                 written = os.write(fd, line)
                 if written != len(line):
@@ -410,3 +418,21 @@ class Ledger:
         self._entries.append(stored)
         self._head = _sha256(line)
         self._size += len(line)
+
+    def _catch_up(self, fd: int, size: int) -> None:
+        """Another writer (another process holding the same ledger) appended lines since we last
+        wrote: verify the whole file again and continue after its lines. Anything but a valid
+        continuation of exactly what this writer has seen is refused."""
+        changed = LedgerError(
+            f"ledger {os.fspath(self._path)!r} changed under this writer "
+            f"({size} bytes, expected at least {self._size} starting with what it wrote); reopen it"
+        )
+        if size < self._size:
+            raise changed
+        data = os.pread(fd, size, 0)
+        entries, head = _parse(data)
+        if entries[: len(self._entries)] != self._entries:
+            raise changed
+        self._entries = entries
+        self._head = head
+        self._size = size

@@ -125,14 +125,51 @@ def test_complete_unknown_or_twice_raises(tmp_path: Path) -> None:
     assert path.read_bytes() == before
 
 
-def test_writer_refuses_a_file_changed_under_it(tmp_path: Path) -> None:
+def test_two_writers_of_one_ledger_continue_each_others_chain(tmp_path: Path) -> None:
     path = tmp_path / "ledger.jsonl"
     ledger = write_sample(path)
     other = Ledger(path)
     other.begin(client="z", round=0, event=EVENT, delta=1e-5, model_hash="m")
-    with pytest.raises(LedgerError):
+    ledger.begin(client="a", round=9, event=EVENT, delta=1e-5, model_hash="m")  # catches up first
+    entries = verify_ledger(path)
+    assert len(entries) == 7 and [e["client"] for e in entries[-2:]] == ["z", "a"]
+    assert ledger.head_hash == Ledger(path).head_hash and len(ledger.entries) == 7
+
+
+def test_writer_refuses_a_file_rewritten_under_it(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.jsonl"
+    ledger = write_sample(path)
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:-1]))  # the last line removed: a valid but shorter chain
+    Ledger(path).begin(client="z", round=0, event=EVENT, delta=1e-5, model_hash="m")  # now longer again
+    with pytest.raises(LedgerError, match="changed under this writer"):
         ledger.begin(client="a", round=9, event=EVENT, delta=1e-5, model_hash="m")
-    assert len(verify_ledger(path)) == 6
+    assert len(verify_ledger(path)) == len(lines)
+
+
+def _append_many(path: str, client: str, count: int) -> None:
+    ledger = Ledger(path)
+    for r in range(count):
+        entry = ledger.begin(client=client, round=r, event=EVENT, delta=1e-5, model_hash="m")
+        ledger.complete(entry)
+
+
+def test_processes_appending_concurrently_keep_one_valid_chain(tmp_path: Path) -> None:
+    import multiprocessing
+
+    path = tmp_path / "ledger.jsonl"
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_append_many, args=(str(path), f"c{i}", 15)) for i in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    entries = verify_ledger(path)
+    assert len(entries) == 3 * 15 * 2
+    for i in range(3):
+        mine = [e for e in entries if e["client"] == f"c{i}"]
+        assert [e["round"] for e in mine if e["status"] == "complete"] == list(range(15))
 
 
 def test_opening_a_tampered_ledger_raises(tmp_path: Path) -> None:
