@@ -1,30 +1,35 @@
-"""In-process federated transfer learning: private clients, secure aggregation, FedAvg.
+"""The server side of federated transfer learning: secure aggregation and FedAvg over a pool.
 
-One round (:meth:`Federation.run_round`):
+The server holds no client objects: everything it says to a client, and everything it hears
+back, is bytes of :mod:`secfedtl.runtime.wire`, moved by a
+:class:`~secfedtl.runtime.pool.ClientPool` (in process, forked workers, or Flower). One
+training round (:meth:`Federation.run_round`) is a *secure round* of the ``"train"`` task
+(:meth:`Federation.secure_round`), in phases, each one exchange on the pool:
 
-1. the server samples clients and sends each the current global trainable weights; the hash of
-   those weights (and the round) is bound into the secure-aggregation transcript, so a server that
-   sends different models to different clients makes their keys disagree and the round fail;
-2. each client charges its privacy budget (ledger entry written *before* training), fine-tunes
-   with DP-SGD and returns its delta and sample count;
-3. each client clips and encodes ``(n_k * delta_k, n_k)`` and masks it (secure aggregation,
-   every message through the binary codec);
-4. the server unmasks only the sum ``(sum n_k delta_k, sum n_k)`` and applies its optimizer
-   (FedAvg, FedAvgM, FedAdam, ...).
+1. ``task``: the server samples a cohort and sends each client the same
+   :class:`~secfedtl.runtime.wire.TaskRequest` (global trainable weights, the announced
+   fixed-point encoding). Each client computes the SHA-256 of the request it received; that
+   digest is the ledger's ``model_hash`` and the secure-aggregation ``context``, so a server
+   that sends different models (or options) to different clients makes their keys disagree and
+   the round fail. The client charges its budget (ledger entry written *before* training),
+   fine-tunes with DP-SGD, clips and encodes ``(n_k * delta_k, n_k)`` and replies ``ready``;
+   or ``refused`` (budget) or ``failed``;
+2. ``advertise``, ``share``, ``mask``, ``consistency``, ``unmask``: the secure aggregation of the
+   ready clients (:mod:`secfedtl.secagg`); the server unmasks only the sum;
+3. the server decodes ``(sum n_k delta_k, sum n_k)`` and applies its optimizer (FedAvg,
+   FedAvgM, FedAdam, ...).
 
-The server-side objects (:class:`~secfedtl.secagg.ServerSession`, the optimizer, this runner's
-``global_params``) never hold an individual update, count, or dataset size: the client side of
-this process hands the server nothing but protocol messages.
+The server-side objects (the :class:`~secfedtl.secagg.ServerSession`, the optimizer,
+``global_params``) never hold an individual update, count or dataset size.
 
-A client that refuses for budget reasons sits the round out; one that crashes while training or
-falls silent at any protocol phase is a dropout. The round completes if enough clients survive;
-otherwise it is recorded as failed, the global model is unchanged, the budgets spent stay spent
-(the ledger says so), and the run goes on.
+A client that refuses for budget reasons sits the round out; one that fails, times out or falls
+silent at any phase is a dropout. The round completes if enough clients survive; otherwise it
+is recorded as failed, the global model is unchanged, the budgets spent stay spent (each
+client's ledger says so), and the run goes on.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -34,41 +39,29 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from secfedtl.aggregation import ServerOptimizer
 from secfedtl.aggregation.optimizers import decode_vector, encode_vector
-from secfedtl.errors import (
-    ConfigError,
-    PrivacyBudgetExceeded,
-    SecFedTLError,
-    TooFewSurvivorsError,
-)
+from secfedtl.errors import ConfigError, DecodeError, InputError, SecFedTLError, TooFewSurvivorsError
+from secfedtl.runtime import wire
+from secfedtl.runtime.pool import ClientPool
+from secfedtl.secagg import codec
 from secfedtl.secagg.config import SecAggConfig
+from secfedtl.secagg.server import ServerSession
 from secfedtl.secagg.session import SessionParams
-from secfedtl.secagg.simulate import PHASES, build_sessions, drive_round
-from secfedtl.training import PrivateClient, flatten_delta, unflatten_delta
+from secfedtl.secagg.simulate import REPLY_PHASE
 
-CHECKPOINT_VERSION = 1
-
-#: A fault plan says, per round, which client fails and where: a protocol phase from
-#: :data:`secfedtl.secagg.PHASES`, or ``"train"`` (the client crashes while training).
-FaultPlan = Mapping[int, Mapping[str, str]]
-
-
-def model_hash(names: Sequence[str], params: np.ndarray, round: int) -> str:
-    """SHA-256 over the parameter names, the float64 weights and the round number."""
-    h = hashlib.sha256(b"secfedtl/model/v1")
-    h.update(round.to_bytes(8, "big"))
-    for name in names:
-        h.update(name.encode() + b"\0")
-    h.update(np.ascontiguousarray(params, dtype="<f8").tobytes())
-    return h.hexdigest()
+CHECKPOINT_VERSION = 2
+TIMES = ("local_training", "encoding", "task_phase", "secure_aggregation", "aggregation", "plain_fedavg_sum")
 
 
 @dataclass(frozen=True, kw_only=True)
 class RoundReport:
-    """What one round did, for metrics.json."""
+    """What one round did, for metrics.json. ``times`` are seconds: ``task_phase``,
+    ``secure_aggregation`` and ``aggregation`` are the server's wall clock; ``local_training``
+    and ``encoding`` are the clients' own reports summed over clients (with parallel workers they
+    can exceed the wall clock); ``secagg_overhead`` is encoding + secure aggregation minus what a
+    plain sum of the same updates costs."""
 
     round: int
     status: str  # "ok" or "failed"
@@ -86,154 +79,232 @@ class RoundReport:
         return asdict(self)
 
 
+@dataclass(frozen=True, kw_only=True)
+class SecureSum:
+    """The outcome of :meth:`Federation.secure_round`: ``total`` and ``total_weight`` are the
+    decoded sum over the ``included`` clients (``None``/0 when the round failed)."""
+
+    round: int
+    status: str
+    reason: str
+    digest: str
+    participants: tuple[str, ...]
+    included: tuple[str, ...]
+    dropped: tuple[str, ...]
+    refused: tuple[str, ...]
+    total: np.ndarray | None
+    total_weight: int
+    times: dict[str, float]
+    wire_bytes: int
+    info: dict[str, dict[str, Any]]
+
+
 @dataclass(kw_only=True)
 class Federation:
-    """A server and its private clients in one process.
+    """A server, and a pool of client nodes it reaches only through messages.
 
-    ``clients`` maps a client name to its :class:`~secfedtl.training.PrivateClient` (each with its
-    own budget guard and ledger). ``clip`` bounds every coordinate of a client's delta before
-    encoding; ``max_samples`` is the public bound on a client's sample count (its weight).
-    ``threshold``/``neighbors`` default to :meth:`SecAggConfig.recommended` when that finds a
-    configuration for the round's cohort, else to the complete graph with the smallest safe
-    threshold (``k // 2 + 1``).
+    ``names`` are the global model's trainable parameter names (in the order of
+    ``global_params``); ``frozen_hash`` identifies the frozen source model clients must hold.
+    ``clip`` bounds every coordinate of a client's delta before encoding; ``max_samples`` is the
+    public bound on a client's sample count (its weight). The secure-aggregation graph and
+    threshold come from :meth:`SecAggConfig.recommended` when that finds a configuration for the
+    round's cohort, else the complete graph with the smallest safe threshold.
     """
 
-    clients: Mapping[str, PrivateClient]
+    pool: ClientPool
     names: Sequence[str]
     global_params: np.ndarray
     optimizer: ServerOptimizer
+    frozen_hash: str | None = None
     clip: float = 1.0
     max_samples: int = 10_000
     bits: int = 32
     clients_per_round: int | None = None
     dropout_rate: float = 0.05
     seed: int = 0
-    faults: FaultPlan = field(default_factory=dict)
     rounds_done: int = 0
     history: list[RoundReport] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if not self.clients:
-            raise ConfigError("a federation needs clients")
-        order = list(self.names)
-        for name, client in self.clients.items():
-            if client.trainable_names != order:
-                raise ConfigError(f"client {name!r} trains other parameters than the global model")
+        if not isinstance(self.pool, ClientPool):
+            raise ConfigError("pool must be a ClientPool")
+        if len(self.pool.names) < 3:
+            raise ConfigError("a federation needs at least 3 clients")
         self.global_params = np.asarray(self.global_params, dtype=np.float64).copy()
-        if self.clients_per_round is not None and not 3 <= self.clients_per_round <= len(self.clients):
+        if self.global_params.ndim != 1 or self.global_params.size == 0:
+            raise ConfigError("global_params must be a non-empty vector")
+        if self.clients_per_round is not None and not 3 <= self.clients_per_round <= len(self.pool.names):
             raise ConfigError("clients_per_round must be between 3 and the number of clients")
 
     # -- helpers ------------------------------------------------------------------------------
 
-    def global_state(self) -> dict[str, torch.Tensor]:
-        """The global trainable weights as tensors (what the server sends to clients)."""
-        any_client = next(iter(self.clients.values()))
-        return unflatten_delta(self.global_params, any_client.trainable_state())
-
-    def _secagg_config(self, cohort: int) -> SecAggConfig:
-        extra = dict(clip=self.clip, bits=self.bits, max_weight=self.max_samples)
+    def _secagg_config(self, cohort: int, *, clip: float, max_weight: int, scale: float | None = None) -> SecAggConfig:
+        extra = dict(clip=clip, bits=self.bits, max_weight=max_weight, scale=scale)
         try:
             return SecAggConfig.recommended(num_clients=cohort, dropout_rate=self.dropout_rate, **extra)
         except ConfigError:
             return SecAggConfig(num_clients=cohort, threshold=(cohort - 1) // 2 + 1, **extra)
 
-    def _sample(self, round: int) -> list[str]:
-        names = sorted(self.clients)
+    def sample(self, round: int) -> list[str]:
+        """The round's cohort (public sampling from ``seed`` and the round; not a secret)."""
+        names = sorted(self.pool.names)
         if self.clients_per_round is None or self.clients_per_round >= len(names):
             return names
-        rng = np.random.default_rng([self.seed, round])  # public sampling, not a secret
+        rng = np.random.default_rng([self.seed, round])
         return sorted(rng.choice(names, size=self.clients_per_round, replace=False).tolist())
 
-    # -- one round ----------------------------------------------------------------------------
+    def task_options(self) -> dict[str, Any]:
+        """Options every task request on the global model carries."""
+        options: dict[str, Any] = {"names": list(self.names)}
+        if self.frozen_hash is not None:
+            options["frozen_hash"] = self.frozen_hash
+        return options
 
-    def run_round(self) -> RoundReport:
-        r = self.rounds_done
-        faults = dict(self.faults.get(r, {}))
-        cohort = self._sample(r)
-        times = dict.fromkeys(("local_training", "encoding", "secure_aggregation", "aggregation",
-                               "plain_fedavg_sum"), 0.0)
-        digest = model_hash(self.names, self.global_params, r)
-        state = self.global_state()
-        updates: dict[str, tuple[np.ndarray, int]] = {}
-        refused: list[str] = []
-        crashed: list[str] = []
-        for name in cohort:
-            t0 = time.perf_counter()
-            client = self.clients[name]
+    def _replies(self, raw: Mapping[str, list[bytes]], round: int, kind: type) -> dict[str, list[Any]]:
+        """Decode what each client said; a client that sent anything malformed or off-round is
+        treated as silent for the phase."""
+        out: dict[str, list[Any]] = {}
+        for name, blobs in raw.items():
             try:
-                if faults.get(name) == "train":
-                    update = _crash_inside_charge(client, state, r, digest)
-                else:
-                    update = client.train_round(global_state=state, round=r, model_hash=digest)
-            except PrivacyBudgetExceeded:
-                refused.append(name)
+                messages = [wire.decode(b) for b in blobs]
+            except DecodeError:
                 continue
-            except (_SimulatedCrash, SecFedTLError, RuntimeError):
-                crashed.append(name)  # its pending ledger entry stays: the budget counts as spent
-                continue
-            finally:
-                times["local_training"] += time.perf_counter() - t0
-            updates[name] = (flatten_delta(update.delta), update.num_samples)
-        members = [n for n in cohort if n not in refused]
-        report = dict(round=r, participants=tuple(members), budget_refused=tuple(refused),
-                      model_hash=digest, times=times)
+            if all(isinstance(msg, kind) and msg.round == round for msg in messages):
+                out[name] = messages
+        return out
+
+    # -- rounds -------------------------------------------------------------------------------
+
+    def query(self, task: str, *, weights: np.ndarray | None = None, round: int | None = None,
+              options: Mapping[str, Any] | None = None, clients: Sequence[str] | None = None
+              ) -> dict[str, dict[str, Any]]:
+        """Run a public task (``"evaluate"``, ``"personalise"``) on ``weights`` (default: the
+        global weights); return each answering client's ``info`` (with its ``status``)."""
+        r = self.rounds_done if round is None else round
+        w = self.global_params if weights is None else weights
+        request = wire.TaskRequest.with_weights(round=r, task=task, weights=w,
+                                                options={**self.task_options(), **(options or {})})
+        blob = wire.encode(request)
+        names = sorted(self.pool.names) if clients is None else list(clients)
+        replies = self._replies(self.pool.exchange({n: [blob] for n in names}, phase="task"), r, wire.TaskReply)
+        return {n: {"status": msgs[0].status, **msgs[0].info} for n, msgs in replies.items() if len(msgs) == 1}
+
+    def secure_round(self, task: str, *, round: int, cohort: Sequence[str], vector_length: int,
+                     clip: float, max_weight: int, weights: np.ndarray | None = None,
+                     options: Mapping[str, Any] | None = None) -> SecureSum:
+        """Run ``task`` on ``cohort`` and securely sum the ready clients' contributions
+        (``vector_length`` floats each, clipped to ``[-clip, clip]``, weights up to
+        ``max_weight``). Never raises for clients' misbehaviour: a failed round says why."""
+        times = dict.fromkeys(TIMES, 0.0)
+        cohort = sorted(cohort)
+        if len(cohort) < 3:
+            raise ConfigError("a secure round needs a cohort of at least 3 clients")
+        encoding = {"clip": float(clip), "bits": self.bits, "num_clients": len(cohort), "max_weight": max_weight}
+        announced = self._secagg_config(len(cohort), clip=float(clip), max_weight=max_weight).encoding
+        w = self.global_params if weights is None else weights
+        request = wire.TaskRequest.with_weights(round=round, task=task, weights=w,
+                                                options={**self.task_options(), **(options or {}),
+                                                         "encoding": encoding})
+        digest = wire.request_digest(request)
+        blob = wire.encode(request)
+        wire_bytes = 0
+
+        def exchange(requests: dict[str, list[bytes]], phase: str) -> dict[str, list[bytes]]:
+            nonlocal wire_bytes
+            wire_bytes += sum(len(b) for blobs in requests.values() for b in blobs)
+            raw = self.pool.exchange(requests, phase=phase)
+            wire_bytes += sum(len(b) for blobs in raw.values() for b in blobs)
+            return raw
+
+        t0 = time.perf_counter()
+        replies = self._replies(exchange({n: [blob] for n in cohort}, "task"), round, wire.TaskReply)
+        times["task_phase"] = time.perf_counter() - t0
+        info = {n: dict(msgs[0].info) for n, msgs in replies.items() if len(msgs) == 1}
+        status = {n: msgs[0].status for n, msgs in replies.items() if len(msgs) == 1}
+        for n in info:
+            times["local_training"] += float(info[n].get("train_seconds", 0.0))
+            times["encoding"] += float(info[n].get("encode_seconds", 0.0))
+        refused = tuple(n for n in cohort if status.get(n) == "refused")
+        members = [n for n in cohort if status.get(n) == "ready"]
+        participants = tuple(n for n in cohort if n not in refused)
+
+        def finish(state: str, reason: str, *, included: Sequence[str] = (), total: np.ndarray | None = None,
+                   total_weight: int = 0) -> SecureSum:
+            return SecureSum(round=round, status=state, reason=reason, digest=digest, participants=participants,
+                             included=tuple(included), dropped=tuple(n for n in participants if n not in included),
+                             refused=refused, total=total, total_weight=total_weight, times=times,
+                             wire_bytes=wire_bytes, info=info)
+
         if len(members) < 3:
-            return self._finish(r, report, "failed", f"{len(members)} clients available; secure aggregation needs 3",
-                                included=(), dropped=tuple(members), total_weight=0, wire=0)
-        cfg = self._secagg_config(len(members))
+            return finish("failed", f"{len(members)} clients ready; secure aggregation needs 3")
+        cfg = self._secagg_config(len(members), clip=float(clip), max_weight=max_weight, scale=announced.scale)
+        params = SessionParams(config=cfg, session_id=os.urandom(16), round=round,
+                               vector_length=vector_length + 1, context=bytes.fromhex(digest))
+        index = {name: i for i, name in enumerate(members)}
+        server = ServerSession(params=params)
         t0 = time.perf_counter()
-        rng = np.random.default_rng([self.seed, r, 1])  # stochastic rounding (not secret)
-        length = self.global_params.size + 1
-        fields = []
-        for name in members:
-            if name in updates:
-                vec, weight = updates[name]
-                fields.append(cfg.encoding.encode(vec, weight=weight, rng=rng))
-            else:
-                fields.append(np.zeros(length, dtype=cfg.encoding.dtype))  # never sent: it crashed
-        times["encoding"] = time.perf_counter() - t0
-        if updates:  # what a plain FedAvg sum of the same shapes costs (random data)
-            probe = [np.random.default_rng(i).standard_normal(length - 1) for i in range(len(updates))]
-            t0 = time.perf_counter()
-            np.sum(probe, axis=0)
-            times["plain_fedavg_sum"] = time.perf_counter() - t0
-        dropouts = {i: "advertise" for i, n in enumerate(members) if n in crashed}
-        for i, name in enumerate(members):
-            phase = faults.get(name)
-            if phase in PHASES and i not in dropouts:
-                dropouts[i] = phase
-        params = SessionParams(config=cfg, session_id=os.urandom(16), round=r,
-                               vector_length=length, context=bytes.fromhex(digest))
-        t0 = time.perf_counter()
+        outgoing: dict[str, list[bytes]] = {
+            n: [wire.encode(wire.Join(round=round, index=i, session=params))] for n, i in index.items()}
+        phase = "advertise"
         try:
-            clients, server = build_sessions(params, fields)
-            outcome = drive_round(clients, server, dropouts=dropouts)
+            while True:
+                raw = exchange(outgoing, phase)
+                for name, frames in self._replies(raw, round, wire.SecAggFrame).items():
+                    for frame in frames:
+                        try:
+                            message = codec.decode(frame.data)
+                            if getattr(message, "sender", None) != index[name]:
+                                raise InputError("a client spoke for another")
+                            server.receive(message)
+                        except (SecFedTLError, KeyError):
+                            break  # this client's further messages this phase are ignored
+                pending = server.advance()
+                if not pending:
+                    break
+                phase = REPLY_PHASE[type(pending[0])]
+                outgoing = {}
+                for message in pending:
+                    name = members[message.recipient]
+                    outgoing.setdefault(name, []).append(
+                        wire.encode(wire.SecAggFrame(round=round, data=codec.encode(message))))
         except TooFewSurvivorsError as exc:
             times["secure_aggregation"] = time.perf_counter() - t0
-            return self._finish(r, report, "failed", f"secure aggregation aborted: {exc}", included=(),
-                                dropped=tuple(members), total_weight=0, wire=0)
+            return finish("failed", f"secure aggregation aborted: {exc}")
         times["secure_aggregation"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        weighted_sum, total_weight = cfg.encoding.decode_sum(outcome.result.field_sum)
-        if total_weight <= 0:
-            return self._finish(r, report, "failed", "aggregate has no samples", included=(),
-                                dropped=tuple(members), total_weight=0, wire=outcome.wire_bytes)
-        self.global_params = self.optimizer.step(self.global_params, weighted_sum, total_weight)
-        times["aggregation"] = time.perf_counter() - t0
-        included = tuple(members[i] for i in outcome.result.included)
-        return self._finish(r, report, "ok", "", included=included,
-                            dropped=tuple(n for n in members if n not in included),
-                            total_weight=int(total_weight), wire=outcome.wire_bytes)
+        result = server.result()
+        total, total_weight = cfg.encoding.decode_sum(result.field_sum)
+        included = [members[i] for i in result.included]
+        # What a plain (unprotected) FedAvg sum of the same shapes costs, for the overhead figure.
+        probe = [np.random.default_rng(i).standard_normal(vector_length) for i in range(len(included))]
+        t1 = time.perf_counter()
+        np.sum(probe, axis=0)
+        times["plain_fedavg_sum"] = time.perf_counter() - t1
+        return finish("ok", "", included=included, total=total, total_weight=int(total_weight))
 
-    def _finish(self, r: int, report: dict, status: str, reason: str, *, included: tuple[str, ...],
-                dropped: tuple[str, ...], total_weight: int, wire: int) -> RoundReport:
-        times = report["times"]
+    def run_round(self) -> RoundReport:
+        """One training round: the ``"train"`` task securely summed, then the optimizer step."""
+        r = self.rounds_done
+        outcome = self.secure_round("train", round=r, cohort=self.sample(r), vector_length=self.global_params.size,
+                                    clip=self.clip, max_weight=self.max_samples)
+        status, reason = outcome.status, outcome.reason
+        if status == "ok" and outcome.total_weight <= 0:
+            status, reason = "failed", "aggregate has no samples"
+        if status == "ok":
+            assert outcome.total is not None
+            t0 = time.perf_counter()
+            self.global_params = self.optimizer.step(self.global_params, outcome.total, outcome.total_weight)
+            outcome.times["aggregation"] = time.perf_counter() - t0
+        times = dict(outcome.times)
         times["secagg_overhead"] = times["encoding"] + times["secure_aggregation"] - times["plain_fedavg_sum"]
-        done = RoundReport(status=status, reason=reason, included=included, dropped=dropped,
-                           total_weight=total_weight, wire_bytes=wire, **report)
-        self.history.append(done)
+        ok = status == "ok"
+        report = RoundReport(round=r, status=status, reason=reason, participants=outcome.participants,
+                             included=outcome.included if ok else (),
+                             dropped=outcome.dropped if ok else outcome.participants,
+                             budget_refused=outcome.refused, total_weight=outcome.total_weight if ok else 0,
+                             times=times, wire_bytes=outcome.wire_bytes, model_hash=outcome.digest)
+        self.history.append(report)
         self.rounds_done = r + 1
-        return done
+        return report
 
     # -- checkpoints --------------------------------------------------------------------------
 
@@ -276,35 +347,3 @@ class Federation:
             if checkpoint is not None:
                 self.save_checkpoint(checkpoint)
         return self.history
-
-
-class _SimulatedCrash(Exception):
-    """A fault-plan crash while training (tests and demos of dropout handling)."""
-
-
-class _CrashingGuard:
-    """Wraps a budget guard: the charge is made (ledger entry written), then the block fails,
-    exactly as a process dying mid-training would leave things."""
-
-    def __init__(self, guard: Any) -> None:
-        self._guard = guard
-
-    def charge(self, event: Any, **kwargs: Any) -> Any:
-        import contextlib
-
-        @contextlib.contextmanager
-        def _cm():  # type: ignore[no-untyped-def]
-            with self._guard.charge(event, **kwargs):
-                raise _SimulatedCrash("client crashed while training")
-                yield  # pragma: no cover
-
-        return _cm()
-
-
-def _crash_inside_charge(client: PrivateClient, state: Mapping[str, torch.Tensor], r: int, digest: str) -> Any:
-    real = client._guard  # noqa: SLF001 - fault injection swaps the guard for one call
-    client._guard = _CrashingGuard(real)  # noqa: SLF001
-    try:
-        return client.train_round(global_state=state, round=r, model_hash=digest)
-    finally:
-        client._guard = real  # noqa: SLF001

@@ -35,18 +35,22 @@ else:  # pragma: no cover - Python 3.10
 
 from secfedtl.aggregation import make_server_optimizer
 from secfedtl.data import load_fed_heart_disease, standardize, validation_split
-from secfedtl.errors import ConfigError, PrivacyBudgetExceeded
+from secfedtl.errors import ConfigError
 from secfedtl.privacy.accountants import compute_epsilon
 from secfedtl.privacy.budget import BudgetGuard, PrivacyBudget
 from secfedtl.privacy.ledger import Ledger
+from secfedtl.privacy.ledger import read_verified_ledger, spent_events
 from secfedtl.runtime.federation import Federation, RoundReport
-from secfedtl.training import DPTrainingConfig, PrivateClient, evaluate, flatten_delta
+from secfedtl.runtime.node import ClientNode, standard_tasks
+from secfedtl.runtime.pool import ClientPool, LocalPool, ProcessPool
+from secfedtl.training import DPTrainingConfig, PrivateClient, flatten_delta, unflatten_delta
 from secfedtl.transfer.freezing import HeadOnly
+from secfedtl.transfer.models import state_hash
 from secfedtl.transfer.regularizers import L2SP
 
 _SECTIONS = {
     "job": {"dataset": str, "source": str, "clients": list, "rounds": int, "seed": int,
-            "validation_fraction": float},
+            "validation_fraction": float, "workers": int},
     "privacy": {"epsilon": float, "delta": float, "accountant": str, "personalise": bool},
     "model": {"hidden": int, "source_epochs": int, "source_lr": float, "source_weight_decay": float},
     "training": {"lr": float, "expected_batch_size": int, "max_grad_norm": float, "epochs": int,
@@ -54,6 +58,8 @@ _SECTIONS = {
     "server": {"optimizer": str, "lr": float},
     "secagg": {"clip": float, "bits": int, "max_samples": int},
 }
+#: Keys that may be left out, with their defaults (added after version 1 of the schema).
+_OPTIONAL: dict[str, dict[str, Any]] = {"job": {"workers": 0}}
 
 
 @dataclass(kw_only=True)
@@ -72,7 +78,7 @@ class JobConfig:
             raise ConfigError(f"unknown config sections {sorted(unknown)}")
         sections: dict[str, dict[str, Any]] = {}
         for name, schema in _SECTIONS.items():
-            given = dict(data.get(name, {}))
+            given = {**_OPTIONAL.get(name, {}), **dict(data.get(name, {}))}
             extra = set(given) - set(schema)
             missing = set(schema) - set(given)
             if extra or missing:
@@ -90,6 +96,8 @@ class JobConfig:
             raise ConfigError("the only bundled dataset is 'uci_heart_disease'")
         if job["rounds"] < 1:
             raise ConfigError("rounds must be >= 1")
+        if job["workers"] < 0:
+            raise ConfigError("workers must be >= 0 (0: clients run in this process, one after the other)")
         if not 0 < job["validation_fraction"] < 0.5:
             raise ConfigError("validation_fraction must be in (0, 0.5)")
         if len(job["clients"]) < 3 or job["source"] in job["clients"]:
@@ -163,90 +171,147 @@ def train_source(x: np.ndarray, y: np.ndarray, *, hidden: int, epochs: int, lr: 
 
 
 @dataclass(kw_only=True)
+class Source:
+    """The public part of a job, the same on the server and at every client: the standardised
+    centres (each client uses only its own) and the source model trained on the public centre."""
+
+    centres: dict[str, Any]
+    model: HeartNet
+    info: dict[str, float]
+
+    @property
+    def head(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    @property
+    def frozen_hash(self) -> str:
+        """Hash of the whole source model; clients refuse tasks announcing another one."""
+        return state_hash(self.model)
+
+
+def build_source(config: JobConfig) -> Source:
+    """Load the data and train the source model on the public centre (deterministic for a seed)."""
+    job, mcfg = config["job"], config["model"]
+    centres, _ = standardize(load_fed_heart_disease(), stats_from=job["source"])
+    src = centres[job["source"]]
+    model, info = train_source(src.x_train, src.y_train, hidden=mcfg["hidden"], epochs=mcfg["source_epochs"],
+                               lr=mcfg["source_lr"], weight_decay=mcfg["source_weight_decay"], seed=job["seed"],
+                               validation_fraction=job["validation_fraction"])
+    HeadOnly(head="head").apply(model)
+    return Source(centres=centres, model=model, info=info)
+
+
+@dataclass(kw_only=True)
+class Hospital:
+    """One private client's objects (they stay at that client)."""
+
+    name: str
+    node: ClientNode
+    client: PrivateClient
+    guard: BudgetGuard
+
+
+def build_client_node(config: JobConfig, name: str, source: Source, ledger: Ledger, budgets_dir: Path) -> Hospital:
+    """The node of one private hospital: its own data splits, budget guard (on ``ledger``) and
+    DP client, with the ``train``, ``evaluate`` and ``personalise`` tasks."""
+    job, priv, tcfg = config["job"], config["privacy"], config["training"]
+    if name not in job["clients"]:
+        raise ConfigError(f"{name!r} is not one of the job's clients {job['clients']}")
+    k = job["clients"].index(name)
+    c = source.centres[name]
+    x_fit, y_fit, x_val, y_val = validation_split(c.x_train, c.y_train, job["validation_fraction"], job["seed"] + k)
+    budget = PrivacyBudget.from_ledger(ledger.entries, name, epsilon=priv["epsilon"], delta=priv["delta"],
+                                       accountant=priv["accountant"])
+    budgets_dir.mkdir(parents=True, exist_ok=True)
+    guard = BudgetGuard(client=name, budget=budget, ledger=ledger, state_path=budgets_dir / f"{name}.json")
+    planned = job["rounds"] + (1 if priv["personalise"] else 0)
+    dp = DPTrainingConfig(lr=tcfg["lr"], expected_batch_size=min(tcfg["expected_batch_size"], len(y_fit)),
+                          max_grad_norm=tcfg["max_grad_norm"], epochs=tcfg["epochs"],
+                          optimizer=tcfg["optimizer"], target_epsilon=priv["epsilon"],
+                          target_delta=priv["delta"], planned_rounds=planned, device="auto",
+                          seed=job["seed"] * 1000 + k)
+    client = PrivateClient(client_id=name, model=source.model, train_data=_dataset(x_fit, y_fit), config=dp,
+                           guard=guard, regularizer=L2SP(strength=tcfg["l2sp"], source=source.head),
+                           head="head", cache_features=True)
+    evaluation = {"test": _dataset(c.x_test, c.y_test), "validation": _dataset(x_val, y_val)}
+    node = ClientNode(name=name, tasks=standard_tasks(client, evaluation, frozen_hash=source.frozen_hash),
+                      seed=job["seed"] * 1000 + k)
+    return Hospital(name=name, node=node, client=client, guard=guard)
+
+
+def build_server(config: JobConfig, source: Source, pool: ClientPool) -> Federation:
+    """The server side: global model (the source head), optimizer and secure-aggregation settings."""
+    head = source.head
+    return Federation(
+        pool=pool, names=list(head), global_params=flatten_delta(head), frozen_hash=source.frozen_hash,
+        optimizer=make_server_optimizer(config["server"]["optimizer"], server_lr=config["server"]["lr"]),
+        clip=config["secagg"]["clip"], bits=config["secagg"]["bits"], max_samples=config["secagg"]["max_samples"],
+        seed=config["job"]["seed"])
+
+
+@dataclass(kw_only=True)
 class HeartJob:
-    """Everything one run of the heart job holds."""
+    """Everything one in-process run of the heart job holds. ``hospitals`` are the client-side
+    objects; with worker processes the live copies are in the workers (don't use these then)."""
 
     config: JobConfig
     out: Path
-    source: HeartNet
-    source_info: dict[str, float]
-    clients: dict[str, PrivateClient]
-    guards: dict[str, BudgetGuard]
-    tests: dict[str, TensorDataset]
-    validation: dict[str, TensorDataset]
+    source: Source
+    hospitals: dict[str, Hospital]
     federation: Federation
 
+    @property
+    def clients(self) -> dict[str, PrivateClient]:
+        return {n: h.client for n, h in self.hospitals.items()}
+
+    @property
+    def guards(self) -> dict[str, BudgetGuard]:
+        return {n: h.guard for n, h in self.hospitals.items()}
+
+    @property
+    def nodes(self) -> dict[str, ClientNode]:
+        return {n: h.node for n, h in self.hospitals.items()}
+
     def global_model(self) -> HeartNet:
-        model = copy.deepcopy(self.source)
+        model = copy.deepcopy(self.source.model)
         params = dict(model.named_parameters())
+        state = unflatten_delta(self.federation.global_params, self.source.head)
         with torch.no_grad():
-            for name, value in self.federation.global_state().items():
+            for name, value in state.items():
                 params[name].copy_(value)
         return model
 
 
-def build_job(config: JobConfig, out: Path, *, resume: bool = False) -> HeartJob:
-    """Load data, train the source model, and set up the clients, ledger and federation."""
-    job, priv, mcfg, tcfg = config["job"], config["privacy"], config["model"], config["training"]
+def build_job(config: JobConfig, out: Path, *, resume: bool = False, workers: int | None = None) -> HeartJob:
+    """Train the source model, build every hospital's node (one shared ledger file in ``out``)
+    and the server. ``workers`` (default: the config's ``job.workers``) > 0 runs the nodes in
+    that many forked worker processes; 0 runs them in this process, one after the other."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "budgets").mkdir(exist_ok=True)
-    centres, _ = standardize(load_fed_heart_disease(), stats_from=job["source"])
-    src = centres[job["source"]]
-    source, info = train_source(src.x_train, src.y_train, hidden=mcfg["hidden"], epochs=mcfg["source_epochs"],
-                                lr=mcfg["source_lr"], weight_decay=mcfg["source_weight_decay"], seed=job["seed"],
-                                validation_fraction=job["validation_fraction"])
-    HeadOnly(head="head").apply(source)
     ledger_path = out / "ledger.jsonl"
     if not resume and ledger_path.exists():
         raise ConfigError(f"{ledger_path} exists: use --resume to continue that run, or another --out")
+    source = build_source(config)
     ledger = Ledger(ledger_path)
-    entries = ledger.entries  # verified when the ledger was opened
-    planned = job["rounds"] + (1 if priv["personalise"] else 0)
-    source_head = {n: p.detach().clone() for n, p in source.named_parameters() if p.requires_grad}
-    clients: dict[str, PrivateClient] = {}
-    guards: dict[str, BudgetGuard] = {}
-    tests: dict[str, TensorDataset] = {}
-    validation: dict[str, TensorDataset] = {}
-    for k, name in enumerate(job["clients"]):
-        c = centres[name]
-        x_fit, y_fit, x_val, y_val = validation_split(c.x_train, c.y_train, job["validation_fraction"], job["seed"] + k)
-        budget = PrivacyBudget.from_ledger(entries, name, epsilon=priv["epsilon"], delta=priv["delta"],
-                                           accountant=priv["accountant"])
-        guards[name] = BudgetGuard(client=name, budget=budget, ledger=ledger, state_path=out / "budgets" / f"{name}.json")
-        dp = DPTrainingConfig(lr=tcfg["lr"], expected_batch_size=min(tcfg["expected_batch_size"], len(y_fit)),
-                              max_grad_norm=tcfg["max_grad_norm"], epochs=tcfg["epochs"],
-                              optimizer=tcfg["optimizer"], target_epsilon=priv["epsilon"],
-                              target_delta=priv["delta"], planned_rounds=planned, device="auto",
-                              seed=job["seed"] * 1000 + k)
-        clients[name] = PrivateClient(client_id=name, model=source, train_data=_dataset(x_fit, y_fit), config=dp,
-                                      guard=guards[name], regularizer=L2SP(strength=tcfg["l2sp"], source=source_head),
-                                      head="head", cache_features=True)
-        tests[name] = _dataset(c.x_test, c.y_test)
-        validation[name] = _dataset(x_val, y_val)
-    names = next(iter(clients.values())).trainable_names
-    federation = Federation(
-        clients=clients, names=names, global_params=flatten_delta(source_head),
-        optimizer=make_server_optimizer(config["server"]["optimizer"], server_lr=config["server"]["lr"]),
-        clip=config["secagg"]["clip"], bits=config["secagg"]["bits"], max_samples=config["secagg"]["max_samples"],
-        seed=job["seed"])
+    hospitals = {name: build_client_node(config, name, source, ledger, out / "budgets")
+                 for name in config["job"]["clients"]}
+    nodes = {n: h.node for n, h in hospitals.items()}
+    workers = config["job"]["workers"] if workers is None else workers
+    pool: ClientPool = ProcessPool(nodes, workers=workers) if workers > 0 else LocalPool(nodes)
+    federation = build_server(config, source, pool)
     if resume and (out / "checkpoint.json").exists():
         federation.load_state_dict(json.loads((out / "checkpoint.json").read_text(encoding="utf-8")))
-    return HeartJob(config=config, out=out, source=source, source_info=info, clients=clients, guards=guards,
-                    tests=tests, validation=validation, federation=federation)
+    return HeartJob(config=config, out=out, source=source, hospitals=hospitals, federation=federation)
 
 
-def _accuracies(model: nn.Module, data: dict[str, TensorDataset]) -> tuple[dict[str, float], float]:
-    per = {}
-    correct = total = 0
-    for name, ds in data.items():
-        ev = evaluate(model, ds)
-        per[name] = ev.accuracy
-        correct += round(ev.accuracy * ev.num_samples)
-        total += ev.num_samples
-    return per, correct / total
+def _pooled(infos: dict[str, dict[str, Any]], split: str) -> tuple[dict[str, float], float]:
+    per = {n: float(i["accuracy"][split]) for n, i in infos.items() if i.get("status") == "done"}
+    total = sum(int(infos[n]["samples"][split]) for n in per)
+    correct = sum(round(per[n] * int(infos[n]["samples"][split])) for n in per)
+    return per, (correct / total if total else float("nan"))
 
 
-def run_job(config: JobConfig, out: Path, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def run_job(config: JobConfig, out: Path, *, resume: bool = False, progress: bool = True,
+            workers: int | None = None) -> dict[str, Any]:
     """Run (or resume) the job; writes metrics.json, ledger.jsonl, report.png into ``out``."""
     t_start = time.perf_counter()
     if resume:
@@ -254,62 +319,73 @@ def run_job(config: JobConfig, out: Path, *, resume: bool = False, progress: boo
         if not saved.exists():
             raise ConfigError(f"nothing to resume in {out}")
         config = JobConfig.from_mapping(json.loads(saved.read_text(encoding="utf-8")))
-    job = build_job(config, out, resume=resume)
+    job = build_job(config, out, resume=resume, workers=workers)
+    try:
+        return _run(job, config, out, t_start, progress)
+    finally:
+        job.federation.pool.close()
+
+
+def _run(job: HeartJob, config: JobConfig, out: Path, t_start: float, progress: bool) -> dict[str, Any]:
+    federation = job.federation
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2), encoding="utf-8")
     rounds = config["job"]["rounds"]
     delta = config["privacy"]["delta"]
-    round_rows: list[dict[str, Any]] = [r for r in _saved_rows(out) if r["round"] < job.federation.rounds_done]
-    source_acc, source_pooled = _accuracies(job.source, job.tests)
-    bar = _progress(rounds, job.federation.rounds_done, progress)
+    round_rows: list[dict[str, Any]] = [r for r in _saved_rows(out) if r["round"] < federation.rounds_done]
+    initial = flatten_delta(job.source.head)
+    source_acc, source_pooled = _pooled(federation.query("evaluate", weights=initial), "test")
+    bar = _progress(rounds, federation.rounds_done, progress)
 
     def on_round(report: RoundReport) -> None:
-        per, pooled = _accuracies(job.global_model(), job.tests)
-        val_per, val_pooled = _accuracies(job.global_model(), job.validation)
-        eps = {n: g.budget.spent_epsilon for n, g in job.guards.items()}
+        infos = federation.query("evaluate", round=report.round)
+        per, pooled = _pooled(infos, "test")
+        val_per, val_pooled = _pooled(infos, "validation")
+        eps = {n: float(i["epsilon"]) for n, i in infos.items() if i.get("status") == "done"}
         round_rows.append({**report.to_dict(), "test_accuracy": per, "pooled_test_accuracy": pooled,
                            "validation_accuracy": val_per, "pooled_validation_accuracy": val_pooled,
                            "epsilon": eps})
         (out / "rounds.json").write_text(json.dumps(round_rows, indent=2), encoding="utf-8")
         bar.update(1)
-        bar.set_postfix(acc=f"{pooled:.3f}", eps=f"{max(eps.values()):.2f}", status=report.status)
+        bar.set_postfix(acc=f"{pooled:.3f}", eps=f"{max(eps.values(), default=0.0):.2f}", status=report.status)
 
-    job.federation.run(rounds, checkpoint=out / "checkpoint.json", on_round=on_round)
+    federation.run(rounds, checkpoint=out / "checkpoint.json", on_round=on_round)
     bar.close()
-    federated_acc, federated_pooled = _accuracies(job.global_model(), job.tests)
+    final = federation.query("evaluate", round=rounds)
+    federated_acc, federated_pooled = _pooled(final, "test")
     personal: dict[str, float] = {}
     personal_status: dict[str, str] = {}
     if config["privacy"]["personalise"]:
-        state = job.federation.global_state()
-        for name, client in job.clients.items():
-            try:
-                client.train_round(global_state=state, round=rounds, model_hash="personalise:" + job.federation.history[-1].model_hash)
-            except PrivacyBudgetExceeded as exc:
-                personal_status[name] = f"refused: {exc}"
-                continue
-            model = copy.deepcopy(job.source)
-            params = dict(model.named_parameters())
-            with torch.no_grad():
-                for pname, value in client.trainable_state().items():
-                    params[pname].copy_(value)
-            personal[name] = evaluate(model, job.tests[name]).accuracy
-            personal_status[name] = "ok"
-    eps_rdp = {n: g.budget.spent_epsilon for n, g in job.guards.items()}
-    eps_prv = {n: compute_epsilon(g.budget.events, delta, accountant="prv") if g.budget.events else 0.0
-               for n, g in job.guards.items()}
+        for name, info in sorted(federation.query("personalise", round=rounds).items()):
+            if info["status"] == "done":
+                personal[name] = float(info["accuracy"]["test"])
+                personal_status[name] = "ok"
+            else:
+                personal_status[name] = f"{info['status']}: {info.get('reason', '')}"
+    spent = _spent_from_ledger(out / "ledger.jsonl", config["job"]["clients"])
+    eps_main = {n: compute_epsilon(ev, delta, accountant=config["privacy"]["accountant"]) if ev else 0.0
+                for n, ev in spent.items()}
+    eps_prv = {n: compute_epsilon(ev, delta, accountant="prv") if ev else 0.0 for n, ev in spent.items()}
     metrics = {
         "job": "uci_heart_disease", "delta": delta, "epsilon_budget": config["privacy"]["epsilon"],
-        "source": {"centre": config["job"]["source"], **job.source_info,
+        "accountant": config["privacy"]["accountant"],
+        "source": {"centre": config["job"]["source"], **job.source.info,
                    "test_accuracy": source_acc, "pooled_test_accuracy": source_pooled},
         "final": {"pooled_test_accuracy": federated_pooled, "per_client_test_accuracy": federated_acc,
                   "personalised_test_accuracy": personal, "personalisation": personal_status,
-                  "epsilon": eps_rdp, "epsilon_prv": eps_prv},
-        "noise_multiplier": {n: c.noise_multiplier for n, c in job.clients.items()},
+                  "epsilon": eps_main, "epsilon_prv": eps_prv},
         "rounds": round_rows,
         "wall_seconds": time.perf_counter() - t_start,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     _plot(metrics, out / "report.png")
     return metrics
+
+
+def _spent_from_ledger(path: Path, clients: list[str]) -> dict[str, list[Any]]:
+    """Every event each client has begun (pending entries count as spent), from the verified ledger."""
+    entries, _ = read_verified_ledger(path)
+    spent = spent_events(entries)
+    return {n: [event for _, event, _ in spent.get(n, [])] for n in clients}
 
 
 def _saved_rows(out: Path) -> list[dict[str, Any]]:
@@ -334,7 +410,7 @@ def _plot(metrics: dict[str, Any], path: Path) -> None:
     xs = [r["round"] + 1 for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for name in metrics["final"]["per_client_test_accuracy"]:
-        ax1.plot(xs, [r["test_accuracy"][name] for r in rows], marker="o", label=name)
+        ax1.plot(xs, [r["test_accuracy"].get(name, math.nan) for r in rows], marker="o", label=name)
     ax1.plot(xs, [r["pooled_test_accuracy"] for r in rows], color="black", linewidth=2, label="pooled")
     ax1.axhline(metrics["source"]["pooled_test_accuracy"], color="grey", linestyle="--", label="source (pooled)")
     ax1.set_xticks(xs)
@@ -343,7 +419,7 @@ def _plot(metrics: dict[str, Any], path: Path) -> None:
     ax1.set_title("Global model accuracy per round")
     ax1.legend(fontsize=8)
     for name in metrics["final"]["epsilon"]:
-        ax2.plot(xs, [r["epsilon"][name] for r in rows], marker="o", label=name)
+        ax2.plot(xs, [r["epsilon"].get(name, math.nan) for r in rows], marker="o", label=name)
     ax2.axhline(metrics["epsilon_budget"], color="red", linestyle="--", label="budget")
     ax2.set_xticks(xs)
     ax2.set_xlabel("round")
@@ -377,6 +453,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/job"), help="output directory")
     parser.add_argument("--resume", type=Path, default=None, metavar="DIR",
                         help="continue the run in DIR from its last completed round")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="run the clients in N forked worker processes (default: the config's job.workers; "
+                             "0: in this process, one after the other)")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -387,7 +466,8 @@ def main(args: argparse.Namespace) -> int:
 
 def _run_cli(config: JobConfig, args: argparse.Namespace) -> int:
     out = args.resume if args.resume is not None else args.out
-    metrics = run_job(config, out, resume=args.resume is not None, progress=not args.no_progress)
+    metrics = run_job(config, out, resume=args.resume is not None, progress=not args.no_progress,
+                      workers=args.workers)
     print_summary(metrics)
     print(f"wrote {out / 'metrics.json'}, {out / 'ledger.jsonl'}, {out / 'report.png'}")
     return 0

@@ -26,7 +26,8 @@ from secfedtl.secagg.session import SessionParams
 #: Phases a client can fall silent from, in protocol order. A client silent from ``"unmask"``
 #: (or ``"consistency"``) has already sent its masked input, so its input is included.
 PHASES = ("advertise", "share", "mask", "consistency", "unmask")
-_REPLY_PHASE = {
+#: Which phase a client's reply to each server message belongs to.
+REPLY_PHASE = {
     m.KeyDirectory: "share",
     m.ShareDelivery: "mask",
     m.SurvivorList: "consistency",
@@ -170,7 +171,7 @@ def drive_round(clients: Sequence[ClientSession], server: ServerSession, *,
     phase = "advertise"
     outgoing = clock(f"server:advance:{phase}", server.advance)
     while outgoing:
-        phase = _REPLY_PHASE[type(outgoing[0])]
+        phase = REPLY_PHASE[type(outgoing[0])]
         for message in outgoing:
             u = message.recipient
             if not speaks(u, phase):

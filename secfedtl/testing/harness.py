@@ -20,16 +20,10 @@ from secfedtl.secagg.client import ClientSession
 from secfedtl.secagg.config import SecAggConfig
 from secfedtl.secagg.server import AggregateResult, ServerSession
 from secfedtl.secagg.session import SessionParams
-from secfedtl.secagg.simulate import PHASES, build_sessions, generate_identities
+from secfedtl.secagg.simulate import PHASES, REPLY_PHASE, build_sessions, generate_identities
 
 __all__ = ["Round", "expected_field_sum", "make_round", "random_field_vectors", "run_round", "run_until"]
 
-REPLY_PHASE = {
-    m.KeyDirectory: "share",
-    m.ShareDelivery: "mask",
-    m.SurvivorList: "consistency",
-    m.UnmaskRequest: "unmask",
-}
 
 
 @dataclass

@@ -17,8 +17,14 @@ import pytest
 from secfedtl.privacy.accountants import compute_epsilon
 from secfedtl.privacy.audit import audit_ledger
 from secfedtl.privacy.events import event_from_dict
+import torch
+
+from secfedtl.privacy.ledger import Ledger
 from secfedtl.runtime import federation as fed_mod
-from secfedtl.runtime.job import JobConfig, build_job, run_job
+from secfedtl.runtime import wire
+from secfedtl.runtime.job import JobConfig, build_client_node, build_job, build_server, build_source, run_job
+from secfedtl.runtime.pool import LocalPool, ProcessPool
+from secfedtl.secagg import codec
 from secfedtl.secagg import messages as m
 from secfedtl.training import flatten_delta
 
@@ -49,48 +55,61 @@ def test_server_never_holds_an_individual_update_and_aggregate_is_the_weighted_m
             return update
 
         monkeypatch.setattr(client, "train_round", spy)
-    received: list[bytes] = []
+    # Everything that crosses from the clients to the server: record the pool's replies.
+    pool = federation.pool
+    heard: list[bytes] = []
+    real_exchange = pool.exchange
+
+    def exchange(requests, *, phase):
+        replies = real_exchange(requests, phase=phase)
+        heard.extend(b for blobs in replies.values() for b in blobs)
+        return replies
+
+    monkeypatch.setattr(pool, "exchange", exchange)
     servers = []
-    real_build = fed_mod.build_sessions
+    real_server = fed_mod.ServerSession
 
-    def capture(params, fields):
-        clients, server = real_build(params, fields)
-        servers.append((server, [f.copy() for f in fields]))
-        real_receive = server.receive
+    def capture(**kwargs):
+        server = real_server(**kwargs)
+        servers.append(server)
+        return server
 
-        def receive(message):
-            if isinstance(message, m.MaskedInput):
-                received.append(message.vector)
-            return real_receive(message)
-
-        server.receive = receive
-        return clients, server
-
-    monkeypatch.setattr(fed_mod, "build_sessions", capture)
+    monkeypatch.setattr(fed_mod, "ServerSession", capture)
     before = federation.global_params.copy()
     report = federation.run_round()
     assert report.status == "ok" and set(report.included) == set(job.clients)
-
-    server, fields = servers[0]
-    # What the server received: masked vectors, none equal to (or containing) any encoded input.
-    assert len(received) == len(fields)
-    for blob in received:
-        for field in fields:
+    assert len(deltas) == 3
+    # The encoded inputs, as each node built them (the same encoding and rounding seed).
+    cfg = federation._secagg_config(3, clip=federation.clip, max_weight=federation.max_samples)  # noqa: SLF001
+    fields = {n: cfg.encoding.encode(deltas[n][0], weight=deltas[n][1],
+                                     rng=np.random.default_rng([job.hospitals[n].node._seed, 0]))  # noqa: SLF001
+              for n in deltas}
+    masked = []
+    for blob in heard:
+        msg = wire.decode(blob)
+        if isinstance(msg, wire.TaskReply):
+            assert set(msg.info) <= {"train_seconds", "encode_seconds"}  # no count, no delta
+        else:
+            inner = codec.decode(msg.data)
+            if isinstance(inner, m.MaskedInput):
+                masked.append(inner.vector)
+    assert len(masked) == 3
+    for vector in masked:
+        for field in fields.values():
             plain = field.astype("<u4").tobytes()
-            assert blob != plain
-            assert plain[:64] not in blob  # not even the first 16 words appear in clear
+            assert vector != plain
+            assert plain[:64] not in vector  # not even the first 16 words appear in clear
     # What the server keeps: only the running sum (never equal to one client's vector).
-    kept = [v for v in vars(server).values() if isinstance(v, np.ndarray)]
+    kept = [v for v in vars(servers[0]).values() if isinstance(v, np.ndarray)]
     for array in kept:
-        for field in fields:
+        for field in fields.values():
             assert not np.array_equal(array, field)
     # The update equals the plain weighted mean of the clipped deltas, within the quantisation bound.
     clip = job.config["secagg"]["clip"]
     weights = np.array([deltas[n][1] for n in sorted(deltas)], dtype=np.float64)
     stacked = np.stack([np.clip(deltas[n][0], -clip, clip) for n in sorted(deltas)])
     expected = before + (weights[:, None] * stacked).sum(axis=0) / weights.sum()
-    cfg_scale = federation._secagg_config(len(deltas)).encoding  # noqa: SLF001
-    bound = cfg_scale.error_bound(len(deltas)) / weights.sum()
+    bound = cfg.encoding.error_bound(len(deltas)) / weights.sum()
     assert np.max(np.abs(federation.global_params - expected)) <= bound
     assert report.total_weight == int(weights.sum())
 
@@ -100,13 +119,15 @@ def test_ledger_audit_matches_metrics_and_a_dropout_does_not_stop_the_run(tmp_pa
     out = tmp_path / "run"
     job = build_job(config, out)
     # Round 1: VA crashes while training; round 2: Hungary falls silent after sending shares.
-    job.federation.faults = {1: {"va": "train"}, 2: {"hungary": "mask"}}
+    job.nodes["va"].faults = {1: "train"}
+    job.nodes["hungary"].faults = {2: "mask"}
     job.federation.run(3, checkpoint=out / "checkpoint.json")
     statuses = [r.status for r in job.federation.history]
     assert statuses[0] == "ok"
     # With 3 hospitals, losing one leaves each survivor below the threshold: the round fails
     # cleanly (never a partial sum) and the next round runs.
     assert statuses[1] == "failed" and statuses[2] == "failed"
+    assert "va" in job.federation.history[1].dropped
     assert job.federation.rounds_done == 3
     report = audit_ledger(out / "ledger.jsonl", delta=config["privacy"]["delta"])
     assert report.to_dict()["chain"] == "ok"
@@ -117,28 +138,52 @@ def test_ledger_audit_matches_metrics_and_a_dropout_does_not_stop_the_run(tmp_pa
 
 
 def test_round_completes_when_enough_clients_survive(tmp_path):
-    data = small_config().to_dict()
-    data["job"]["clients"] = ["hungary", "switzerland", "va"]
-    job = build_job(JobConfig.from_mapping(data), tmp_path)
-    federation = job.federation
-    # Four-client cohorts tolerate one dropout: duplicate a hospital under another name.
-    import copy
-
-    from secfedtl.privacy.budget import BudgetGuard, PrivacyBudget
-    from secfedtl.privacy.ledger import Ledger
-
-    clients = dict(job.clients)
+    config = small_config()
+    source = build_source(config)
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    hospitals = {n: build_client_node(config, n, source, ledger, tmp_path / "budgets")
+                 for n in config["job"]["clients"]}
+    nodes = {n: h.node for n, h in hospitals.items()}
+    # Four-client cohorts tolerate one dropout: a second node for two hospitals, under other names.
     for twin, original in (("hungary-2", "hungary"), ("va-2", "va")):
-        clone = copy.deepcopy(clients[original])
-        clone._guard = BudgetGuard(client=twin, budget=PrivacyBudget(epsilon=1.0, delta=1e-5),  # noqa: SLF001
-                                   ledger=Ledger(tmp_path / f"{twin}.jsonl"))
-        clients[twin] = clone
-    federation.clients = clients
-    federation.faults = {0: {"switzerland": "mask"}}
+        clone = build_client_node(config, original, source, Ledger(tmp_path / f"{twin}.jsonl"), tmp_path / twin)
+        clone.node.name = twin
+        nodes[twin] = clone.node
+    nodes["switzerland"].faults = {0: "mask"}
+    federation = build_server(config, source, LocalPool(nodes))
     report = federation.run_round()
     assert report.status == "ok", report.reason
     assert "switzerland" in report.dropped and "switzerland" not in report.included
     assert len(report.included) == 4
+
+
+def test_worker_processes_give_the_same_round_as_in_process(tmp_path):
+    """Clients in forked workers (parallel) run the same protocol: with the same seeds and
+    reproducible noise, the global model after a round is identical to the in-process run."""
+    results = {}
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}"
+        config = small_config()
+        source = build_source(config)
+        out.mkdir()
+        ledger = Ledger(out / "ledger.jsonl")
+        nodes = {}
+        for n in config["job"]["clients"]:
+            hospital = build_client_node(config, n, source, ledger, out / "budgets")
+            hospital.client._noise_generator = torch.Generator().manual_seed(7)  # noqa: SLF001 - test-only
+            nodes[n] = hospital.node
+        pool = ProcessPool(nodes, workers=workers) if workers else LocalPool(nodes)
+        try:
+            federation = build_server(config, source, pool)
+            report = federation.run_round()
+            evaluated = federation.query("evaluate")
+        finally:
+            pool.close()
+        assert report.status == "ok"
+        assert audit_ledger(out / "ledger.jsonl", delta=config["privacy"]["delta"]).to_dict()["chain"] == "ok"
+        results[workers] = (federation.global_params, evaluated)
+    np.testing.assert_array_equal(results[0][0], results[2][0])
+    assert {n: i["accuracy"] for n, i in results[0][1].items()} == {n: i["accuracy"] for n, i in results[2][1].items()}
 
 
 def test_metrics_and_audit_agree(tmp_path):

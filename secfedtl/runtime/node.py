@@ -1,0 +1,343 @@
+"""A client node: the client side of every round, behind one method, ``handle(bytes) -> [bytes]``.
+
+A node holds one data holder's private objects (its :class:`~secfedtl.training.PrivateClient`,
+budget guard, ledger, data) and a table of named *tasks*. It answers the messages of
+:mod:`secfedtl.runtime.wire`:
+
+* :class:`~secfedtl.runtime.wire.TaskRequest`: verify and run the named task. A *secure* task
+  (``"train"``, ``"select"``) returns a vector and a weight; the node clips and encodes it into
+  the field right away (under the encoding the request announces), keeps it in memory and
+  replies ``"ready"``. A *query* task (``"evaluate"``, ``"personalise"``) returns only public
+  ``info`` and the node replies ``"done"``. A task refused for budget reasons replies
+  ``"refused"``; one that fails replies ``"failed"`` (the server treats it as a dropout).
+* :class:`~secfedtl.runtime.wire.Join`: check the session parameters against the request this
+  node ran (same round, its own digest of the request as the session context, the announced
+  encoding) and start a :class:`~secfedtl.secagg.ClientSession` with the kept field vector.
+* :class:`~secfedtl.runtime.wire.SecAggFrame`: one secure-aggregation step.
+
+The node never sends its vector, weight or dataset size in the clear; only masked vectors leave
+it. A message that breaks the rules raises :class:`~secfedtl.errors.RemoteProtocolError` (a
+runner treats that as the node falling silent). Faults for tests and demos (``faults``) make the
+node crash while training or fall silent from a protocol phase in a given round.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from secfedtl.encoding import FixedPointEncoding
+from secfedtl.errors import (
+    ConfigError,
+    PrivacyBudgetExceeded,
+    RemoteProtocolError,
+    SecFedTLError,
+    TooFewSurvivorsError,
+)
+from secfedtl.runtime import wire
+from secfedtl.secagg import codec
+from secfedtl.secagg.client import ClientSession
+from secfedtl.secagg.simulate import PHASES, REPLY_PHASE
+from secfedtl.training import PrivateClient, evaluate, flatten_delta, unflatten_delta
+
+#: Faults a node can be told to simulate, per round: ``"train"`` (crash while training, after the
+#: budget was charged) or a protocol phase from :data:`secfedtl.secagg.PHASES` (silent from there).
+FAULTS = ("train", *PHASES)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskOutput:
+    """What a task returns: a contribution to the round's secure sum (``vector`` and integer
+    ``weight``), or ``vector=None`` and public ``info`` only."""
+
+    vector: np.ndarray | None = None
+    weight: int = 0
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Task(Protocol):
+    def __call__(self, request: wire.TaskRequest, digest: str) -> TaskOutput: ...
+
+
+class _SimulatedCrash(Exception):
+    """A fault-plan crash while training (tests and demos of dropout handling)."""
+
+
+def _parameters_of(client: PrivateClient) -> dict[str, Any]:
+    return {"names": client.trainable_names}
+
+
+class TrainTask:
+    """The ``"train"`` task: DP fine-tuning of the client's trainable parameters from the global
+    weights; contributes ``(delta, num_samples)``. ``frozen_hash`` (optional) is the hash of the
+    frozen part of the model; a request announcing another one is refused, because averaging
+    heads trained on different backbones is meaningless."""
+
+    def __init__(self, client: PrivateClient, *, frozen_hash: str | None = None) -> None:
+        self._client = client
+        self._template = client.trainable_state()
+        self._frozen_hash = frozen_hash
+
+    def check(self, request: wire.TaskRequest) -> dict[str, torch.Tensor]:
+        opts = request.options
+        if list(opts.get("names", [])) != self._client.trainable_names:
+            raise RemoteProtocolError("the request trains other parameters than this client's model")
+        if self._frozen_hash is not None and opts.get("frozen_hash") != self._frozen_hash:
+            raise RemoteProtocolError("the request is for another source model (frozen weights differ)")
+        return unflatten_delta(request.weights(), self._template)
+
+    def __call__(self, request: wire.TaskRequest, digest: str) -> TaskOutput:
+        state = self.check(request)
+        update = self._client.train_round(global_state=state, round=request.round, model_hash=digest)
+        return TaskOutput(vector=flatten_delta(update.delta), weight=update.num_samples)
+
+    def crash(self, request: wire.TaskRequest, digest: str) -> TaskOutput:
+        """Fault injection: charge the budget (the ledger entry is written), then fail inside
+        the charged block, exactly as a process dying mid-training would leave things."""
+        state = self.check(request)
+        client = self._client
+        real = client._guard  # noqa: SLF001 - fault injection swaps the guard for one call
+        client._guard = _CrashingGuard(real)  # noqa: SLF001
+        try:
+            client.train_round(global_state=state, round=request.round, model_hash=digest)
+        finally:
+            client._guard = real  # noqa: SLF001
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+class _CrashingGuard:
+    def __init__(self, guard: Any) -> None:
+        self._guard = guard
+
+    def charge(self, event: Any, **kwargs: Any) -> Any:
+        import contextlib
+
+        @contextlib.contextmanager
+        def _cm():  # type: ignore[no-untyped-def]
+            with self._guard.charge(event, **kwargs):
+                raise _SimulatedCrash("client crashed while training")
+                yield  # pragma: no cover
+
+        return _cm()
+
+
+def _model_with(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
+    import copy
+
+    work = copy.deepcopy(model)
+    params = dict(work.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+    return work
+
+
+def _accuracy(model: nn.Module, datasets: Mapping[str, Dataset]) -> dict[str, Any]:
+    acc, samples = {}, {}
+    for split, data in datasets.items():
+        ev = evaluate(model, data)
+        acc[split], samples[split] = ev.accuracy, ev.num_samples
+    return {"accuracy": acc, "samples": samples}
+
+
+class EvaluateTask:
+    """The ``"evaluate"`` task: accuracy of the global weights on the client's own evaluation
+    splits (public info: accuracy and split sizes), plus the epsilon it has spent so far."""
+
+    def __init__(self, client: PrivateClient, datasets: Mapping[str, Dataset], *,
+                 train: TrainTask | None = None) -> None:
+        self._client = client
+        self._datasets = dict(datasets)
+        self._train = train or TrainTask(client)
+
+    def __call__(self, request: wire.TaskRequest, digest: str) -> TaskOutput:
+        state = self._train.check(request)
+        info = _accuracy(_model_with(self._client.model, state), self._datasets)
+        info["epsilon"] = self._client._guard.budget.spent_epsilon  # noqa: SLF001
+        return TaskOutput(info=info)
+
+
+class PersonaliseTask:
+    """The ``"personalise"`` task: one more DP round on the global weights, kept locally (charged
+    to the budget), then the personalised model's accuracy on the client's evaluation splits."""
+
+    def __init__(self, client: PrivateClient, datasets: Mapping[str, Dataset], *,
+                 train: TrainTask | None = None) -> None:
+        self._client = client
+        self._datasets = dict(datasets)
+        self._train = train or TrainTask(client)
+
+    def __call__(self, request: wire.TaskRequest, digest: str) -> TaskOutput:
+        state = self._train.check(request)
+        self._client.train_round(global_state=state, round=request.round, model_hash=digest)
+        info = _accuracy(self._client.model, self._datasets)
+        info["epsilon"] = self._client._guard.budget.spent_epsilon  # noqa: SLF001
+        return TaskOutput(info=info)
+
+
+def standard_tasks(client: PrivateClient, evaluation: Mapping[str, Dataset], *,
+                   frozen_hash: str | None = None) -> dict[str, Task]:
+    """``train``, ``evaluate`` and ``personalise`` for one private client."""
+    train = TrainTask(client, frozen_hash=frozen_hash)
+    return {"train": train, "evaluate": EvaluateTask(client, evaluation, train=train),
+            "personalise": PersonaliseTask(client, evaluation, train=train)}
+
+
+def encoding_from_options(options: Mapping[str, Any]) -> FixedPointEncoding:
+    """The fixed-point encoding a secure task's request announces (``options["encoding"]``)."""
+    spec = options.get("encoding")
+    if not isinstance(spec, Mapping) or set(spec) != {"clip", "bits", "num_clients", "max_weight"}:
+        raise RemoteProtocolError("a secure task must announce its encoding (clip, bits, num_clients, max_weight)")
+    try:
+        return FixedPointEncoding(clip=float(spec["clip"]), bits=spec["bits"], num_clients=spec["num_clients"],
+                                  max_weight=spec["max_weight"])
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise RemoteProtocolError(f"invalid encoding: {exc}") from exc
+
+
+class ClientNode:
+    """One client's side of every round (see the module docstring).
+
+    ``tasks`` maps task names to callables; ``seed`` seeds the (public, non-secret) stochastic
+    rounding of the encoding; ``faults`` maps a round to a fault from :data:`FAULTS`;
+    ``min_cohort`` is the fewest parties this node agrees to aggregate with.
+    """
+
+    def __init__(self, *, name: str, tasks: Mapping[str, Task], seed: int = 0,
+                 faults: Mapping[int, str] | None = None, min_cohort: int = 3) -> None:
+        if not isinstance(name, str) or not name:
+            raise ConfigError("a node needs a non-empty name")
+        if not tasks:
+            raise ConfigError("a node needs at least one task")
+        for r, fault in (faults or {}).items():
+            if fault not in FAULTS:
+                raise ConfigError(f"unknown fault {fault!r} for round {r}; faults are {FAULTS}")
+        if isinstance(min_cohort, bool) or not isinstance(min_cohort, int) or min_cohort < 3:
+            raise ConfigError("min_cohort must be an integer >= 3")
+        self.name = name
+        self._tasks = dict(tasks)
+        self._seed = seed
+        self.faults: dict[int, str] = dict(faults or {})
+        self._min_cohort = min_cohort
+        self._round: int | None = None
+        self._digest = ""
+        self._encoding: FixedPointEncoding | None = None
+        self._field: np.ndarray | None = None
+        self._session: ClientSession | None = None
+        self._silent = False
+
+    def __repr__(self) -> str:  # never shows vectors or keys
+        return f"ClientNode(name={self.name!r}, tasks={sorted(self._tasks)}, round={self._round})"
+
+    @property
+    def task_names(self) -> list[str]:
+        return sorted(self._tasks)
+
+    def handle(self, blob: bytes) -> list[bytes]:
+        """Answer one message (bytes of :mod:`~secfedtl.runtime.wire`) with zero or more replies."""
+        message = wire.decode(blob)
+        if isinstance(message, wire.TaskRequest):
+            return [wire.encode(reply) for reply in self._on_task(message)]
+        if isinstance(message, wire.Join):
+            return self._on_join(message)
+        if isinstance(message, wire.SecAggFrame):
+            return self._on_frame(message)
+        raise RemoteProtocolError(f"a node does not accept {type(message).__name__}")
+
+    def _silent_from(self, phase: str) -> bool:
+        fault = self.faults.get(self._round) if self._round is not None else None
+        if fault in PHASES and PHASES.index(fault) <= PHASES.index(phase):
+            self._silent = True
+        return self._silent
+
+    def _forget(self) -> None:
+        self._field = None
+        self._session = None
+        self._encoding = None
+
+    def _on_task(self, request: wire.TaskRequest) -> list[wire.TaskReply]:
+        self._forget()
+        self._round, self._silent = request.round, False
+        self._digest = wire.request_digest(request)
+        task = self._tasks.get(request.task)
+        if task is None:
+            return [wire.TaskReply(round=request.round, status="failed", info={"reason": f"unknown task {request.task!r}"})]
+        secure = "encoding" in request.options
+        t0 = time.perf_counter()
+        try:
+            encoding = encoding_from_options(request.options) if secure else None
+            if self.faults.get(request.round) == "train":
+                crash: Callable[..., TaskOutput] | None = getattr(task, "crash", None)
+                if crash is None:
+                    raise ConfigError(f"task {request.task!r} cannot simulate a crash")
+                crash(request, self._digest)
+            output = task(request, self._digest)
+        except PrivacyBudgetExceeded as exc:
+            return [wire.TaskReply(round=request.round, status="refused", info={"reason": str(exc)})]
+        except (_SimulatedCrash, SecFedTLError, RuntimeError) as exc:
+            return [wire.TaskReply(round=request.round, status="failed", info={"reason": type(exc).__name__})]
+        seconds = time.perf_counter() - t0
+        if not secure:
+            if output.vector is not None:
+                raise ConfigError(f"task {request.task!r} returned a vector but the request announced no encoding")
+            return [wire.TaskReply(round=request.round, status="done", info={**output.info, "seconds": seconds})]
+        assert encoding is not None
+        if output.vector is None:
+            return [wire.TaskReply(round=request.round, status="failed", info={"reason": "no contribution"})]
+        t1 = time.perf_counter()
+        try:
+            rng = np.random.default_rng([self._seed, request.round])  # rounding only: not secret
+            self._field = encoding.encode(np.asarray(output.vector, dtype=np.float64), weight=output.weight, rng=rng)
+        except (SecFedTLError, ValueError) as exc:
+            return [wire.TaskReply(round=request.round, status="failed", info={"reason": type(exc).__name__})]
+        self._encoding = encoding
+        info = {**output.info, "train_seconds": t1 - t0, "encode_seconds": time.perf_counter() - t1}
+        return [wire.TaskReply(round=request.round, status="ready", info=info)]
+
+    def _on_join(self, join: wire.Join) -> list[bytes]:
+        if join.round != self._round or self._field is None or self._encoding is None or self._session is not None:
+            raise RemoteProtocolError("join without a contribution ready for this round")
+        session = join.session
+        cfg = session.config
+        if session.context != bytes.fromhex(self._digest):
+            raise RemoteProtocolError("the session is bound to another request than the one this node ran")
+        enc = self._encoding
+        if (cfg.num_clients > enc.num_clients or cfg.num_clients < self._min_cohort or cfg.clip != enc.clip
+                or cfg.bits != enc.bits or cfg.max_weight != enc.max_weight or cfg.encoding.scale != enc.scale):
+            raise RemoteProtocolError("the session's encoding or cohort is not the one announced with the task")
+        if session.vector_length != self._field.size:
+            raise RemoteProtocolError("the session's vector length does not match this node's contribution")
+        if self._silent_from("advertise"):
+            return []
+        self._session = ClientSession(params=session, client_id=join.index, input_vector=self._field)
+        advert = self._session.start()
+        return [wire.encode(wire.SecAggFrame(round=join.round, data=codec.encode(advert)))]
+
+    def _on_frame(self, frame: wire.SecAggFrame) -> list[bytes]:
+        if frame.round != self._round or self._session is None:
+            raise RemoteProtocolError("secure-aggregation message outside this node's round")
+        message = codec.decode(frame.data)
+        phase = REPLY_PHASE.get(type(message))
+        if phase is None:
+            raise RemoteProtocolError(f"a node does not accept {type(message).__name__}")
+        if self._silent_from(phase):
+            return []
+        try:
+            replies = self._session.receive(message)
+        except TooFewSurvivorsError:
+            self._forget()  # refuses to go on: a dropout
+            return []
+        if phase == "unmask":
+            self._forget()  # round done: drop the keys and the vector
+        return [wire.encode(wire.SecAggFrame(round=frame.round, data=codec.encode(r))) for r in replies]
+
+
+__all__ = ["FAULTS", "ClientNode", "EvaluateTask", "PersonaliseTask", "Task", "TaskOutput", "TrainTask",
+           "encoding_from_options", "standard_tasks"]
