@@ -51,7 +51,7 @@ from secfedtl.transfer.regularizers import L2SP
 _SECTIONS = {
     "job": {"dataset": str, "source": str, "clients": list, "rounds": int, "seed": int,
             "validation_fraction": float, "workers": int},
-    "privacy": {"epsilon": float, "delta": float, "accountant": str, "personalise": bool},
+    "privacy": {"epsilon": float, "delta": float, "accountant": str, "personalise": bool, "secure_mode": bool},
     "model": {"hidden": int, "source_epochs": int, "source_lr": float, "source_weight_decay": float},
     "training": {"lr": float, "expected_batch_size": int, "max_grad_norm": float, "epochs": int,
                  "l2sp": float, "optimizer": str},
@@ -59,7 +59,7 @@ _SECTIONS = {
     "secagg": {"clip": float, "bits": int, "max_samples": int},
 }
 #: Keys that may be left out, with their defaults (added after version 1 of the schema).
-_OPTIONAL: dict[str, dict[str, Any]] = {"job": {"workers": 0}}
+_OPTIONAL: dict[str, dict[str, Any]] = {"job": {"workers": 0}, "privacy": {"secure_mode": True}}
 
 
 @dataclass(kw_only=True)
@@ -229,7 +229,7 @@ def build_client_node(config: JobConfig, name: str, source: Source, ledger: Ledg
                           max_grad_norm=tcfg["max_grad_norm"], epochs=tcfg["epochs"],
                           optimizer=tcfg["optimizer"], target_epsilon=priv["epsilon"],
                           target_delta=priv["delta"], planned_rounds=planned, device="auto",
-                          seed=job["seed"] * 1000 + k)
+                          secure_mode=priv["secure_mode"], seed=job["seed"] * 1000 + k)
     client = PrivateClient(client_id=name, model=source.model, train_data=_dataset(x_fit, y_fit), config=dp,
                            guard=guard, regularizer=L2SP(strength=tcfg["l2sp"], source=source.head),
                            head="head", cache_features=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -78,6 +79,9 @@ class PrivateClient:
     the cached features; refused with :class:`ConfigError` when the backbone has trainable
     parameters or is not deterministic, or with a custom ``loss_fn`` (which may need raw inputs).
 
+    Noise never comes from torch's global generator (a public ``torch.manual_seed`` or a fork
+    would make it predictable): by default from a generator of the client's own, seeded with 64
+    bits from ``os.urandom``; with ``secure_mode`` every noise sample comes from ``os.urandom``.
     ``noise_generator`` is a sharp tool for reproducible experiments and tests only (it makes the
     noise predictable); it is refused in ``secure_mode``.
 
@@ -126,6 +130,12 @@ class PrivateClient:
             raise ConfigError("the model has no trainable parameters: apply a freezing policy")
         self._loss_fn: PerSampleLoss = loss_fn if loss_fn is not None else cross_entropy_loss
         self._regularizer = regularizer
+        if noise_generator is None and not config.secure_mode:
+            # Never torch's global generator: anyone who seeds it (or knows a public seed it was
+            # seeded with, or forks this process) could predict the noise. A generator of our
+            # own, seeded with 64 bits from the OS CSPRNG; secure_mode draws every sample from it.
+            noise_generator = torch.Generator(device=self._device)
+            noise_generator.manual_seed(int.from_bytes(os.urandom(8), "little"))
         self._noise_generator = noise_generator
         self._data_generator = torch.Generator()
         if config.seed is not None:

@@ -250,3 +250,22 @@ def test_two_rounds_use_fresh_batches(guard):
     b = client.train_round(global_state=state, round=1, model_hash="h")
     assert [e[1] for e in guard.completed] == [0, 1]
     assert not torch.allclose(a.delta["fc.weight"], b.delta["fc.weight"])
+
+
+def test_noise_is_not_predictable_from_torch_global_seed(guard):
+    """Seeding torch's global generator (as a job does with its public seed) must not fix the DP
+    noise: the same data, sampling seed and global seed give different noisy updates."""
+    deltas = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        client = _client(guard)
+        update = client.train_round(global_state=client.trainable_state(), round=0, model_hash="abc")
+        deltas.append(torch.cat([d.flatten() for d in update.delta.values()]))
+    assert not torch.equal(deltas[0], deltas[1])
+    # ...while an explicit (test-only) noise generator makes runs reproducible
+    runs = []
+    for _ in range(2):
+        client = _client(guard, noise_generator=torch.Generator().manual_seed(5))
+        update = client.train_round(global_state=client.trainable_state(), round=0, model_hash="abc")
+        runs.append(torch.cat([d.flatten() for d in update.delta.values()]))
+    assert torch.equal(runs[0], runs[1])
