@@ -26,8 +26,6 @@ halved as in Opacus' secure mode (the floating-point attack mitigation of arXiv:
 
 from __future__ import annotations
 
-import math
-import os
 import warnings
 from typing import Protocol
 
@@ -39,6 +37,7 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
 from secfedtl.errors import ConfigError, TrainingError
+from secfedtl.privacy.noise import secure_gaussian_array
 from secfedtl.training.config import DPTrainingConfig
 from secfedtl.transfer.distillation import cross_entropy_loss
 
@@ -75,18 +74,11 @@ def secure_gaussian(shape: torch.Size | tuple[int, ...], *, std: float, dtype: t
     """Gaussian noise with standard deviation ``std`` drawn from ``os.urandom``.
 
     Box-Muller on 53-bit uniforms in float64; four draws are summed and halved (Opacus' secure-mode
-    construction) so the low bits of one float do not reveal the sample.
+    construction) so the low bits of one float do not reveal the sample. The draw itself is
+    :func:`secfedtl.privacy.noise.secure_gaussian_array`.
     """
-    n = math.prod(shape)
-    if n == 0 or std == 0:
-        return torch.zeros(shape, dtype=dtype, device=device)
-    total = torch.zeros(n, dtype=torch.float64)
-    mask = (1 << 53) - 1
-    for _ in range(4):
-        raw = torch.frombuffer(bytearray(os.urandom(16 * n)), dtype=torch.int64).view(2, n)
-        u = ((raw >> 11) & mask).to(torch.float64).add_(0.5).div_(2.0**53)  # in (0, 1)
-        total += torch.sqrt(-2.0 * torch.log(u[0])) * torch.cos(2.0 * math.pi * u[1])
-    return (total * (std / 2.0)).view(shape).to(dtype=dtype, device=device)
+    noise = secure_gaussian_array(tuple(shape), std=std)
+    return torch.from_numpy(noise).to(dtype=dtype, device=device)
 
 
 def _secure_add_noise(self: DPOptimizer) -> None:
