@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import sys
@@ -35,31 +36,43 @@ else:  # pragma: no cover - Python 3.10
 
 from secfedtl.aggregation import make_server_optimizer
 from secfedtl.data import load_fed_heart_disease, standardize, validation_split
-from secfedtl.errors import ConfigError
-from secfedtl.privacy.accountants import compute_epsilon
+from secfedtl.errors import AccountingError, ConfigError, RemoteProtocolError
+from secfedtl.privacy.accountants import calibrate_noise_multiplier, compute_epsilon
 from secfedtl.privacy.budget import BudgetGuard, PrivacyBudget
 from secfedtl.privacy.ledger import Ledger
+from secfedtl.privacy.events import PoissonGaussianEvent
 from secfedtl.privacy.ledger import read_verified_ledger, spent_events
+from secfedtl.runtime import wire
 from secfedtl.runtime.federation import Federation, RoundReport
-from secfedtl.runtime.node import ClientNode, standard_tasks
+from secfedtl.runtime.node import ClientNode, TaskOutput, standard_tasks
 from secfedtl.runtime.pool import ClientPool, LocalPool, ProcessPool
 from secfedtl.training import DPTrainingConfig, PrivateClient, flatten_delta, unflatten_delta
+from secfedtl.training.dpsgd import sample_rate_for
 from secfedtl.transfer.freezing import HeadOnly
 from secfedtl.transfer.models import state_hash
 from secfedtl.transfer.regularizers import L2SP
+from secfedtl.transfer.selection import SelectionMechanism, private_selection_statistics, select_candidate
 
 _SECTIONS = {
     "job": {"dataset": str, "source": str, "clients": list, "rounds": int, "seed": int,
             "validation_fraction": float, "workers": int},
     "privacy": {"epsilon": float, "delta": float, "accountant": str, "personalise": bool, "secure_mode": bool},
-    "model": {"hidden": int, "source_epochs": int, "source_lr": float, "source_weight_decay": float},
+    "model": {"kind": str, "hidden": int, "source_epochs": int, "source_lr": float, "source_weight_decay": float},
     "training": {"lr": float, "expected_batch_size": int, "max_grad_norm": float, "epochs": int,
                  "l2sp": float, "optimizer": str},
     "server": {"optimizer": str, "lr": float},
     "secagg": {"clip": float, "bits": int, "max_samples": int},
+    "selection": {"candidates": list, "epsilon": float, "loss_clip": float},
 }
 #: Keys that may be left out, with their defaults (added after version 1 of the schema).
-_OPTIONAL: dict[str, dict[str, Any]] = {"job": {"workers": 0}, "privacy": {"secure_mode": True}}
+_OPTIONAL: dict[str, dict[str, Any]] = {"job": {"workers": 0}, "privacy": {"secure_mode": True},
+                                       "model": {"kind": "mlp"}}
+#: Sections that may be left out as a whole.
+_OPTIONAL_SECTIONS = frozenset({"selection"})
+#: Keys of one source-model candidate in ``[selection] candidates`` (all but ``kind`` optional:
+#: they default to the ``[model]`` section's values).
+_CANDIDATE_KEYS: dict[str, type] = {"kind": str, "hidden": int, "weight_decay": float}
+SOURCE_KINDS = ("mlp", "linear")
 
 
 @dataclass(kw_only=True)
@@ -78,6 +91,8 @@ class JobConfig:
             raise ConfigError(f"unknown config sections {sorted(unknown)}")
         sections: dict[str, dict[str, Any]] = {}
         for name, schema in _SECTIONS.items():
+            if name in _OPTIONAL_SECTIONS and name not in data:
+                continue
             given = {**_OPTIONAL.get(name, {}), **dict(data.get(name, {}))}
             extra = set(given) - set(schema)
             missing = set(schema) - set(given)
@@ -104,6 +119,18 @@ class JobConfig:
             raise ConfigError("at least 3 private clients, and the source is not one of them")
         if not sections["privacy"]["epsilon"] > 0 or not 0 < sections["privacy"]["delta"] < 1:
             raise ConfigError("epsilon must be > 0 and delta in (0, 1)")
+        model = sections["model"]
+        _check_source_spec({"kind": model["kind"], "hidden": model["hidden"],
+                            "weight_decay": model["source_weight_decay"]}, "[model]")
+        if "selection" in sections:
+            sel = sections["selection"]
+            if not sel["candidates"]:
+                raise ConfigError("[selection] candidates must list at least one source model")
+            sel["candidates"] = [_candidate_spec(c, model, k) for k, c in enumerate(sel["candidates"])]
+            if not 0 < sel["epsilon"] < sections["privacy"]["epsilon"]:
+                raise ConfigError("[selection] epsilon must be > 0 and below the [privacy] epsilon it is part of")
+            if not (math.isfinite(sel["loss_clip"]) and sel["loss_clip"] > 0):
+                raise ConfigError("[selection] loss_clip must be a finite number > 0")
         return cls(sections=sections)
 
     @classmethod
@@ -120,14 +147,58 @@ class JobConfig:
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy(self.sections)
 
+    def source_specs(self) -> list[dict[str, Any]]:
+        """The source-model candidates: ``[selection] candidates``, or the one ``[model]`` names."""
+        if "selection" in self.sections:
+            return copy.deepcopy(self.sections["selection"]["candidates"])
+        model = self.sections["model"]
+        return [{"kind": model["kind"], "hidden": model["hidden"], "weight_decay": model["source_weight_decay"]}]
+
+
+def _check_source_spec(spec: dict[str, Any], where: str) -> None:
+    if spec["kind"] not in SOURCE_KINDS:
+        raise ConfigError(f"{where}: kind must be one of {SOURCE_KINDS}, got {spec['kind']!r}")
+    if spec["kind"] == "mlp" and spec["hidden"] < 1:
+        raise ConfigError(f"{where}: an mlp needs hidden >= 1")
+    if not (math.isfinite(spec["weight_decay"]) and spec["weight_decay"] >= 0):
+        raise ConfigError(f"{where}: weight_decay must be a finite number >= 0")
+
+
+def _candidate_spec(value: Any, model: dict[str, Any], k: int) -> dict[str, Any]:
+    """One ``[selection] candidates`` entry, completed from ``[model]`` and validated."""
+    where = f"[selection] candidates[{k}]"
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a table such as {{kind = \"mlp\", hidden = 32}}")
+    extra = set(value) - set(_CANDIDATE_KEYS)
+    if extra or "kind" not in value:
+        raise ConfigError(f"{where}: unknown keys {sorted(extra)}; kind is required")
+    spec = {"kind": value["kind"], "hidden": value.get("hidden", model["hidden"]),
+            "weight_decay": value.get("weight_decay", model["source_weight_decay"])}
+    for key, kind in _CANDIDATE_KEYS.items():
+        v = spec[key]
+        if kind is float and isinstance(v, int) and not isinstance(v, bool):
+            v = spec[key] = float(v)
+        if not isinstance(v, kind) or isinstance(v, bool):
+            raise ConfigError(f"{where}: {key} must be {kind.__name__}, got {v!r}")
+    if spec["kind"] == "linear":
+        spec["hidden"] = 0
+    _check_source_spec(spec, where)
+    return spec
+
 
 class HeartNet(nn.Module):
-    """A small MLP: ``backbone`` (Linear + ReLU, frozen after source training) and ``head``."""
+    """A small MLP: ``backbone`` (Linear + ReLU, frozen after source training) and ``head``.
+
+    ``hidden=0`` is logistic regression: the backbone is the identity and the head sees the inputs.
+    """
 
     def __init__(self, num_features: int, hidden: int) -> None:
         super().__init__()
-        self.backbone = nn.Sequential(nn.Linear(num_features, hidden), nn.ReLU())
-        self.head = nn.Linear(hidden, 2)
+        if hidden > 0:
+            self.backbone: nn.Module = nn.Sequential(nn.Linear(num_features, hidden), nn.ReLU())
+        else:
+            self.backbone = nn.Identity()
+        self.head = nn.Linear(hidden if hidden > 0 else num_features, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
@@ -163,10 +234,12 @@ def train_source(x: np.ndarray, y: np.ndarray, *, hidden: int, epochs: int, lr: 
     # would keep their random initial values and only add noise where the feature does vary (in
     # the 16-feature FLamby encoding, three restecg columns are always 0 at Cleveland). Standardised
     # with the source's own statistics they are 0 on every source row, so zeroing them changes
-    # nothing on the source and removes that noise elsewhere.
+    # nothing on the source and removes that noise elsewhere. (For logistic regression these are
+    # head weights: the private hospitals may still learn them.)
     constant = torch.as_tensor(np.ptp(x, axis=0) == 0)
+    first = model.backbone[0] if hidden > 0 else model.head
     with torch.no_grad():
-        model.backbone[0].weight[:, constant] = 0.0
+        first.weight[:, constant] = 0.0
     return model, {"validation_loss": best[0], "epochs": best[1], "constant_inputs_zeroed": int(constant.sum())}
 
 
@@ -189,16 +262,18 @@ class Source:
         return state_hash(self.model)
 
 
-def build_source(config: JobConfig) -> Source:
-    """Load the data and train the source model on the public centre (deterministic for a seed)."""
+def build_source(config: JobConfig, spec: dict[str, Any] | None = None) -> Source:
+    """Load the data and train the source model on the public centre (deterministic for a seed).
+    ``spec`` (one of :meth:`JobConfig.source_specs`) defaults to the first candidate."""
     job, mcfg = config["job"], config["model"]
+    spec = config.source_specs()[0] if spec is None else spec
     centres, _ = standardize(load_fed_heart_disease(), stats_from=job["source"])
     src = centres[job["source"]]
-    model, info = train_source(src.x_train, src.y_train, hidden=mcfg["hidden"], epochs=mcfg["source_epochs"],
-                               lr=mcfg["source_lr"], weight_decay=mcfg["source_weight_decay"], seed=job["seed"],
-                               validation_fraction=job["validation_fraction"])
+    model, info = train_source(src.x_train, src.y_train, hidden=spec["hidden"] if spec["kind"] == "mlp" else 0,
+                               epochs=mcfg["source_epochs"], lr=mcfg["source_lr"], weight_decay=spec["weight_decay"],
+                               seed=job["seed"], validation_fraction=job["validation_fraction"])
     HeadOnly(head="head").apply(model)
-    return Source(centres=centres, model=model, info=info)
+    return Source(centres=centres, model=model, info={**info, "spec": dict(spec)})
 
 
 @dataclass(kw_only=True)
@@ -211,15 +286,22 @@ class Hospital:
     guard: BudgetGuard
 
 
-def build_client_node(config: JobConfig, name: str, source: Source, ledger: Ledger, budgets_dir: Path) -> Hospital:
-    """The node of one private hospital: its own data splits, budget guard (on ``ledger``) and
-    DP client, with the ``train``, ``evaluate`` and ``personalise`` tasks."""
-    job, priv, tcfg = config["job"], config["privacy"], config["training"]
+def _client_split(config: JobConfig, name: str, centres: dict[str, Any]) -> tuple[int, Any, tuple[np.ndarray, ...]]:
+    job = config["job"]
     if name not in job["clients"]:
         raise ConfigError(f"{name!r} is not one of the job's clients {job['clients']}")
     k = job["clients"].index(name)
-    c = source.centres[name]
-    x_fit, y_fit, x_val, y_val = validation_split(c.x_train, c.y_train, job["validation_fraction"], job["seed"] + k)
+    c = centres[name]
+    return k, c, validation_split(c.x_train, c.y_train, job["validation_fraction"], job["seed"] + k)
+
+
+def build_client_node(config: JobConfig, name: str, source: Source, ledger: Ledger, budgets_dir: Path) -> Hospital:
+    """The node of one private hospital: its own data splits, budget guard (on ``ledger``) and
+    DP client, with the ``train``, ``evaluate`` and ``personalise`` tasks. With a ``[selection]``
+    section the training noise is calibrated so that the selection event plus every planned
+    round stay within the budget."""
+    job, priv, tcfg = config["job"], config["privacy"], config["training"]
+    k, c, (x_fit, y_fit, x_val, y_val) = _client_split(config, name, source.centres)
     budget = PrivacyBudget.from_ledger(ledger.entries, name, epsilon=priv["epsilon"], delta=priv["delta"],
                                        accountant=priv["accountant"])
     budgets_dir.mkdir(parents=True, exist_ok=True)
@@ -230,6 +312,9 @@ def build_client_node(config: JobConfig, name: str, source: Source, ledger: Ledg
                           optimizer=tcfg["optimizer"], target_epsilon=priv["epsilon"],
                           target_delta=priv["delta"], planned_rounds=planned, device="auto",
                           secure_mode=priv["secure_mode"], seed=job["seed"] * 1000 + k)
+    prior = planned_prior_events(config)
+    if prior:
+        dp = _calibrated_after(dp, prior, dataset_size=len(y_fit))
     client = PrivateClient(client_id=name, model=source.model, train_data=_dataset(x_fit, y_fit), config=dp,
                            guard=guard, regularizer=L2SP(strength=tcfg["l2sp"], source=source.head),
                            head="head", cache_features=True)
@@ -237,6 +322,130 @@ def build_client_node(config: JobConfig, name: str, source: Source, ledger: Ledg
     node = ClientNode(name=name, tasks=standard_tasks(client, evaluation, frozen_hash=source.frozen_hash),
                       seed=job["seed"] * 1000 + k)
     return Hospital(name=name, node=node, client=client, guard=guard)
+
+
+def selection_mechanism(config: JobConfig) -> SelectionMechanism:
+    """The Gaussian mechanism every hospital runs for source selection (``[selection]``), calibrated
+    on its own to the selection's epsilon (RDP, the budget's delta)."""
+    sel, priv = config["selection"], config["privacy"]
+    try:
+        return SelectionMechanism.calibrate(num_candidates=len(sel["candidates"]), loss_clip=sel["loss_clip"],
+                                            target_epsilon=sel["epsilon"], target_delta=priv["delta"])
+    except AccountingError as exc:
+        raise ConfigError(f"[selection] epsilon {sel['epsilon']} cannot be met: {exc}") from exc
+
+
+def planned_prior_events(config: JobConfig) -> list[PoissonGaussianEvent]:
+    """What every hospital spends before training (public, from the config alone, so a resumed
+    run calibrates the same training noise): the selection event, if there is a selection."""
+    return [selection_mechanism(config).event()] if "selection" in config.sections else []
+
+
+def _calibrated_after(dp: DPTrainingConfig, prior: list[PoissonGaussianEvent], *, dataset_size: int) -> DPTrainingConfig:
+    """``dp`` with its noise multiplier calibrated so that ``prior`` plus ``planned_rounds`` rounds
+    reach at most ``target_epsilon`` (RDP, as :class:`PrivateClient` calibrates)."""
+    assert dp.target_epsilon is not None and dp.target_delta is not None and dp.planned_rounds is not None
+    rate = sample_rate_for(expected_batch_size=dp.expected_batch_size, dataset_size=dataset_size)
+    try:
+        sigma = calibrate_noise_multiplier(target_epsilon=dp.target_epsilon, target_delta=dp.target_delta,
+                                           sample_rate=rate, steps=dp.planned_rounds * dp.local_steps(sample_rate=rate),
+                                           accountant="rdp", prior_events=prior)
+    except AccountingError as exc:
+        raise ConfigError(f"no training noise fits the budget after source selection: {exc}") from exc
+    return dataclasses.replace(dp, noise_multiplier=sigma, target_epsilon=None, target_delta=None,
+                               planned_rounds=None)
+
+
+class SelectTask:
+    """The ``"select"`` task of DP source-model selection (:mod:`secfedtl.transfer.selection`):
+    the hospital's noisy ``(clipped loss sum per candidate, count)`` on its validation split,
+    charged to its budget (ledger entry first); contributes that vector with weight 1. A request
+    naming other candidates (by hash) or another mechanism is refused."""
+
+    def __init__(self, *, candidates: list[nn.Module], data: TensorDataset, mechanism: SelectionMechanism,
+                 guard: BudgetGuard, rng: np.random.Generator | None = None) -> None:
+        self._candidates = candidates
+        self._hashes = [state_hash(m) for m in candidates]
+        self._data = data
+        self._mechanism = mechanism
+        self._guard = guard
+        self._rng = rng
+
+    def __call__(self, request: wire.TaskRequest, digest: str) -> TaskOutput:
+        opts = request.options
+        if list(opts.get("candidates", [])) != self._hashes:
+            raise RemoteProtocolError("the request names other source-model candidates")
+        if opts.get("mechanism") != selection_options(self._mechanism):
+            raise RemoteProtocolError("the request announces another selection mechanism")
+        vector = private_selection_statistics(candidates=self._candidates, data=self._data,
+                                              mechanism=self._mechanism, guard=self._guard,
+                                              round=request.round, model_hash=digest, rng=self._rng)
+        return TaskOutput(vector=vector, weight=1)
+
+
+def selection_options(mechanism: SelectionMechanism) -> dict[str, Any]:
+    return {"num_candidates": mechanism.num_candidates, "loss_clip": mechanism.loss_clip,
+            "noise_multiplier": mechanism.noise_multiplier}
+
+
+def build_selection_node(config: JobConfig, name: str, candidates: list[Source], ledger: Ledger,
+                         budgets_dir: Path) -> ClientNode:
+    """One hospital's node for source selection: the ``select`` task on its validation split
+    (selection noise from ``os.urandom``, whatever ``secure_mode`` says: it is one small draw)."""
+    job, priv = config["job"], config["privacy"]
+    k, _, (_, _, x_val, y_val) = _client_split(config, name, candidates[0].centres)
+    budget = PrivacyBudget.from_ledger(ledger.entries, name, epsilon=priv["epsilon"], delta=priv["delta"],
+                                       accountant=priv["accountant"])
+    budgets_dir.mkdir(parents=True, exist_ok=True)
+    guard = BudgetGuard(client=name, budget=budget, ledger=ledger, state_path=budgets_dir / f"{name}.json")
+    task = SelectTask(candidates=[c.model for c in candidates], data=_dataset(x_val, y_val),
+                      mechanism=selection_mechanism(config), guard=guard)
+    return ClientNode(name=name, tasks={"select": task}, seed=job["seed"] * 1000 + k)
+
+
+def select_source(config: JobConfig, out: Path, candidates: list[Source], *, workers: int) -> dict[str, Any]:
+    """Run DP source selection over the hospitals (one secure round of the ``select`` task) and
+    return the record written to ``out/selection.json``. A run that finds that file (``--resume``)
+    reuses it. If the secure round fails, the first candidate is kept and the record says why."""
+    path = out / "selection.json"
+    if path.exists():
+        saved: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        if saved.get("candidates") != config.source_specs():
+            raise ConfigError(f"{path} was written for other candidates")
+        return saved
+    mechanism = selection_mechanism(config)
+    ledger = Ledger(out / "ledger.jsonl")
+    nodes = {n: build_selection_node(config, n, candidates, ledger, out / "budgets") for n in config["job"]["clients"]}
+    pool: ClientPool = ProcessPool(nodes, workers=workers) if workers > 0 else LocalPool(nodes)
+    max_samples = config["secagg"]["max_samples"]
+    # The server of this one round has no model: secure_round only needs a pool and the encoding.
+    server = Federation(pool=pool, names=["selection"], global_params=np.zeros(1),
+                        optimizer=make_server_optimizer("fedavg", server_lr=1.0), bits=config["secagg"]["bits"],
+                        max_samples=max_samples, seed=config["job"]["seed"])
+    # Every coordinate of a hospital's vector is at most max_samples * C plus noise; clipping the
+    # noisy vector to a public bound is post-processing.
+    clip = max_samples * mechanism.loss_clip + 10.0 * mechanism.loss_noise_std
+    try:
+        outcome = server.secure_round("select", round=0, cohort=sorted(pool.names), vector_length=mechanism.vector_length,
+                                      clip=clip, max_weight=1, weights=np.zeros(0),
+                                      options={"candidates": [state_hash(c.model) for c in candidates],
+                                               "mechanism": selection_options(mechanism)})
+    finally:
+        pool.close()
+    record: dict[str, Any] = {
+        "candidates": config.source_specs(), "status": outcome.status, "reason": outcome.reason,
+        "included": list(outcome.included), "refused": list(outcome.refused),
+        "epsilon": config["selection"]["epsilon"], "loss_clip": mechanism.loss_clip,
+        "noise_multiplier": mechanism.noise_multiplier, "sensitivity": mechanism.sensitivity,
+        "source_validation_loss": [c.info["validation_loss"] for c in candidates]}
+    if outcome.status == "ok" and outcome.total is not None:
+        result = select_candidate(outcome.total, num_candidates=mechanism.num_candidates)
+        record.update(result.to_dict())
+        record["aggregate_noise_std"] = mechanism.loss_noise_std * math.sqrt(len(outcome.included))
+    else:
+        record.update(index=0, noisy_loss_sums=None, noisy_count=None, mean_losses=None)
+    path.write_text(json.dumps(record, indent=2), encoding="utf-8")
+    return record
 
 
 def build_server(config: JobConfig, source: Source, pool: ClientPool) -> Federation:
@@ -259,6 +468,7 @@ class HeartJob:
     source: Source
     hospitals: dict[str, Hospital]
     federation: Federation
+    selection: dict[str, Any] | None = None
 
     @property
     def clients(self) -> dict[str, PrivateClient]:
@@ -290,17 +500,24 @@ def build_job(config: JobConfig, out: Path, *, resume: bool = False, workers: in
     ledger_path = out / "ledger.jsonl"
     if not resume and ledger_path.exists():
         raise ConfigError(f"{ledger_path} exists: use --resume to continue that run, or another --out")
-    source = build_source(config)
-    ledger = Ledger(ledger_path)
+    workers = config["job"]["workers"] if workers is None else workers
+    selection: dict[str, Any] | None = None
+    if "selection" in config.sections:
+        candidates = [build_source(config, spec) for spec in config.source_specs()]
+        selection = select_source(config, out, candidates, workers=workers)
+        source = candidates[selection["index"]]
+    else:
+        source = build_source(config)
+    ledger = Ledger(ledger_path)  # opened after selection: it holds the selection entries
     hospitals = {name: build_client_node(config, name, source, ledger, out / "budgets")
                  for name in config["job"]["clients"]}
     nodes = {n: h.node for n, h in hospitals.items()}
-    workers = config["job"]["workers"] if workers is None else workers
     pool: ClientPool = ProcessPool(nodes, workers=workers) if workers > 0 else LocalPool(nodes)
     federation = build_server(config, source, pool)
     if resume and (out / "checkpoint.json").exists():
         federation.load_state_dict(json.loads((out / "checkpoint.json").read_text(encoding="utf-8")))
-    return HeartJob(config=config, out=out, source=source, hospitals=hospitals, federation=federation)
+    return HeartJob(config=config, out=out, source=source, hospitals=hospitals, federation=federation,
+                    selection=selection)
 
 
 def _pooled(infos: dict[str, dict[str, Any]], split: str) -> tuple[dict[str, float], float]:
@@ -373,6 +590,7 @@ def _run(job: HeartJob, config: JobConfig, out: Path, t_start: float, progress: 
         "final": {"pooled_test_accuracy": federated_pooled, "per_client_test_accuracy": federated_acc,
                   "personalised_test_accuracy": personal, "personalisation": personal_status,
                   "epsilon": eps_main, "epsilon_prv": eps_prv},
+        "selection": job.selection,
         "rounds": round_rows,
         "wall_seconds": time.perf_counter() - t_start,
     }
@@ -440,6 +658,11 @@ def print_summary(metrics: dict[str, Any]) -> None:
         pers_s = f"{pers:.3f}" if pers is not None else "-"
         print(f"{name:<14}{src[name]:>9.3f}{acc:>11.3f}{pers_s:>14}{final['epsilon'][name]:>10.3f}")
     print(f"{'pooled':<14}{metrics['source']['pooled_test_accuracy']:>9.3f}{final['pooled_test_accuracy']:>11.3f}")
+    sel = metrics.get("selection")
+    if sel:
+        chosen = sel["candidates"][sel["index"]]
+        print(f"source selected with DP (epsilon {sel['epsilon']:g} of the budget; {sel['status']}): "
+              f"candidate {sel['index']} {chosen}")
     print(f"delta = {metrics['delta']:g}; epsilon budget {metrics['epsilon_budget']:g} per hospital; "
           f"{metrics['wall_seconds']:.1f} s")
 

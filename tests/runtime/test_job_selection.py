@@ -1,0 +1,175 @@
+"""The heart job's DP source selection: config schema, the ``select`` secure round, its ledger
+entries, training calibrated after it, resume, and a node that refuses other candidates."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from secfedtl.errors import ConfigError
+from secfedtl.privacy.accountants import compute_epsilon
+from secfedtl.privacy.ledger import Ledger, read_verified_ledger, spent_events
+from secfedtl.runtime import wire
+from secfedtl.runtime.job import (
+    JobConfig,
+    build_job,
+    build_selection_node,
+    build_source,
+    planned_prior_events,
+    run_job,
+    selection_mechanism,
+    selection_options,
+)
+from secfedtl.transfer.models import state_hash
+
+CANDIDATES = [{"kind": "mlp", "hidden": 8}, {"kind": "linear", "weight_decay": 0.1}]
+
+
+def config_with(selection: dict | None = None, **overrides: object) -> JobConfig:
+    data = JobConfig.load(None).to_dict()
+    data["job"]["rounds"] = 1
+    data["privacy"]["personalise"] = False
+    data["model"]["source_epochs"] = 40
+    if selection is not None:
+        data["selection"] = selection
+    for dotted, value in overrides.items():
+        section, key = dotted.split("__")
+        data[section][key] = value
+    return JobConfig.from_mapping(data)
+
+
+def selection(**changes: object) -> dict:
+    return {"epsilon": 0.3, "loss_clip": 2.0, "candidates": [dict(c) for c in CANDIDATES], **changes}
+
+
+def test_selection_section_is_optional_and_completed_from_model():
+    assert "selection" not in config_with().sections
+    assert config_with().source_specs() == [{"kind": "mlp", "hidden": 32, "weight_decay": 1e-3}]
+    cfg = config_with(selection())
+    assert cfg.source_specs() == [{"kind": "mlp", "hidden": 8, "weight_decay": 1e-3},
+                                  {"kind": "linear", "hidden": 0, "weight_decay": 0.1}]
+    assert JobConfig.from_mapping(cfg.to_dict()).source_specs() == cfg.source_specs()  # config.json round trip
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        selection(candidates=[]),
+        selection(candidates=[{"kind": "cnn"}]),
+        selection(candidates=[{"hidden": 8}]),
+        selection(candidates=[{"kind": "mlp", "depth": 2}]),
+        selection(candidates=[{"kind": "mlp", "hidden": 0}]),
+        selection(candidates=[{"kind": "mlp", "hidden": "8"}]),
+        selection(candidates=[{"kind": "linear", "weight_decay": -1.0}]),
+        selection(candidates=["mlp"]),
+        selection(epsilon=1.0),
+        selection(epsilon=0.0),
+        selection(loss_clip=0.0),
+        {"epsilon": 0.3, "candidates": CANDIDATES},
+    ],
+)
+def test_bad_selection_sections_are_refused(bad):
+    with pytest.raises(ConfigError):
+        config_with(bad)
+
+
+def test_selection_epsilon_below_the_rdp_floor_is_a_config_error():
+    with pytest.raises(ConfigError, match="cannot be met"):
+        selection_mechanism(config_with(selection(epsilon=0.05)))
+
+
+def test_linear_source_is_logistic_regression():
+    cfg = config_with(**{"model__kind": "linear"})
+    source = build_source(cfg)
+    assert [n for n, p in source.model.named_parameters()] == ["head.weight", "head.bias"]
+    assert source.model.head.weight.shape == (2, 16)
+    # inputs that are constant at the source start at weight 0 (the hospitals may learn them)
+    assert source.info["constant_inputs_zeroed"] == 3
+    with pytest.raises(ConfigError):
+        config_with(**{"model__kind": "tree"})
+
+
+def test_job_selects_with_dp_then_trains_within_the_budget(tmp_path):
+    cfg = config_with(selection())
+    metrics = run_job(cfg, tmp_path, progress=False)
+    record = json.loads((tmp_path / "selection.json").read_text())
+    assert metrics["selection"] == record
+    assert record["status"] == "ok" and sorted(record["included"]) == sorted(cfg["job"]["clients"])
+    assert 0 <= record["index"] < len(CANDIDATES)
+    assert metrics["source"]["spec"] == cfg.source_specs()[record["index"]]
+    mech = selection_mechanism(cfg)
+    assert record["noise_multiplier"] == mech.noise_multiplier
+    entries, _ = read_verified_ledger(tmp_path / "ledger.jsonl")
+    for name in cfg["job"]["clients"]:
+        mine = [e for e in entries if e["client"] == name and e["status"] == "pending"]
+        # the selection entry comes first, then one training round
+        assert [e["extra"].get("task") for e in mine] == ["select", None]
+        assert (mine[0]["sample_rate"], mine[0]["steps"], mine[0]["noise_multiplier"]) == (1.0, 1, mech.noise_multiplier)
+        events = [event for _, event, _ in spent_events(entries)[name]]
+        assert events[0] == mech.event()
+        spent = compute_epsilon(events, cfg["privacy"]["delta"], "rdp")
+        assert spent <= cfg["privacy"]["epsilon"]
+        assert spent == pytest.approx(metrics["final"]["epsilon"][name])
+        # training was calibrated with the selection counted: it used (nearly) all of the rest
+        assert spent > cfg["privacy"]["epsilon"] - 0.02
+    assert metrics["rounds"][0]["status"] == "ok"
+
+
+def test_resume_reuses_the_selection(tmp_path):
+    cfg = config_with(selection(), **{"job__rounds": 2})
+    job = build_job(cfg, tmp_path)
+    job.federation.run(1, checkpoint=tmp_path / "checkpoint.json")
+    job.federation.pool.close()
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
+    first = json.loads((tmp_path / "selection.json").read_text())
+    resumed = build_job(cfg, tmp_path, resume=True)
+    assert resumed.selection == first
+    assert resumed.federation.rounds_done == 1
+    entries, _ = read_verified_ledger(tmp_path / "ledger.jsonl")
+    selects = [e for e in entries if e["status"] == "pending" and e["extra"].get("task") == "select"]
+    assert len(selects) == len(cfg["job"]["clients"])  # not run again
+    # the training noise does not change on resume: it is calibrated from the config alone
+    assert [c.noise_multiplier for c in resumed.clients.values()] == [c.noise_multiplier for c in job.clients.values()]
+    resumed.federation.pool.close()
+
+
+def test_planned_prior_events_only_with_selection():
+    assert planned_prior_events(config_with()) == []
+    cfg = config_with(selection())
+    assert planned_prior_events(cfg) == [selection_mechanism(cfg).event()]
+
+
+def _select_request(cfg: JobConfig, sources, **option_changes) -> bytes:
+    mech = selection_mechanism(cfg)
+    options = {"candidates": [state_hash(c.model) for c in sources], "mechanism": selection_options(mech),
+               "encoding": {"clip": 5000.0, "bits": 32, "num_clients": 3, "max_weight": 1}, **option_changes}
+    return wire.encode(wire.TaskRequest.with_weights(round=0, task="select", weights=np.zeros(0), options=options))
+
+
+def test_select_node_refuses_other_candidates_or_mechanism_before_spending(tmp_path):
+    cfg = config_with(selection())
+    candidates = [build_source(cfg, spec) for spec in cfg.source_specs()]
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    node = build_selection_node(cfg, "hungary", candidates, ledger, tmp_path / "budgets")
+    for changes in ({"candidates": ["0" * 64, "1" * 64]},
+                    {"mechanism": {**selection_options(selection_mechanism(cfg)), "noise_multiplier": 0.5}}):
+        [reply] = node.handle(_select_request(cfg, candidates, **changes))
+        assert wire.decode(reply).status == "failed"
+    assert Ledger(tmp_path / "ledger.jsonl").entries == []
+    [reply] = node.handle(_select_request(cfg, candidates))
+    assert wire.decode(reply).status == "ready"
+    assert [e["extra"]["task"] for e in Ledger(tmp_path / "ledger.jsonl").entries if e["status"] == "pending"] == ["select"]
+
+
+def test_select_node_refuses_when_the_budget_is_spent(tmp_path):
+    cfg = config_with(selection(epsilon=0.6), **{"privacy__epsilon": 0.7})
+    candidates = [build_source(cfg, spec) for spec in cfg.source_specs()]
+    node = build_selection_node(cfg, "va", candidates, Ledger(tmp_path / "ledger.jsonl"), tmp_path / "budgets")
+    [reply] = node.handle(_select_request(cfg, candidates))
+    assert wire.decode(reply).status == "ready"
+    before = (tmp_path / "ledger.jsonl").read_bytes()
+    [reply] = node.handle(_select_request(cfg, candidates))  # a second selection would exceed 0.7
+    assert wire.decode(reply).status == "refused"
+    assert (tmp_path / "ledger.jsonl").read_bytes() == before
