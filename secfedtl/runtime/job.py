@@ -152,7 +152,8 @@ class JobConfig:
         if "selection" in self.sections:
             return copy.deepcopy(self.sections["selection"]["candidates"])
         model = self.sections["model"]
-        return [{"kind": model["kind"], "hidden": model["hidden"], "weight_decay": model["source_weight_decay"]}]
+        return [{"kind": model["kind"], "hidden": model["hidden"] if model["kind"] == "mlp" else 0,
+                 "weight_decay": model["source_weight_decay"]}]
 
 
 def _check_source_spec(spec: dict[str, Any], where: str) -> None:
