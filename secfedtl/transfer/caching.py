@@ -18,6 +18,7 @@ import contextlib
 import os
 import re
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -123,7 +124,7 @@ def _read_cached(path: Path, key: str, num_rows: int | None) -> np.ndarray | Non
             if set(data.files) != {"key", "features"} or str(data["key"]) != key:
                 return None
             features = data["features"]
-    except (OSError, ValueError, KeyError, EOFError):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None  # unreadable, truncated, or not an npz of plain arrays
     if features.dtype != np.float32 or features.ndim != 2 or not np.isfinite(features).all():
         return None
