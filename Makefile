@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.secfedtl-installed
 
-.PHONY: venv demo test test-slow bench clean
+.PHONY: venv demo test test-slow bench clean radiology-venv radiology
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,5 +29,25 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/secfedtl bench secagg --clients 100 --params 1000000 --neighbors 11 --threshold 6 --dropout 0.05
 
+# examples/radiology_reports: its own venv, so `make test` keeps CI's set of packages.
+# torch is pinned while the extras install (transformers must not replace the CPU build);
+# torchxrayvision only carries the report archive: --no-deps keeps its stack out.
+RADIOLOGY_VENV ?= .venv-radiology
+RADIOLOGY_STAMP := $(RADIOLOGY_VENV)/.secfedtl-installed
+
+$(RADIOLOGY_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(RADIOLOGY_VENV)
+	$(RADIOLOGY_VENV)/bin/python -m pip install -q --upgrade pip
+	$(RADIOLOGY_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(RADIOLOGY_VENV)/bin/python -m pip install -q -c examples/radiology_reports/constraints.txt -e '.[dev,data,radiology]'
+	$(RADIOLOGY_VENV)/bin/python -m pip install -q --no-deps torchxrayvision==1.5.7
+	touch $(RADIOLOGY_STAMP)
+
+radiology-venv: $(RADIOLOGY_STAMP)
+
+radiology: $(RADIOLOGY_STAMP)
+	rm -rf runs/radiology  # a throwaway ledger, as for the demo
+	$(RADIOLOGY_VENV)/bin/python examples/radiology_reports/run.py --out runs/radiology
+
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) $(RADIOLOGY_VENV) runs build *.egg-info

@@ -2,7 +2,7 @@
 DP source-model selection."""
 
 from secfedtl.transfer.batchnorm import fix_trainable_batchnorm, pin_frozen_in_eval, prepare_for_dp, unpin
-from secfedtl.transfer.caching import cache_features, check_frozen_deterministic, split_head
+from secfedtl.transfer.caching import cache_features, cached_features, check_frozen_deterministic, split_head
 from secfedtl.transfer.distillation import DistillationLoss, cross_entropy_loss, distillation_loss
 from secfedtl.transfer.freezing import HeadOnly, LastBlocks, ParameterNames, replace_head, trainable_names
 from secfedtl.transfer.models import check_state_dict, load_source_model, load_state_dict_file, state_hash
@@ -24,6 +24,7 @@ __all__ = [
     "SelectionResult",
     "ParameterNames",
     "cache_features",
+    "cached_features",
     "check_frozen_deterministic",
     "check_state_dict",
     "clipped_loss_sums",

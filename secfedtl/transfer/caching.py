@@ -14,6 +14,15 @@ the same batch.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import tempfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -21,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from secfedtl.errors import ConfigError, InputError
 
-__all__ = ["cache_features", "check_frozen_deterministic", "split_head"]
+__all__ = ["cache_features", "cached_features", "check_frozen_deterministic", "split_head"]
 
 _MODE_DEPENDENT = (_BatchNorm, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
@@ -103,3 +112,66 @@ def cache_features(backbone: nn.Module, dataset: Dataset, batch_size: int) -> Te
     if not torch.isfinite(out).all():
         raise InputError("backbone produced non-finite features")
     return TensorDataset(out.detach(), torch.cat(labels))
+
+
+_KEY = re.compile(r"[0-9a-f]{64}")
+
+
+def _read_cached(path: Path, key: str, num_rows: int | None) -> np.ndarray | None:
+    """The features in ``path`` if it is a valid cache file for ``key``, else ``None``."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if set(data.files) != {"key", "features"} or str(data["key"]) != key:
+                return None
+            features = data["features"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None  # unreadable, truncated, or not an npz of plain arrays
+    if features.dtype != np.float32 or features.ndim != 2 or not np.isfinite(features).all():
+        return None
+    if num_rows is not None and features.shape[0] != num_rows:
+        return None
+    return features
+
+
+def cached_features(
+    directory: str | os.PathLike[str],
+    key: str,
+    compute: Callable[[], np.ndarray],
+    *,
+    num_rows: int | None = None,
+) -> tuple[np.ndarray, bool]:
+    """Features stored under ``key`` in ``directory``, computed by ``compute()`` on a miss.
+
+    Returns ``(features, hit)``. ``key`` is a SHA-256 hex digest naming exactly what was computed
+    (e.g. :func:`secfedtl.transfer.text.embedding_key`: model weights + inputs). The file is
+    ``<key>.npz`` holding ``features`` (float32, 2-D, finite) and ``key``; it is read with
+    ``allow_pickle=False`` and used only if all of that holds (and it has ``num_rows`` rows when
+    given); otherwise it is recomputed and replaced atomically. ``compute`` must return such an
+    array, or :class:`InputError` is raised and nothing is written.
+    """
+    if not isinstance(key, str) or not _KEY.fullmatch(key):
+        raise InputError("key must be a lower-case SHA-256 hex digest")
+    folder = Path(directory)
+    path = folder / f"{key}.npz"
+    if path.is_file():
+        cached = _read_cached(path, key, num_rows)
+        if cached is not None:
+            return cached, True
+    features = np.asarray(compute())
+    if features.dtype != np.float32 or features.ndim != 2 or not np.isfinite(features).all():
+        raise InputError("compute() must return a finite 2-D float32 array")
+    if num_rows is not None and features.shape[0] != num_rows:
+        raise InputError(f"compute() returned {features.shape[0]} rows, expected {num_rows}")
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".npz", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, features=features, key=np.array(key))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return features, False

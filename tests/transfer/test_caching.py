@@ -111,3 +111,73 @@ def test_cached_training_equals_training_through_backbone(clipping):
     assert torch.allclose(full.fc.bias, head.bias, atol=1e-5)
     # frozen parts untouched, BN statistics not updated from private data
     assert torch.equal(full.features[1].running_mean, head_only.features[1].running_mean)
+
+
+# --- cached_features: features on disk, keyed by what produced them ----------------------------
+
+import hashlib  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from secfedtl.transfer.caching import cached_features  # noqa: E402
+
+KEY = hashlib.sha256(b"model+texts").hexdigest()
+
+
+class _Counter:
+    def __init__(self, array):
+        self.array = array
+        self.calls = 0
+
+    def __call__(self):
+        self.calls += 1
+        return self.array
+
+
+def test_cached_features_miss_then_hit(tmp_path):
+    compute = _Counter(np.arange(12, dtype=np.float32).reshape(4, 3))
+    first, hit1 = cached_features(tmp_path / "cache", KEY, compute, num_rows=4)
+    second, hit2 = cached_features(tmp_path / "cache", KEY, compute, num_rows=4)
+    assert (hit1, hit2) == (False, True) and compute.calls == 1
+    np.testing.assert_array_equal(first, second)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [f"{KEY}.npz"]  # no temp files left
+
+
+@pytest.mark.parametrize("damage", ["truncate", "other_key", "pickle", "rows", "nan"])
+def test_cached_features_recomputes_a_bad_file(tmp_path, damage):
+    path = tmp_path / f"{KEY}.npz"
+    good = np.ones((3, 2), dtype=np.float32)
+    if damage == "truncate":
+        cached_features(tmp_path, KEY, lambda: good)
+        path.write_bytes(path.read_bytes()[:40])
+    elif damage == "other_key":
+        np.savez(path, features=good * 5, key=np.array(hashlib.sha256(b"x").hexdigest()))
+    elif damage == "pickle":  # an object array would need unpickling: never loaded
+        np.savez(path, features=np.array([{"a": 1}], dtype=object), key=np.array(KEY))
+    elif damage == "rows":
+        np.savez(path, features=np.ones((5, 2), dtype=np.float32), key=np.array(KEY))
+    else:
+        np.savez(path, features=np.full((3, 2), np.nan, dtype=np.float32), key=np.array(KEY))
+    compute = _Counter(good * 2)
+    out, hit = cached_features(tmp_path, KEY, compute, num_rows=3)
+    assert not hit and compute.calls == 1
+    np.testing.assert_array_equal(out, good * 2)
+    again, hit = cached_features(tmp_path, KEY, compute, num_rows=3)
+    assert hit and compute.calls == 1
+
+
+@pytest.mark.parametrize("bad", [np.ones((2, 2)), np.ones(3, dtype=np.float32),
+                                 np.array([[np.inf]], dtype=np.float32)])
+def test_cached_features_refuses_bad_computed_arrays(tmp_path, bad):
+    with pytest.raises(InputError):
+        cached_features(tmp_path, KEY, lambda: bad)
+    assert not list(tmp_path.iterdir())
+
+
+def test_cached_features_checks_key_and_rows(tmp_path):
+    with pytest.raises(InputError):
+        cached_features(tmp_path, "../../etc/passwd", lambda: np.ones((1, 1), dtype=np.float32))
+    with pytest.raises(InputError):
+        cached_features(tmp_path, KEY.upper(), lambda: np.ones((1, 1), dtype=np.float32))
+    with pytest.raises(InputError, match="rows"):
+        cached_features(tmp_path, KEY, lambda: np.ones((2, 1), dtype=np.float32), num_rows=3)
