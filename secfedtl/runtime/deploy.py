@@ -130,9 +130,15 @@ class Processes:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=10)
 
-    def stop_all(self) -> None:
-        for label in reversed(list(self.procs)):
-            self.kill(label, signal.SIGTERM)
+    def stop_all(self, grace: float = 5.0) -> None:
+        """SIGTERM to every process (by id), up to ``grace`` seconds to exit, then SIGKILL to
+        each one and its group."""
+        for proc in self.procs.values():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(p.poll() is None for p in self.procs.values()):
+            time.sleep(0.1)
         for label in reversed(list(self.procs)):
             self.kill(label, signal.SIGKILL)
 
