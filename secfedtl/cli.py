@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 BENCHES: dict[str, tuple[str, str]] = {
     "secagg": ("secfedtl.bench.secagg", "time each secure-aggregation phase"),
     "dp": ("secfedtl.bench.dp", "time DP head training: cached features vs backbone"),
+    "flower": ("secfedtl.bench.flower", "per-round cost of a job over Flower (local deployment) vs in process"),
 }
 
 
