@@ -199,14 +199,19 @@ class NodeAgent:
 # -- `secfedtl node`: one hospital's agent for a job ---------------------------------------------
 
 
-def build_hospital_agent(config: Any, name: str, out: Path, socket_path: Path) -> NodeAgent:
-    """The agent of hospital ``name`` of a job: its own ledger and budgets under ``out``."""
+def build_hospital_agent(config: Any, name: str, out: Path, socket_path: Path, *,
+                         node_name: str | None = None) -> NodeAgent:
+    """The agent of hospital ``name`` of a job: its own ledger and budgets under ``out``.
+    ``node_name`` (default ``name``) is the name the node answers to (tests run a second node
+    from one hospital's data under another name)."""
     from secfedtl.privacy.ledger import Ledger
     from secfedtl.runtime.job import build_client_node, build_source
 
     out.mkdir(parents=True, exist_ok=True)
     source = build_source(config)
     hospital = build_client_node(config, name, source, Ledger(out / "ledger.jsonl"), out / "budgets")
+    if node_name is not None:
+        hospital.node.name = node_name
     return NodeAgent(hospital.node, socket_path)
 
 
@@ -219,6 +224,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--socket", type=Path, required=True,
                         help="Unix socket the ClientApp relay connects to (node-config key 'agent')")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for local training")
+    parser.add_argument("--node-name", default=None,
+                        help="answer to this name instead of the hospital's (tests: a second node from one "
+                             "hospital's data)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -228,7 +236,8 @@ def main(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(max(1, args.threads))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    agent = build_hospital_agent(JobConfig.load(args.config), args.hospital, args.out, args.socket)
+    agent = build_hospital_agent(JobConfig.load(args.config), args.hospital, args.out, args.socket,
+                                 node_name=args.node_name)
     agent.open()
 
     def _stop(signum: int, frame: Any) -> None:
@@ -236,7 +245,7 @@ def main(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    print(f"secfedtl node {args.hospital}: ready on {args.socket}", file=sys.stderr, flush=True)
+    print(f"secfedtl node {agent.node.name}: ready on {args.socket}", file=sys.stderr, flush=True)
     agent.serve_forever()
     agent.stop()
     return 0

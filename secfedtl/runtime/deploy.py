@@ -173,6 +173,9 @@ class LocalFlower:
     hospitals: Sequence[str]
     root: Path
     simulation: bool = False
+    #: node name -> hospital whose data it serves, for nodes not named after their hospital (tests)
+    twins: Mapping[str, str] = field(default_factory=dict)
+    app: Path | None = None
     processes: Processes = field(init=False)
     link_port: int = field(init=False, default=0)
 
@@ -183,7 +186,7 @@ class LocalFlower:
         # The Flower tools start helpers (flower-superexec, flwr-clientapp, ...) by name: find ours first.
         path = os.pathsep.join([str(Path(flower_tool("flwr")).parent), os.environ.get("PATH", "")])
         self.processes = Processes(root=self.root, env={**FLOWER_ENV, "FLWR_HOME": str(self.home), "PATH": path})
-        self.app = write_app(self.root / "app")
+        self.app = self.app or write_app(self.root / "app")
 
     def socket_of(self, hospital: str) -> Path:
         if self.simulation:
@@ -193,7 +196,8 @@ class LocalFlower:
     def start_agents(self, outs: Mapping[str, Path], *, timeout: float = 300.0) -> None:
         for name in self.hospitals:
             argv = [sys.executable, "-m", "secfedtl.cli", "node", *([str(self.job)] if self.job else []),
-                    "--hospital", name, "--out", str(outs[name]), "--socket", str(self.socket_of(name))]
+                    "--hospital", self.twins.get(name, name), "--node-name", name,
+                    "--out", str(outs[name]), "--socket", str(self.socket_of(name))]
             self.processes.start(f"agent-{name}", argv)
         wait_for(lambda: all(self.socket_of(n).exists() for n in self.hospitals), timeout=timeout,
                  what="the node agents", procs=self.processes)

@@ -270,10 +270,11 @@ def _status(out: Path, state: str, **extra: Any) -> None:
     os.replace(tmp, out / "status.json")
 
 
-def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
+def run_server(grid: Grid, run_config: Mapping[str, Any], *, clients: Sequence[str] | None = None) -> dict[str, Any]:
     """The server side of a job over Flower; writes what ``secfedtl run`` writes into ``out``
     (metrics.json, rounds.json, checkpoint.json, report.png; the ledgers stay at the hospitals),
-    plus ``progress.jsonl`` (one line per exchange) and ``status.json``."""
+    plus ``progress.jsonl`` (one line per exchange) and ``status.json``. ``clients`` (default:
+    the job's) are the node names to federate (tests add a second node for one hospital's data)."""
     from secfedtl.runtime.job import JobConfig, build_server, build_source, run_federation
 
     t_start = time.perf_counter()
@@ -283,7 +284,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     _status(out, "starting")
     try:
         config = JobConfig.load(settings["job"] or None)
-        clients = list(config["job"]["clients"])
+        clients = list(config["job"]["clients"] if clients is None else clients)
         source = build_source(config)
         _status(out, "discovering")
         nodes = discover(grid, clients, timeout=settings["discovery-timeout"],
