@@ -104,6 +104,7 @@ class Processes:
     root: Path
     env: dict[str, str] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    stopped: set[str] = field(default_factory=set)
 
     def start(self, label: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
         if label in self.procs:
@@ -124,6 +125,7 @@ class Processes:
         proc = self.procs.get(label)
         if proc is None:
             return
+        self.stopped.add(label)
         for target in (lambda: os.kill(proc.pid, sig), lambda: os.killpg(proc.pid, sig)):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 target()
@@ -151,7 +153,7 @@ def wait_for(predicate: Any, *, timeout: float, what: str, interval: float = 0.2
     while not predicate():
         if procs is not None:
             for label, proc in procs.procs.items():
-                if proc.poll() is not None:
+                if label not in procs.stopped and proc.poll() is not None:
                     raise RuntimeError(f"{label} exited ({proc.returncode}) while waiting for {what}:\n"
                                        f"{procs.log(label)[-3000:]}")
         if time.monotonic() > deadline:
