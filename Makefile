@@ -15,9 +15,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,data]'
 	touch $(STAMP)
 
-# The Flower extra (flwr 1.41 and its dependencies) goes into the same venv, after the core.
+# The Flower extras (flwr 1.41, Ray for its simulation engine) go into the same venv, after the core.
 $(FLOWER_STAMP): $(STAMP)
-	$(PY) -m pip install -q -e '.[flower]'
+	$(PY) -m pip install -q -e '.[flower-sim]'
 	touch $(FLOWER_STAMP)
 
 venv: $(STAMP)

@@ -158,3 +158,29 @@ def test_heart_job_on_flower_matches_in_process_and_survives_a_killed_supernode(
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-m", "flower", "-q"]))
+
+
+@pytest.mark.filterwarnings("ignore:privacy.insecure_reproducible_noise")
+def test_the_same_job_on_flowers_simulation_engine_gives_the_in_process_weights(tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    from secfedtl.aggregation.optimizers import decode_vector
+    from secfedtl.runtime.deploy import run_local
+    from secfedtl.runtime.job import run_job
+
+    data = _config()
+    data["job"]["rounds"] = 2
+    job = tmp_path / "job.toml"
+    _write_toml(data, job)
+    config = JobConfig.from_mapping(data)
+    simulated = run_local(job, tmp_path / "sim", simulation=True, phase_timeout=PHASE_TIMEOUT, timeout=900)
+    reference = run_job(config, tmp_path / "in-process", progress=False)
+    assert [r["status"] for r in simulated["rounds"]] == ["ok", "ok"]
+    assert [r["model_hash"] for r in simulated["rounds"]] == [r["model_hash"] for r in reference["rounds"]]
+    final = {}
+    for name in ("sim/server", "in-process"):
+        checkpoint = json.loads((tmp_path / name / "checkpoint.json").read_text(encoding="utf-8"))
+        final[name] = decode_vector(checkpoint["global_params"])
+    np.testing.assert_array_equal(final["sim/server"], final["in-process"])
+    for h in config["job"]["clients"]:
+        audit = audit_ledger(tmp_path / "sim" / "hospitals" / h / "ledger.jsonl")
+        assert audit.client(h).rounds == 2 and audit.client(h).pending == 0
