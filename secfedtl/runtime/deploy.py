@@ -273,6 +273,8 @@ def run_local(job: Path | None, out: Path, *, simulation: bool, phase_timeout: f
     """Run a whole job on a local Flower deployment (or simulation); return its metrics."""
     from secfedtl.runtime.job import JobConfig
 
+    for tool in ("flower-superlink", "flower-supernode", "flwr"):
+        flower_tool(tool)  # before anything starts: a clear error without the extra
     config = JobConfig.load(job)
     hospitals = list(config["job"]["clients"])
     out.mkdir(parents=True, exist_ok=True)
