@@ -41,7 +41,7 @@ bench: $(STAMP)
 	$(VENV)/bin/secfedtl bench secagg --clients 100 --params 1000000 --neighbors 11 --threshold 6 --dropout 0.05
 
 bench-flower: $(FLOWER_STAMP)
-	$(VENV)/bin/secfedtl bench flower --rounds 2
+	$(VENV)/bin/secfedtl bench flower --rounds 3 --simulation
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -1,5 +1,7 @@
 """`secfedtl bench flower`: per-round cost of running a job over Flower vs in process.
 
+``--simulation`` adds a third run on Flower's simulation engine.
+
 Runs the same job (the bundled heart job unless a TOML is given; personalisation off, the same
 seed) twice on this machine: in process (``LocalPool``, every client in this process) and on a
 local Flower deployment (:func:`secfedtl.runtime.deploy.run_local`: a SuperLink, one SuperNode
@@ -38,7 +40,7 @@ def _per_round(rounds: list[dict[str, Any]]) -> list[dict[str, float]]:
             for r in rounds]
 
 
-def run_bench(config_path: Path | None, rounds: int, out: Path) -> dict[str, Any]:
+def run_bench(config_path: Path | None, rounds: int, out: Path, *, simulation: bool = False) -> dict[str, Any]:
     from secfedtl.runtime.deploy import run_local
     from secfedtl.runtime.job import JobConfig, run_job
 
@@ -59,7 +61,7 @@ def run_bench(config_path: Path | None, rounds: int, out: Path) -> dict[str, Any
     flower_wall = time.perf_counter() - t0
     a, b = _per_round(local["rounds"]), _per_round(flower["rounds"])
     exchanges = _phase_seconds(out / "flower" / "server" / "progress.jsonl")
-    report = {
+    report: dict[str, Any] = {
         "rounds": rounds, "clients": len(config["job"]["clients"]),
         "in_process": {"per_round": a, "wall_seconds": local_wall},
         "flower": {"per_round": b, "wall_seconds": flower_wall,
@@ -68,6 +70,12 @@ def run_bench(config_path: Path | None, rounds: int, out: Path) -> dict[str, Any
         "median_round_seconds": {"in_process": statistics.median(x["round"] for x in a),
                                  "flower": statistics.median(y["round"] for y in b)},
     }
+    if simulation:
+        t0 = time.perf_counter()
+        sim = run_local(job, out / "simulation", simulation=True)
+        c = _per_round(sim["rounds"])
+        report["simulation"] = {"per_round": c, "wall_seconds": time.perf_counter() - t0}
+        report["median_round_seconds"]["simulation"] = statistics.median(z["round"] for z in c)
     (out / "bench.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     _plot(report, out / "flower_overhead.png")
     return report
@@ -103,6 +111,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", type=Path, nargs="?", default=None, help="job TOML (default: the heart job)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="default: a new temporary directory")
+    parser.add_argument("--simulation", action="store_true",
+                        help="also run on Flower's simulation engine (needs secfedtl[flower-sim])")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -110,7 +120,7 @@ def main(args: argparse.Namespace) -> int:
     if args.rounds < 1:
         raise ConfigError("--rounds must be >= 1")
     out = args.out or Path(tempfile.mkdtemp(prefix="secfedtl-bench-flower-"))
-    report = run_bench(args.config, args.rounds, out)
+    report = run_bench(args.config, args.rounds, out, simulation=args.simulation)
     if args.json:
         print(json.dumps(report, sort_keys=True))
         return 0
@@ -118,6 +128,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"{report['clients']} hospitals, {report['rounds']} rounds (server wall clock per round, median)")
     print(f"  in process: {m['in_process']:.2f} s    Flower: {m['flower']:.2f} s    "
           f"overhead: {m['flower'] - m['in_process']:.2f} s per round")
+    if "simulation" in m:
+        print(f"  Flower simulation engine: {m['simulation']:.2f} s")
     for phase, sec in sorted(report["flower"]["exchange_seconds"].items()):
         print(f"  Flower message round '{phase}': {sec:.2f} s (median)")
     print(f"wrote {out / 'bench.json'} and {out / 'flower_overhead.png'}", file=sys.stderr)
