@@ -4,8 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.secfedtl-installed
+FLOWER_STAMP := $(VENV)/.secfedtl-flower-installed
 
-.PHONY: venv demo test test-slow bench clean radiology-venv radiology
+.PHONY: venv demo test test-slow test-flower bench bench-flower clean radiology-venv radiology
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +14,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev,data]'
 	touch $(STAMP)
+
+# The Flower extras (flwr 1.41, Ray for its simulation engine) go into the same venv, after the core.
+$(FLOWER_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[flower-sim]'
+	touch $(FLOWER_STAMP)
 
 venv: $(STAMP)
 
@@ -26,8 +32,16 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
+# Real Flower processes on 127.0.0.1 (a few minutes); CI runs it after `make test`.
+test-flower: $(FLOWER_STAMP)
+	$(PY) -m pytest -q -m 'not slow' tests/runtime/test_flower.py tests/runtime/test_flower_pool.py
+
+
 bench: $(STAMP)
 	$(VENV)/bin/secfedtl bench secagg --clients 100 --params 1000000 --neighbors 11 --threshold 6 --dropout 0.05
+
+bench-flower: $(FLOWER_STAMP)
+	$(VENV)/bin/secfedtl bench flower --rounds 3 --simulation
 
 # examples/radiology_reports: its own venv, so `make test` keeps CI's set of packages.
 # torch is pinned while the extras install (transformers must not replace the CPU build);

@@ -18,10 +18,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("secfedtl.runtime.demo", "run the bundled heart-disease federated transfer job"),
     "run": ("secfedtl.runtime.job", "run a job described by a TOML config"),
     "audit": ("secfedtl.privacy.audit", "verify a privacy ledger and recompute every epsilon"),
+    "node": ("secfedtl.runtime.agent", "serve one hospital's node to its Flower SuperNode (a local agent)"),
+    "flower": ("secfedtl.runtime.deploy", "run a job on Flower on this machine (local deployment or simulation)"),
 }
 BENCHES: dict[str, tuple[str, str]] = {
     "secagg": ("secfedtl.bench.secagg", "time each secure-aggregation phase"),
     "dp": ("secfedtl.bench.dp", "time DP head training: cached features vs backbone"),
+    "flower": ("secfedtl.bench.flower", "per-round cost of a job over Flower (local deployment) vs in process"),
 }
 
 

@@ -61,7 +61,11 @@ class RoundReport:
     ``secure_aggregation`` and ``aggregation`` are the server's wall clock; ``local_training``
     and ``encoding`` are the clients' own reports summed over clients (with parallel workers they
     can exceed the wall clock); ``secagg_overhead`` is encoding + secure aggregation minus what a
-    plain sum of the same updates costs."""
+    plain sum of the same updates costs. ``silent`` maps each participant that failed to answer
+    a phase of the round (crashed, timed out, unreachable, refused to go on, or answered
+    nonsense) to the first such phase: one silent before its masked input arrived is also in
+    ``dropped``; one silent after it is still in ``included`` (its masked input is in the sum;
+    the others' shares remove its self-mask)."""
 
     round: int
     status: str  # "ok" or "failed"
@@ -74,6 +78,7 @@ class RoundReport:
     times: dict[str, float]
     wire_bytes: int
     model_hash: str
+    silent: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,6 +102,7 @@ class SecureSum:
     times: dict[str, float]
     wire_bytes: int
     info: dict[str, dict[str, Any]]
+    silent: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(kw_only=True)
@@ -224,6 +230,7 @@ class Federation:
         for n in info:
             times["local_training"] += float(info[n].get("train_seconds", 0.0))
             times["encoding"] += float(info[n].get("encode_seconds", 0.0))
+        silent = {n: "task" for n in cohort if n not in status}
         refused = tuple(n for n in cohort if status.get(n) == "refused")
         members = [n for n in cohort if status.get(n) == "ready"]
         participants = tuple(n for n in cohort if n not in refused)
@@ -233,7 +240,7 @@ class Federation:
             return SecureSum(round=round, status=state, reason=reason, digest=digest, participants=participants,
                              included=tuple(included), dropped=tuple(n for n in participants if n not in included),
                              refused=refused, total=total, total_weight=total_weight, times=times,
-                             wire_bytes=wire_bytes, info=info)
+                             wire_bytes=wire_bytes, info=info, silent=silent)
 
         if len(members) < 3:
             return finish("failed", f"{len(members)} clients ready; secure aggregation needs 3")
@@ -249,7 +256,11 @@ class Federation:
         try:
             while True:
                 raw = exchange(outgoing, phase)
-                for name, frames in self._replies(raw, round, wire.SecAggFrame).items():
+                answers = self._replies(raw, round, wire.SecAggFrame)
+                for name in outgoing:
+                    if name not in answers:
+                        silent.setdefault(name, phase)
+                for name, frames in answers.items():
                     for frame in frames:
                         try:
                             message = codec.decode(frame.data)
@@ -301,7 +312,8 @@ class Federation:
                              included=outcome.included if ok else (),
                              dropped=outcome.dropped if ok else outcome.participants,
                              budget_refused=outcome.refused, total_weight=outcome.total_weight if ok else 0,
-                             times=times, wire_bytes=outcome.wire_bytes, model_hash=outcome.digest)
+                             times=times, wire_bytes=outcome.wire_bytes, model_hash=outcome.digest,
+                             silent=dict(outcome.silent))
         self.history.append(report)
         self.rounds_done = r + 1
         return report

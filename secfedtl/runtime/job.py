@@ -19,6 +19,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -56,7 +57,8 @@ from secfedtl.transfer.selection import SelectionMechanism, private_selection_st
 _SECTIONS = {
     "job": {"dataset": str, "source": str, "clients": list, "rounds": int, "seed": int,
             "validation_fraction": float, "workers": int},
-    "privacy": {"epsilon": float, "delta": float, "accountant": str, "personalise": bool, "secure_mode": bool},
+    "privacy": {"epsilon": float, "delta": float, "accountant": str, "personalise": bool, "secure_mode": bool,
+                "insecure_reproducible_noise": bool},
     "model": {"kind": str, "hidden": int, "source_epochs": int, "source_lr": float, "source_weight_decay": float},
     "training": {"lr": float, "expected_batch_size": int, "max_grad_norm": float, "epochs": int,
                  "l2sp": float, "optimizer": str},
@@ -65,7 +67,8 @@ _SECTIONS = {
     "selection": {"candidates": list, "epsilon": float, "loss_clip": float},
 }
 #: Keys that may be left out, with their defaults (added after version 1 of the schema).
-_OPTIONAL: dict[str, dict[str, Any]] = {"job": {"workers": 0}, "privacy": {"secure_mode": True},
+_OPTIONAL: dict[str, dict[str, Any]] = {"job": {"workers": 0},
+                                       "privacy": {"secure_mode": True, "insecure_reproducible_noise": False},
                                        "model": {"kind": "mlp"}}
 #: Sections that may be left out as a whole.
 _OPTIONAL_SECTIONS = frozenset({"selection"})
@@ -131,6 +134,12 @@ class JobConfig:
                 raise ConfigError("[selection] epsilon must be > 0 and below the [privacy] epsilon it is part of")
             if not (math.isfinite(sel["loss_clip"]) and sel["loss_clip"] > 0):
                 raise ConfigError("[selection] loss_clip must be a finite number > 0")
+        if sections["privacy"]["insecure_reproducible_noise"]:
+            if sections["privacy"]["secure_mode"]:
+                raise ConfigError("insecure_reproducible_noise needs secure_mode = false (tests only)")
+            warnings.warn("privacy.insecure_reproducible_noise: the DP noise is drawn from a seeded generator and "
+                          "is predictable from the job seed; for reproducibility tests only, never for real data",
+                          stacklevel=2)
         return cls(sections=sections)
 
     @classmethod
@@ -316,9 +325,12 @@ def build_client_node(config: JobConfig, name: str, source: Source, ledger: Ledg
     prior = planned_prior_events(config)
     if prior:
         dp = _calibrated_after(dp, prior, dataset_size=len(y_fit))
+    noise = None
+    if priv["insecure_reproducible_noise"]:  # tests only: the same noise in every runtime, for a seed
+        noise = torch.Generator().manual_seed(job["seed"] * 1000 + k + 1)
     client = PrivateClient(client_id=name, model=source.model, train_data=_dataset(x_fit, y_fit), config=dp,
                            guard=guard, regularizer=L2SP(strength=tcfg["l2sp"], source=source.head),
-                           head="head", cache_features=True)
+                           head="head", cache_features=True, noise_generator=noise)
     evaluation = {"test": _dataset(c.x_test, c.y_test), "validation": _dataset(x_val, y_val)}
     node = ClientNode(name=name, tasks=standard_tasks(client, evaluation, frozen_hash=source.frozen_hash),
                       seed=job["seed"] * 1000 + k)
@@ -545,12 +557,24 @@ def run_job(config: JobConfig, out: Path, *, resume: bool = False, progress: boo
 
 
 def _run(job: HeartJob, config: JobConfig, out: Path, t_start: float, progress: bool) -> dict[str, Any]:
-    federation = job.federation
+    return run_federation(config, job.source, job.federation, out, t_start=t_start, progress=progress,
+                          selection=job.selection)
+
+
+def run_federation(config: JobConfig, source: Source, federation: Federation, out: Path, *,
+                   t_start: float | None = None, progress: bool = True,
+                   selection: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The server's part of a job, whatever pool ``federation`` talks through: every round, the
+    evaluations, personalisation; writes config.json, rounds.json, checkpoint.json,
+    metrics.json and report.png into ``out``. Epsilons come from ``out/ledger.jsonl`` when the
+    ledger is there (clients in this process or on this machine), else from what the clients
+    report (with Flower the ledgers stay at the hospitals: audit them there)."""
+    t_start = time.perf_counter() if t_start is None else t_start
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2), encoding="utf-8")
     rounds = config["job"]["rounds"]
     delta = config["privacy"]["delta"]
     round_rows: list[dict[str, Any]] = [r for r in _saved_rows(out) if r["round"] < federation.rounds_done]
-    initial = flatten_delta(job.source.head)
+    initial = flatten_delta(source.head)
     source_acc, source_pooled = _pooled(federation.query("evaluate", weights=initial), "test")
     bar = _progress(rounds, federation.rounds_done, progress)
 
@@ -572,26 +596,34 @@ def _run(job: HeartJob, config: JobConfig, out: Path, t_start: float, progress: 
     federated_acc, federated_pooled = _pooled(final, "test")
     personal: dict[str, float] = {}
     personal_status: dict[str, str] = {}
+    personalised: dict[str, dict[str, Any]] = {}
     if config["privacy"]["personalise"]:
-        for name, info in sorted(federation.query("personalise", round=rounds).items()):
+        personalised = federation.query("personalise", round=rounds)
+        for name, info in sorted(personalised.items()):
             if info["status"] == "done":
                 personal[name] = float(info["accuracy"]["test"])
                 personal_status[name] = "ok"
             else:
                 personal_status[name] = f"{info['status']}: {info.get('reason', '')}"
-    spent = _spent_from_ledger(out / "ledger.jsonl", config["job"]["clients"])
-    eps_main = {n: compute_epsilon(ev, delta, accountant=config["privacy"]["accountant"]) if ev else 0.0
-                for n, ev in spent.items()}
-    eps_prv = {n: compute_epsilon(ev, delta, accountant="prv") if ev else 0.0 for n, ev in spent.items()}
+    if (out / "ledger.jsonl").exists():
+        spent = _spent_from_ledger(out / "ledger.jsonl", config["job"]["clients"])
+        eps_main = {n: compute_epsilon(ev, delta, accountant=config["privacy"]["accountant"]) if ev else 0.0
+                    for n, ev in spent.items()}
+        eps_prv: dict[str, float] | str = {n: compute_epsilon(ev, delta, accountant="prv") if ev else 0.0
+                                           for n, ev in spent.items()}
+    else:  # the ledgers are at the clients: what they report (audit each ledger where it is)
+        eps_main = {n: float(i["epsilon"]) for n, i in final.items() if i.get("status") == "done"}
+        eps_main.update({n: float(i["epsilon"]) for n, i in personalised.items() if i.get("status") == "done"})
+        eps_prv = "audit each client's ledger (secfedtl audit LEDGER)"
     metrics = {
         "job": "uci_heart_disease", "delta": delta, "epsilon_budget": config["privacy"]["epsilon"],
         "accountant": config["privacy"]["accountant"],
-        "source": {"centre": config["job"]["source"], **job.source.info,
+        "source": {"centre": config["job"]["source"], **source.info,
                    "test_accuracy": source_acc, "pooled_test_accuracy": source_pooled},
         "final": {"pooled_test_accuracy": federated_pooled, "per_client_test_accuracy": federated_acc,
                   "personalised_test_accuracy": personal, "personalisation": personal_status,
                   "epsilon": eps_main, "epsilon_prv": eps_prv},
-        "selection": job.selection,
+        "selection": selection,
         "rounds": round_rows,
         "wall_seconds": time.perf_counter() - t_start,
     }

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import struct
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from secfedtl.errors import ConfigError, DecodeError, SecFedTLError
+from secfedtl.runtime.batch import pack_batch, unpack_batch
 from secfedtl.runtime.node import ClientNode
 
 log = logging.getLogger(__name__)
@@ -86,42 +86,7 @@ class LocalPool:
 
 # -- forked workers ---------------------------------------------------------------------------
 
-_BATCH_MAGIC = b"SFTB"
-_HEAD = struct.Struct(">4sQI")
-_NAME = struct.Struct(">H")
-_BLOB = struct.Struct(">Q")
-
-
-def _pack(seq: int, items: Sequence[tuple[str, bytes]]) -> bytes:
-    parts = [_HEAD.pack(_BATCH_MAGIC, seq, len(items))]
-    for name, blob in items:
-        raw = name.encode()
-        parts += [_NAME.pack(len(raw)), raw, _BLOB.pack(len(blob)), blob]
-    return b"".join(parts)
-
-
-def _unpack(data: bytes) -> tuple[int, list[tuple[str, bytes]]]:
-    try:
-        magic, seq, count = _HEAD.unpack_from(data)
-        if magic != _BATCH_MAGIC:
-            raise DecodeError("not a worker batch")
-        pos, items = _HEAD.size, []
-        for _ in range(count):
-            (n,) = _NAME.unpack_from(data, pos)
-            name = data[pos + 2:pos + 2 + n].decode()
-            pos += 2 + n
-            (size,) = _BLOB.unpack_from(data, pos)
-            pos += _BLOB.size
-            blob = data[pos:pos + size]
-            if len(blob) != size:
-                raise DecodeError("batch truncated")
-            pos += size
-            items.append((name, blob))
-    except (struct.error, UnicodeDecodeError) as exc:
-        raise DecodeError(f"malformed worker batch: {exc}") from exc
-    if pos != len(data):
-        raise DecodeError("trailing bytes after a worker batch")
-    return seq, items
+_pack, _unpack = pack_batch, unpack_batch  # the worker pipes and Flower carry the same batches
 
 
 def _worker_main(conn: Any, nodes: dict[str, ClientNode], threads: int) -> None:  # pragma: no cover - child

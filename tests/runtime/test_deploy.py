@@ -1,0 +1,57 @@
+"""Process orchestration for local Flower deployments (no Flower needed)."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+from secfedtl.runtime.deploy import APP_PYPROJECT, Processes, free_port, read_status, wait_for, write_app
+
+
+def test_the_app_names_secfedtl_components_and_every_run_config_key(tmp_path: Path) -> None:
+    conf = tomllib.loads(write_app(tmp_path / "app").joinpath("pyproject.toml").read_text(encoding="utf-8"))
+    assert conf["tool"]["flwr"]["app"]["components"] == {"serverapp": "secfedtl.runtime.flower:server_app",
+                                                         "clientapp": "secfedtl.runtime.flower:client_app"}
+    keys = set(conf["tool"]["flwr"]["app"]["config"])
+    assert keys == {"job", "out", "phase-timeout", "discovery-timeout", "poll-interval", "agent-dir"}
+    shipped = Path(__file__).parents[2] / "examples" / "flower_deployment" / "pyproject.toml"
+    assert shipped.read_text(encoding="utf-8") == APP_PYPROJECT  # the example is this app
+
+
+def test_free_port_can_be_bound() -> None:
+    port = free_port()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", port))
+
+
+def test_processes_are_killed_by_their_ids(tmp_path: Path) -> None:
+    procs = Processes(root=tmp_path)
+    proc = procs.start("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"])
+    with pytest.raises(Exception, match="already running"):
+        procs.start("sleeper", [sys.executable, "-c", "pass"])
+    assert proc.poll() is None
+    procs.kill("sleeper")
+    assert proc.poll() is not None
+    quitter = procs.start("quitter", [sys.executable, "-c", "print('bye'); raise SystemExit(3)"])
+    with pytest.raises(RuntimeError, match="quitter exited"):
+        wait_for(lambda: False, timeout=30, what="nothing", procs=procs)
+    assert quitter.returncode == 3 and "bye" in procs.log("quitter")
+    procs.stop_all(grace=1)
+
+
+def test_wait_for_times_out_and_status_reads_tolerate_partial_files(tmp_path: Path) -> None:
+    with pytest.raises(TimeoutError):
+        wait_for(lambda: False, timeout=0.2, what="nothing", interval=0.05)
+    assert read_status(tmp_path) == {}
+    (tmp_path / "status.json").write_text('{"state": "runn', encoding="utf-8")
+    assert read_status(tmp_path) == {}
+    (tmp_path / "status.json").write_text('{"state": "done"}', encoding="utf-8")
+    assert read_status(tmp_path) == {"state": "done"}
