@@ -17,6 +17,7 @@ numpy generator the caller may seed for reproducibility.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,14 +56,22 @@ class FixedPointEncoding:
                 raise ConfigError(
                     f"{self.bits} bits cannot hold {self.num_clients} clients' values of magnitude "
                     f"{self.max_weight * self.clip} at any useful precision: raise bits")
-            object.__setattr__(self, "scale", float(2.0 ** math.floor(math.log2(largest))))
+            scale = float(2.0 ** math.floor(math.log2(largest)))
+            while not self._fits(scale, limit):  # float rounding of ``largest`` (e.g. at 64 bits)
+                scale /= 2.0
+            object.__setattr__(self, "scale", scale)
         else:
             if not (math.isfinite(self.scale) and self.scale > 0):
                 raise ConfigError("scale must be finite and positive")
-            if self.num_clients * (self.max_weight * self.clip * self.scale + 1) > limit:
+            if not self._fits(self.scale, limit):
                 raise ConfigError(
                     f"scale {self.scale} lets {self.num_clients} clipped values wrap modulo "
                     f"2**{self.bits}; the largest safe scale is {largest:.6g}")
+
+    def _fits(self, scale: float, limit: int) -> bool:
+        """The no-wrap rule, in exact rational arithmetic (floats round 2**63 - 1 up to 2**63)."""
+        bound = Fraction(self.max_weight) * Fraction(self.clip) * Fraction(scale) + 1
+        return self.num_clients * bound <= limit
 
     @property
     def dtype(self) -> type:

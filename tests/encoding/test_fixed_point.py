@@ -178,6 +178,21 @@ def test_explicit_scale_that_would_wrap_is_refused(bits):
         FixedPointEncoding(clip=clip, bits=bits, num_clients=n, max_weight=w, scale=auto.scale * 4)
     limit = 2 ** (bits - 1) - 1
     # the smallest scale that lets n clipped values wrap
+    # the smallest float scale at which n clipped values can wrap, found in exact arithmetic
+    from fractions import Fraction
+
     wrap_scale = (limit / n) / (w * clip)
+    while n * (Fraction(w) * Fraction(clip) * Fraction(wrap_scale) + 1) <= limit:
+        wrap_scale = math.nextafter(wrap_scale, math.inf)
     with pytest.raises(ConfigError):
         FixedPointEncoding(clip=clip, bits=bits, num_clients=n, max_weight=w, scale=wrap_scale)
+
+
+
+def test_automatic_scale_never_wraps_at_64_bits_with_one_client():
+    """Found by hypothesis: float rounding made the automatic scale 2**63 for one client at
+    64 bits, so a value at the clip wrapped to the opposite sign."""
+    enc = FixedPointEncoding(clip=1.0, bits=64, num_clients=1, max_weight=1)
+    values = np.array([1.0, -1.0, 0.5])
+    total, weight = enc.decode_sum(enc.encode(values, weight=1, rng=np.random.default_rng(0)))
+    assert weight == 1 and np.max(np.abs(total - values)) <= enc.error_bound(1)
