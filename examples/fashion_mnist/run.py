@@ -75,7 +75,7 @@ def make_federation(clients: dict[str, PrivateClient], head_init: dict[str, torc
     names = next(iter(clients.values())).trainable_names
     return Federation(clients=clients, names=names, global_params=flatten_delta(head_init),
                       optimizer=make_server_optimizer(server, server_lr=server_lr),
-                      clip=1.0, bits=32, max_samples=max_samples, seed=seed)
+                      clip=10.0, bits=32, max_samples=max_samples, seed=seed)
 
 
 def head_accuracy(head: nn.Module, data: TensorDataset) -> float:
