@@ -38,8 +38,10 @@ from secfedtl.privacy.accountants import compute_epsilon  # noqa: E402
 from secfedtl.privacy.budget import BudgetGuard, PrivacyBudget  # noqa: E402
 from secfedtl.privacy.ledger import Ledger  # noqa: E402
 from secfedtl.runtime.federation import Federation  # noqa: E402
-from secfedtl.training import DPTrainingConfig, PrivateClient, evaluate, flatten_delta  # noqa: E402
-from secfedtl.transfer import cache_features, split_head  # noqa: E402
+from secfedtl.runtime.node import ClientNode, standard_tasks  # noqa: E402
+from secfedtl.runtime.pool import LocalPool  # noqa: E402
+from secfedtl.training import DPTrainingConfig, PrivateClient, evaluate, flatten_delta, unflatten_delta  # noqa: E402
+from secfedtl.transfer import cache_features, split_head, state_hash  # noqa: E402
 
 DELTA = 1e-5
 
@@ -69,12 +71,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def make_federation(clients: dict[str, PrivateClient], head_init: dict[str, torch.Tensor], *, server: str,
-                    server_lr: float, max_samples: int, seed: int) -> Federation:
-    """The one place this example builds the federation (secure aggregation + server optimizer)."""
-    names = next(iter(clients.values())).trainable_names
-    return Federation(clients=clients, names=names, global_params=flatten_delta(head_init),
-                      optimizer=make_server_optimizer(server, server_lr=server_lr),
+def make_federation(clients: dict[str, PrivateClient], validation: dict[str, TensorDataset], model: nn.Module, *,
+                    server: str, server_lr: float, max_samples: int, seed: int) -> Federation:
+    """The one place this example builds the federation: a node per private client (its ``train``
+    and ``evaluate`` tasks), an in-process pool, and the server (secure aggregation + optimizer).
+    ``clip`` bounds each coordinate of a client's head delta (they stay far below 10 here)."""
+    frozen_hash = state_hash(model)  # the public source model; a node refuses a request for another
+    nodes = {name: ClientNode(name=name, tasks=standard_tasks(client, {"validation": validation[name]},
+                                                              frozen_hash=frozen_hash), seed=seed * 1000 + k)
+             for k, (name, client) in enumerate(clients.items())}
+    head = next(iter(clients.values())).trainable_state()
+    return Federation(pool=LocalPool(nodes), names=list(head), global_params=flatten_delta(head),
+                      frozen_hash=frozen_hash, optimizer=make_server_optimizer(server, server_lr=server_lr),
                       clip=10.0, bits=32, max_samples=max_samples, seed=seed)
 
 
@@ -119,6 +127,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     ledger = Ledger(out / "ledger.jsonl")
     clients: dict[str, PrivateClient] = {}
+    client_validation: dict[str, TensorDataset] = {}
     guards: dict[str, BudgetGuard] = {}
     t0 = time.perf_counter()
     bar = _progress(args.clients, "caching client features", not args.no_progress)
@@ -131,6 +140,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         train = TensorDataset(to_inputs(split.x_fit), torch.from_numpy(split.y_fit))
         clients[name] = PrivateClient(client_id=name, model=model, train_data=train, config=config,
                                       guard=guards[name], head="head", cache_features=True)
+        client_validation[name] = TensorDataset(to_inputs(split.x_val), torch.from_numpy(split.y_val))
         bar.update(1)
     bar.close()
     timings["client_setup"] = time.perf_counter() - t0
@@ -149,15 +159,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     timings["eval_features"] = time.perf_counter() - t0
 
     max_samples = max(c.num_samples for c in clients.values())
-    federation = make_federation(clients, next(iter(clients.values())).trainable_state(), server=args.server,
-                                 server_lr=args.server_lr, max_samples=max_samples, seed=args.seed)
+    federation = make_federation(clients, client_validation, model, server=args.server, server_lr=args.server_lr,
+                                 max_samples=max_samples, seed=args.seed)
+    template = next(iter(clients.values())).trainable_state()
     head = copy.deepcopy(model.head)
     rows: list[dict[str, Any]] = []
     bar = _progress(args.rounds, "federated rounds", not args.no_progress)
     t0 = time.perf_counter()
     for _ in range(args.rounds):
         report = federation.run_round()
-        head.load_state_dict({k.removeprefix("head."): v for k, v in federation.global_state().items()})
+        state = unflatten_delta(federation.global_params, template)
+        head.load_state_dict({k.removeprefix("head."): v for k, v in state.items()})
         eps = {n: g.budget.spent_epsilon for n, g in guards.items()}
         rows.append({**report.to_dict(), "validation_accuracy": head_accuracy(head, val),
                      "test_accuracy": head_accuracy(head, test), "epsilon": eps})
