@@ -63,6 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--server", default="fedavg", help="server optimizer (fedavg, fedavgm, fedadam, ...)")
     p.add_argument("--server-lr", type=float, default=1.0)
+    p.add_argument("--server-momentum", type=float, default=None, help="momentum of fedavgm")
     p.add_argument("--data-dir", type=Path, default=None, help="IDX files (default: Debian's dataset-fashion-mnist)")
     p.add_argument("--skip-checksums", action="store_true",
                    help="accept IDX files other than the published release (e.g. your own data in that format)")
@@ -72,7 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def make_federation(clients: dict[str, PrivateClient], validation: dict[str, TensorDataset], model: nn.Module, *,
-                    server: str, server_lr: float, max_samples: int, seed: int) -> Federation:
+                    server: str, server_lr: float, server_momentum: float | None, max_samples: int,
+                    seed: int) -> Federation:
     """The one place this example builds the federation: a node per private client (its ``train``
     and ``evaluate`` tasks), an in-process pool, and the server (secure aggregation + optimizer).
     ``clip`` bounds each coordinate of a client's head delta (they stay far below 10 here)."""
@@ -81,8 +83,9 @@ def make_federation(clients: dict[str, PrivateClient], validation: dict[str, Ten
                                                               frozen_hash=frozen_hash), seed=seed * 1000 + k)
              for k, (name, client) in enumerate(clients.items())}
     head = next(iter(clients.values())).trainable_state()
+    momentum = {} if server_momentum is None else {"momentum": server_momentum}
     return Federation(pool=LocalPool(nodes), names=list(head), global_params=flatten_delta(head),
-                      frozen_hash=frozen_hash, optimizer=make_server_optimizer(server, server_lr=server_lr),
+                      frozen_hash=frozen_hash, optimizer=make_server_optimizer(server, server_lr=server_lr, **momentum),
                       clip=10.0, bits=32, max_samples=max_samples, seed=seed)
 
 
@@ -90,7 +93,7 @@ def head_accuracy(head: nn.Module, data: TensorDataset) -> float:
     return evaluate(head, data, batch_size=4096).accuracy
 
 
-def reference_head(fit: TensorDataset, val: TensorDataset, *, seed: int, max_epochs: int = 30) -> dict[str, Any]:
+def reference_head(fit: TensorDataset, val: TensorDataset, *, seed: int, max_epochs: int = 15) -> dict[str, Any]:
     """Non-private, centralised linear head on the same features (all clients' fit rows pooled),
     the epoch count picked on the pooled validation rows."""
     torch.manual_seed(seed)
@@ -160,7 +163,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     max_samples = max(c.num_samples for c in clients.values())
     federation = make_federation(clients, client_validation, model, server=args.server, server_lr=args.server_lr,
-                                 max_samples=max_samples, seed=args.seed)
+                                 server_momentum=args.server_momentum, max_samples=max_samples, seed=args.seed)
     template = next(iter(clients.values())).trainable_state()
     head = copy.deepcopy(model.head)
     rows: list[dict[str, Any]] = []
