@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--rounds", type=int, default=None,
-                   help="federated rounds (default: 10 frozen, 3 with --unfreeze-last-block)")
+                   help="federated rounds (default: 10 frozen, 2 with --unfreeze-last-block)")
     p.add_argument("--epsilon", type=float, default=1.0, help="privacy budget per hospital, all rounds")
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=0, help="hospital split and Poisson sampling (not the noise)")
@@ -78,10 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="NLMCXR_reports.tgz (default: the one in the installed torchxrayvision)")
     p.add_argument("--unfreeze-last-block", action="store_true",
                    help="also train the last transformer block (slower)")
-    p.add_argument("--lr", type=float, default=None, help="local learning rate (default: 2.0 frozen, 0.5 unfrozen)")
+    p.add_argument("--lr", type=float, default=0.5, help="local learning rate")
     p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="local optimizer")
-    p.add_argument("--batch-size", type=int, default=128, help="expected (Poisson) batch size")
-    p.add_argument("--epochs", type=int, default=1, help="local epochs per round")
+    p.add_argument("--batch-size", type=int, default=64, help="expected (Poisson) batch size")
+    p.add_argument("--epochs", type=int, default=None, help="local epochs per round (default: 5 frozen, 1 unfrozen)")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="per-sample clipping norm")
     p.add_argument("--server-optimizer", default="fedavg", choices=("fedavg", "fedavgm", "fedadam", "fedyogi"))
     p.add_argument("--server-lr", type=float, default=1.0)
@@ -91,9 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     unfrozen = args.unfreeze_last_block
     if args.rounds is None:
-        args.rounds = 3 if unfrozen else 10
-    if args.lr is None:
-        args.lr = 0.5 if unfrozen else 2.0
+        args.rounds = 2 if unfrozen else 10
+    if args.epochs is None:
+        args.epochs = 1 if unfrozen else 5
     if args.max_length is None:
         args.max_length = 128 if unfrozen else 256
     if args.rounds < 1 or args.epochs < 1 or args.batch_size < 1:
@@ -238,6 +238,9 @@ def train_federated(data: RadiologyData, features: dict[str, np.ndarray], head: 
     """Run ``args.rounds`` rounds; after each, the hospitals evaluate the global model on their
     own validation and test splits and report the epsilon they have spent (public info)."""
     federation, clients = build_federation(data, features, head, digest, args)
+    threads = torch.get_num_threads()
+    if head is None:  # a 770-parameter head: one thread is faster than contending for two
+        torch.set_num_threads(1)
     rows: list[dict[str, Any]] = []
     bar = _progress(None, "federated rounds", args, total=args.rounds)
 
@@ -256,6 +259,7 @@ def train_federated(data: RadiologyData, features: dict[str, np.ndarray], head: 
     finally:
         bar.close()
         federation.pool.close()
+        torch.set_num_threads(threads)
     return rows, clients, federation
 
 

@@ -53,6 +53,7 @@ def main() -> int:
                 rows, _, _ = radiology.train_federated(data, features, head, digest, args)
                 scores.append(rows[-1]["pooled_validation_accuracy"])
         results.append({**setting, "validation_mean": float(np.mean(scores)), "validation": scores})
+        print(f"  {setting}: {np.mean(scores):.4f}", file=sys.stderr, flush=True)
     results.sort(key=lambda r: -r["validation_mean"])
     for r in results:
         print(f"lr={r['lr']:<4} batch={r['batch_size']:<4} epochs={r['epochs']} rounds={r['rounds']:<3} "
