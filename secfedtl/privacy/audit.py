@@ -199,7 +199,7 @@ def _print_table(report: AuditReport, accountants: tuple[str, ...]) -> None:
         table.add_column(h, justify="left" if i == 0 else "right")
     for r in rows:
         table.add_row(*r)
-    Console(width=max(100, len(caption) + 4)).print(table)
+    Console(width=max(100, len(caption) + 4, len(title) + 4)).print(table)  # never wrap the verdict
 
 
 def main(args: argparse.Namespace) -> int:
