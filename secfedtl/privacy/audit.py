@@ -194,12 +194,13 @@ def _print_table(report: AuditReport, accountants: tuple[str, ...]) -> None:
         for r in rows:
             print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
         return
-    table = Table(title=title, caption=caption)
+    # as wide as its title and caption: rich wraps them to the table's width otherwise
+    table = Table(title=title, caption=caption, min_width=max(len(title), len(caption)) + 4)
     for i, h in enumerate(headers):
         table.add_column(h, justify="left" if i == 0 else "right")
     for r in rows:
         table.add_row(*r)
-    Console(width=max(100, len(caption) + 4, len(title) + 4)).print(table)  # never wrap the verdict
+    Console(width=max(100, len(caption) + 4, len(title) + 4)).print(table)
 
 
 def main(args: argparse.Namespace) -> int:
