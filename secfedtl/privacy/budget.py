@@ -22,11 +22,11 @@ import contextlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from secfedtl._atomic import atomic_write
 from secfedtl.errors import AccountingError, LedgerError, PrivacyBudgetExceeded
 from secfedtl.privacy.accountants import ACCOUNTANTS, accountant_from_dict, make_accountant
 from secfedtl.privacy.events import PoissonGaussianEvent
@@ -36,28 +36,6 @@ __all__ = ["BUDGET_VERSION", "BudgetGuard", "PrivacyBudget"]
 
 BUDGET_VERSION = 1
 _BUDGET_KIND = "secfedtl.privacy_budget"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder, fsync and ``os.replace``."""
-    directory = path.parent.resolve()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
 
 
 class PrivacyBudget:
@@ -197,7 +175,7 @@ class PrivacyBudget:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the state as JSON, atomically (temp file, fsync, ``os.replace``)."""
         data = json.dumps(self.to_dict(), sort_keys=True, indent=2, allow_nan=False) + "\n"
-        _atomic_write(Path(path), data.encode("utf-8"))
+        atomic_write(path, lambda fh: fh.write(data.encode("utf-8")))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> PrivacyBudget:

@@ -35,11 +35,11 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from secfedtl._atomic import atomic_write
 from secfedtl.aggregation import ServerOptimizer
 from secfedtl.aggregation.optimizers import decode_vector, encode_vector
 from secfedtl.errors import ConfigError, DecodeError, InputError, SecFedTLError, TooFewSurvivorsError
@@ -340,14 +340,9 @@ class Federation:
                         for h in state["history"]]
 
     def save_checkpoint(self, path: str | os.PathLike[str]) -> None:
-        """Write the server state atomically (temp file + rename)."""
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(self.state_dict(), fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        """Write the server state atomically (temp file, fsync, rename)."""
+        data = json.dumps(self.state_dict()).encode("utf-8")
+        atomic_write(path, lambda fh: fh.write(data))
 
     def run(self, rounds: int, *, checkpoint: str | os.PathLike[str] | None = None,
             on_round: Callable[[RoundReport], None] | None = None) -> list[RoundReport]:

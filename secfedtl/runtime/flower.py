@@ -48,6 +48,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from secfedtl._atomic import atomic_write
 from secfedtl.errors import ConfigError, DecodeError, SecFedTLError
 from secfedtl.runtime.agent import AgentClient
 from secfedtl.runtime.batch import pack_batch, unpack_batch
@@ -265,9 +266,8 @@ def _settings(run_config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _status(out: Path, state: str, **extra: Any) -> None:
-    tmp = out / "status.json.tmp"
-    tmp.write_text(json.dumps({"state": state, "time": time.time(), **extra}), encoding="utf-8")
-    os.replace(tmp, out / "status.json")
+    data = json.dumps({"state": state, "time": time.time(), **extra}).encode("utf-8")
+    atomic_write(out / "status.json", lambda fh: fh.write(data))
 
 
 def run_server(grid: Grid, run_config: Mapping[str, Any], *, clients: Sequence[str] | None = None) -> dict[str, Any]:

@@ -14,10 +14,8 @@ the same batch.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +26,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from secfedtl._atomic import atomic_write
 from secfedtl.errors import ConfigError, InputError
 
 __all__ = ["cache_features", "cached_features", "check_frozen_deterministic", "split_head"]
@@ -163,15 +162,5 @@ def cached_features(
     if num_rows is not None and features.shape[0] != num_rows:
         raise InputError(f"compute() returned {features.shape[0]} rows, expected {num_rows}")
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".npz", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, features=features, key=np.array(key))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda fh: np.savez(fh, features=features, key=np.array(key)))
     return features, False
