@@ -147,9 +147,8 @@ def _accuracy(model: nn.Module, datasets: Mapping[str, Dataset]) -> dict[str, An
     return {"accuracy": acc, "samples": samples}
 
 
-class EvaluateTask:
-    """The ``"evaluate"`` task: accuracy of the global weights on the client's own evaluation
-    splits (public info: accuracy and split sizes), plus the epsilon it has spent so far."""
+class _LocalTask:
+    """A public task on the client's own evaluation splits (shares ``TrainTask``'s request check)."""
 
     def __init__(self, client: PrivateClient, datasets: Mapping[str, Dataset], *,
                  train: TrainTask | None = None) -> None:
@@ -157,29 +156,29 @@ class EvaluateTask:
         self._datasets = dict(datasets)
         self._train = train or TrainTask(client)
 
-    def __call__(self, request: wire.TaskRequest, digest: str) -> TaskOutput:
-        state = self._train.check(request)
-        info = _accuracy(_model_with(self._client.model, state), self._datasets)
+    def _report(self, model: nn.Module) -> TaskOutput:
+        info = _accuracy(model, self._datasets)
         info["epsilon"] = self._client._guard.budget.spent_epsilon  # noqa: SLF001
         return TaskOutput(info=info)
 
 
-class PersonaliseTask:
+class EvaluateTask(_LocalTask):
+    """The ``"evaluate"`` task: accuracy of the global weights on the client's own evaluation
+    splits (public info: accuracy and split sizes), plus the epsilon it has spent so far."""
+
+    def __call__(self, request: wire.TaskRequest, digest: str) -> TaskOutput:
+        state = self._train.check(request)
+        return self._report(_model_with(self._client.model, state))
+
+
+class PersonaliseTask(_LocalTask):
     """The ``"personalise"`` task: one more DP round on the global weights, kept locally (charged
     to the budget), then the personalised model's accuracy on the client's evaluation splits."""
-
-    def __init__(self, client: PrivateClient, datasets: Mapping[str, Dataset], *,
-                 train: TrainTask | None = None) -> None:
-        self._client = client
-        self._datasets = dict(datasets)
-        self._train = train or TrainTask(client)
 
     def __call__(self, request: wire.TaskRequest, digest: str) -> TaskOutput:
         state = self._train.check(request)
         self._client.train_round(global_state=state, round=request.round, model_hash=digest)
-        info = _accuracy(self._client.model, self._datasets)
-        info["epsilon"] = self._client._guard.budget.spent_epsilon  # noqa: SLF001
-        return TaskOutput(info=info)
+        return self._report(self._client.model)
 
 
 def standard_tasks(client: PrivateClient, evaluation: Mapping[str, Dataset], *,
