@@ -321,7 +321,8 @@ def build_client_node(config: JobConfig, name: str, source: Source, ledger: Ledg
                           max_grad_norm=tcfg["max_grad_norm"], epochs=tcfg["epochs"],
                           optimizer=tcfg["optimizer"], target_epsilon=priv["epsilon"],
                           target_delta=priv["delta"], planned_rounds=planned, device="auto",
-                          secure_mode=priv["secure_mode"], seed=job["seed"] * 1000 + k)
+                          secure_mode=priv["secure_mode"], seed=job["seed"] * 1000 + k,
+                          accountant=priv["accountant"])
     prior = planned_prior_events(config)
     if prior:
         dp = _calibrated_after(dp, prior, dataset_size=len(y_fit))
@@ -356,13 +357,13 @@ def planned_prior_events(config: JobConfig) -> list[PoissonGaussianEvent]:
 
 def _calibrated_after(dp: DPTrainingConfig, prior: list[PoissonGaussianEvent], *, dataset_size: int) -> DPTrainingConfig:
     """``dp`` with its noise multiplier calibrated so that ``prior`` plus ``planned_rounds`` rounds
-    reach at most ``target_epsilon`` (RDP, as :class:`PrivateClient` calibrates)."""
+    reach at most ``target_epsilon`` (by the config's accountant, as :class:`PrivateClient` calibrates)."""
     assert dp.target_epsilon is not None and dp.target_delta is not None and dp.planned_rounds is not None
     rate = sample_rate_for(expected_batch_size=dp.expected_batch_size, dataset_size=dataset_size)
     try:
         sigma = calibrate_noise_multiplier(target_epsilon=dp.target_epsilon, target_delta=dp.target_delta,
                                            sample_rate=rate, steps=dp.planned_rounds * dp.local_steps(sample_rate=rate),
-                                           accountant="rdp", prior_events=prior)
+                                           accountant=dp.accountant, prior_events=prior)
     except AccountingError as exc:
         raise ConfigError(f"no training noise fits the budget after source selection: {exc}") from exc
     return dataclasses.replace(dp, noise_multiplier=sigma, target_epsilon=None, target_delta=None,
@@ -605,6 +606,10 @@ def run_federation(config: JobConfig, source: Source, federation: Federation, ou
                 personal_status[name] = "ok"
             else:
                 personal_status[name] = f"{info['status']}: {info.get('reason', '')}"
+    # Each hospital's own best model: its personalised one, or the federated one where it could
+    # not personalise (e.g. its budget was spent), pooled over the same test rows as the federated.
+    deployed = {n: personalised[n] if personal_status.get(n) == "ok" else final[n] for n in final}
+    _, personal_pooled = _pooled(deployed, "test") if personal else (None, None)
     if (out / "ledger.jsonl").exists():
         spent = _spent_from_ledger(out / "ledger.jsonl", config["job"]["clients"])
         eps_main = {n: compute_epsilon(ev, delta, accountant=config["privacy"]["accountant"]) if ev else 0.0
@@ -622,6 +627,7 @@ def run_federation(config: JobConfig, source: Source, federation: Federation, ou
                    "test_accuracy": source_acc, "pooled_test_accuracy": source_pooled},
         "final": {"pooled_test_accuracy": federated_pooled, "per_client_test_accuracy": federated_acc,
                   "personalised_test_accuracy": personal, "personalisation": personal_status,
+                  "personalised_pooled_test_accuracy": personal_pooled,
                   "epsilon": eps_main, "epsilon_prv": eps_prv},
         "selection": selection,
         "rounds": round_rows,
@@ -690,7 +696,10 @@ def print_summary(metrics: dict[str, Any]) -> None:
         pers = final["personalised_test_accuracy"].get(name)
         pers_s = f"{pers:.3f}" if pers is not None else "-"
         print(f"{name:<14}{src[name]:>9.3f}{acc:>11.3f}{pers_s:>14}{final['epsilon'][name]:>10.3f}")
-    print(f"{'pooled':<14}{metrics['source']['pooled_test_accuracy']:>9.3f}{final['pooled_test_accuracy']:>11.3f}")
+    pooled_pers = final.get("personalised_pooled_test_accuracy")
+    pooled_pers_s = f"{pooled_pers:.3f}" if pooled_pers is not None else "-"
+    print(f"{'pooled':<14}{metrics['source']['pooled_test_accuracy']:>9.3f}{final['pooled_test_accuracy']:>11.3f}"
+          f"{pooled_pers_s:>14}")
     sel = metrics.get("selection")
     if sel:
         chosen = sel["candidates"][sel["index"]]

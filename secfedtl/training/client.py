@@ -53,7 +53,7 @@ def _make_event(*, sample_rate: float, noise_multiplier: float, steps: int) -> A
     return PoissonGaussianEvent(sample_rate=sample_rate, noise_multiplier=noise_multiplier, steps=steps)
 
 
-def _calibrate(*, target_epsilon: float, target_delta: float, sample_rate: float, steps: int) -> float:
+def _calibrate(*, target_epsilon: float, target_delta: float, sample_rate: float, steps: int, accountant: str) -> float:
     from secfedtl.privacy.accountants import calibrate_noise_multiplier
 
     return float(
@@ -62,7 +62,7 @@ def _calibrate(*, target_epsilon: float, target_delta: float, sample_rate: float
             target_delta=target_delta,
             sample_rate=sample_rate,
             steps=steps,
-            accountant="rdp",
+            accountant=accountant,
         )
     )
 
@@ -112,6 +112,15 @@ class PrivateClient:
             raise InputError("config must be a DPTrainingConfig")
         if not callable(getattr(guard, "charge", None)):
             raise InputError("guard must provide charge(event, *, round, model_hash)")
+        budget = getattr(guard, "budget", None)
+        spent_by = getattr(budget, "accountant_name", config.accountant)
+        if config.noise_multiplier is None and spent_by != config.accountant:
+            # Noise calibrated for one accountant but charged by another would overrun (PRV
+            # noise under an RDP budget) or waste (the reverse) the budget.
+            raise ConfigError(
+                f"noise is calibrated with the {config.accountant!r} accountant but the budget "
+                f"is kept by {spent_by!r}; set DPTrainingConfig.accountant={spent_by!r}"
+            )
         if config.secure_mode and noise_generator is not None:
             raise ConfigError("secure_mode draws noise from the OS CSPRNG; noise_generator is refused")
         try:
@@ -156,6 +165,7 @@ class PrivateClient:
                 target_delta=float(config.target_delta),  # type: ignore[arg-type]
                 sample_rate=self.sample_rate,
                 steps=config.planned_rounds * self.local_steps,
+                accountant=config.accountant,
             )
         self._head = head
         self._data: Dataset = train_data

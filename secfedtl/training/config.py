@@ -58,6 +58,7 @@ class DPTrainingConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int | None = None
     momentum: float = 0.0
+    accountant: Literal["rdp", "prv"] = "rdp"
 
     def __post_init__(self) -> None:
         if (self.epochs is None) == (self.steps is None):
@@ -73,6 +74,8 @@ class DPTrainingConfig:
             raise ConfigError(f"clipping must be 'flat' or 'ghost', got {self.clipping!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if self.accountant not in ("rdp", "prv"):
+            raise ConfigError(f"accountant must be 'rdp' or 'prv', got {self.accountant!r}")
         if not isinstance(self.secure_mode, bool):
             raise ConfigError("secure_mode must be a bool")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):

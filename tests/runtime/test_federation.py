@@ -198,6 +198,30 @@ def test_metrics_and_audit_agree(tmp_path):
     assert len(metrics["rounds"]) == 2 and (out / "report.png").stat().st_size > 0
 
 
+def test_personalised_pooled_accuracy_is_over_the_same_test_rows(tmp_path):
+    from secfedtl.data import load_fed_heart_disease
+
+    metrics = run_job(small_config(privacy__personalise=True, job__rounds=1), tmp_path / "p", progress=False)
+    final = metrics["final"]
+    assert set(final["personalisation"].values()) == {"ok"}
+    sizes = {n: len(c.y_test) for n, c in load_fed_heart_disease().items() if n in final["personalised_test_accuracy"]}
+    correct = sum(round(final["personalised_test_accuracy"][n] * k) for n, k in sizes.items())
+    assert final["personalised_pooled_test_accuracy"] == pytest.approx(correct / sum(sizes.values()))
+    assert len(sizes) == 3
+
+
+def test_a_prv_budget_is_spent_by_prv_calibrated_noise(tmp_path):
+    """With ``accountant = "prv"`` the noise is calibrated by PRV, so the tighter accountant's
+    budget is what the rounds use up (RDP calibration would leave part of it unspent)."""
+    out = tmp_path / "prv"
+    metrics = run_job(small_config(privacy__accountant="prv"), out, progress=False)
+    assert metrics["accountant"] == "prv"
+    for name, eps in metrics["final"]["epsilon"].items():
+        assert 0.95 <= eps <= 1.0 + 1e-9
+        assert metrics["final"]["epsilon_prv"][name] == pytest.approx(eps, rel=1e-9)
+    assert audit_ledger(out / "ledger.jsonl", delta=metrics["delta"]).to_dict()["chain"] == "ok"
+
+
 @pytest.mark.slow
 def test_resume_after_kill_counts_everything(tmp_path):
     out = tmp_path / "killed"

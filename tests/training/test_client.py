@@ -269,3 +269,39 @@ def test_noise_is_not_predictable_from_torch_global_seed(guard):
         update = client.train_round(global_state=client.trainable_state(), round=0, model_hash="abc")
         runs.append(torch.cat([d.flatten() for d in update.delta.values()]))
     assert torch.equal(runs[0], runs[1])
+
+
+def _real_guard(tmp_path, accountant):
+    from secfedtl.privacy.budget import BudgetGuard, PrivacyBudget
+    from secfedtl.privacy.ledger import Ledger
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    budget = PrivacyBudget(epsilon=1.0, delta=1e-5, accountant=accountant)
+    return BudgetGuard(client="h1", budget=budget, ledger=Ledger(tmp_path / "ledger.jsonl"))
+
+
+def test_prv_calibration_spends_the_whole_prv_budget_with_less_noise(tmp_path):
+    calibrate = sys.modules["secfedtl.privacy.accountants"].calibrate_noise_multiplier
+    kw = dict(lr=0.5, expected_batch_size=8, max_grad_norm=1.0, epochs=1, target_epsilon=1.0,
+              target_delta=1e-5, planned_rounds=2, seed=0)
+    prv = _client(_real_guard(tmp_path / "a", "prv"), config=DPTrainingConfig(accountant="prv", **kw))
+    rdp = _client(_real_guard(tmp_path / "b", "rdp"), config=DPTrainingConfig(**kw))
+    assert prv.noise_multiplier < rdp.noise_multiplier  # PRV is the tighter accountant
+    assert prv.noise_multiplier == pytest.approx(
+        calibrate(target_epsilon=1.0, target_delta=1e-5, sample_rate=8 / 48, steps=12, accountant="prv"))
+    state = prv.trainable_state()
+    for r in range(2):  # both planned rounds fit the PRV budget
+        prv.train_round(global_state=state, round=r, model_hash="h")
+
+
+@pytest.mark.parametrize(("calibrated_by", "kept_by"), [("prv", "rdp"), ("rdp", "prv")])
+def test_noise_calibrated_for_another_accountant_than_the_budget_is_refused(tmp_path, calibrated_by, kept_by):
+    cfg = DPTrainingConfig(lr=0.5, expected_batch_size=8, max_grad_norm=1.0, epochs=1, target_epsilon=1.0,
+                           target_delta=1e-5, planned_rounds=2, accountant=calibrated_by)
+    with pytest.raises(ConfigError, match="accountant"):
+        _client(_real_guard(tmp_path, kept_by), config=cfg)
+
+
+def test_unknown_accountant_is_refused():
+    with pytest.raises(ConfigError, match="accountant"):
+        _cfg(accountant="moments")
