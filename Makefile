@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.secfedtl-installed
 FLOWER_STAMP := $(VENV)/.secfedtl-flower-installed
 
-.PHONY: venv demo test test-slow test-flower bench bench-flower clean radiology-venv radiology
+.PHONY: venv demo test test-flower bench bench-flower clean radiology-venv radiology
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,9 +28,6 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
-
-test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
 
 # Real Flower processes on 127.0.0.1 (a few minutes); CI runs it after `make test`.
 test-flower: $(FLOWER_STAMP)
