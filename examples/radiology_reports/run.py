@@ -287,7 +287,7 @@ def build_federation(data: RadiologyData, features: dict[str, np.ndarray], head:
         dp = DPTrainingConfig(lr=args.lr, expected_batch_size=min(args.batch_size, len(y_tr)),
                               max_grad_norm=args.max_grad_norm, epochs=args.epochs, optimizer=args.optimizer,
                               noise_multiplier=training_noise(args, len(y_tr), x_tr.shape[1]),
-                              secure_mode=True, device="cpu", seed=args.seed * 1000 + k)
+                              accountant=args.accountant, secure_mode=True, device="cpu", seed=args.seed * 1000 + k)
         client = PrivateClient(client_id=name, model=template, train_data=_dataset(x_tr, y_tr), config=dp, guard=guard)
         evaluation = {s: _dataset(*_split_arrays(features, getattr(hospital, s))) for s in ("validation", "test")}
         nodes[name] = ClientNode(name=name, tasks=standard_tasks(client, evaluation, frozen_hash=digest),
