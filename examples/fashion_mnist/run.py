@@ -48,7 +48,7 @@ DELTA = 1e-5
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--rounds", type=int, default=10, help="federated rounds (the budget is spread over them)")
+    p.add_argument("--rounds", type=int, default=40, help="federated rounds (the budget is spread over them)")
     p.add_argument("--epsilon", type=float, default=3.0, help=f"each client's budget (delta = {DELTA:g})")
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label-skew concentration")
@@ -57,9 +57,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--num-conv", type=int, default=2, choices=(1, 2, 3),
                    help="frozen source conv blocks below the head (2: 64x7x7 = 3136 features)")
-    p.add_argument("--epochs", type=int, default=2, help="local epochs per round")
+    p.add_argument("--epochs", type=int, default=1, help="local epochs per round")
     p.add_argument("--batch-size", type=int, default=1024, help="expected (Poisson) batch size")
-    p.add_argument("--lr", type=float, default=60.0, help="local DP-SGD learning rate (features have norm 1)")
+    p.add_argument("--lr", type=float, default=10.0, help="local DP-SGD learning rate")
+    p.add_argument("--feature-scale", type=float, default=3.0,
+                   help="norm of every feature vector (a fixed per-example map); sets how the clip norm "
+                        "is shared between the head's weights and bias")
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--server", default="fedavgm", help="server optimizer (fedavg, fedavgm, fedadam, ...)")
     p.add_argument("--server-lr", type=float, default=1.0)
@@ -125,7 +128,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     data = load_fashion_mnist(args.data_dir, **({"checksums": None} if args.skip_checksums else {}))
     splits = client_splits(data.x_train, data.y_train, num_clients=args.clients, alpha=args.alpha, seed=args.seed)
-    model = FashionNet(load_mnist_cnn(args.weights), num_conv=args.num_conv)
+    model = FashionNet(load_mnist_cnn(args.weights), num_conv=args.num_conv, feature_scale=args.feature_scale)
     timings["load"] = time.perf_counter() - t0
 
     ledger = Ledger(out / "ledger.jsonl")

@@ -8,8 +8,8 @@ files. :class:`MnistCNN` declares the same layers so the names and shapes match;
 does not fit raises :class:`~secfedtl.errors.ModelError`.
 
 :class:`FashionNet` is the transferred model: the first ``num_conv`` frozen conv blocks of the
-source, a fixed per-example L2 normalisation of their flattened output, and a new linear ``head``
-for the 10 Fashion-MNIST classes. Everything before ``head`` is frozen and deterministic, so the
+source, a fixed per-example L2 normalisation of their flattened output (to norm ``feature_scale``),
+and a new linear ``head`` for the 10 Fashion-MNIST classes. Everything before ``head`` is frozen and deterministic, so the
 private clients cache its output once (``PrivateClient(cache_features=True, head="head")``).
 """
 
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from secfedtl.errors import ModelError
+from secfedtl.errors import ConfigError, ModelError
 from secfedtl.transfer import HeadOnly, load_source_model
 
 #: Input normalisation the source was trained with (the MNIST statistics).
@@ -71,6 +71,8 @@ class L2Normalize(nn.Module):
 
     def __init__(self, scale: float = 1.0) -> None:
         super().__init__()
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
+            raise ConfigError(f"the feature scale must be a positive finite number, got {scale!r}")
         self.scale = float(scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,14 +80,22 @@ class L2Normalize(nn.Module):
 
 
 class FashionNet(nn.Module):
-    """``head(normalize(flatten(source.conv_layers[: 3 * num_conv](x))))``; only ``head`` trains."""
+    """``head(normalize(flatten(source.conv_layers[: 3 * num_conv](x))))``; only ``head`` trains.
 
-    def __init__(self, source: MnistCNN, *, num_conv: int = 2) -> None:
+    ``feature_scale`` is the norm every feature vector is scaled to. Under DP-SGD it sets how the
+    clip norm is shared between the head's weights and its bias: an example's gradient is
+    ``e (x, 1)`` (``e`` the softmax error), so with ``||x|| = s`` the weights get ``s^2 / (s^2 + 1)``
+    of its squared norm, and a learning rate ``lr`` moves the logits through the weights by
+    ``lr * s^2`` against ``lr`` through the bias. At ``s = 1`` half of every clipped gradient goes to
+    the 10 bias terms, half to the 31,360 weights.
+    """
+
+    def __init__(self, source: MnistCNN, *, num_conv: int = 2, feature_scale: float = 1.0) -> None:
         super().__init__()
         if num_conv not in (1, 2, 3):
             raise ModelError(f"num_conv must be 1, 2 or 3, got {num_conv}")
         self.features = copy.deepcopy(nn.Sequential(*list(source.conv_layers.children())[: 3 * num_conv]))
-        self.normalize = L2Normalize()
+        self.normalize = L2Normalize(feature_scale)
         with torch.no_grad():
             dim = self.features(torch.zeros(1, 1, 28, 28)).numel()
         self.head = nn.Linear(dim, 10)

@@ -91,6 +91,20 @@ def test_fashion_net_freezes_the_source_and_splits_at_the_head() -> None:
         source_model.FashionNet(source, num_conv=4)
 
 
+def test_feature_scale_sets_the_norm_of_every_feature_vector() -> None:
+    from secfedtl.transfer import split_head
+
+    source = source_model.MnistCNN()
+    x = source_model.to_inputs(np.random.default_rng(1).integers(0, 256, (4, 28, 28), dtype=np.uint8))
+    plain, _ = split_head(source_model.FashionNet(source), "head")
+    scaled, _ = split_head(source_model.FashionNet(source, feature_scale=3.0), "head")
+    torch.testing.assert_close(scaled(x).norm(dim=1), torch.full((4,), 3.0))
+    torch.testing.assert_close(scaled(x), 3.0 * plain(x))  # the same direction, a fixed factor
+    for bad in (0.0, -1.0, float("inf"), float("nan"), True, "3"):
+        with pytest.raises(ConfigError, match="feature scale"):
+            source_model.FashionNet(source, feature_scale=bad)
+
+
 def test_run_end_to_end_on_synthetic_data(tmp_path: Path) -> None:
     run = _load("run")
     data = tmp_path / "data"
