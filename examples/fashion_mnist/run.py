@@ -239,6 +239,7 @@ def _plot(metrics: dict[str, Any], path: Path) -> None:
 
     rows = metrics["rounds"]
     xs = [r["round"] + 1 for r in rows]
+    ticks = xs if len(xs) <= 15 else [x for x in xs if x == 1 or x % 5 == 0]
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.2))
     ax1.plot(xs, [r["test_accuracy"] for r in rows], marker="o", label="federated, DP (test)")
     ax1.plot(xs, [r["validation_accuracy"] for r in rows], marker=".", linestyle=":", label="federated, DP (validation)")
@@ -246,7 +247,7 @@ def _plot(metrics: dict[str, Any], path: Path) -> None:
         ax1.axhline(metrics["non_private_reference"]["test_accuracy"], color="grey", linestyle="--",
                     label="non-private central head (test)")
     ax1.axhline(0.85, color="red", linewidth=0.8, linestyle=":", label="target 0.85")
-    ax1.set_xticks(xs)
+    ax1.set_xticks(ticks)
     ax1.set_xlabel("round")
     ax1.set_ylabel("accuracy")
     ax1.set_title("Global model (10 classes)")
@@ -254,7 +255,7 @@ def _plot(metrics: dict[str, Any], path: Path) -> None:
     for name in metrics["final"]["epsilon"]:
         ax2.plot(xs, [r["epsilon"][name] for r in rows], marker=".", linewidth=0.8)
     ax2.axhline(metrics["settings"]["epsilon"], color="red", linestyle="--", label="budget")
-    ax2.set_xticks(xs)
+    ax2.set_xticks(ticks)
     ax2.set_xlabel("round")
     ax2.set_ylabel(f"epsilon (RDP, delta={metrics['delta']:g})")
     ax2.set_title("Privacy spent, one line per client")
