@@ -37,6 +37,7 @@ __all__ = [
     "Accountant",
     "PRVAccountant",
     "RDPAccountant",
+    "calibrate_gaussian_sum",
     "calibrate_noise_multiplier",
     "compute_epsilon",
     "make_accountant",
@@ -351,3 +352,21 @@ def calibrate_noise_multiplier(
         else:
             lo = mid
     return hi
+
+
+def calibrate_gaussian_sum(
+    *,
+    target_epsilon: float,
+    target_delta: float,
+    accountant: str = "rdp",
+    prior_events: Iterable[PoissonGaussianEvent] = (),
+) -> float:
+    """Noise multiplier of a Gaussian mechanism run once on a sum (no sampling: ``sample_rate``
+    1, one step), the smallest whose epsilon after ``prior_events`` is at most ``target_epsilon``.
+    What DP source selection and DP feature centring release (see docs/privacy.md).
+
+    Raises:
+        AccountingError: as :func:`calibrate_noise_multiplier`.
+    """
+    return calibrate_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=1.0,
+                                      steps=1, accountant=accountant, prior_events=prior_events)

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Mapping
 
 from secfedtl.errors import AccountingError
 
-__all__ = ["EVENT_TYPES", "PoissonGaussianEvent", "event_from_dict"]
+__all__ = ["EVENT_TYPES", "PoissonGaussianEvent", "event_from_dict", "gaussian_sum_event"]
 
 
 def _as_float(name: str, value: object) -> float:
@@ -95,6 +95,12 @@ class PoissonGaussianEvent:
 EVENT_TYPES: Mapping[str, type[PoissonGaussianEvent]] = {
     PoissonGaussianEvent.mechanism: PoissonGaussianEvent,
 }
+
+
+def gaussian_sum_event(noise_multiplier: float) -> PoissonGaussianEvent:
+    """The ledger event of a Gaussian mechanism run once on a sum: ``poisson_gaussian`` with
+    sample rate 1 and one step."""
+    return PoissonGaussianEvent(sample_rate=1.0, noise_multiplier=noise_multiplier, steps=1)
 
 
 def event_from_dict(data: Mapping[str, Any]) -> PoissonGaussianEvent:

@@ -3,8 +3,9 @@
 :func:`secure_gaussian_array` is the one implementation: Box-Muller on 53-bit uniforms drawn from
 ``os.urandom``, four draws summed and halved (Opacus' secure-mode construction, the floating-point
 attack mitigation of arXiv:2107.10138) so the low bits of one float do not reveal the sample.
-DP-SGD's secure mode (:func:`secfedtl.training.dpsgd.secure_gaussian`) and DP source-model selection
-(:mod:`secfedtl.transfer.selection`) both draw through it. numpy only: no torch.
+DP-SGD's secure mode (:func:`secfedtl.training.dpsgd.secure_gaussian`), DP source-model selection
+(:mod:`secfedtl.transfer.selection`) and DP feature centring (:mod:`secfedtl.transfer.centring`)
+draw through it, the last two by :func:`add_gaussian_noise`. numpy only: no torch.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 
 from secfedtl.errors import InputError
 
-__all__ = ["secure_gaussian_array"]
+__all__ = ["add_gaussian_noise", "secure_gaussian_array"]
 
 _MASK_53 = (1 << 53) - 1
 
@@ -47,3 +48,21 @@ def secure_gaussian_array(shape: int | tuple[int, ...], *, std: float) -> np.nda
         u = (u + 0.5) / 2.0**53  # in (0, 1)
         total += np.sqrt(-2.0 * np.log(u[0])) * np.cos(2.0 * math.pi * u[1])
     return (total * (float(std) / 2.0)).reshape(dims)
+
+
+def add_gaussian_noise(values: np.ndarray, std: float | np.ndarray, *,
+                       rng: np.random.Generator | None = None) -> np.ndarray:
+    """``values`` (a float64 vector) plus independent ``N(0, std^2)`` noise on every coordinate;
+    ``std`` is one number or one per coordinate. The noise comes from ``os.urandom``
+    (:func:`secure_gaussian_array`); ``rng`` makes it reproducible, for tests and experiments only.
+
+    Raises:
+        InputError: ``rng`` is neither None nor a numpy Generator.
+    """
+    if rng is None:
+        noise = secure_gaussian_array(values.shape, std=1.0)
+    elif isinstance(rng, np.random.Generator):
+        noise = rng.standard_normal(values.shape)
+    else:
+        raise InputError(f"rng must be a numpy Generator or None, got {type(rng).__name__}")
+    return values + noise * std

@@ -36,9 +36,9 @@ from typing import Any
 import numpy as np
 
 from secfedtl.errors import ConfigError, InputError
-from secfedtl.privacy.accountants import calibrate_noise_multiplier
-from secfedtl.privacy.events import PoissonGaussianEvent
-from secfedtl.privacy.noise import secure_gaussian_array
+from secfedtl.privacy.accountants import calibrate_gaussian_sum
+from secfedtl.privacy.events import PoissonGaussianEvent, gaussian_sum_event
+from secfedtl.privacy.noise import add_gaussian_noise
 
 __all__ = ["CentreScale", "MeanMechanism", "clipped_feature_sum", "noisy_mean", "private_feature_sum"]
 
@@ -102,9 +102,8 @@ class MeanMechanism:
         Raises:
             AccountingError: no noise multiplier up to 1e4 meets the target.
         """
-        sigma = calibrate_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
-                                           sample_rate=1.0, steps=1, accountant=accountant,
-                                           prior_events=prior_events)
+        sigma = calibrate_gaussian_sum(target_epsilon=target_epsilon, target_delta=target_delta,
+                                       accountant=accountant, prior_events=prior_events)
         return cls(dim=dim, noise_multiplier=sigma, row_clip=row_clip)
 
     @property
@@ -124,7 +123,7 @@ class MeanMechanism:
 
     def event(self) -> PoissonGaussianEvent:
         """The ledger event: a Gaussian mechanism on a sum, run once."""
-        return PoissonGaussianEvent(sample_rate=1.0, noise_multiplier=self.noise_multiplier, steps=1)
+        return gaussian_sum_event(self.noise_multiplier)
 
     def ledger_fields(self) -> dict[str, Any]:
         """What, besides the event, an auditor needs to check the calibration."""
@@ -147,13 +146,7 @@ class MeanMechanism:
         stats = np.asarray(statistics, dtype=np.float64)
         if stats.shape != (self.vector_length,) or not np.isfinite(stats).all():
             raise InputError(f"statistics must be a finite vector of length {self.vector_length}")
-        if rng is None:
-            noise = secure_gaussian_array(self.vector_length, std=1.0)
-        elif isinstance(rng, np.random.Generator):
-            noise = rng.standard_normal(self.vector_length)
-        else:
-            raise InputError(f"rng must be a numpy Generator or None, got {type(rng).__name__}")
-        return stats + noise * self.noise_std
+        return add_gaussian_noise(stats, self.noise_std, rng=rng)
 
 
 def clipped_feature_sum(features: np.ndarray, *, row_clip: float = 1.0) -> np.ndarray:

@@ -42,9 +42,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from secfedtl.errors import ConfigError, InputError
-from secfedtl.privacy.accountants import calibrate_noise_multiplier
-from secfedtl.privacy.events import PoissonGaussianEvent
-from secfedtl.privacy.noise import secure_gaussian_array
+from secfedtl.privacy.accountants import calibrate_gaussian_sum
+from secfedtl.privacy.events import PoissonGaussianEvent, gaussian_sum_event
+from secfedtl.privacy.noise import add_gaussian_noise
 from secfedtl.transfer.distillation import cross_entropy_loss
 
 __all__ = [
@@ -107,20 +107,14 @@ class SelectionMechanism:
         prior_events: Iterable[PoissonGaussianEvent] = (),
     ) -> SelectionMechanism:
         """The mechanism with the smallest noise whose epsilon (after ``prior_events``) is at most
-        ``target_epsilon`` (:func:`~secfedtl.privacy.accountants.calibrate_noise_multiplier`).
+        ``target_epsilon`` (:func:`~secfedtl.privacy.accountants.calibrate_gaussian_sum`).
 
         Raises:
             AccountingError: no noise multiplier up to 1e4 meets the target (for example a target
                 below the RDP floor of about 0.103 at delta = 1e-5).
         """
-        sigma = calibrate_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=target_delta,
-            sample_rate=1.0,
-            steps=1,
-            accountant=accountant,
-            prior_events=prior_events,
-        )
+        sigma = calibrate_gaussian_sum(target_epsilon=target_epsilon, target_delta=target_delta,
+                                       accountant=accountant, prior_events=prior_events)
         return cls(num_candidates=num_candidates, loss_clip=loss_clip, noise_multiplier=sigma)
 
     @property
@@ -151,7 +145,7 @@ class SelectionMechanism:
 
     def event(self) -> PoissonGaussianEvent:
         """The ledger event: a Gaussian mechanism on a sum, run once."""
-        return PoissonGaussianEvent(sample_rate=1.0, noise_multiplier=self.noise_multiplier, steps=1)
+        return gaussian_sum_event(self.noise_multiplier)
 
     def ledger_fields(self) -> dict[str, Any]:
         """What, besides the event, an auditor needs to check the calibration."""
@@ -169,13 +163,7 @@ class SelectionMechanism:
             InputError: ``statistics`` is not a finite vector of length ``K + 1``.
         """
         stats = _check_vector("statistics", statistics, self.vector_length)
-        if rng is None:
-            noise = secure_gaussian_array(self.vector_length, std=1.0)
-        elif isinstance(rng, np.random.Generator):
-            noise = rng.standard_normal(self.vector_length)
-        else:
-            raise InputError(f"rng must be a numpy Generator or None, got {type(rng).__name__}")
-        return stats + noise * self.noise_std()
+        return add_gaussian_noise(stats, self.noise_std(), rng=rng)
 
 
 def _check_vector(name: str, value: object, length: int) -> np.ndarray:
