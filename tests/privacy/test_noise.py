@@ -29,3 +29,29 @@ def test_shapes_and_zero_std():
 def test_bad_arguments(shape, std):
     with pytest.raises(InputError):
         secure_gaussian_array(shape, std=std)
+
+
+def test_add_gaussian_noise_scales_each_coordinate_by_its_std():
+    import numpy as np
+    from secfedtl.privacy.noise import add_gaussian_noise
+
+    values = np.array([10.0, -3.0, 0.0])
+    std = np.array([1.0, 0.0, 100.0])
+    draws = np.stack([add_gaussian_noise(values, std) for _ in range(400)])  # from os.urandom
+    assert np.all(draws[:, 1] == -3.0)  # std 0: untouched
+    assert abs(draws[:, 0].mean() - 10.0) < 0.5 and 0.8 < draws[:, 0].std() < 1.2
+    assert 80 < draws[:, 2].std() < 120
+    seeded = [add_gaussian_noise(values, 2.0, rng=np.random.default_rng(7)) for _ in range(2)]
+    assert np.array_equal(seeded[0], seeded[1])
+
+
+def test_add_gaussian_noise_refuses_a_non_generator_rng():
+    import random
+
+    import numpy as np
+    import pytest
+    from secfedtl.errors import InputError
+    from secfedtl.privacy.noise import add_gaussian_noise
+
+    with pytest.raises(InputError, match="rng"):
+        add_gaussian_noise(np.zeros(3), 1.0, rng=random.Random(0))
