@@ -40,6 +40,7 @@ from secfedtl.privacy.ledger import Ledger  # noqa: E402
 from secfedtl.runtime.federation import Federation  # noqa: E402
 from secfedtl.runtime.node import ClientNode, standard_tasks  # noqa: E402
 from secfedtl.runtime.pool import LocalPool  # noqa: E402
+from secfedtl.runtime.report import plot_epsilon_per_round  # noqa: E402
 from secfedtl.training import DPTrainingConfig, PrivateClient, evaluate, flatten_delta, unflatten_delta  # noqa: E402
 from secfedtl.transfer import cache_features, split_head, state_hash  # noqa: E402
 
@@ -252,14 +253,9 @@ def _plot(metrics: dict[str, Any], path: Path) -> None:
     ax1.set_ylabel("accuracy")
     ax1.set_title("Global model (10 classes)")
     ax1.legend(fontsize=8)
-    for name in metrics["final"]["epsilon"]:
-        ax2.plot(xs, [r["epsilon"][name] for r in rows], marker=".", linewidth=0.8)
-    ax2.axhline(metrics["settings"]["epsilon"], color="red", linestyle="--", label="budget")
-    ax2.set_xticks(ticks)
-    ax2.set_xlabel("round")
-    ax2.set_ylabel(f"epsilon (RDP, delta={metrics['delta']:g})")
-    ax2.set_title("Privacy spent, one line per client")
-    ax2.legend(fontsize=8)
+    plot_epsilon_per_round(ax2, rows, clients=metrics["final"]["epsilon"], budget=metrics["settings"]["epsilon"],
+                           accountant="rdp", delta=metrics["delta"], ticks=ticks, label_clients=False,
+                           title="Privacy spent, one line per client")
     counts = np.array(list(metrics["client_label_counts"].values()))
     bottom = np.zeros(len(counts))
     for c, label in enumerate(CLASS_NAMES):

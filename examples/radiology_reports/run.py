@@ -53,6 +53,7 @@ from secfedtl.runtime.centring import FeatureMeanTask, secure_feature_mean
 from secfedtl.runtime.federation import Federation, RoundReport
 from secfedtl.runtime.node import ClientNode, standard_tasks
 from secfedtl.runtime.pool import LocalPool
+from secfedtl.runtime.report import plot_epsilon_per_round
 from secfedtl.training import DPTrainingConfig, PrivateClient, flatten_delta
 from secfedtl.training.dpsgd import sample_rate_for
 from secfedtl.transfer.caching import cached_features
@@ -416,14 +417,8 @@ def plot(metrics: dict[str, Any], path: Path) -> None:
     ax1.set_ylabel("accuracy")
     ax1.set_title(f"Global model, {metrics['mode']}")
     ax1.legend(fontsize=7)
-    for name in metrics["final"]["epsilon"]:
-        ax2.plot(xs, [r["epsilon"].get(name, math.nan) for r in rows], marker="o", label=name)
-    ax2.axhline(metrics["final"]["epsilon_budget"], color="red", linestyle="--", label="budget")
-    ax2.set_xticks(xs)
-    ax2.set_xlabel("round")
-    ax2.set_ylabel(f"epsilon ({metrics['settings']['accountant'].upper()}, delta={metrics['final']['delta']:g})")
-    ax2.set_title("Privacy spent per hospital")
-    ax2.legend(fontsize=7)
+    plot_epsilon_per_round(ax2, rows, clients=metrics["final"]["epsilon"], budget=metrics["final"]["epsilon_budget"],
+                           accountant=metrics["settings"]["accountant"], delta=metrics["final"]["delta"])
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -47,6 +47,7 @@ from secfedtl.runtime import wire
 from secfedtl.runtime.federation import Federation, RoundReport
 from secfedtl.runtime.node import ClientNode, TaskOutput, standard_tasks
 from secfedtl.runtime.pool import ClientPool, LocalPool, ProcessPool
+from secfedtl.runtime.report import plot_epsilon_per_round
 from secfedtl.training import DPTrainingConfig, PrivateClient, flatten_delta, unflatten_delta
 from secfedtl.training.dpsgd import sample_rate_for
 from secfedtl.transfer.freezing import HeadOnly
@@ -675,14 +676,8 @@ def _plot(metrics: dict[str, Any], path: Path) -> None:
     ax1.set_ylabel("test accuracy")
     ax1.set_title("Global model accuracy per round")
     ax1.legend(fontsize=8)
-    for name in metrics["final"]["epsilon"]:
-        ax2.plot(xs, [r["epsilon"].get(name, math.nan) for r in rows], marker="o", label=name)
-    ax2.axhline(metrics["epsilon_budget"], color="red", linestyle="--", label="budget")
-    ax2.set_xticks(xs)
-    ax2.set_xlabel("round")
-    ax2.set_ylabel(f"epsilon (RDP, delta={metrics['delta']:g})")
-    ax2.set_title("Privacy spent per hospital")
-    ax2.legend(fontsize=8)
+    plot_epsilon_per_round(ax2, rows, clients=metrics["final"]["epsilon"], budget=metrics["epsilon_budget"],
+                           accountant=metrics["accountant"], delta=metrics["delta"])
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
