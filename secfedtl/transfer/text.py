@@ -123,9 +123,20 @@ def _additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
 
-def _run_layer(layer: nn.Module, hidden: torch.Tensor, extended: torch.Tensor) -> torch.Tensor:
-    out = layer(hidden, extended)
-    return out[0] if isinstance(out, tuple) else out  # transformers < 5 returns a tuple
+def _run_blocks(layers: Sequence[nn.Module], hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``hidden`` through the transformer ``layers`` in order, padding masked out."""
+    extended = _additive_mask(mask, hidden.dtype)
+    for layer in layers:
+        out = layer(hidden, extended)
+        hidden = out[0] if isinstance(out, tuple) else out  # transformers < 5 returns a tuple
+    return hidden
+
+
+def _encode(embeddings: nn.Module, layers: Sequence[nn.Module],
+            tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hidden states, attention mask)`` of ``tokens`` after the embeddings and ``layers``."""
+    ids, mask = _check_tokens(tokens)
+    return _run_blocks(layers, embeddings(input_ids=ids), mask), mask
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
@@ -162,11 +173,7 @@ class SentenceEncoder(_FrozenEval):
         self.eval()
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        ids, mask = _check_tokens(tokens)
-        hidden = self.embeddings(input_ids=ids)
-        extended = _additive_mask(mask, hidden.dtype)
-        for layer in self.layers:
-            hidden = _run_layer(layer, hidden, extended)
+        hidden, mask = _encode(self.embeddings, self.layers, tokens)
         return mean_pool(hidden, mask, normalize=self.normalize)
 
 
@@ -180,11 +187,7 @@ class _Prefix(_FrozenEval):
         self.layers = nn.ModuleList(layers)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        ids, mask = _check_tokens(tokens)
-        hidden = self.embeddings(input_ids=ids)
-        extended = _additive_mask(mask, hidden.dtype)
-        for layer in self.layers:
-            hidden = _run_layer(layer, hidden, extended)
+        hidden, mask = _encode(self.embeddings, self.layers, tokens)
         return torch.cat([hidden, mask.unsqueeze(-1).to(hidden.dtype)], dim=-1)
 
 
@@ -209,9 +212,7 @@ class _Suffix(nn.Module):
         if packed.dim() != 3 or packed.shape[-1] != width:
             raise InputError(f"expected (batch, length, {width}) features, got {tuple(packed.shape)}")
         hidden, mask = packed[..., :-1], packed[..., -1]
-        extended = _additive_mask(mask, hidden.dtype)
-        for layer in self.blocks:
-            hidden = _run_layer(layer, hidden, extended)
+        hidden = _run_blocks(self.blocks, hidden, mask)
         return self.classifier(mean_pool(hidden, mask, normalize=self.normalize))
 
 
