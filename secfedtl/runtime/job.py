@@ -609,8 +609,10 @@ def run_federation(config: JobConfig, source: Source, federation: Federation, ou
                 personal_status[name] = f"{info['status']}: {info.get('reason', '')}"
     # Each hospital's own best model: its personalised one, or the federated one where it could
     # not personalise (e.g. its budget was spent), pooled over the same test rows as the federated.
-    deployed = {n: personalised[n] if personal_status.get(n) == "ok" else final[n] for n in final}
-    _, personal_pooled = _pooled(deployed, "test") if personal else (None, None)
+    personal_pooled = None
+    if personal:
+        deployed = {n: personalised[n] if personal_status.get(n) == "ok" else final[n] for n in final}
+        _, personal_pooled = _pooled(deployed, "test")
     if (out / "ledger.jsonl").exists():
         spent = _spent_from_ledger(out / "ledger.jsonl", config["job"]["clients"])
         eps_main = {n: compute_epsilon(ev, delta, accountant=config["privacy"]["accountant"]) if ev else 0.0
