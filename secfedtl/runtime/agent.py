@@ -201,11 +201,11 @@ class NodeAgent:
 
 def build_hospital_agent(config: Any, name: str, out: Path, socket_path: Path, *,
                          node_name: str | None = None) -> NodeAgent:
-    """The agent of hospital ``name`` of a job: its own ledger and budgets under ``out``.
-    ``node_name`` (default ``name``) is the name the node answers to (tests run a second node
-    from one hospital's data under another name)."""
-    from secfedtl.privacy.ledger import Ledger
-    from secfedtl.runtime.job import build_client_node, build_source
+    """The agent of hospital ``name`` of a job: its privacy state (ledger and budget, kept across
+    jobs) in ``out/privacy``, its local reports under it. ``node_name`` (default ``name``) is the
+    name the node answers to (tests run a second node from one hospital's data under another
+    name). The agent holds the state's lock until it stops."""
+    from secfedtl.runtime.job import build_client_node, build_source, open_hospital_state
 
     from secfedtl.errors import ConfigError
 
@@ -213,7 +213,8 @@ def build_hospital_agent(config: Any, name: str, out: Path, socket_path: Path, *
         raise ConfigError("[selection] runs with the in-process runners only; name the chosen source in [model]")
     out.mkdir(parents=True, exist_ok=True)
     source = build_source(config)
-    hospital = build_client_node(config, name, source, Ledger(out / "ledger.jsonl"), out / "budgets")
+    state = open_hospital_state(config, name, source.centres, out / "privacy")
+    hospital = build_client_node(config, name, source, state)
     if node_name is not None:
         hospital.node.name = node_name
     return NodeAgent(hospital.node, socket_path)
@@ -224,7 +225,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="job TOML file (default: the bundled heart job)")
     parser.add_argument("--hospital", required=True, help="which of the job's clients this node is")
     parser.add_argument("--out", type=Path, required=True,
-                        help="this hospital's directory: ledger.jsonl and budgets/ (kept across runs)")
+                        help="this hospital's directory: its privacy state (privacy/<hospital>/ledger.jsonl, "
+                             "state.json, local reports) is kept there across runs")
     parser.add_argument("--socket", type=Path, required=True,
                         help="Unix socket the ClientApp relay connects to (node-config key 'agent')")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for local training")
