@@ -171,7 +171,7 @@ def run_dp_sgd(
     """
     if not isinstance(randomness, Randomness):
         raise ConfigError("randomness must be a secfedtl.privacy.randomness.Randomness")
-    if config.secure_mode and (noise_generator is not None or not randomness.secure_noise):
+    if config.secure_mode and noise_generator is not None:
         raise ConfigError("secure_mode draws noise from the OS CSPRNG; do not pass a noise generator")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:

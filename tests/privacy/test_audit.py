@@ -26,9 +26,9 @@ def ledger_path(tmp_path: Path) -> Path:
     path = tmp_path / "ledger.jsonl"
     ledger = Ledger(path)
     for r in range(3):
-        ledger.complete(ledger.begin(client="h1", round=r, event=A, delta=1e-5, model_hash="m"))
-    ledger.complete(ledger.begin(client="h2", round=0, event=B, delta=1e-6, model_hash="m"))
-    ledger.begin(client="h2", round=1, event=A, delta=1e-6, model_hash="m")  # crashed
+        ledger.complete(ledger.begin(client="h1", round=r, event=A, delta=1e-5, model_hash="m", release="test", randomness="csprng"))
+    ledger.complete(ledger.begin(client="h2", round=0, event=B, delta=1e-6, model_hash="m", release="test", randomness="csprng"))
+    ledger.begin(client="h2", round=1, event=A, delta=1e-6, model_hash="m", release="test", randomness="csprng")  # crashed
     return path
 
 
