@@ -290,12 +290,16 @@ class Source:
         return state_hash(self.model)
 
 
-def build_source(config: JobConfig, spec: dict[str, Any] | None = None) -> Source:
+def build_source(config: JobConfig, spec: dict[str, Any] | None = None, *,
+                 centres: dict[str, Any] | None = None) -> Source:
     """Load the data and train the source model on the public centre (deterministic for a seed).
-    ``spec`` (one of :meth:`JobConfig.source_specs`) defaults to the first candidate."""
+    ``spec`` (one of :meth:`JobConfig.source_specs`) defaults to the first candidate. ``centres``
+    (default :func:`build_centres`) replaces the bundled data, for simulations on other centres
+    (examples/heart_selection/tune_on_source.py runs the job on pseudo-hospitals cut from the
+    public source centre)."""
     job, mcfg = config["job"], config["model"]
     spec = config.source_specs()[0] if spec is None else spec
-    centres = build_centres(config)
+    centres = build_centres(config) if centres is None else centres
     src = centres[job["source"]]
     model, info = train_source(src.x_train, src.y_train, hidden=spec["hidden"] if spec["kind"] == "mlp" else 0,
                                epochs=mcfg["source_epochs"], lr=mcfg["source_lr"], weight_decay=spec["weight_decay"],
@@ -623,11 +627,12 @@ class Experimenter:
 
 
 def build_job(config: JobConfig, out: Path, *, resume: bool = False, workers: int | None = None,
-              state_dir: Path | None = None) -> HeartJob:
+              state_dir: Path | None = None, centres: dict[str, Any] | None = None) -> HeartJob:
     """Train the source model, open every hospital's privacy state (in ``state_dir``, default
     :func:`state_root`), build its node and the server. ``workers`` (default: the config's
     ``job.workers``) > 0 runs the nodes in that many forked worker processes; 0 runs them in this
-    process, one after the other."""
+    process, one after the other. ``centres`` (default :func:`build_centres`: the bundled UCI
+    centres) runs the same job on other data, keyed by the config's source and client names."""
     out.mkdir(parents=True, exist_ok=True)
     if not resume and (out / "checkpoint.json").exists():
         raise ConfigError(f"{out} holds a run: use --resume to continue it, or another --out")
@@ -635,16 +640,16 @@ def build_job(config: JobConfig, out: Path, *, resume: bool = False, workers: in
     root = state_root(config, state_dir)
     states: dict[str, PrivacyState] = {}
     try:
-        centres = build_centres(config)
+        centres = build_centres(config) if centres is None else centres
         for name in config["job"]["clients"]:
             states[name] = open_hospital_state(config, name, centres, root)
         selection: dict[str, Any] | None = None
         if "selection" in config.sections:
-            candidates = [build_source(config, spec) for spec in config.source_specs()]
+            candidates = [build_source(config, spec, centres=centres) for spec in config.source_specs()]
             selection = select_source(config, out, candidates, states, workers=workers)
             source = candidates[selection["index"]]
         else:
-            source = build_source(config)
+            source = build_source(config, centres=centres)
         hospitals = {name: build_client_node(config, name, source, states[name]) for name in config["job"]["clients"]}
     except BaseException:
         for state in states.values():
