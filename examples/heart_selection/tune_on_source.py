@@ -76,7 +76,7 @@ PSEUDO = {"pseudo_hungary": ("hungary", 140), "pseudo_switzerland": ("switzerlan
 #: Where the search starts: the middle of each candidate list below (= the defaults before this
 #: procedure, which the old private-validation tuning chose; see the module docstring).
 START: dict[str, dict[str, Any]] = {
-    "model": {"kind": "linear"},
+    "model": {"kind": "linear", "source_weight_decay": 0.1, "hidden": 32},
     "training": {"lr": 0.2, "epochs": 2, "l2sp": 0.05, "expected_batch_size": 16},
     "server": {"optimizer": "fedavg", "lr": 1.0},
     "job": {"rounds": 3},
@@ -86,6 +86,8 @@ START: dict[str, dict[str, Any]] = {
 #: value}} override (several keys change together for the server optimizer).
 SEARCH: list[tuple[str, list[dict[str, dict[str, Any]]]]] = [
     ("model kind", [{"model": {"kind": "linear"}}, {"model": {"kind": "mlp"}}]),
+    ("source weight decay", [{"model": {"source_weight_decay": v}} for v in (0.01, 0.1, 0.3)]),
+    ("hidden (mlp only)", [{"model": {"hidden": v}} for v in (16, 32, 64)]),
     ("training lr", [{"training": {"lr": v}} for v in (0.05, 0.1, 0.2, 0.5, 1.0)]),
     ("epochs", [{"training": {"epochs": v}} for v in (1, 2, 4)]),
     ("expected_batch_size", [{"training": {"expected_batch_size": v}} for v in (8, 16, 24)]),
