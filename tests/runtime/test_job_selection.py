@@ -48,9 +48,11 @@ def selection(**changes: object) -> dict:
 
 def test_selection_section_is_optional_and_completed_from_model():
     assert "selection" not in config_with().sections
-    assert config_with().source_specs() == [{"kind": "linear", "hidden": 0, "weight_decay": 0.1}]
-    assert config_with(**{"model__kind": "mlp"}).source_specs() == [{"kind": "mlp", "hidden": 32, "weight_decay": 0.1}]
-    cfg = config_with(selection())
+    model = {"model__hidden": 32, "model__source_weight_decay": 0.1}
+    assert config_with(**model, model__kind="linear").source_specs() == [
+        {"kind": "linear", "hidden": 0, "weight_decay": 0.1}]
+    assert config_with(**model, model__kind="mlp").source_specs() == [{"kind": "mlp", "hidden": 32, "weight_decay": 0.1}]
+    cfg = config_with(selection(), **model)
     assert cfg.source_specs() == [{"kind": "mlp", "hidden": 8, "weight_decay": 0.1},
                                   {"kind": "linear", "hidden": 0, "weight_decay": 0.1}]
     assert JobConfig.from_mapping(cfg.to_dict()).source_specs() == cfg.source_specs()  # config.json round trip
