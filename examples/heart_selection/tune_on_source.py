@@ -2,28 +2,35 @@
 
     PYTHONPATH=. python examples/heart_selection/tune_on_source.py --out runs/tune_on_source
 
+(800 pseudo-federated jobs: about 17 minutes on 2 busy cores; ``--repeats 8 --passes 1`` takes a
+few minutes, with noisier scores.)
+
 How the bundled defaults of ``secfedtl/configs/heart.toml`` were chosen (docs/results.md). No
 private hospital's row (Hungary, Switzerland, VA Long Beach) and no test split (not even
 Cleveland's) is read: the script loads the bundled data, keeps Cleveland's *training* rows and
 drops everything else before it does anything.
 
-Each repeat ``r`` (a tuning seed) cuts Cleveland's training rows into
+Each repeat ``r`` (a tuning seed, also the job seed) cuts Cleveland's training rows as follows
+(:func:`pseudo_centres`). The job splits a hospital's rows into fit and validation by a keyed
+hash of each row under the job seed's public key, so every row's side is known in advance.
 
-* a **pseudo-source** (``--source-fraction`` of the rows, 1/2 by default) that trains the source
-  model exactly as the job trains it on Cleveland (same ``train_source``: epochs chosen on a
-  validation split of the source's own rows, constant inputs zeroed);
-* three **pseudo-hospitals**, disjoint pools of the remaining rows in proportion to the real
-  hospitals' declared counts (140 : 25 : 70). Cleveland has 199 training rows, fewer than the
-  real private hospitals together (287), so each pool is resampled *with replacement* up to the
-  size a hospital with that declared count has (``declared / (1 - validation_fraction)`` rows:
-  175, 31, 88). Each pseudo-hospital declares the real declared count (140, 25, 70), so its
-  sample rate, steps and noise multiplier, i.e. the whole DP mechanism, are the real job's, and
-  its expected batch really holds about ``expected_batch_size`` rows.
+* The validation-side rows (about 40 of 199) are shared out among three **pseudo-hospitals** in
+  proportion to the real hospitals' declared counts (140 : 25 : 70): the pseudo-validation data.
+* Of the fit-side rows, ``--source-fraction`` of all rows (100) form the **pseudo-source**, which
+  trains the source model exactly as the job trains it on Cleveland (same ``train_source``: epochs
+  chosen on a validation split of the source's own rows, constant inputs zeroed); the rest (about
+  60) are the pseudo-hospitals' fit pools, in the same proportion.
+* Cleveland has fewer training rows than the private hospitals together (199 against 287), so a
+  pseudo-hospital's fit part is its real declared count (140, 25, 70) of rows drawn *with
+  replacement* from its pool, and it declares that count: its sample rate, steps and noise
+  multiplier, i.e. its whole DP mechanism, are the real hospital's, and an expected batch really
+  holds about ``expected_batch_size`` rows. Duplicates hash alike, so the job's own split gives
+  it exactly these fit and validation rows.
 
 The job then runs through the library's own code path (``build_job`` with these centres: the
-same record-stable fit/validation split, whose keyed hash keeps duplicated rows on one side, the
-same DP-SGD client and budget calibration for epsilon 1 / delta 1e-5, secure aggregation, the
-server optimizer, and personalisation), and the score is the **pooled pseudo-validation
+same record-stable fit/validation split, the same DP-SGD client and budget calibration for
+epsilon 1 / delta 1e-5, secure aggregation, the server optimizer, and personalisation), and the
+score is the **pooled pseudo-validation
 accuracy** over the three pseudo-hospitals: of the final global model, and of the personalised
 models (each pseudo-hospital's own). A configuration's score is the mean over the repeats of
 ``(global + personalised) / 2``. The repeats use the same partitions for every configuration
