@@ -164,6 +164,7 @@ def test_seeded_and_v1_entries_are_never_certified(tmp_path: Path, capsys: pytes
     v1 = audit_ledger(old)
     assert v1.client("old").releases[0].randomness == "unrecorded" and not v1.certified
     assert v1.client("old").epsilon == pytest.approx(compute_epsilon([A], 1e-5, "rdp"))
+    capsys.readouterr()
     assert cli_main(["audit", str(old), "--json"]) == 3
     assert json.loads(capsys.readouterr().out)["certified"] is False
 
