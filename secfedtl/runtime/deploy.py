@@ -62,6 +62,7 @@ phase-timeout = 300.0      # seconds a phase waits for replies; a node silent lo
 discovery-timeout = 300.0  # seconds to wait for every hospital's node to say hello
 poll-interval = 0.2        # seconds between pulls of replies
 agent-dir = ""             # simulation only: agents listen on <agent-dir>/partition-<k>.sock
+record-view = false        # write every message the server receives to <out>/server_view.jsonl (audits)
 """
 
 #: Environment of every Flower process started here: no telemetry or update checks (they try

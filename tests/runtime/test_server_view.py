@@ -35,15 +35,9 @@ from secfedtl.runtime import job as job_mod
 from secfedtl.runtime import wire
 from secfedtl.runtime.job import JobConfig, run_job
 from secfedtl.runtime.pool import LocalPool, ProcessPool
-from secfedtl.secagg import codec
-from secfedtl.secagg import messages as m
+from secfedtl.testing.server_view import classify
 
 HOSPITALS = ("hungary", "switzerland", "va")
-#: Every reply body a node may send besides masked payloads and protocol key material.
-ALLOWED_REPLIES = {("ready", ()), ("done", ()), ("refused", (("reason", "budget"),)),
-                   ("failed", (("reason", "failed"),)), ("failed", (("reason", "unknown task"),))}
-
-
 def small_config(**privacy: Any) -> JobConfig:
     data = JobConfig.load(None).to_dict()
     data["job"]["rounds"] = 1
@@ -69,29 +63,6 @@ def record_views(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, str, b
 
         monkeypatch.setattr(cls, "exchange", exchange)
     return log
-
-
-def classify(blob: bytes) -> tuple[str, Any]:
-    """What one client-to-server message is, field by field; raises AssertionError for anything
-    that is not a masked payload, key material, or a data-free status."""
-    msg = wire.decode(blob)
-    if isinstance(msg, wire.TaskReply):
-        body = (msg.status, tuple(sorted(msg.info.items())))
-        assert body in ALLOWED_REPLIES, f"a reply carries {body}"
-        return "status", body
-    assert isinstance(msg, wire.SecAggFrame), type(msg)
-    inner = codec.decode(msg.data)
-    if isinstance(inner, m.AdvertiseKeys):  # fresh public keys (and a signature over them)
-        return "keys", (inner.enc_public_key, inner.mask_public_key, inner.signature)
-    if isinstance(inner, m.EncryptedShares):  # AEAD boxes for other clients
-        return "boxes", inner.ciphertexts
-    if isinstance(inner, m.MaskedInput):  # the masked payload
-        return "masked", inner.vector
-    if isinstance(inner, m.ConsistencyResponse):
-        return "signature", inner.signature
-    if isinstance(inner, m.UnmaskResponse):  # shares of protocol seeds, never of the input
-        return "unmask", (inner.self_mask_shares, inner.mask_key_shares)
-    raise AssertionError(f"unexpected message {type(inner).__name__}")
 
 
 @pytest.mark.parametrize("workers", [0, 2])
