@@ -311,37 +311,49 @@ class ServerSession:
                  ) -> tuple[dict[tuple[str, int], bytes], set[int]]:
         """Every wanted secret, from the shares of responders not caught lying; and those caught.
 
-        A responder whose share of any secret is shown wrong is set aside for every secret, and
-        each secret recovered with its help is recovered again without it (a secret recovered
-        from exactly ``t`` shares, one of them a liar's, is not trusted)."""
+        Each pass tries every secret not yet recovered. A responder whose share of any secret is
+        shown wrong is set aside for every secret, each secret recovered with its help is
+        recovered again without it (one recovered from exactly ``t`` shares, a liar's among them,
+        is not trusted), and the pass is repeated: a secret with too many wrong shares to locate
+        may become recoverable once liars caught elsewhere are set aside. When a pass catches no
+        one and some secret is still not recovered, the round cannot be finished."""
         t = self.params.config.threshold
         rejected: set[int] = set()
         done: dict[tuple[str, int], tuple[bytes, frozenset[int]]] = {}  # secret, responders used
         while True:
-            todo = [key for key in wanted if key not in done]
-            if not todo:
-                return {key: secret for key, (secret, _) in done.items()}, rejected
-            for key in todo:
+            caught: set[int] = set()
+            failures: list[str] = []
+            for key in wanted:
+                if key in done:
+                    continue
                 kind, owner = key
                 what = (f"client {owner}'s self-mask seed" if kind == "seed"
                         else f"dropped client {owner}'s mask key")
                 have = {r + 1: share for r, share in shares.get(key, {}).items() if r not in rejected}
                 if len(have) < t:
-                    caught = f" (clients {sorted(rejected)} set aside for wrong shares)" if rejected else ""
-                    raise TooFewSurvivorsError(f"only {len(have)} shares of {what}{caught}, {t} required")
+                    aside = f" (clients {sorted(rejected)} set aside for wrong shares)" if rejected else ""
+                    failures.append(f"only {len(have)} shares of {what}{aside}, {t} required")
+                    continue
                 try:
                     found = shamir.recover(have, threshold=t)
                 except ReconstructionError as exc:
-                    raise TooFewSurvivorsError(f"{what} cannot be recovered from its shares: {exc}") from exc
+                    failures.append(f"{what} cannot be recovered from its shares: {exc}")
+                    continue
                 if found.rejected:
-                    liars = {x - 1 for x in found.rejected}
-                    rejected |= liars
-                    done = {k: v for k, v in done.items() if not v[1] & liars}
-                    break  # start again with the liars' shares set aside everywhere
+                    caught |= {x - 1 for x in found.rejected}
+                    continue  # recovered again once the liars are set aside everywhere
                 if kind == "key" and cp.x25519_public(found.secret) != self._adverts[owner].mask_public_key:
-                    raise TooFewSurvivorsError(f"{what} cannot be recovered: its shares give another key "
-                                               "than the one it advertised")
+                    failures.append(f"{what} cannot be recovered: its shares give another key than the one "
+                                    "it advertised")
+                    continue
                 done[key] = (found.secret, frozenset(x - 1 for x in have))
+            if caught:
+                rejected |= caught
+                done = {k: v for k, v in done.items() if not v[1] & caught}
+                continue
+            if failures:
+                raise TooFewSurvivorsError("; ".join(failures[:3]) + ("; ..." if len(failures) > 3 else ""))
+            return {key: secret for key, (secret, _) in done.items()}, rejected
 
     def result(self) -> AggregateResult:
         if self.state is not ServerState.DONE or self._result is None:
