@@ -185,6 +185,22 @@ def test_a_client_speaking_for_another_is_a_dropout():
     assert out.silent == {"c0": "mask"}
 
 
+def test_an_undecryptable_share_box_makes_its_recipients_drop_out_and_the_round_fail_cleanly():
+    """The limit docs/protocol.md states: the server cannot see that a box is garbage; each
+    recipient aborts its session and falls silent from 'mask'. Here every honest client is a
+    recipient, so round 0 fails cleanly and round 1 (honest) completes."""
+    def garbage_boxes(msg, session):
+        if isinstance(msg, m.EncryptedShares):
+            return dataclasses.replace(msg, ciphertexts=tuple((v, bytes(len(box))) for v, box in msg.ciphertexts))
+        return msg
+
+    fed, tasks = build(5, {"c0": garbage_boxes})
+    reports = fed.run(2)
+    assert [r.status for r in reports] == ["failed", "ok"]
+    assert reports[0].silent == {n: "mask" for n in tasks if n != "c0"}
+    assert set(reports[1].included) == set(tasks)
+
+
 # --- decoder bounds ---------------------------------------------------------------------------
 
 

@@ -211,3 +211,25 @@ def test_a_crafted_share_among_exactly_t_is_not_detected():
     assert outcome.ok and outcome.result.rejected == ()
     expect = expected_field_sum(rnd.vectors, outcome.result.included, 32)
     assert not np.array_equal(outcome.result.field_sum.astype(np.uint64), expect)
+
+
+def test_a_dealer_with_one_bad_share_gets_the_honest_holder_set_aside(monkeypatch):
+    """The server cannot tell a share its holder changed from one its dealer made wrong: client 0
+    deals client 5 a wrong share of its own self-mask seed, and honest client 5 is the one set
+    aside (its input stays in; the sum is exact)."""
+    from secfedtl.secagg import client as client_mod
+
+    rnd = make_round(SecAggConfig(num_clients=8, threshold=4, neighbors=7), seed=6)
+    dealer_seed = rnd.clients[0]._self_seed  # noqa: SLF001
+    real_split = shamir.split
+
+    def split(secret, *, threshold, xs):
+        shares = real_split(secret, threshold=threshold, xs=xs)
+        if secret == dealer_seed:
+            shares[6] = _shifted(shares[6])  # the share for client 5 (x = 5 + 1)
+        return shares
+
+    monkeypatch.setattr(client_mod.shamir, "split", split)
+    outcome = drive(rnd.server, rnd.exchange)
+    _assert_exact(rnd, outcome)
+    assert outcome.result.rejected == (5,) and outcome.result.included == tuple(range(8))
