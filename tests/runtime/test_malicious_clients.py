@@ -307,3 +307,20 @@ def test_task_options_of_the_wrong_type_are_a_failed_reply_not_a_crash(names):
     assert reply.status == "failed" and reply.info == {"reason": "RemoteProtocolError"}
     out = LocalPool({"h": node}).exchange({"h": [wire.encode(request)]}, phase="task")
     assert wire.decode(out["h"][0]).status == "failed"
+
+
+def test_a_batch_claiming_more_items_than_fit_is_refused_before_reading_any():
+    from secfedtl.runtime.batch import pack_batch, unpack_batch
+
+    blob = pack_batch(7, [("c0", b"x")])
+    forged = blob[:12] + struct.pack(">I", 0xFFFFFFFF) + blob[16:]
+    with pytest.raises(DecodeError, match="cannot fit"):
+        unpack_batch(forged)
+    assert unpack_batch(blob) == (7, [("c0", b"x")])
+
+
+def test_the_wire_size_limit_is_checked_before_the_bytes_are_copied():
+    big = memoryview(bytearray(1 << 20))
+    with pytest.raises(DecodeError, match="over the limit"):
+        wire.decode(big, max_bytes=1024)
+    assert _peak_bytes(lambda: wire.decode(big, max_bytes=1024)) < 64 * 1024
