@@ -105,7 +105,8 @@ class TooFewSurvivorsError(SecFedTLError):
     """Fewer participants than the threshold remain; the aggregate cannot be computed safely.
 
     Raised by a client that refuses to continue, and by the server (or :func:`simulate`) when a
-    phase ends with too few participants. Never accompanied by a partial or wrong result."""
+    phase ends with too few participants, or when the shares that came back cannot recover the
+    sum (too few from clients not caught lying). Never accompanied by a partial result."""
 
 
 # --- privacy -----------------------------------------------------------------------------------

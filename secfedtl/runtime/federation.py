@@ -42,14 +42,14 @@ import numpy as np
 from secfedtl._atomic import atomic_write
 from secfedtl.aggregation import ServerOptimizer
 from secfedtl.aggregation.optimizers import decode_vector, encode_vector
-from secfedtl.errors import ConfigError, DecodeError, InputError, SecFedTLError, TooFewSurvivorsError
+from secfedtl.errors import ConfigError, DecodeError
 from secfedtl.runtime import wire
 from secfedtl.runtime.pool import ClientPool
 from secfedtl.secagg import codec
 from secfedtl.secagg.config import SecAggConfig
+from secfedtl.secagg.driver import Phase, drive
 from secfedtl.secagg.server import ServerSession
 from secfedtl.secagg.session import SessionParams
-from secfedtl.secagg.simulate import REPLY_PHASE
 
 CHECKPOINT_VERSION = 2
 TIMES = ("task_phase", "secure_aggregation", "aggregation", "plain_fedavg_sum")
@@ -246,40 +246,33 @@ class Federation:
                                vector_length=vector_length + 1, context=bytes.fromhex(digest))
         index = {name: i for i, name in enumerate(members)}
         server = ServerSession(params=params)
+
+        def secagg_exchange(phase: Phase, requests: Mapping[int, Sequence[Any]]) -> dict[int, list[Any]]:
+            """The round driver's transport: wire frames over the pool, one exchange per phase."""
+            if phase.request is None:  # open the session: each member joins as its party index
+                out = {members[i]: [wire.encode(wire.Join(round=round, index=i, session=params))] for i in requests}
+            else:
+                out = {members[i]: [wire.encode(wire.SecAggFrame(round=round, data=codec.encode(msg)))
+                                    for msg in msgs] for i, msgs in requests.items()}
+            answers = self._replies(exchange(out, phase.name), round, wire.SecAggFrame)
+            replies: dict[int, list[Any]] = {}
+            for name, frames in answers.items():
+                if name not in index:
+                    continue
+                try:
+                    replies[index[name]] = [codec.decode(frame.data) for frame in frames]
+                except DecodeError:
+                    continue  # nonsense is silence
+            return replies
+
         t0 = time.perf_counter()
-        outgoing: dict[str, list[bytes]] = {
-            n: [wire.encode(wire.Join(round=round, index=i, session=params))] for n, i in index.items()}
-        phase = "advertise"
-        try:
-            while True:
-                raw = exchange(outgoing, phase)
-                answers = self._replies(raw, round, wire.SecAggFrame)
-                for name in outgoing:
-                    if name not in answers:
-                        silent.setdefault(name, phase)
-                for name, frames in answers.items():
-                    for frame in frames:
-                        try:
-                            message = codec.decode(frame.data)
-                            if getattr(message, "sender", None) != index[name]:
-                                raise InputError("a client spoke for another")
-                            server.receive(message)
-                        except (SecFedTLError, KeyError):
-                            break  # this client's further messages this phase are ignored
-                pending = server.advance()
-                if not pending:
-                    break
-                phase = REPLY_PHASE[type(pending[0])]
-                outgoing = {}
-                for message in pending:
-                    name = members[message.recipient]
-                    outgoing.setdefault(name, []).append(
-                        wire.encode(wire.SecAggFrame(round=round, data=codec.encode(message))))
-        except TooFewSurvivorsError as exc:
-            times["secure_aggregation"] = time.perf_counter() - t0
-            return finish("failed", f"secure aggregation aborted: {exc}")
+        outcome = drive(server, secagg_exchange)
         times["secure_aggregation"] = time.perf_counter() - t0
-        result = server.result()
+        for i, phase in outcome.silent.items():
+            silent.setdefault(members[i], phase)
+        if outcome.result is None:
+            return finish("failed", outcome.reason)
+        result = outcome.result
         total, total_weight = cfg.encoding.decode_sum(result.field_sum)
         included = [members[i] for i in result.included]
         # What a plain (unprotected) FedAvg sum of the same shapes costs, for the overhead figure.

@@ -452,7 +452,8 @@ class SelectTask:
 
     def __call__(self, request: wire.TaskRequest, digest: str) -> TaskOutput:
         opts = request.options
-        if list(opts.get("candidates", [])) != self._hashes:
+        candidates = opts.get("candidates", [])  # server-chosen JSON: compare, never convert
+        if not isinstance(candidates, list) or candidates != self._hashes:
             raise RemoteProtocolError("the request names other source-model candidates")
         if opts.get("mechanism") != selection_options(self._mechanism):
             raise RemoteProtocolError("the request announces another selection mechanism")

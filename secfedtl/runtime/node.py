@@ -93,7 +93,8 @@ class TrainTask:
 
     def check(self, request: wire.TaskRequest) -> dict[str, torch.Tensor]:
         opts = request.options
-        if list(opts.get("names", [])) != self._client.trainable_names:
+        names = opts.get("names", [])  # server-chosen JSON: compare, never convert
+        if not isinstance(names, list) or names != self._client.trainable_names:
             raise RemoteProtocolError("the request trains other parameters than this client's model")
         if self._frozen_hash is not None and opts.get("frozen_hash") != self._frozen_hash:
             raise RemoteProtocolError("the request is for another source model (frozen weights differ)")

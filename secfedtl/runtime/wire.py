@@ -215,9 +215,10 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
     """Parse bytes from :func:`encode`; anything else raises :class:`DecodeError`."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise DecodeError("expected bytes")
+    size = data.nbytes if isinstance(data, memoryview) else len(data)
+    if size > max_bytes:  # before copying anything
+        raise DecodeError(f"message of {size} bytes is over the limit of {max_bytes}")
     data = bytes(data)
-    if len(data) > max_bytes:
-        raise DecodeError(f"message of {len(data)} bytes is over the limit of {max_bytes}")
     if len(data) < _PREFIX.size:
         raise DecodeError("message too short")
     magic, version, kind, head_len = _PREFIX.unpack_from(data)

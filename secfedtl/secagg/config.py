@@ -17,7 +17,11 @@ round ``O(n log n)``. When no sparse graph meets them (small ``n``: the union bo
 clients cannot reach ``2**-40`` with few neighbours), it uses the complete graph with worst-case
 counts instead of probabilities: ``t > max(k / 2, floor(gamma * n))`` and
 ``k - ceil(delta * n) >= t``. A hand-written config is
-checked against the hard rules (``k/2 < t <= k``, no wrap-around, ``n >= 3``).
+checked against the hard rules (``k/2 < t <= k``, no wrap-around, ``3 <= n <= MAX_CLIENTS``).
+
+``MAX_CLIENTS`` bounds the work one session description can cause: a decoder refuses a larger
+session before it builds anything, and nothing a session allocates grows faster than ``n``
+before a party asks for its own neighbours.
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ from secfedtl.errors import ConfigError
 
 PROTOCOL_VERSION = 1
 MIN_CLIENTS = 3
+#: The largest number of clients in one session: the largest ``n`` the parameter rule is stated
+#: for (docs/protocol.md), and the bound on every list a decoder accepts.
+MAX_CLIENTS = 10_000
 
 
 def _binom_tail_ge(k: int, p: float, t: int) -> float:
@@ -80,6 +87,8 @@ class SecAggConfig:
         n = self.num_clients
         if isinstance(n, bool) or not isinstance(n, int) or n < MIN_CLIENTS:
             raise ConfigError(f"secure aggregation needs at least {MIN_CLIENTS} clients, got {n!r}")
+        if n > MAX_CLIENTS:
+            raise ConfigError(f"at most {MAX_CLIENTS} clients in one session, got {n}")
         k = self.degree
         if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= n - 1:
             raise ConfigError(f"neighbors must be an integer in [2, {n - 1}], got {self.neighbors!r}")
@@ -115,8 +124,8 @@ class SecAggConfig:
         if dropout_rate + corrupt_fraction >= 0.5:
             raise ConfigError("dropout_rate + corrupt_fraction must stay below 1/2")
         n = num_clients
-        if isinstance(n, bool) or not isinstance(n, int) or n < MIN_CLIENTS:
-            raise ConfigError(f"secure aggregation needs at least {MIN_CLIENTS} clients")
+        if isinstance(n, bool) or not isinstance(n, int) or not MIN_CLIENTS <= n <= MAX_CLIENTS:
+            raise ConfigError(f"secure aggregation needs {MIN_CLIENTS} to {MAX_CLIENTS} clients")
         sec, cor = 2.0 ** -security_bits, 2.0 ** -correctness_bits
         for k in range(2, n - 1, 2):
             for t in range(k // 2 + 1, k + 1):
