@@ -324,7 +324,8 @@ class ClientNode:
             # Budgets are spent by public mechanisms only, so "refused" says nothing private; the
             # projected epsilon in the exception stays here.
             return [wire.TaskReply(round=request.round, status="refused", info={"reason": "budget"})]
-        except (_SimulatedCrash, SecFedTLError, RuntimeError):
+        except (_SimulatedCrash, SecFedTLError, RuntimeError, TypeError, ValueError, KeyError):
+            # whatever the server's options made a task trip over: a failed reply, never a crash
             return [wire.TaskReply(round=request.round, status="failed", info={"reason": "failed"})]
         if not secure:
             if output.vector is not None:
