@@ -174,6 +174,18 @@ class JobConfig:
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy(self.sections)
 
+    def to_toml(self) -> str:
+        """The configuration as a job file that :meth:`load` reads back to the same sections."""
+        def value(v: Any) -> str:
+            if isinstance(v, dict):
+                return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
+            if isinstance(v, list):
+                return "[" + ", ".join(value(x) for x in v) + "]"
+            return json.dumps(v)
+
+        return "".join(f"[{name}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in section.items()) + "\n"
+                       for name, section in self.sections.items())
+
     def source_specs(self) -> list[dict[str, Any]]:
         """The source-model candidates: ``[selection] candidates``, or the one ``[model]`` names."""
         if "selection" in self.sections:

@@ -273,3 +273,10 @@ def test_resume_after_kill_counts_everything(tmp_path):
         events = [event_from_dict({k: e[k] for k in ("mechanism", "sample_rate", "noise_multiplier", "steps")})
                   for e in begun if e["client"] == name]
         assert eps == pytest.approx(compute_epsilon(events, metrics["delta"]), rel=1e-9)
+
+
+def test_a_config_round_trips_through_its_toml(tmp_path):
+    config = small_config(job__rounds=4)
+    path = tmp_path / "job.toml"
+    path.write_text(config.to_toml(), encoding="utf-8")
+    assert JobConfig.load(path).to_dict() == config.to_dict()

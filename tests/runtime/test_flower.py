@@ -75,16 +75,7 @@ def _config() -> dict:
 
 
 def _write_toml(data: dict, path: Path) -> None:
-    lines = []
-    for section, values in data.items():
-        lines.append(f"[{section}]")
-        for key, value in values.items():
-            if isinstance(value, dict):  # an inline table, e.g. [declared] records
-                inner = ", ".join(f"{k} = {json.dumps(v)}" for k, v in value.items())
-                lines.append(f"{key} = {{ {inner} }}")
-            else:
-                lines.append(f"{key} = {json.dumps(value)}")
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    path.write_text(JobConfig.from_mapping(data).to_toml(), encoding="utf-8")
 
 
 def _started(progress: Path, phase: str, occurrence: int) -> bool:
