@@ -300,7 +300,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", type=Path, nargs="?", default=None,
                         help="job TOML file (default: the bundled heart job)")
     parser.add_argument("--out", type=Path, default=Path("runs/flower"),
-                        help="output: server/ (metrics), hospitals/<name>/ (ledgers), processes/ (logs)")
+                        help="output: server/ (metrics), hospitals/<name>/privacy/ (each hospital's privacy state), "
+                             "processes/ (logs)")
     parser.add_argument("--phase-timeout", type=float, default=120.0,
                         help="seconds a phase waits for a hospital before counting it as a dropout")
 
@@ -310,7 +311,8 @@ def main(args: argparse.Namespace) -> int:
 
     metrics = run_local(args.config, args.out, simulation=args.mode == "simulate", phase_timeout=args.phase_timeout)
     print_summary(metrics)
-    print(f"wrote {args.out / 'server' / 'metrics.json'}; ledgers in {args.out / 'hospitals'}")
+    print(f"wrote {args.out / 'server' / 'metrics.json'}; each hospital's ledger and local reports: "
+          f"{args.out / 'hospitals'}/<name>/privacy/<name>/")
     return 0
 
 
