@@ -89,6 +89,10 @@ _V1_DEFAULTS = {"release": "unrecorded", "randomness": "unrecorded", "params": {
                 "job_id": "", "data_fingerprint": ""}
 
 
+#: Field names every ledger line has; a file that starts with none of them is not a ledger.
+_MARKERS = (b'"prev_hash"', b'"line_hash"', b'"entry_id"')
+
+
 def _canonical(obj: Mapping[str, Any]) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
@@ -167,6 +171,9 @@ def _parse(data: bytes, *, expected_head: str | None = None) -> tuple[list[dict[
     seen_ids: set[str] = set()
     pos = 0
     line_number = 0
+    if data and not any(marker in data[:4096] for marker in _MARKERS):
+        # Not a damaged ledger (a changed, inserted or deleted byte leaves the others): another file.
+        raise LedgerError("not a secfedtl ledger (none of a ledger line's fields in its first 4096 bytes)")
     while pos < len(data):
         line_number += 1
         end = data.find(b"\n", pos)

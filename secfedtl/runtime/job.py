@@ -165,7 +165,11 @@ class JobConfig:
         if path is None:
             text = resources.files("secfedtl.configs").joinpath("heart.toml").read_text(encoding="utf-8")
         else:
-            text = Path(path).read_text(encoding="utf-8")
+            try:
+                text = Path(path).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"cannot read job file {os.fspath(path)!r}: "
+                                  f"{exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}") from exc
         try:
             return cls.from_mapping(tomllib.loads(text))
         except tomllib.TOMLDecodeError as exc:

@@ -174,3 +174,13 @@ def test_an_empty_ledger_is_an_error_not_chain_ok(tmp_path: Path, capsys: pytest
     empty.write_bytes(b"")
     assert cli_main(["audit", str(empty)]) == 2
     assert "empty ledger" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [b"hello\n", b"hello", b'{"a": 1}\n', b"[1, 2]\n"])
+def test_a_file_that_is_not_a_ledger_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                              content: bytes) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_bytes(content)
+    assert cli_main(["audit", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "not a secfedtl ledger" in err and "TAMPERED" not in err

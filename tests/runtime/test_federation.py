@@ -280,3 +280,12 @@ def test_a_config_round_trips_through_its_toml(tmp_path):
     path = tmp_path / "job.toml"
     path.write_text(config.to_toml(), encoding="utf-8")
     assert JobConfig.load(path).to_dict() == config.to_dict()
+
+
+def test_a_missing_job_file_is_one_clear_error(tmp_path, capsys):
+    from secfedtl.cli import main as cli_main
+
+    assert cli_main(["run", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read job file" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
