@@ -100,6 +100,18 @@ class RoundOutcome:
         return self.result is not None
 
 
+def timed_call(clock: Callable[[], float] | None, timings: dict[str, list[float]], key: str,
+               fn: Callable[..., object], *args: object) -> object:
+    """``fn(*args)``; with a ``clock``, its duration is appended to ``timings[key]``."""
+    if clock is None:
+        return fn(*args)
+    t0 = clock()
+    try:
+        return fn(*args)
+    finally:
+        timings.setdefault(key, []).append(clock() - t0)
+
+
 class RoundDriver:
     """Drives one :class:`~secfedtl.secagg.ServerSession` through every phase with ``exchange``.
 
@@ -134,13 +146,7 @@ class RoundDriver:
         return self._phase is None
 
     def _timed(self, key: str, fn: Callable[..., object], *args: object) -> object:
-        if self._clock is None:
-            return fn(*args)
-        t0 = self._clock()
-        try:
-            return fn(*args)
-        finally:
-            self._timings.setdefault(key, []).append(self._clock() - t0)
+        return timed_call(self._clock, self._timings, key, fn, *args)
 
     def _refuse(self, party: int, phase: Phase, why: str) -> None:
         self._silent.setdefault(party, phase.name)

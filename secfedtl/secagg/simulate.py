@@ -22,7 +22,7 @@ from secfedtl.secagg import codec
 from secfedtl.secagg import messages as m
 from secfedtl.secagg.client import ClientSession
 from secfedtl.secagg.config import SecAggConfig
-from secfedtl.secagg.driver import PHASES, REPLY_PHASE, Phase, RoundDriver
+from secfedtl.secagg.driver import PHASES, REPLY_PHASE, Phase, RoundDriver, timed_call
 from secfedtl.secagg.server import AggregateResult, ServerSession
 from secfedtl.secagg.session import SessionParams
 
@@ -150,13 +150,7 @@ class LocalExchange:
         return codec.decode(blob)
 
     def _step(self, phase: str, fn: Callable[..., object], *args: object) -> object:
-        if self._clock is None:
-            return fn(*args)
-        t0 = self._clock()
-        try:
-            return fn(*args)
-        finally:
-            self.timings.setdefault(f"client:{phase}", []).append(self._clock() - t0)
+        return timed_call(self._clock, self.timings, f"client:{phase}", fn, *args)
 
     def __call__(self, phase: Phase, requests: Mapping[int, Sequence[m.Message]]) -> dict[int, list[m.Message]]:
         replies: dict[int, list[m.Message]] = {}
