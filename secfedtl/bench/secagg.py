@@ -29,7 +29,8 @@ from secfedtl.secagg.session import SessionParams
 from secfedtl.secagg.simulate import build_sessions, drive_round
 
 #: Phases timed on both sides, compared as Flower's seconds over secfedtl's.
-COMPARED = ("setup_s", "mask_per_client_s", "server_intake_s", "unmask_s", "server_total_s", "round_wall_s")
+COMPARED = ("setup_s", "mask_per_client_s", "server_intake_s", "unmask_s", "server_total_s", "round_wall_s",
+            "round_cpu_s")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,9 +70,10 @@ def run(args: argparse.Namespace) -> dict:
     clients, server = build_sessions(params, vectors)
     num_dropped = int(round(args.dropout * args.clients))
     dropouts = {i: "mask" for i in range(num_dropped)}
-    t0 = time.perf_counter()
+    load_before = os.getloadavg()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     outcome = drive_round(clients, server, dropouts=dropouts, timed=True)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     tm = outcome.timings
     total = lambda key: float(sum(tm.get(key, [])))  # noqa: E731
     masking = tm.get("client:mask", [])
@@ -88,6 +90,7 @@ def run(args: argparse.Namespace) -> dict:
         "unmask_s": total("server:advance:unmask"),
         "server_total_s": sum(total(k) for k in tm if k.startswith("server:")),
         "round_wall_s": wall,
+        "round_cpu_s": cpu,
         "wire_bytes": outcome.wire_bytes,
         "keystream_gb_per_s": rate / 1e9,
         "mask_keystream_limit_s": limit,
@@ -101,6 +104,8 @@ def run(args: argparse.Namespace) -> dict:
             num_dropped=num_dropped, clipping_range=cfg.clip, modulus_bits=cfg.bits)
         theirs = report["flower"]
         report["flower_over_secfedtl"] = {key: theirs[key] / report[key] for key in COMPARED if report[key] > 0}
+    report["machine"] = {"cpus": os.cpu_count(), "load_average_1m_before": load_before[0],
+                         "load_average_1m_after": os.getloadavg()[0]}
     return report
 
 
@@ -156,5 +161,7 @@ def main(args: argparse.Namespace) -> int:
         for name, key in flower_rows:
             times = f"  ({ratio[key]:.1f}x secfedtl)" if key in ratio else ""
             print(f"  {name:<46} {fl[key]:9.4f} s{times}")
+        print(f"  whole round, CPU time of this process {fl['round_cpu_s']:9.4f} s  "
+              f"({ratio['round_cpu_s']:.1f}x secfedtl's {report['round_cpu_s']:.4f} s)")
         print(f"  mean within quantisation bound: {fl['sum_correct']}")
     return 0

@@ -8,7 +8,8 @@ import pytest
 
 from secfedtl.cli import main
 
-PHASES = {"setup_s", "mask_per_client_s", "server_intake_s", "unmask_s", "server_total_s", "round_wall_s"}
+PHASES = {"setup_s", "mask_per_client_s", "server_intake_s", "unmask_s", "server_total_s", "round_wall_s",
+          "round_cpu_s"}
 
 
 def _bench(capsys, *extra):
