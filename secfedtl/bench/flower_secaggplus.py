@@ -70,7 +70,10 @@ def flower_num_shares(degree: int, num_clients: int) -> int:
 
 
 class _Clock:
-    def __init__(self) -> None:
+    """Seconds per key, read from ``now`` (time.perf_counter: wall; time.process_time: CPU)."""
+
+    def __init__(self, now: Callable[[], float] = time.perf_counter) -> None:
+        self.now = now
         self.seconds: dict[str, list[float]] = {}
 
     def add(self, key: str, seconds: float) -> None:
@@ -82,10 +85,10 @@ class _Clock:
 
 def _through_wire(message: Message, clock: _Clock) -> tuple[Message, int]:
     """The message after Flower's protobuf encoding and decoding; its size in bytes."""
-    t0 = time.perf_counter()
+    t0 = clock.now()
     blob = message_to_proto(message).SerializeToString()
     out = message_from_proto(ProtoMessage.FromString(blob))
-    clock.add("serde", time.perf_counter() - t0)
+    clock.add("serde", clock.now() - t0)
     return out, len(blob)
 
 
@@ -129,7 +132,7 @@ class LocalGrid(Grid):
         return first is not None and STAGES.index(stage) >= STAGES.index(first)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        t_start = time.perf_counter()
+        t_start = self._clock.now()
         replies = []
         for message in messages:
             message.metadata.__dict__["_message_id"] = str(uuid.uuid4())
@@ -140,13 +143,13 @@ class LocalGrid(Grid):
             if self._silent(message.metadata.dst_node_id, stage):
                 continue
             app, context = self._apps[message.metadata.dst_node_id]
-            t0 = time.perf_counter()
+            t0 = self._clock.now()
             reply = app(received, context)
-            self._clock.add(f"client:{stage}", time.perf_counter() - t0)
+            self._clock.add(f"client:{stage}", self._clock.now() - t0)
             back, size = _through_wire(reply, self._clock)
             self.wire_bytes += size
             replies.append(back)
-        self.busy_s += time.perf_counter() - t_start
+        self.busy_s += self._clock.now() - t_start
         return replies
 
 
@@ -169,9 +172,9 @@ def _client_fn(vector: np.ndarray) -> Callable:
 def _timing_mod(clock: _Clock) -> Callable:
     """A mod placed after secaggplus_mod: times the training call that masking must not count."""
     def mod(message: Message, context: Context, call_next: Callable) -> Message:
-        t0 = time.perf_counter()
+        t0 = clock.now()
         out = call_next(message, context)
-        clock.add("client:train", time.perf_counter() - t0)
+        clock.add("client:train", clock.now() - t0)
         return out
     return mod
 
@@ -191,28 +194,30 @@ class _KeepAggregate(FedAvg):
         self.num_results = 0
 
     def aggregate_fit(self, server_round, results, failures):  # noqa: ANN001, ANN201
-        t0 = time.perf_counter()
+        t0 = self._clock.now()
         self.num_results = len(results)
         params: Parameters = results[0][1].parameters
         self.aggregate = parameters_to_ndarrays(params)[0]
-        self._clock.add("server:aggregate_fit", time.perf_counter() - t0)
+        self._clock.add("server:aggregate_fit", self._clock.now() - t0)
         return params, {}
 
 
 def run_secaggplus(vectors: Sequence[np.ndarray], *, num_shares: int, threshold: int, num_dropped: int,
-                   clipping_range: float, modulus_bits: int = 32) -> dict:
+                   clipping_range: float, modulus_bits: int = 32,
+                   clock: Callable[[], float] = time.perf_counter) -> dict:
     """One SecAgg+ round of Flower's workflow and mod over ``vectors``; a report per phase.
 
     The first ``num_dropped`` clients answer the set-up and share-keys stages and then fall silent
     (secfedtl's costly case: their pairwise masks must be removed). Every client's weight is 1,
-    so the workflow's result is the mean of the surviving clients' clipped vectors.
+    so the workflow's result is the mean of the surviving clients' clipped vectors. Phases are
+    timed with ``clock``; the whole round is reported in both wall and CPU seconds.
     """
     n = len(vectors)
     modulus_range = 2 ** min(modulus_bits, 32)  # Flower's masks live below 2**32
     # The largest power-of-two quantisation range whose n-client sum (values up to the range
     # itself, weights as large) cannot wrap around the modulus.
     quantization_range = 2 ** int(np.floor(np.log2((modulus_range - 1) / n)))
-    clock = _Clock()
+    clock = _Clock(clock)
     node_ids = list(range(1001, 1001 + n))
     apps: dict[int, tuple[ClientApp, Context]] = {}
     for node_id, vector in zip(node_ids, vectors, strict=True):
@@ -250,9 +255,9 @@ def run_secaggplus(vectors: Sequence[np.ndarray], *, num_shares: int, threshold:
     t_round, cpu_round = time.perf_counter(), time.process_time()
     try:
         for stage in STAGES:  # the order SecAggPlusWorkflow.__call__ runs them
-            busy0, t0 = grid.busy_s, time.perf_counter()
+            busy0, t0 = grid.busy_s, clock.now()
             ok = stages[stage](grid, context, state)
-            server_s[stage] = time.perf_counter() - t0 - (grid.busy_s - busy0)
+            server_s[stage] = clock.now() - t0 - (grid.busy_s - busy0)
             if not ok:
                 completed = False
                 break

@@ -38,13 +38,14 @@ def test_compare_flower_without_flwr_is_one_clear_error(capsys, monkeypatch):
     assert err.count("\n") == 1 and "--compare-flower needs flwr" in err
 
 
-@pytest.mark.parametrize("neighbors,threshold", [(None, None), ("4", "3")])
-def test_compare_flower_same_run(capsys, neighbors, threshold):
+@pytest.mark.parametrize("neighbors,threshold,clock", [(None, None, "wall"), ("4", "3", "cpu")])
+def test_compare_flower_same_run(capsys, neighbors, threshold, clock):
     pytest.importorskip("flwr")
-    extra = ["--authenticated", "--compare-flower"]
+    extra = ["--authenticated", "--compare-flower", "--clock", clock]
     if neighbors is not None:
         extra += ["--clients", "9", "--dropout", "0.1", "--neighbors", neighbors, "--threshold", threshold]
     report = _bench(capsys, *extra)
+    assert report["clock"] == clock
     flower = report["flower"]
     assert PHASES <= set(flower)
     assert set(report["flower_over_secfedtl"]) <= PHASES
