@@ -25,8 +25,8 @@ import numpy as np
 from secfedtl.crypto.prg import keystream_rate
 from secfedtl.errors import ConfigError
 from secfedtl.secagg.config import SecAggConfig
-from secfedtl.secagg.session import SessionParams
 from secfedtl.secagg.driver import RoundDriver
+from secfedtl.secagg.session import SessionParams
 from secfedtl.secagg.simulate import LocalExchange, build_sessions
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -39,7 +39,9 @@ COMPARED = ("setup_s", "mask_per_client_s", "server_intake_s", "unmask_s", "serv
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--params", type=int, default=1_000_000, help="model parameters per client")
-    parser.add_argument("--neighbors", type=int, default=None, help="SecAgg+ degree (default: complete graph)")
+    parser.add_argument("--neighbors", type=int, default=None,
+                        help="SecAgg+ degree (default: by SecAggConfig.recommended; with only --threshold given, "
+                             "the complete graph)")
     parser.add_argument("--threshold", type=int, default=None, help="Shamir threshold (default: by the rule)")
     parser.add_argument("--dropout", type=float, default=0.05, help="fraction of clients that drop after sharing")
     parser.add_argument("--bits", type=int, default=32)
