@@ -36,6 +36,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from secfedtl.aggregation import make_server_optimizer
+from secfedtl.crypto.primitives import SigningKey
 from secfedtl.data import load_fed_heart_disease, standardize, validation_split
 from secfedtl.errors import AccountingError, ConfigError, RemoteProtocolError
 from secfedtl.privacy.accountants import calibrate_noise_multiplier, compute_epsilon
@@ -47,6 +48,7 @@ from secfedtl.runtime import wire
 from secfedtl.runtime.federation import Federation, RoundReport
 from secfedtl.runtime.node import ClientNode, TaskOutput, standard_tasks
 from secfedtl.runtime.pool import ClientPool, LocalPool, ProcessPool
+from secfedtl.runtime.roster import NodePolicy, Roster
 from secfedtl.runtime.report import plot_epsilon_per_round
 from secfedtl.training import DPTrainingConfig, PrivateClient, flatten_delta, unflatten_delta
 from secfedtl.training.dpsgd import sample_rate_for
@@ -306,9 +308,11 @@ def _client_split(config: JobConfig, name: str, centres: dict[str, Any]) -> tupl
     return k, c, validation_split(c.x_train, c.y_train, job["validation_fraction"], job["seed"] + k)
 
 
-def build_client_node(config: JobConfig, name: str, source: Source, ledger: Ledger, budgets_dir: Path) -> Hospital:
+def build_client_node(config: JobConfig, name: str, source: Source, ledger: Ledger, budgets_dir: Path, *,
+                      identity: SigningKey, roster: Roster, policy: NodePolicy | None = None) -> Hospital:
     """The node of one private hospital: its own data splits, budget guard (on ``ledger``) and
-    DP client, with the ``train``, ``evaluate`` and ``personalise`` tasks. With a ``[selection]``
+    DP client, with the ``train``, ``evaluate`` and ``personalise`` tasks, its signing key
+    ``identity`` and the federation's ``roster`` pinned. With a ``[selection]``
     section the training noise is calibrated so that the selection event plus every planned
     round stay within the budget."""
     job, priv, tcfg = config["job"], config["privacy"], config["training"]
@@ -335,7 +339,7 @@ def build_client_node(config: JobConfig, name: str, source: Source, ledger: Ledg
                            head="head", cache_features=True, noise_generator=noise)
     evaluation = {"test": _dataset(c.x_test, c.y_test), "validation": _dataset(x_val, y_val)}
     node = ClientNode(name=name, tasks=standard_tasks(client, evaluation, frozen_hash=source.frozen_hash),
-                      seed=job["seed"] * 1000 + k)
+                      seed=job["seed"] * 1000 + k, identity=identity, roster=roster, policy=policy)
     return Hospital(name=name, node=node, client=client, guard=guard)
 
 
@@ -404,7 +408,7 @@ def selection_options(mechanism: SelectionMechanism) -> dict[str, Any]:
 
 
 def build_selection_node(config: JobConfig, name: str, candidates: list[Source], ledger: Ledger,
-                         budgets_dir: Path) -> ClientNode:
+                         budgets_dir: Path, *, identity: SigningKey, roster: Roster) -> ClientNode:
     """One hospital's node for source selection: the ``select`` task on its validation split
     (selection noise from ``os.urandom``, whatever ``secure_mode`` says: it is one small draw)."""
     job, priv = config["job"], config["privacy"]
@@ -415,10 +419,12 @@ def build_selection_node(config: JobConfig, name: str, candidates: list[Source],
     guard = BudgetGuard(client=name, budget=budget, ledger=ledger, state_path=budgets_dir / f"{name}.json")
     task = SelectTask(candidates=[c.model for c in candidates], data=_dataset(x_val, y_val),
                       mechanism=selection_mechanism(config), guard=guard)
-    return ClientNode(name=name, tasks={"select": task}, seed=job["seed"] * 1000 + k)
+    return ClientNode(name=name, tasks={"select": task}, seed=job["seed"] * 1000 + k, identity=identity,
+                      roster=roster)
 
 
-def select_source(config: JobConfig, out: Path, candidates: list[Source], *, workers: int) -> dict[str, Any]:
+def select_source(config: JobConfig, out: Path, candidates: list[Source], *, workers: int,
+                  keys: tuple[Roster, dict[str, SigningKey]] | None = None) -> dict[str, Any]:
     """Run DP source selection over the hospitals (one secure round of the ``select`` task) and
     return the record written to ``out/selection.json``. A run that finds that file (``--resume``)
     reuses it. If the secure round fails, the first candidate is kept and the record says why."""
@@ -430,11 +436,13 @@ def select_source(config: JobConfig, out: Path, candidates: list[Source], *, wor
         return saved
     mechanism = selection_mechanism(config)
     ledger = Ledger(out / "ledger.jsonl")
-    nodes = {n: build_selection_node(config, n, candidates, ledger, out / "budgets") for n in config["job"]["clients"]}
+    roster, identities = Roster.generate(config["job"]["clients"]) if keys is None else keys
+    nodes = {n: build_selection_node(config, n, candidates, ledger, out / "budgets", identity=identities[n],
+                                     roster=roster) for n in config["job"]["clients"]}
     pool: ClientPool = ProcessPool(nodes, workers=workers) if workers > 0 else LocalPool(nodes)
     max_samples = config["secagg"]["max_samples"]
     # The server of this one round has no model: secure_round only needs a pool and the encoding.
-    server = Federation(pool=pool, names=["selection"], global_params=np.zeros(1),
+    server = Federation(pool=pool, roster=roster, names=["selection"], global_params=np.zeros(1),
                         optimizer=make_server_optimizer("fedavg", server_lr=1.0), bits=config["secagg"]["bits"],
                         max_samples=max_samples, seed=config["job"]["seed"])
     # Every coordinate of a hospital's vector is at most max_samples * C plus noise; clipping the
@@ -463,11 +471,12 @@ def select_source(config: JobConfig, out: Path, candidates: list[Source], *, wor
     return record
 
 
-def build_server(config: JobConfig, source: Source, pool: ClientPool) -> Federation:
-    """The server side: global model (the source head), optimizer and secure-aggregation settings."""
+def build_server(config: JobConfig, source: Source, pool: ClientPool, roster: Roster) -> Federation:
+    """The server side: global model (the source head), optimizer and secure-aggregation settings;
+    ``roster`` holds the clients' signing public keys."""
     head = source.head
     return Federation(
-        pool=pool, names=list(head), global_params=flatten_delta(head), frozen_hash=source.frozen_hash,
+        pool=pool, roster=roster, names=list(head), global_params=flatten_delta(head), frozen_hash=source.frozen_hash,
         optimizer=make_server_optimizer(config["server"]["optimizer"], server_lr=config["server"]["lr"]),
         clip=config["secagg"]["clip"], bits=config["secagg"]["bits"], max_samples=config["secagg"]["max_samples"],
         seed=config["job"]["seed"])
@@ -516,19 +525,23 @@ def build_job(config: JobConfig, out: Path, *, resume: bool = False, workers: in
     if not resume and ledger_path.exists():
         raise ConfigError(f"{ledger_path} exists: use --resume to continue that run, or another --out")
     workers = config["job"]["workers"] if workers is None else workers
+    # One process plays every hospital: per-run signing keys, and every node pins the roster.
+    roster, identities = Roster.generate(config["job"]["clients"])
     selection: dict[str, Any] | None = None
     if "selection" in config.sections:
         candidates = [build_source(config, spec) for spec in config.source_specs()]
-        selection = select_source(config, out, candidates, workers=workers)
+        selection = select_source(config, out, candidates, workers=workers, keys=(roster, identities))
         source = candidates[selection["index"]]
     else:
         source = build_source(config)
     ledger = Ledger(ledger_path)  # opened after selection: it holds the selection entries
-    hospitals = {name: build_client_node(config, name, source, ledger, out / "budgets")
+    policy = NodePolicy(max_sessions=config["job"]["rounds"])  # one secure session per training round
+    hospitals = {name: build_client_node(config, name, source, ledger, out / "budgets", identity=identities[name],
+                                         roster=roster, policy=policy)
                  for name in config["job"]["clients"]}
     nodes = {n: h.node for n, h in hospitals.items()}
     pool: ClientPool = ProcessPool(nodes, workers=workers) if workers > 0 else LocalPool(nodes)
-    federation = build_server(config, source, pool)
+    federation = build_server(config, source, pool, roster)
     if resume and (out / "checkpoint.json").exists():
         federation.load_state_dict(json.loads((out / "checkpoint.json").read_text(encoding="utf-8")))
     return HeartJob(config=config, out=out, source=source, hospitals=hospitals, federation=federation,
