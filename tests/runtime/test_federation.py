@@ -23,6 +23,7 @@ from secfedtl.privacy.ledger import Ledger
 from secfedtl.runtime import federation as fed_mod
 from secfedtl.runtime import wire
 from secfedtl.runtime.job import JobConfig, build_client_node, build_job, build_server, build_source, run_job
+from secfedtl.runtime.roster import Roster
 from secfedtl.runtime.pool import LocalPool, ProcessPool
 from secfedtl.secagg import codec
 from secfedtl.secagg import messages as m
@@ -141,16 +142,19 @@ def test_round_completes_when_enough_clients_survive(tmp_path):
     config = small_config()
     source = build_source(config)
     ledger = Ledger(tmp_path / "ledger.jsonl")
-    hospitals = {n: build_client_node(config, n, source, ledger, tmp_path / "budgets")
+    twins = {"hungary-2": "hungary", "va-2": "va"}
+    roster, keys = Roster.generate([*config["job"]["clients"], *twins])
+    hospitals = {n: build_client_node(config, n, source, ledger, tmp_path / "budgets", identity=keys[n], roster=roster)
                  for n in config["job"]["clients"]}
     nodes = {n: h.node for n, h in hospitals.items()}
     # Four-client cohorts tolerate one dropout: a second node for two hospitals, under other names.
-    for twin, original in (("hungary-2", "hungary"), ("va-2", "va")):
-        clone = build_client_node(config, original, source, Ledger(tmp_path / f"{twin}.jsonl"), tmp_path / twin)
+    for twin, original in twins.items():
+        clone = build_client_node(config, original, source, Ledger(tmp_path / f"{twin}.jsonl"), tmp_path / twin,
+                                  identity=keys[twin], roster=roster)
         clone.node.name = twin
         nodes[twin] = clone.node
     nodes["switzerland"].faults = {0: "mask"}
-    federation = build_server(config, source, LocalPool(nodes))
+    federation = build_server(config, source, LocalPool(nodes), roster)
     report = federation.run_round()
     assert report.status == "ok", report.reason
     assert "switzerland" in report.dropped and "switzerland" not in report.included
@@ -168,13 +172,14 @@ def test_worker_processes_give_the_same_round_as_in_process(tmp_path):
         out.mkdir()
         ledger = Ledger(out / "ledger.jsonl")
         nodes = {}
+        roster, keys = Roster.generate(config["job"]["clients"])
         for n in config["job"]["clients"]:
-            hospital = build_client_node(config, n, source, ledger, out / "budgets")
+            hospital = build_client_node(config, n, source, ledger, out / "budgets", identity=keys[n], roster=roster)
             hospital.client._noise_generator = torch.Generator().manual_seed(7)  # noqa: SLF001 - test-only
             nodes[n] = hospital.node
         pool = ProcessPool(nodes, workers=workers) if workers else LocalPool(nodes)
         try:
-            federation = build_server(config, source, pool)
+            federation = build_server(config, source, pool, roster)
             report = federation.run_round()
             evaluated = federation.query("evaluate")
         finally:

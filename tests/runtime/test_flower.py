@@ -32,6 +32,7 @@ from secfedtl.privacy.audit import audit_ledger  # noqa: E402
 from secfedtl.privacy.ledger import Ledger  # noqa: E402
 from secfedtl.runtime.deploy import APP_PYPROJECT, LocalFlower, read_status, wait_for, wait_for_server  # noqa: E402
 from secfedtl.runtime.job import JobConfig, build_client_node, build_server, build_source  # noqa: E402
+from secfedtl.runtime.roster import Roster  # noqa: E402
 from secfedtl.runtime.pool import LocalPool  # noqa: E402
 
 pytestmark = pytest.mark.flower
@@ -86,11 +87,14 @@ def _in_process(config: JobConfig, out: Path) -> list[dict]:
     """The same four nodes in process (LocalPool), the same seeds: the reference rounds."""
     source = build_source(config)
     ledger = Ledger(out / "ledger.jsonl")
-    nodes = {n: build_client_node(config, n, source, ledger, out / "budgets").node for n in config["job"]["clients"]}
-    twin = build_client_node(config, "hungary", source, Ledger(out / "twin.jsonl"), out / "twin-budgets").node
+    roster, keys = Roster.generate([*config["job"]["clients"], TWIN])
+    nodes = {n: build_client_node(config, n, source, ledger, out / "budgets", identity=keys[n], roster=roster).node
+             for n in config["job"]["clients"]}
+    twin = build_client_node(config, "hungary", source, Ledger(out / "twin.jsonl"), out / "twin-budgets",
+                             identity=keys[TWIN], roster=roster).node
     twin.name = TWIN
     nodes[TWIN] = twin
-    federation = build_server(config, source, LocalPool(nodes))
+    federation = build_server(config, source, LocalPool(nodes), roster)
     federation.run(ROUNDS)
     return [r.to_dict() for r in federation.history]
 
