@@ -225,10 +225,13 @@ def load_signing_key(path: str | os.PathLike[str]) -> tuple[str, SigningKey]:
     p = Path(path)
     try:
         mode = p.stat().st_mode
-        if stat.S_IMODE(mode) & 0o077:
-            raise ConfigError(f"{p} is readable by other users: chmod 600 it")
+    except OSError as exc:
+        raise ConfigError(f"cannot read the signing key {p}: {type(exc).__name__}") from exc
+    if stat.S_IMODE(mode) & 0o077:
+        raise ConfigError(f"{p} is readable by other users: chmod 600 it")
+    try:
         data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # the message never quotes the file
         raise ConfigError(f"cannot read the signing key {p}: {type(exc).__name__}") from exc
     if not isinstance(data, dict) or data.get("format") != KEY_FORMAT or data.get("version") != FILE_VERSION:
         raise ConfigError(f"{p} is not a version {FILE_VERSION} secfedtl signing key")
