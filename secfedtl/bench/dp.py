@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from secfedtl.privacy.randomness import Randomness
 from secfedtl.training.config import DPTrainingConfig
 from secfedtl.training.dpsgd import run_dp_sgd
 from secfedtl.transfer.batchnorm import pin_frozen_in_eval
@@ -148,7 +149,7 @@ def _run(
         def train(n: int) -> None:
             run_dp_sgd(
                 model=m, data=d, config=cfg, noise_multiplier=1.0, steps=n, sample_rate=rate,
-                loss_fn=cross_entropy_loss, data_generator=torch.Generator().manual_seed(seed),
+                loss_fn=cross_entropy_loss, randomness=Randomness.insecure_seeded(seed),
             )
 
         return train

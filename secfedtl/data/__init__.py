@@ -15,6 +15,7 @@ from secfedtl.data.heart import (
     validation_split,
     verify_files,
 )
+from secfedtl.data.splits import record_split, split_key
 
 __all__ = [
     "CENTER_NAMES",
@@ -23,6 +24,8 @@ __all__ = [
     "FeatureStats",
     "feature_stats",
     "load_fed_heart_disease",
+    "record_split",
+    "split_key",
     "standardize",
     "validation_split",
     "verify_files",

@@ -9,8 +9,19 @@ Delta: with ``--delta`` every client is measured at that delta. Otherwise each c
 measured at the largest delta recorded on its entries (normally all entries of a client carry
 its budget's delta, so this is that delta).
 
-Exit status: 0 when the chain is intact, 1 when it is broken (the first bad line is printed),
-2 on other errors (unreadable file, unknown ledger version).
+Releases: for each client the audit lists every release (round, what was released, mechanism,
+its own epsilon at the client's delta, the cumulative epsilon after it), the client's public
+declaration, and the total.
+
+Certification: an entry counts toward a *certified* epsilon only if its sampling and noise came
+from a CSPRNG (``randomness == "csprng"``). Entries of the test-only seeded mode
+(``"insecure_seeded"``) and of version-1 ledgers (``"unrecorded"``: written when Poisson batches
+followed the public job seed) are reported as NOT PRIVATE; the exit status is then 3 unless
+``--test-ledger`` says this is a test ledger (then 0, and the report still says so).
+
+Exit status: 0 when the chain is intact and every entry is certified, 1 when the chain is broken
+(the first bad line is printed), 3 when some entry is not certified (without ``--test-ledger``),
+2 on other errors (unreadable file, unknown ledger version, not a ledger, an empty ledger).
 """
 
 from __future__ import annotations
@@ -19,16 +30,41 @@ import argparse
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
-from secfedtl.errors import AccountingError, LedgerTamperedError
+from secfedtl.errors import AccountingError, LedgerError, LedgerTamperedError
 from secfedtl.privacy.accountants import ACCOUNTANTS, compute_epsilon
-from secfedtl.privacy.ledger import read_verified_ledger, spent_events
+from secfedtl.privacy.ledger import entry_view, read_verified_ledger, spent_events
+from secfedtl.privacy.randomness import CERTIFIED_RANDOMNESS
 
 __all__ = ["AuditReport", "ClientAudit", "add_arguments", "audit_ledger", "main"]
 
 _DEFAULT_ACCOUNTANTS = ("rdp", "prv")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Release:
+    """One begun ledger entry of a client, as the audit reports it."""
+
+    round: int
+    release: str
+    mechanism: dict[str, Any]
+    params: dict[str, Any]
+    randomness: str
+    status: str  # "complete" or "pending" (pending counts as spent)
+    epsilon: float  # this release alone, at the client's delta (headline accountant)
+    cumulative_epsilon: float  # every release of the client up to and including this one
+
+    @property
+    def certified(self) -> bool:
+        return self.randomness == CERTIFIED_RANDOMNESS
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"round": self.round, "release": self.release, "mechanism": self.mechanism, "params": self.params,
+                "randomness": self.randomness, "certified": self.certified, "status": self.status,
+                "epsilon": self.epsilon, "cumulative_epsilon": self.cumulative_epsilon}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -44,6 +80,13 @@ class ClientAudit:
     entries: int
     pending: int
     epsilon_by_accountant: tuple[tuple[str, float], ...]
+    releases: tuple[Release, ...] = ()
+    declaration: dict[str, Any] | None = None
+
+    @property
+    def certified(self) -> bool:
+        """Whether every release drew its randomness from a CSPRNG (the epsilon is a DP bound)."""
+        return all(r.certified for r in self.releases)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form used by ``secfedtl audit --json``."""
@@ -56,6 +99,9 @@ class ClientAudit:
             "entries": self.entries,
             "pending": self.pending,
             "epsilon_by_accountant": dict(self.epsilon_by_accountant),
+            "certified": self.certified,
+            "declaration": self.declaration,
+            "releases": [r.to_dict() for r in self.releases],
         }
 
 
@@ -75,6 +121,11 @@ class AuditReport:
                 return c
         raise KeyError(client)
 
+    @property
+    def certified(self) -> bool:
+        """Whether every client's every release is certified (see the module docstring)."""
+        return all(c.certified for c in self.clients)
+
     def to_dict(self) -> dict[str, Any]:
         """The object ``secfedtl audit --json`` prints."""
         return {
@@ -82,6 +133,7 @@ class AuditReport:
             "path": self.path,
             "lines": self.lines,
             "head_hash": self.head_hash,
+            "certified": self.certified,
             "clients": {c.client: c.to_dict() for c in self.clients},
         }
 
@@ -118,17 +170,30 @@ def audit_ledger(
         raise AccountingError(f"delta must be in (0, 1), got {delta!r}")
     headline = "rdp" if "rdp" in accountants else accountants[0]
     entries, head = read_verified_ledger(path, expected_head=expected_head)
+    if not entries:
+        raise LedgerError(f"{os.fspath(path)!r} is an empty ledger: there is nothing to certify")
     completed = {e["entry_id"] for e in entries if e["status"] == "complete"}
     pending_by_client: dict[str, int] = {}
+    begun: dict[str, list[dict[str, Any]]] = {}
     for e in entries:
-        if e["status"] == "pending" and e["entry_id"] not in completed:
-            pending_by_client[e["client"]] = pending_by_client.get(e["client"], 0) + 1
+        if e["status"] == "pending":
+            begun.setdefault(e["client"], []).append(entry_view(e))
+            if e["entry_id"] not in completed:
+                pending_by_client[e["client"]] = pending_by_client.get(e["client"], 0) + 1
     clients = []
     for client, spent in sorted(spent_events(entries).items()):
         client_delta = delta if delta is not None else max(d for _, _, d in spent)
         events = [event for _, event, _ in spent]
         by_acc = tuple(
             (name, compute_epsilon(events, client_delta, name)) for name in accountants
+        )
+        releases = tuple(
+            Release(round=r, release=view["release"], mechanism=event.to_dict(), params=view["params"],
+                    randomness=view["randomness"],
+                    status="complete" if view["entry_id"] in completed else "pending",
+                    epsilon=compute_epsilon([event], client_delta, headline),
+                    cumulative_epsilon=compute_epsilon(events[: k + 1], client_delta, headline))
+            for k, ((r, event, _), view) in enumerate(zip(spent, begun[client]))
         )
         clients.append(
             ClientAudit(
@@ -141,6 +206,8 @@ def audit_ledger(
                 entries=len(spent),
                 pending=pending_by_client.get(client, 0),
                 epsilon_by_accountant=by_acc,
+                releases=releases,
+                declaration=begun[client][-1]["declaration"] or None,
             )
         )
     return AuditReport(
@@ -166,10 +233,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="anchored head hash; detects lines removed from the end",
     )
+    parser.add_argument(
+        "--releases", action="store_true", help="list every release of every client (always in --json)"
+    )
+    parser.add_argument(
+        "--test-ledger",
+        action="store_true",
+        help="this is a test ledger: exit 0 even if entries are not certified (they are still reported)",
+    )
+
+
+def _print_releases(report: AuditReport) -> None:
+    for c in report.clients:
+        print(f"\n{c.client}: declared public {json.dumps(c.declaration, sort_keys=True)}")
+        print(f"  {'round':>5}  {'release':<22}{'mechanism':<44}{'randomness':<17}{'eps':>8}{'total':>8}")
+        for r in c.releases:
+            m = r.mechanism
+            mech = f"{m['mechanism']} q={m['sample_rate']:.4g} sigma={m['noise_multiplier']:.4g} T={m['steps']}"
+            flag = "" if r.certified else "  NOT PRIVATE"
+            print(f"  {r.round:>5}  {r.release:<22}{mech:<44}{r.randomness:<17}{r.epsilon:>8.4f}"
+                  f"{r.cumulative_epsilon:>8.4f}{flag}")
+        print(f"  total epsilon {c.epsilon:.4f} ({c.headline_accountant}, delta {c.delta:g})")
 
 
 def _print_table(report: AuditReport, accountants: tuple[str, ...]) -> None:
-    headers = ["client", *[f"eps ({a})" for a in accountants], "delta", "rounds", "steps", "pending"]
+    headers = ["client", *[f"eps ({a})" for a in accountants], "delta", "rounds", "steps", "pending", "certified"]
     rows = [
         [
             c.client,
@@ -178,6 +266,7 @@ def _print_table(report: AuditReport, accountants: tuple[str, ...]) -> None:
             str(c.rounds),
             str(c.steps),
             str(c.pending),
+            "yes" if c.certified else "NOT PRIVATE",
         ]
         for c in report.clients
     ]
@@ -204,7 +293,7 @@ def _print_table(report: AuditReport, accountants: tuple[str, ...]) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run ``secfedtl audit``; return the exit status (0 intact, 1 tampered)."""
+    """Run ``secfedtl audit``; return the exit status (see the module docstring)."""
     accountants = tuple(sorted(ACCOUNTANTS)) if args.accountant == "all" else (args.accountant,)
     accountants = tuple(sorted(accountants, key=lambda a: a != "rdp"))  # rdp first
     try:
@@ -222,5 +311,13 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_dict(), sort_keys=True))
     else:
         _print_table(report, accountants)
+        if args.releases or not report.certified:
+            _print_releases(report)
+    if not report.certified:
+        uncertified = sorted(c.client for c in report.clients if not c.certified)
+        note = "test ledger: " if args.test_ledger else ""
+        print(f"{note}NOT PRIVATE: entries of {', '.join(uncertified)} drew sampling or noise from a seeded or "
+              "unrecorded generator; their epsilon is not a DP guarantee", file=sys.stderr)
+        return 0 if args.test_ledger else 3
     return 0
 

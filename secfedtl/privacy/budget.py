@@ -224,7 +224,7 @@ class BudgetGuard:
         LedgerError: the budget has events the ledger does not (they disagree).
     """
 
-    __slots__ = ("_budget", "_client", "_ledger", "_state_path")
+    __slots__ = ("_budget", "_client", "_data_fingerprint", "_declaration", "_job_id", "_ledger", "_state_path")
 
     def __init__(
         self,
@@ -233,6 +233,9 @@ class BudgetGuard:
         budget: PrivacyBudget,
         ledger: Ledger,
         state_path: str | os.PathLike[str] | None = None,
+        declaration: Mapping[str, Any] | None = None,
+        job_id: str = "",
+        data_fingerprint: str = "",
     ) -> None:
         if not isinstance(client, str) or not client:
             raise LedgerError("client must be a non-empty string")
@@ -250,6 +253,9 @@ class BudgetGuard:
         self._client = client
         self._budget = budget
         self._ledger = ledger
+        self._declaration = dict(declaration or {})
+        self._job_id = job_id
+        self._data_fingerprint = data_fingerprint
         self._state_path = None if state_path is None else Path(state_path)
         if self._state_path is not None and len(recorded) > len(mine):
             budget.save(self._state_path)
@@ -271,11 +277,17 @@ class BudgetGuard:
         *,
         round: int,  # noqa: A002 - the ledger field is called "round"
         model_hash: str,
+        release: str = "dpsgd_update",
+        randomness: str = "csprng",
+        params: Mapping[str, Any] | None = None,
         **extra: Any,
     ) -> Iterator[str]:
         """Check the budget, write a pending ledger entry, run the block, then complete it.
 
-        Yields the ledger ``entry_id``. If the budget would be exceeded,
+        ``release`` names what the mechanism's output is, ``randomness`` where its sampling and
+        noise come from, ``params`` the rest of its public parameters (see
+        :meth:`Ledger.begin`); the guard adds the client's declaration, job id and data
+        fingerprint. Yields the ledger ``entry_id``. If the budget would be exceeded,
         :class:`PrivacyBudgetExceeded` is raised before the ledger or budget changes. If the
         block raises, the pending entry stays in the ledger (it counts as spent), the budget
         records the spend too, and the exception propagates.
@@ -287,6 +299,12 @@ class BudgetGuard:
             event=event,
             delta=self._budget.delta,
             model_hash=model_hash,
+            release=release,
+            randomness=randomness,
+            params=params,
+            declaration=self._declaration,
+            job_id=self._job_id,
+            data_fingerprint=self._data_fingerprint,
             **extra,
         )
         try:

@@ -1,7 +1,7 @@
 """The privacy ledger: an append-only, hash-chained JSON-lines file of every mechanism run.
 
-File format (version 1)
------------------------
+File format (version 2; version-1 files are still read)
+-------------------------------------------------------
 * UTF-8 text, one JSON object per line, each line ending in ``\\n``. Objects are written with
   sorted keys and compact separators (``json.dumps(obj, sort_keys=True, separators=(",", ":"))``);
   a line that is not in exactly that canonical form is rejected.
@@ -14,6 +14,12 @@ File format (version 1)
   ``sample_rate``, ``noise_multiplier``, ``steps``, ``delta``, ``model_hash``, ``timestamp``
   (UTC ISO 8601), ``prev_hash``, ``line_hash`` and ``extra`` (caller-supplied JSON fields, kept in
   their own object so they can never overwrite a ledger field).
+* Version 2 adds what an auditor needs to judge each release: ``release`` (what the mechanism's
+  output is, e.g. ``"dpsgd_update"``), ``randomness`` (``"csprng"``, or ``"insecure_seeded"`` for a
+  test run, which ``secfedtl audit`` never certifies), ``params`` (the rest of the public
+  mechanism: clip norm, normaliser, declared size...), ``declaration`` (what the data holder
+  declared public about itself), ``job_id`` and ``data_fingerprint`` (SHA-256 of the data the
+  entry protects). Version-1 lines read as ``release``/``randomness`` ``"unrecorded"``.
 * ``status`` is ``"pending"`` on the line written by :meth:`Ledger.begin` (before the mechanism
   runs) and ``"complete"`` on the line written by :meth:`Ledger.complete`, which repeats the
   pending line's mechanism fields and carries the same ``entry_id``. A pending entry with no
@@ -37,41 +43,50 @@ import hashlib
 import json
 import os
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from secfedtl.errors import AccountingError, LedgerError, LedgerTamperedError
 from secfedtl.privacy.events import PoissonGaussianEvent, event_from_dict
+from secfedtl.privacy.randomness import RANDOMNESS_LABELS
 
 __all__ = [
     "GENESIS_HASH",
     "LEDGER_VERSION",
     "Ledger",
+    "entry_view",
     "read_verified_ledger",
     "spent_events",
     "verify_ledger",
 ]
 
-LEDGER_VERSION = 1
+LEDGER_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 GENESIS_HASH = "0" * 64
 
 _STATUSES = ("pending", "complete")
 _EVENT_FIELDS = ("mechanism", "sample_rate", "noise_multiplier", "steps")
+_V2_FIELDS = ("release", "randomness", "params", "declaration", "job_id", "data_fingerprint")
 # Fields a complete line copies from its pending line.
-_COPIED_FIELDS = ("client", "round", *_EVENT_FIELDS, "delta", "model_hash")
-_LINE_FIELDS = frozenset(
+_COPIED_FIELDS_V1 = ("client", "round", *_EVENT_FIELDS, "delta", "model_hash")
+_COPIED_FIELDS = (*_COPIED_FIELDS_V1, *_V2_FIELDS)
+_LINE_FIELDS_V1 = frozenset(
     {
         "version",
         "entry_id",
         "status",
-        *_COPIED_FIELDS,
+        *_COPIED_FIELDS_V1,
         "timestamp",
         "prev_hash",
         "line_hash",
         "extra",
     }
 )
+_LINE_FIELDS = _LINE_FIELDS_V1 | frozenset(_V2_FIELDS)
+#: What a version-1 line reads as for the version-2 fields.
+_V1_DEFAULTS = {"release": "unrecorded", "randomness": "unrecorded", "params": {}, "declaration": {},
+                "job_id": "", "data_fingerprint": ""}
 
 
 def _canonical(obj: Mapping[str, Any]) -> bytes:
@@ -102,13 +117,25 @@ def _is_hex64(value: object) -> bool:
 
 def _check_line_fields(obj: dict[str, Any], line_number: int) -> None:
     """Semantic checks on one line whose hashes are already known to be right."""
-    if obj.get("version") != LEDGER_VERSION:
+    version = obj.get("version")
+    if isinstance(version, bool) or version not in _READABLE_VERSIONS:
         raise LedgerError(
-            f"line {line_number}: unknown ledger version {obj.get('version')!r} "
-            f"(this secfedtl reads version {LEDGER_VERSION})"
+            f"line {line_number}: unknown ledger version {version!r} "
+            f"(this secfedtl reads versions {_READABLE_VERSIONS})"
         )
-    if set(obj) != _LINE_FIELDS:
-        raise _tampered(line_number, f"unexpected fields {sorted(set(obj) ^ _LINE_FIELDS)}")
+    fields = _LINE_FIELDS if version == 2 else _LINE_FIELDS_V1
+    if set(obj) != fields:
+        raise _tampered(line_number, f"unexpected fields {sorted(set(obj) ^ fields)}")
+    if version == 2:
+        for key in ("release", "randomness", "job_id", "data_fingerprint"):
+            if not isinstance(obj[key], str):
+                raise _tampered(line_number, f"{key} must be a string")
+        if not obj["release"]:
+            raise _tampered(line_number, "release must name what was released")
+        if obj["randomness"] not in RANDOMNESS_LABELS[:2]:
+            raise _tampered(line_number, f"unknown randomness {obj['randomness']!r}")
+        if not isinstance(obj["params"], dict) or not isinstance(obj["declaration"], dict):
+            raise _tampered(line_number, "params and declaration must be objects")
     if obj["status"] not in _STATUSES:
         raise _tampered(line_number, f"unknown status {obj['status']!r}")
     if not isinstance(obj["client"], str) or not obj["client"]:
@@ -178,7 +205,9 @@ def _parse(data: bytes, *, expected_head: str | None = None) -> tuple[list[dict[
                 raise _tampered(line_number, f"completes unknown entry {entry_id!r}")
             if entry_id in completed:
                 raise _tampered(line_number, f"entry {entry_id!r} completed twice")
-            if any(obj[k] != begun[k] for k in _COPIED_FIELDS):
+            if obj["version"] != begun["version"] or any(
+                obj.get(k) != begun.get(k) for k in _COPIED_FIELDS
+            ):
                 raise _tampered(line_number, "complete line disagrees with its pending line")
             completed.add(entry_id)
         entries.append(obj)
@@ -241,6 +270,14 @@ def spent_events(
     return spent
 
 
+def entry_view(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of one verified ledger line with every version-2 field present (a version-1 line
+    reads as ``release``/``randomness`` ``"unrecorded"``: it was written when Poisson batches
+    followed the public job seed, so nothing certifies it)."""
+    view = {**_V1_DEFAULTS, **json.loads(_canonical(entry))}
+    return view
+
+
 def _utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
 
@@ -276,7 +313,13 @@ class Ledger:
     changed in any other way (truncated, rewritten) is refused.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        anchor: tuple[int, str] | None = None,
+        on_append: Callable[[int, str], None] | None = None,
+    ) -> None:
         self._path = Path(path)
         try:
             data = self._path.read_bytes()
@@ -284,6 +327,20 @@ class Ledger:
             data = b""
         except OSError as exc:
             raise LedgerError(f"cannot read ledger {os.fspath(path)!r}: {exc}") from exc
+        if anchor is not None:
+            size, head_at = anchor
+            if len(data) < size:
+                raise LedgerTamperedError(
+                    f"ledger {os.fspath(path)!r} holds {len(data)} bytes but its anchor records "
+                    f"{size}: it was deleted, truncated or replaced"
+                )
+            _, prefix_head = _parse(data[:size])
+            if prefix_head != head_at:
+                raise LedgerTamperedError(
+                    f"ledger {os.fspath(path)!r} does not continue its anchored head {head_at}: "
+                    "it was rewritten"
+                )
+        self._on_append = on_append
         entries, head = _parse(data)
         self._entries: list[dict[str, Any]] = entries
         self._head = head
@@ -320,16 +377,31 @@ class Ledger:
         event: PoissonGaussianEvent,
         delta: float,
         model_hash: str,
+        release: str,
+        randomness: str,
+        params: Mapping[str, Any] | None = None,
+        declaration: Mapping[str, Any] | None = None,
+        job_id: str = "",
+        data_fingerprint: str = "",
         **extra: Any,
     ) -> str:
         """Record, durably, that ``client`` is about to run ``event`` in ``round``; return its id.
 
-        Call this BEFORE running the mechanism. The entry counts as spent from now on, even if
-        :meth:`complete` is never called.
+        ``release`` names what the mechanism's output is; ``randomness`` is the label of where its
+        sampling and noise come from (:data:`~secfedtl.privacy.randomness.RANDOMNESS_LABELS`);
+        ``params`` the rest of its public parameters; ``declaration`` what the client declared
+        public about itself. Call this BEFORE running the mechanism. The entry counts as spent
+        from now on, even if :meth:`complete` is never called.
 
         Raises:
             LedgerError: invalid arguments (nothing written), or the write failed.
         """
+        if not isinstance(release, str) or not release:
+            raise LedgerError("release must name what the mechanism releases")
+        if randomness not in RANDOMNESS_LABELS[:2]:
+            raise LedgerError(f"randomness must be one of {RANDOMNESS_LABELS[:2]}, got {randomness!r}")
+        if not isinstance(job_id, str) or not isinstance(data_fingerprint, str):
+            raise LedgerError("job_id and data_fingerprint must be strings")
         if not isinstance(client, str) or not client:
             raise LedgerError("client must be a non-empty string")
         if isinstance(round, bool) or not isinstance(round, int) or round < 0:
@@ -350,6 +422,12 @@ class Ledger:
             **event.to_dict(),
             "delta": float(delta),
             "model_hash": model_hash,
+            "release": release,
+            "randomness": randomness,
+            "params": dict(params or {}),
+            "declaration": dict(declaration or {}),
+            "job_id": job_id,
+            "data_fingerprint": data_fingerprint,
             "timestamp": _utc_now(),
             "extra": dict(extra),
         }
@@ -369,11 +447,12 @@ class Ledger:
         begun = next(
             e for e in self._entries if e["entry_id"] == entry_id and e["status"] == "pending"
         )
+        copied = _COPIED_FIELDS if begun["version"] == 2 else _COPIED_FIELDS_V1
         obj: dict[str, Any] = {
-            "version": LEDGER_VERSION,
+            "version": begun["version"],
             "entry_id": entry_id,
             "status": "complete",
-            **{k: begun[k] for k in _COPIED_FIELDS},
+            **{k: begun[k] for k in copied},
             "timestamp": _utc_now(),
             "extra": dict(extra),
         }
@@ -383,7 +462,7 @@ class Ledger:
     def _append(self, obj: dict[str, Any]) -> None:
         created = not self._path.exists()
         try:
-            fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+            fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         except OSError as exc:
             raise LedgerError(f"cannot open ledger {os.fspath(self._path)!r}: {exc}") from exc
         try:
@@ -418,6 +497,13 @@ class Ledger:
         self._entries.append(stored)
         self._head = _sha256(line)
         self._size += len(line)
+        if self._on_append is not None:
+            self._on_append(self._size, self._head)
+
+    @property
+    def size(self) -> int:
+        """Bytes of the ledger this writer has verified or written."""
+        return self._size
 
     def _catch_up(self, fd: int, size: int) -> None:
         """Another writer (another process holding the same ledger) appended lines since we last

@@ -347,13 +347,13 @@ class NodeAgent:
 
 def build_hospital_agent(config: Any, name: str, out: Path, socket_path: Path, *, key: Path, roster: Path,
                          policy: Any = None, node_name: str | None = None) -> NodeAgent:
-    """The agent of hospital ``name`` of a job: its own ledger and budgets under ``out``, its
-    signing key from the file ``key`` (0600) and the federation's roster from ``roster``
-    (:mod:`secfedtl.runtime.roster`), pinned in the node with ``policy``. ``node_name`` (default
-    ``name``) is the name the node answers to (tests run a second node from one hospital's data
-    under another name); the key's roster name must be the node's name."""
-    from secfedtl.privacy.ledger import Ledger
-    from secfedtl.runtime.job import build_client_node, build_source
+    """The agent of hospital ``name`` of a job: its privacy state (ledger and budget, kept across
+    jobs) in ``out/privacy``, its local reports under it, its signing key from the file ``key``
+    (0600) and the federation's roster from ``roster`` (:mod:`secfedtl.runtime.roster`), pinned
+    in the node with ``policy``. ``node_name`` (default ``name``) is the name the node answers to
+    (tests run a second node from one hospital's data under another name); the key's roster name
+    must be the node's name. The agent holds the state's lock until it stops."""
+    from secfedtl.runtime.job import build_client_node, build_source, open_hospital_state
     from secfedtl.runtime.roster import Roster, load_signing_key
 
     if "selection" in config.sections:
@@ -365,8 +365,8 @@ def build_hospital_agent(config: Any, name: str, out: Path, socket_path: Path, *
         raise ConfigError(f"{key} is {key_name!r}'s key; the roster pins another key (or none) for {answer_as!r}")
     out.mkdir(parents=True, exist_ok=True)
     source = build_source(config)
-    hospital = build_client_node(config, name, source, Ledger(out / "ledger.jsonl"), out / "budgets",
-                                 identity=identity, roster=pinned, policy=policy)
+    state = open_hospital_state(config, name, source.centres, out / "privacy")
+    hospital = build_client_node(config, name, source, state, identity=identity, roster=pinned, policy=policy)
     hospital.node.name = answer_as
     return NodeAgent(hospital.node, socket_path)
 
@@ -376,7 +376,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="job TOML file (default: the bundled heart job)")
     parser.add_argument("--hospital", required=True, help="which of the job's clients this node is")
     parser.add_argument("--out", type=Path, required=True,
-                        help="this hospital's directory: ledger.jsonl and budgets/ (kept across runs)")
+                        help="this hospital's directory: its privacy state (privacy/<hospital>/ledger.jsonl, "
+                             "state.json, local reports) is kept there across runs")
     parser.add_argument("--socket", type=Path, required=True,
                         help="Unix socket the ClientApp relay connects to (node-config key 'agent')")
     parser.add_argument("--key", type=Path, required=True,

@@ -1,4 +1,9 @@
-"""`secfedtl demo`: the bundled heart-disease job (secfedtl/configs/heart.toml) with overrides."""
+"""`secfedtl demo`: the bundled heart-disease job (secfedtl/configs/heart.toml) with overrides.
+
+The demo's hospitals keep their privacy state (ledgers and budgets) in a THROWAWAY folder inside
+the output folder (``<out>/privacy-state``) unless ``--state-dir`` says otherwise: a demo is not a
+real hospital, and `make demo` starts from nothing each time. A real job (`secfedtl run`) keeps
+each hospital's state across jobs (docs/privacy.md)."""
 
 from __future__ import annotations
 
@@ -23,4 +28,8 @@ def main(args: argparse.Namespace) -> int:
                                 ("privacy", "delta", args.delta), ("job", "seed", args.seed)):
         if value is not None:
             data[section][key] = value
-    return _run_cli(JobConfig.from_mapping(data), args)
+    config = JobConfig.from_mapping(data)
+    if args.state_dir is None:
+        args.state_dir = (args.resume if args.resume is not None else args.out) / "privacy-state"
+        print(f"demo: throwaway privacy state in {args.state_dir} (real jobs keep it across runs)")
+    return _run_cli(config, args)

@@ -12,15 +12,15 @@ training round (:meth:`Federation.run_round`) is a *secure round* of the ``"trai
    digest is the ledger's ``model_hash`` and the secure-aggregation ``context``, so a server
    that sends different models (or options) to different clients makes their keys disagree and
    the round fail. The client charges its budget (ledger entry written *before* training),
-   fine-tunes with DP-SGD, clips and encodes ``(n_k * delta_k, n_k)`` and replies ``ready``;
-   or ``refused`` (budget) or ``failed``;
+   fine-tunes with DP-SGD, clips and encodes ``(w_k * delta_k, w_k)`` (``w_k`` its declared public
+   weight) and replies ``ready``; or ``refused`` (budget) or ``failed``, with no details;
 2. ``advertise``, ``share``, ``mask``, ``consistency``, ``unmask``: the secure aggregation of the
    ready clients (:mod:`secfedtl.secagg`); the server unmasks only the sum;
-3. the server decodes ``(sum n_k delta_k, sum n_k)`` and applies its optimizer (FedAvg,
+3. the server decodes ``(sum w_k delta_k, sum w_k)`` and applies its optimizer (FedAvg,
    FedAvgM, FedAdam, ...).
 
 The server-side objects (the :class:`~secfedtl.secagg.ServerSession`, the optimizer,
-``global_params``) never hold an individual update, count or dataset size.
+``global_params``) never hold an individual update; the weights are public declarations.
 
 A client that refuses for budget reasons sits the round out; one that fails, times out or falls
 silent at any phase is a dropout. The round completes if enough clients survive; otherwise it
@@ -53,16 +53,16 @@ from secfedtl.secagg.session import SessionParams
 from secfedtl.secagg.simulate import REPLY_PHASE
 
 CHECKPOINT_VERSION = 2
-TIMES = ("local_training", "encoding", "task_phase", "secure_aggregation", "aggregation", "plain_fedavg_sum")
+TIMES = ("task_phase", "secure_aggregation", "aggregation", "plain_fedavg_sum")
 
 
 @dataclass(frozen=True, kw_only=True)
 class RoundReport:
-    """What one round did, for metrics.json. ``times`` are seconds: ``task_phase``,
-    ``secure_aggregation`` and ``aggregation`` are the server's wall clock; ``local_training``
-    and ``encoding`` are the clients' own reports summed over clients (with parallel workers they
-    can exceed the wall clock); ``secagg_overhead`` is encoding + secure aggregation minus what a
-    plain sum of the same updates costs. ``silent`` maps each participant that failed to answer
+    """What one round did, for metrics.json. ``times`` are seconds of the server's wall clock:
+    ``task_phase`` (the clients' local work, as the server waits for it), ``secure_aggregation``
+    and ``aggregation``; ``secagg_overhead`` is secure aggregation minus what a plain sum of the
+    same updates costs. Clients report no timings (a training time depends on the data).
+    ``total_weight`` is the sum of the included clients' declared public weights. ``silent`` maps each participant that failed to answer
     a phase of the round (crashed, timed out, unreachable, refused to go on, or answered
     nonsense) to the first such phase: one silent before its masked input arrived is also in
     ``dropped``; one silent after it is still in ``included`` (its masked input is in the sum;
@@ -237,9 +237,6 @@ class Federation:
         times["task_phase"] = time.perf_counter() - t0
         info = {n: dict(msgs[0].info) for n, msgs in replies.items() if len(msgs) == 1}
         status = {n: msgs[0].status for n, msgs in replies.items() if len(msgs) == 1}
-        for n in info:
-            times["local_training"] += float(info[n].get("train_seconds", 0.0))
-            times["encoding"] += float(info[n].get("encode_seconds", 0.0))
         silent = {n: "task" for n in cohort if n not in status}
         refused = tuple(n for n in cohort if status.get(n) == "refused")
         members = [n for n in cohort if status.get(n) == "ready"]
@@ -318,7 +315,7 @@ class Federation:
             self.global_params = self.optimizer.step(self.global_params, outcome.total, outcome.total_weight)
             outcome.times["aggregation"] = time.perf_counter() - t0
         times = dict(outcome.times)
-        times["secagg_overhead"] = times["encoding"] + times["secure_aggregation"] - times["plain_fedavg_sum"]
+        times["secagg_overhead"] = times["secure_aggregation"] - times["plain_fedavg_sum"]
         ok = status == "ok"
         report = RoundReport(round=r, status=status, reason=reason, participants=outcome.participants,
                              included=outcome.included if ok else (),

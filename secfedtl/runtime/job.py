@@ -3,11 +3,15 @@
 The bundled default (`secfedtl demo`) is ``secfedtl/configs/heart.toml``; the schema is in
 docs/config.md. A job writes into its output directory:
 
-* ``config.json``: the resolved job configuration (what `--resume` rebuilds from);
-* ``ledger.jsonl``: the hash-chained privacy ledger of every hospital (`secfedtl audit`);
-* ``budgets/<client>.json``: each hospital's accountant state;
+* ``config.json``: the resolved job configuration, with the job id (what `--resume` rebuilds from);
 * ``checkpoint.json``: server state after the last completed round;
-* ``metrics.json`` and ``report.png``: results.
+* ``metrics.json`` and ``report.png``: results (``server``: what the server received;
+  ``simulation_only``: what the experimenter, who holds every dataset in a simulation, computed
+  outside the protocol).
+
+Each hospital's privacy state (its ledger and budget, :class:`~secfedtl.privacy.state.PrivacyState`)
+is *not* in the output directory: it lives in ``<state_dir>/<hospital>``, kept across jobs, so a
+new job (or a new ``--out``) on the same hospital continues its budget.
 """
 
 from __future__ import annotations
@@ -15,10 +19,13 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import json
 import math
+import os
 import sys
 import time
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from importlib import resources
@@ -37,21 +44,21 @@ else:  # pragma: no cover - Python 3.10
 
 from secfedtl.aggregation import make_server_optimizer
 from secfedtl.crypto.primitives import SigningKey
-from secfedtl.data import load_fed_heart_disease, standardize, validation_split
+from secfedtl.data import load_fed_heart_disease, record_split, split_key, standardize, validation_split
 from secfedtl.errors import AccountingError, ConfigError, RemoteProtocolError
 from secfedtl.privacy.accountants import calibrate_noise_multiplier, compute_epsilon
-from secfedtl.privacy.budget import BudgetGuard, PrivacyBudget
-from secfedtl.privacy.ledger import Ledger
+from secfedtl.privacy.budget import BudgetGuard
 from secfedtl.privacy.events import PoissonGaussianEvent
 from secfedtl.privacy.ledger import read_verified_ledger, spent_events
+from secfedtl.privacy.randomness import Randomness
+from secfedtl.privacy.state import PrivacyState, data_fingerprint
 from secfedtl.runtime import wire
 from secfedtl.runtime.federation import Federation, RoundReport
-from secfedtl.runtime.node import ClientNode, TaskOutput, standard_tasks
+from secfedtl.runtime.node import ClientNode, LocalReports, TaskOutput, standard_tasks
 from secfedtl.runtime.pool import ClientPool, LocalPool, ProcessPool
 from secfedtl.runtime.roster import NodePolicy, Roster
 from secfedtl.runtime.report import plot_epsilon_per_round
-from secfedtl.training import DPTrainingConfig, PrivateClient, flatten_delta, unflatten_delta
-from secfedtl.training.dpsgd import sample_rate_for
+from secfedtl.training import DPTrainingConfig, PrivateClient, evaluate, flatten_delta, unflatten_delta
 from secfedtl.transfer.freezing import HeadOnly
 from secfedtl.transfer.models import state_hash
 from secfedtl.transfer.regularizers import L2SP
@@ -59,9 +66,10 @@ from secfedtl.transfer.selection import SelectionMechanism, private_selection_st
 
 _SECTIONS = {
     "job": {"dataset": str, "source": str, "clients": list, "rounds": int, "seed": int,
-            "validation_fraction": float, "workers": int},
+            "validation_fraction": float, "workers": int, "id": str},
     "privacy": {"epsilon": float, "delta": float, "accountant": str, "personalise": bool, "secure_mode": bool,
-                "insecure_reproducible_noise": bool},
+                "insecure_reproducible": bool, "state_dir": str},
+    "declared": {"records": dict},
     "model": {"kind": str, "hidden": int, "source_epochs": int, "source_lr": float, "source_weight_decay": float},
     "training": {"lr": float, "expected_batch_size": int, "max_grad_norm": float, "epochs": int,
                  "l2sp": float, "optimizer": str},
@@ -70,8 +78,9 @@ _SECTIONS = {
     "selection": {"candidates": list, "epsilon": float, "loss_clip": float},
 }
 #: Keys that may be left out, with their defaults (added after version 1 of the schema).
-_OPTIONAL: dict[str, dict[str, Any]] = {"job": {"workers": 0},
-                                       "privacy": {"secure_mode": True, "insecure_reproducible_noise": False},
+_OPTIONAL: dict[str, dict[str, Any]] = {"job": {"workers": 0, "id": ""},
+                                       "privacy": {"secure_mode": True, "insecure_reproducible": False,
+                                                   "state_dir": ""},
                                        "model": {"kind": "mlp"}}
 #: Sections that may be left out as a whole.
 _OPTIONAL_SECTIONS = frozenset({"selection"})
@@ -137,11 +146,19 @@ class JobConfig:
                 raise ConfigError("[selection] epsilon must be > 0 and below the [privacy] epsilon it is part of")
             if not (math.isfinite(sel["loss_clip"]) and sel["loss_clip"] > 0):
                 raise ConfigError("[selection] loss_clip must be a finite number > 0")
-        if sections["privacy"]["insecure_reproducible_noise"]:
+        records = sections["declared"]["records"]
+        if set(records) != set(job["clients"]):
+            raise ConfigError("[declared] records must give every client's declared public record count, "
+                              f"for exactly {sorted(job['clients'])}")
+        for name, count in records.items():
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise ConfigError(f"[declared] records.{name} must be a positive integer, got {count!r}")
+        if sections["privacy"]["insecure_reproducible"]:
             if sections["privacy"]["secure_mode"]:
-                raise ConfigError("insecure_reproducible_noise needs secure_mode = false (tests only)")
-            warnings.warn("privacy.insecure_reproducible_noise: the DP noise is drawn from a seeded generator and "
-                          "is predictable from the job seed; for reproducibility tests only, never for real data",
+                raise ConfigError("insecure_reproducible needs secure_mode = false (tests only)")
+            warnings.warn("privacy.insecure_reproducible: Poisson batches and DP noise follow the job seed and are "
+                          "predictable; the ledger marks every entry insecure_seeded and `secfedtl audit` "
+                          "certifies none of them. For reproducibility tests only, never for real data",
                           stacklevel=2)
         return cls(sections=sections)
 
@@ -280,7 +297,7 @@ def build_source(config: JobConfig, spec: dict[str, Any] | None = None) -> Sourc
     ``spec`` (one of :meth:`JobConfig.source_specs`) defaults to the first candidate."""
     job, mcfg = config["job"], config["model"]
     spec = config.source_specs()[0] if spec is None else spec
-    centres, _ = standardize(load_fed_heart_disease(), stats_from=job["source"])
+    centres = build_centres(config)
     src = centres[job["source"]]
     model, info = train_source(src.x_train, src.y_train, hidden=spec["hidden"] if spec["kind"] == "mlp" else 0,
                                epochs=mcfg["source_epochs"], lr=mcfg["source_lr"], weight_decay=spec["weight_decay"],
@@ -297,50 +314,96 @@ class Hospital:
     node: ClientNode
     client: PrivateClient
     guard: BudgetGuard
+    evaluation: dict[str, TensorDataset]
+    reports: LocalReports
 
 
 def _client_split(config: JobConfig, name: str, centres: dict[str, Any]) -> tuple[int, Any, tuple[np.ndarray, ...]]:
+    """A hospital's index, centre and record-stable fit/validation split of its training rows
+    (:func:`~secfedtl.data.record_split`: adding a record moves only that record)."""
     job = config["job"]
     if name not in job["clients"]:
         raise ConfigError(f"{name!r} is not one of the job's clients {job['clients']}")
     k = job["clients"].index(name)
     c = centres[name]
-    return k, c, validation_split(c.x_train, c.y_train, job["validation_fraction"], job["seed"] + k)
+    return k, c, record_split(c.x_train, c.y_train, job["validation_fraction"], split_key(job["seed"]))
 
 
-def build_client_node(config: JobConfig, name: str, source: Source, ledger: Ledger, budgets_dir: Path, *,
-                      identity: SigningKey, roster: Roster, policy: NodePolicy | None = None) -> Hospital:
-    """The node of one private hospital: its own data splits, budget guard (on ``ledger``) and
-    DP client, with the ``train``, ``evaluate`` and ``personalise`` tasks, its signing key
-    ``identity`` and the federation's ``roster`` pinned. With a ``[selection]``
-    section the training noise is calibrated so that the selection event plus every planned
-    round stay within the budget."""
-    job, priv, tcfg = config["job"], config["privacy"], config["training"]
+def job_id(config: JobConfig) -> str:
+    """The job's public identifier: ``[job] id``, else a hash of the resolved configuration (so
+    every node of a deployment that reads the same job file agrees on it). `secfedtl run` gives
+    each new run a random id, kept in its config.json for ``--resume``."""
+    given = config["job"]["id"]
+    if given:
+        return given
+    canonical = json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":")).encode("utf-8")
+    return "cfg-" + hashlib.sha256(canonical).hexdigest()[:24]
+
+
+def default_state_root() -> Path:
+    """Where hospitals' privacy states live unless the job or ``--state-dir`` says otherwise:
+    ``$SECFEDTL_STATE_DIR``, else ``~/.local/share/secfedtl/privacy``."""
+    env = os.environ.get("SECFEDTL_STATE_DIR")
+    return Path(env) if env else Path.home() / ".local" / "share" / "secfedtl" / "privacy"
+
+
+def state_root(config: JobConfig, override: Path | None = None) -> Path:
+    if override is not None:
+        return override
+    given = config["privacy"]["state_dir"]
+    return Path(given).expanduser() if given else default_state_root()
+
+
+def open_hospital_state(config: JobConfig, name: str, centres: dict[str, Any], root: Path) -> PrivacyState:
+    """Hospital ``name``'s persistent privacy state in ``root/name``, for the budget of the job's
+    ``[privacy]`` section, fingerprinted with every row the hospital holds."""
+    priv = config["privacy"]
+    c = centres[name]
+    fingerprint = data_fingerprint([c.x_train, c.y_train, c.x_test, c.y_test])
+    return PrivacyState.open(root / name, client=name, epsilon=priv["epsilon"], delta=priv["delta"],
+                             accountant=priv["accountant"], fingerprint=fingerprint)
+
+
+def declaration(config: JobConfig, name: str) -> dict[str, Any]:
+    """What hospital ``name`` declares public about itself (recorded in every ledger entry)."""
+    return {"records": config["declared"]["records"][name], "participation": True}
+
+
+def build_client_node(config: JobConfig, name: str, source: Source, state: PrivacyState, *,
+                      identity: SigningKey, roster: Roster, policy: NodePolicy | None = None,
+                      job: str | None = None) -> Hospital:
+    """The node of one private hospital: its own data splits, budget guard (on its persistent
+    ``state``) and DP client, with the ``train``, ``evaluate`` and ``personalise`` tasks
+    (the last two report locally, into ``state.directory/reports/<job id>``), its signing key
+    ``identity`` and the federation's ``roster`` pinned (with ``policy``).
+
+    Every mechanism parameter comes from public configuration: the sample rate is
+    ``expected_batch_size / [declared] records``, the steps and noise follow from it, and the
+    noise is calibrated so that what the hospital spent in other jobs, the selection event (if
+    any) and every planned round of this job stay within its budget."""
+    jcfg, priv, tcfg = config["job"], config["privacy"], config["training"]
+    jid = job_id(config) if job is None else job
     k, c, (x_fit, y_fit, x_val, y_val) = _client_split(config, name, source.centres)
-    budget = PrivacyBudget.from_ledger(ledger.entries, name, epsilon=priv["epsilon"], delta=priv["delta"],
-                                       accountant=priv["accountant"])
-    budgets_dir.mkdir(parents=True, exist_ok=True)
-    guard = BudgetGuard(client=name, budget=budget, ledger=ledger, state_path=budgets_dir / f"{name}.json")
-    planned = job["rounds"] + (1 if priv["personalise"] else 0)
-    dp = DPTrainingConfig(lr=tcfg["lr"], expected_batch_size=min(tcfg["expected_batch_size"], len(y_fit)),
+    guard = state.guard(job_id=jid, declaration=declaration(config, name))
+    planned = jcfg["rounds"] + (1 if priv["personalise"] else 0)
+    dp = DPTrainingConfig(lr=tcfg["lr"], expected_batch_size=tcfg["expected_batch_size"],
                           max_grad_norm=tcfg["max_grad_norm"], epochs=tcfg["epochs"],
                           optimizer=tcfg["optimizer"], target_epsilon=priv["epsilon"],
                           target_delta=priv["delta"], planned_rounds=planned, device="auto",
-                          secure_mode=priv["secure_mode"], seed=job["seed"] * 1000 + k,
-                          accountant=priv["accountant"])
-    prior = planned_prior_events(config)
-    if prior:
-        dp = _calibrated_after(dp, prior, dataset_size=len(y_fit))
-    noise = None
-    if priv["insecure_reproducible_noise"]:  # tests only: the same noise in every runtime, for a seed
-        noise = torch.Generator().manual_seed(job["seed"] * 1000 + k + 1)
+                          secure_mode=priv["secure_mode"], accountant=priv["accountant"],
+                          public_dataset_size=config["declared"]["records"][name])
+    dp = _calibrated_after(dp, state.events_before(jid) + planned_prior_events(config))
+    randomness = (Randomness.insecure_seeded(jcfg["seed"] * 1000 + k) if priv["insecure_reproducible"]
+                  else Randomness.secure(secure_mode=priv["secure_mode"]))
     client = PrivateClient(client_id=name, model=source.model, train_data=_dataset(x_fit, y_fit), config=dp,
                            guard=guard, regularizer=L2SP(strength=tcfg["l2sp"], source=source.head),
-                           head="head", cache_features=True, noise_generator=noise)
+                           head="head", cache_features=True, randomness=randomness)
     evaluation = {"test": _dataset(c.x_test, c.y_test), "validation": _dataset(x_val, y_val)}
-    node = ClientNode(name=name, tasks=standard_tasks(client, evaluation, frozen_hash=source.frozen_hash),
-                      seed=job["seed"] * 1000 + k, identity=identity, roster=roster, policy=policy)
-    return Hospital(name=name, node=node, client=client, guard=guard)
+    reports = LocalReports(state.directory / "reports" / jid)
+    node = ClientNode(name=name, tasks=standard_tasks(client, evaluation, frozen_hash=source.frozen_hash,
+                                                      reports=reports),
+                      seed=jcfg["seed"] * 1000 + k, identity=identity, roster=roster, policy=policy)
+    return Hospital(name=name, node=node, client=client, guard=guard, evaluation=evaluation, reports=reports)
 
 
 def selection_mechanism(config: JobConfig) -> SelectionMechanism:
@@ -360,17 +423,18 @@ def planned_prior_events(config: JobConfig) -> list[PoissonGaussianEvent]:
     return [selection_mechanism(config).event()] if "selection" in config.sections else []
 
 
-def _calibrated_after(dp: DPTrainingConfig, prior: list[PoissonGaussianEvent], *, dataset_size: int) -> DPTrainingConfig:
+def _calibrated_after(dp: DPTrainingConfig, prior: list[PoissonGaussianEvent]) -> DPTrainingConfig:
     """``dp`` with its noise multiplier calibrated so that ``prior`` plus ``planned_rounds`` rounds
-    reach at most ``target_epsilon`` (by the config's accountant, as :class:`PrivateClient` calibrates)."""
+    reach at most ``target_epsilon`` (by the config's accountant), from public values only."""
     assert dp.target_epsilon is not None and dp.target_delta is not None and dp.planned_rounds is not None
-    rate = sample_rate_for(expected_batch_size=dp.expected_batch_size, dataset_size=dataset_size)
+    rate = dp.sample_rate
     try:
         sigma = calibrate_noise_multiplier(target_epsilon=dp.target_epsilon, target_delta=dp.target_delta,
-                                           sample_rate=rate, steps=dp.planned_rounds * dp.local_steps(sample_rate=rate),
+                                           sample_rate=rate, steps=dp.planned_rounds * dp.local_steps(),
                                            accountant=dp.accountant, prior_events=prior)
     except AccountingError as exc:
-        raise ConfigError(f"no training noise fits the budget after source selection: {exc}") from exc
+        raise ConfigError(f"no training noise fits what is left of the budget ({len(prior)} earlier "
+                          f"releases): {exc}") from exc
     return dataclasses.replace(dp, noise_multiplier=sigma, target_epsilon=None, target_delta=None,
                                planned_rounds=None)
 
@@ -407,24 +471,22 @@ def selection_options(mechanism: SelectionMechanism) -> dict[str, Any]:
             "noise_multiplier": mechanism.noise_multiplier}
 
 
-def build_selection_node(config: JobConfig, name: str, candidates: list[Source], ledger: Ledger,
-                         budgets_dir: Path, *, identity: SigningKey, roster: Roster) -> ClientNode:
+def build_selection_node(config: JobConfig, name: str, candidates: list[Source], state: PrivacyState, *,
+                         identity: SigningKey, roster: Roster, job: str | None = None) -> ClientNode:
     """One hospital's node for source selection: the ``select`` task on its validation split
     (selection noise from ``os.urandom``, whatever ``secure_mode`` says: it is one small draw)."""
-    job, priv = config["job"], config["privacy"]
+    jcfg = config["job"]
+    jid = job_id(config) if job is None else job
     k, _, (_, _, x_val, y_val) = _client_split(config, name, candidates[0].centres)
-    budget = PrivacyBudget.from_ledger(ledger.entries, name, epsilon=priv["epsilon"], delta=priv["delta"],
-                                       accountant=priv["accountant"])
-    budgets_dir.mkdir(parents=True, exist_ok=True)
-    guard = BudgetGuard(client=name, budget=budget, ledger=ledger, state_path=budgets_dir / f"{name}.json")
+    guard = state.guard(job_id=jid, declaration=declaration(config, name))
     task = SelectTask(candidates=[c.model for c in candidates], data=_dataset(x_val, y_val),
                       mechanism=selection_mechanism(config), guard=guard)
-    return ClientNode(name=name, tasks={"select": task}, seed=job["seed"] * 1000 + k, identity=identity,
+    return ClientNode(name=name, tasks={"select": task}, seed=jcfg["seed"] * 1000 + k, identity=identity,
                       roster=roster)
 
 
-def select_source(config: JobConfig, out: Path, candidates: list[Source], *, workers: int,
-                  keys: tuple[Roster, dict[str, SigningKey]] | None = None) -> dict[str, Any]:
+def select_source(config: JobConfig, out: Path, candidates: list[Source], states: dict[str, PrivacyState], *,
+                  workers: int, keys: tuple[Roster, dict[str, SigningKey]] | None = None) -> dict[str, Any]:
     """Run DP source selection over the hospitals (one secure round of the ``select`` task) and
     return the record written to ``out/selection.json``. A run that finds that file (``--resume``)
     reuses it. If the secure round fails, the first candidate is kept and the record says why."""
@@ -435,10 +497,9 @@ def select_source(config: JobConfig, out: Path, candidates: list[Source], *, wor
             raise ConfigError(f"{path} was written for other candidates")
         return saved
     mechanism = selection_mechanism(config)
-    ledger = Ledger(out / "ledger.jsonl")
     roster, identities = Roster.generate(config["job"]["clients"]) if keys is None else keys
-    nodes = {n: build_selection_node(config, n, candidates, ledger, out / "budgets", identity=identities[n],
-                                     roster=roster) for n in config["job"]["clients"]}
+    nodes = {n: build_selection_node(config, n, candidates, states[n], identity=identities[n], roster=roster)
+             for n in config["job"]["clients"]}
     pool: ClientPool = ProcessPool(nodes, workers=workers) if workers > 0 else LocalPool(nodes)
     max_samples = config["secagg"]["max_samples"]
     # The server of this one round has no model: secure_round only needs a pool and the encoding.
@@ -485,12 +546,14 @@ def build_server(config: JobConfig, source: Source, pool: ClientPool, roster: Ro
 @dataclass(kw_only=True)
 class HeartJob:
     """Everything one in-process run of the heart job holds. ``hospitals`` are the client-side
-    objects; with worker processes the live copies are in the workers (don't use these then)."""
+    objects; with worker processes the live copies are in the workers (don't use these then,
+    except their evaluation data, which the experimenter of a simulation holds anyway)."""
 
     config: JobConfig
     out: Path
     source: Source
     hospitals: dict[str, Hospital]
+    states: dict[str, PrivacyState]
     federation: Federation
     selection: dict[str, Any] | None = None
 
@@ -506,46 +569,113 @@ class HeartJob:
     def nodes(self) -> dict[str, ClientNode]:
         return {n: h.node for n, h in self.hospitals.items()}
 
-    def global_model(self) -> HeartNet:
+    def model_with(self, params: np.ndarray) -> HeartNet:
+        """The source model with ``params`` as its trainable weights."""
         model = copy.deepcopy(self.source.model)
-        params = dict(model.named_parameters())
-        state = unflatten_delta(self.federation.global_params, self.source.head)
+        named = dict(model.named_parameters())
         with torch.no_grad():
-            for name, value in state.items():
-                params[name].copy_(value)
+            for name, value in unflatten_delta(params, self.source.head).items():
+                named[name].copy_(value)
         return model
 
+    def global_model(self) -> HeartNet:
+        return self.model_with(self.federation.global_params)
 
-def build_job(config: JobConfig, out: Path, *, resume: bool = False, workers: int | None = None) -> HeartJob:
-    """Train the source model, build every hospital's node (one shared ledger file in ``out``)
-    and the server. ``workers`` (default: the config's ``job.workers``) > 0 runs the nodes in
-    that many forked worker processes; 0 runs them in this process, one after the other."""
+    def experimenter(self) -> Experimenter:
+        """The simulation's view of every hospital's evaluation data (outside the protocol)."""
+        return Experimenter(job=self)
+
+    def close(self) -> None:
+        self.federation.pool.close()
+        for state in self.states.values():
+            state.close()
+
+
+@dataclass(kw_only=True)
+class Experimenter:
+    """What the person running a *simulation* sees: they hold every hospital's data, so they can
+    compute each hospital's exact accuracy themselves. Nothing here crosses the wire or reaches
+    the server; metrics.json keeps it under ``simulation_only``. In a deployment there is no
+    experimenter: each hospital reads its own local report."""
+
+    job: HeartJob
+
+    def accuracy(self, params: np.ndarray) -> dict[str, dict[str, Any]]:
+        model = self.job.model_with(params)
+        out: dict[str, dict[str, Any]] = {}
+        for name, hospital in self.job.hospitals.items():
+            acc, samples = {}, {}
+            for split, data in hospital.evaluation.items():
+                ev = evaluate(model, data)
+                acc[split], samples[split] = ev.accuracy, ev.num_samples
+            out[name] = {"status": "done", "accuracy": acc, "samples": samples}
+        return out
+
+    def local_reports(self, task: str, round: int) -> dict[str, dict[str, Any]]:  # noqa: A002
+        """Each hospital's local report of ``task`` (read from its own folder, in a simulation)."""
+        out: dict[str, dict[str, Any]] = {}
+        for name, hospital in self.job.hospitals.items():
+            report = hospital.reports.read(task, round)
+            out[name] = {"status": "done", **report} if report else {"status": "no report"}
+        return out
+
+    def epsilon(self) -> dict[str, float]:
+        """Each hospital's spent epsilon, recomputed from its verified ledger (its own accountant)."""
+        priv = self.job.config["privacy"]
+        eps: dict[str, float] = {}
+        for name, state in self.job.states.items():
+            entries, _ = read_verified_ledger(state.ledger.path)
+            events = [ev for _, ev, _ in spent_events(entries).get(name, [])]
+            eps[name] = compute_epsilon(events, priv["delta"], accountant=priv["accountant"]) if events else 0.0
+        return eps
+
+
+def build_job(config: JobConfig, out: Path, *, resume: bool = False, workers: int | None = None,
+              state_dir: Path | None = None) -> HeartJob:
+    """Train the source model, open every hospital's privacy state (in ``state_dir``, default
+    :func:`state_root`), build its node and the server. ``workers`` (default: the config's
+    ``job.workers``) > 0 runs the nodes in that many forked worker processes; 0 runs them in this
+    process, one after the other."""
     out.mkdir(parents=True, exist_ok=True)
-    ledger_path = out / "ledger.jsonl"
-    if not resume and ledger_path.exists():
-        raise ConfigError(f"{ledger_path} exists: use --resume to continue that run, or another --out")
+    if not resume and (out / "checkpoint.json").exists():
+        raise ConfigError(f"{out} holds a run: use --resume to continue it, or another --out")
     workers = config["job"]["workers"] if workers is None else workers
     # One process plays every hospital: per-run signing keys, and every node pins the roster.
     roster, identities = Roster.generate(config["job"]["clients"])
-    selection: dict[str, Any] | None = None
-    if "selection" in config.sections:
-        candidates = [build_source(config, spec) for spec in config.source_specs()]
-        selection = select_source(config, out, candidates, workers=workers, keys=(roster, identities))
-        source = candidates[selection["index"]]
-    else:
-        source = build_source(config)
-    ledger = Ledger(ledger_path)  # opened after selection: it holds the selection entries
     policy = NodePolicy(max_sessions=config["job"]["rounds"])  # one secure session per training round
-    hospitals = {name: build_client_node(config, name, source, ledger, out / "budgets", identity=identities[name],
-                                         roster=roster, policy=policy)
-                 for name in config["job"]["clients"]}
+    root = state_root(config, state_dir)
+    states: dict[str, PrivacyState] = {}
+    try:
+        centres = build_centres(config)
+        for name in config["job"]["clients"]:
+            states[name] = open_hospital_state(config, name, centres, root)
+        selection: dict[str, Any] | None = None
+        if "selection" in config.sections:
+            candidates = [build_source(config, spec) for spec in config.source_specs()]
+            selection = select_source(config, out, candidates, states, workers=workers, keys=(roster, identities))
+            source = candidates[selection["index"]]
+        else:
+            source = build_source(config)
+        hospitals = {name: build_client_node(config, name, source, states[name], identity=identities[name],
+                                             roster=roster, policy=policy)
+                     for name in config["job"]["clients"]}
+    except BaseException:
+        for state in states.values():
+            state.close()
+        raise
     nodes = {n: h.node for n, h in hospitals.items()}
     pool: ClientPool = ProcessPool(nodes, workers=workers) if workers > 0 else LocalPool(nodes)
     federation = build_server(config, source, pool, roster)
     if resume and (out / "checkpoint.json").exists():
         federation.load_state_dict(json.loads((out / "checkpoint.json").read_text(encoding="utf-8")))
-    return HeartJob(config=config, out=out, source=source, hospitals=hospitals, federation=federation,
-                    selection=selection)
+    return HeartJob(config=config, out=out, source=source, hospitals=hospitals, states=states,
+                    federation=federation, selection=selection)
+
+
+def build_centres(config: JobConfig) -> dict[str, Any]:
+    """The standardised centres (with the public source centre's statistics)."""
+    centres, _ = standardize(load_fed_heart_disease(), stats_from=config["job"]["source"])
+    return centres
 
 
 def _pooled(infos: dict[str, dict[str, Any]], split: str) -> tuple[dict[str, float], float]:
@@ -555,114 +685,127 @@ def _pooled(infos: dict[str, dict[str, Any]], split: str) -> tuple[dict[str, flo
     return per, (correct / total if total else float("nan"))
 
 
-def run_job(config: JobConfig, out: Path, *, resume: bool = False, progress: bool = True,
-            workers: int | None = None) -> dict[str, Any]:
-    """Run (or resume) the job; writes metrics.json, ledger.jsonl, report.png into ``out``."""
-    t_start = time.perf_counter()
+def prepare_run(config: JobConfig, out: Path, *, resume: bool) -> JobConfig:
+    """The configuration a run uses: on ``resume`` the one saved in ``out/config.json``; else
+    ``config`` with a fresh random job id (unless it names one), saved there."""
     if resume:
         saved = out / "config.json"
         if not saved.exists():
             raise ConfigError(f"nothing to resume in {out}")
-        config = JobConfig.from_mapping(json.loads(saved.read_text(encoding="utf-8")))
-    job = build_job(config, out, resume=resume, workers=workers)
+        return JobConfig.from_mapping(json.loads(saved.read_text(encoding="utf-8")))
+    data = config.to_dict()
+    if not data["job"]["id"]:
+        data["job"]["id"] = "run-" + uuid.uuid4().hex
+    return JobConfig.from_mapping(data)
+
+
+def run_job(config: JobConfig, out: Path, *, resume: bool = False, progress: bool = True,
+            workers: int | None = None, state_dir: Path | None = None) -> dict[str, Any]:
+    """Run (or resume) the job; writes metrics.json and report.png into ``out``; every hospital's
+    ledger is in its privacy state (``state_dir``, default :func:`state_root`)."""
+    t_start = time.perf_counter()
+    config = prepare_run(config, out, resume=resume)
+    job = build_job(config, out, resume=resume, workers=workers, state_dir=state_dir)
     try:
-        return _run(job, config, out, t_start, progress)
+        return run_federation(config, job.source, job.federation, out, t_start=t_start, progress=progress,
+                              selection=job.selection, experimenter=job.experimenter())
     finally:
-        job.federation.pool.close()
-
-
-def _run(job: HeartJob, config: JobConfig, out: Path, t_start: float, progress: bool) -> dict[str, Any]:
-    return run_federation(config, job.source, job.federation, out, t_start=t_start, progress=progress,
-                          selection=job.selection)
+        job.close()
 
 
 def run_federation(config: JobConfig, source: Source, federation: Federation, out: Path, *,
                    t_start: float | None = None, progress: bool = True,
-                   selection: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The server's part of a job, whatever pool ``federation`` talks through: every round, the
-    evaluations, personalisation; writes config.json, rounds.json, checkpoint.json,
-    metrics.json and report.png into ``out``. Epsilons come from ``out/ledger.jsonl`` when the
-    ledger is there (clients in this process or on this machine), else from what the clients
-    report (with Flower the ledgers stay at the hospitals: audit them there)."""
+                   selection: dict[str, Any] | None = None,
+                   experimenter: Experimenter | None = None) -> dict[str, Any]:
+    """The server's part of a job, whatever pool ``federation`` talks through: every round, then
+    personalisation at the hospitals; writes config.json, rounds.json, checkpoint.json,
+    metrics.json and report.png into ``out``.
+
+    What the server receives is only round outcomes (``server`` in metrics.json). In a simulation
+    the ``experimenter`` (who holds every dataset) adds each hospital's exact accuracy and spent
+    epsilon, computed outside the protocol (``simulation_only``); without one (Flower, a real
+    deployment) each hospital reads its own local report and audits its own ledger."""
     t_start = time.perf_counter() if t_start is None else t_start
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2), encoding="utf-8")
     rounds = config["job"]["rounds"]
-    delta = config["privacy"]["delta"]
     round_rows: list[dict[str, Any]] = [r for r in _saved_rows(out) if r["round"] < federation.rounds_done]
+    sim_rows: list[dict[str, Any]] = [r for r in _saved_rows(out, "simulation_rounds.json")
+                                      if r["round"] < federation.rounds_done]
     initial = flatten_delta(source.head)
-    source_acc, source_pooled = _pooled(federation.query("evaluate", weights=initial), "test")
     bar = _progress(rounds, federation.rounds_done, progress)
+    sim: dict[str, Any] = {}
+    if experimenter is not None:
+        source_acc, source_pooled = _pooled(experimenter.accuracy(initial), "test")
+        sim["source"] = {"test_accuracy": source_acc, "pooled_test_accuracy": source_pooled}
 
     def on_round(report: RoundReport) -> None:
-        infos = federation.query("evaluate", round=report.round)
-        per, pooled = _pooled(infos, "test")
-        val_per, val_pooled = _pooled(infos, "validation")
-        eps = {n: float(i["epsilon"]) for n, i in infos.items() if i.get("status") == "done"}
-        round_rows.append({**report.to_dict(), "test_accuracy": per, "pooled_test_accuracy": pooled,
-                           "validation_accuracy": val_per, "pooled_validation_accuracy": val_pooled,
-                           "epsilon": eps})
+        round_rows.append(report.to_dict())
         (out / "rounds.json").write_text(json.dumps(round_rows, indent=2), encoding="utf-8")
+        postfix: dict[str, str] = {"status": report.status}
+        if experimenter is not None:
+            infos = experimenter.accuracy(federation.global_params)
+            per, pooled = _pooled(infos, "test")
+            val_per, val_pooled = _pooled(infos, "validation")
+            eps = experimenter.epsilon()
+            sim_rows.append({"round": report.round, "test_accuracy": per, "pooled_test_accuracy": pooled,
+                             "validation_accuracy": val_per, "pooled_validation_accuracy": val_pooled,
+                             "epsilon": eps})
+            (out / "simulation_rounds.json").write_text(json.dumps(sim_rows, indent=2), encoding="utf-8")
+            postfix.update(acc=f"{pooled:.3f}", eps=f"{max(eps.values(), default=0.0):.2f}")
         bar.update(1)
-        bar.set_postfix(acc=f"{pooled:.3f}", eps=f"{max(eps.values(), default=0.0):.2f}", status=report.status)
+        bar.set_postfix(**postfix)
 
     federation.run(rounds, checkpoint=out / "checkpoint.json", on_round=on_round)
     bar.close()
-    final = federation.query("evaluate", round=rounds)
-    federated_acc, federated_pooled = _pooled(final, "test")
-    personal: dict[str, float] = {}
-    personal_status: dict[str, str] = {}
-    personalised: dict[str, dict[str, Any]] = {}
+    personalise: dict[str, Any] = {}
     if config["privacy"]["personalise"]:
-        personalised = federation.query("personalise", round=rounds)
-        for name, info in sorted(personalised.items()):
-            if info["status"] == "done":
-                personal[name] = float(info["accuracy"]["test"])
-                personal_status[name] = "ok"
-            else:
-                personal_status[name] = f"{info['status']}: {info.get('reason', '')}"
-    # Each hospital's own best model: its personalised one, or the federated one where it could
-    # not personalise (e.g. its budget was spent), pooled over the same test rows as the federated.
-    personal_pooled = None
-    if personal:
-        deployed = {n: personalised[n] if personal_status.get(n) == "ok" else final[n] for n in final}
-        _, personal_pooled = _pooled(deployed, "test")
-    if (out / "ledger.jsonl").exists():
-        spent = _spent_from_ledger(out / "ledger.jsonl", config["job"]["clients"])
-        eps_main = {n: compute_epsilon(ev, delta, accountant=config["privacy"]["accountant"]) if ev else 0.0
-                    for n, ev in spent.items()}
-        eps_prv: dict[str, float] | str = {n: compute_epsilon(ev, delta, accountant="prv") if ev else 0.0
-                                           for n, ev in spent.items()}
-    else:  # the ledgers are at the clients: what they report (audit each ledger where it is)
-        eps_main = {n: float(i["epsilon"]) for n, i in final.items() if i.get("status") == "done"}
-        eps_main.update({n: float(i["epsilon"]) for n, i in personalised.items() if i.get("status") == "done"})
-        eps_prv = "audit each client's ledger (secfedtl audit LEDGER)"
-    metrics = {
-        "job": "uci_heart_disease", "delta": delta, "epsilon_budget": config["privacy"]["epsilon"],
-        "accountant": config["privacy"]["accountant"],
-        "source": {"centre": config["job"]["source"], **source.info,
-                   "test_accuracy": source_acc, "pooled_test_accuracy": source_pooled},
-        "final": {"pooled_test_accuracy": federated_pooled, "per_client_test_accuracy": federated_acc,
-                  "personalised_test_accuracy": personal, "personalisation": personal_status,
-                  "personalised_pooled_test_accuracy": personal_pooled,
-                  "epsilon": eps_main, "epsilon_prv": eps_prv},
-        "selection": selection,
-        "rounds": round_rows,
-        "wall_seconds": time.perf_counter() - t_start,
+        # The hospitals fine-tune locally and keep the model and its evaluation; the server
+        # hears only "done", "refused" (budget) or nothing.
+        answers = federation.query("personalise", round=rounds)
+        personalise = {n: answers.get(n, {}).get("status", "silent") for n in config["job"]["clients"]}
+    metrics: dict[str, Any] = {
+        "job": "uci_heart_disease", "job_id": job_id(config), "delta": config["privacy"]["delta"],
+        "epsilon_budget": config["privacy"]["epsilon"], "accountant": config["privacy"]["accountant"],
+        "server": {"note": "everything the server received: round outcomes over masked sums, and statuses",
+                   "rounds": round_rows, "personalisation": personalise, "selection": selection,
+                   "source": {"centre": config["job"]["source"], **source.info}},
+        "wall_seconds": 0.0,
     }
+    if experimenter is not None:
+        final = experimenter.accuracy(federation.global_params)
+        federated_acc, federated_pooled = _pooled(final, "test")
+        personal: dict[str, float] = {}
+        personalised = experimenter.local_reports("personalise", rounds) if personalise else {}
+        for name, info in personalised.items():
+            if personalise.get(name) == "done" and info.get("status") == "done":
+                personal[name] = float(info["accuracy"]["test"])
+        personal_pooled = None
+        if personal:
+            deployed = {n: personalised[n] if n in personal else final[n] for n in final}
+            _, personal_pooled = _pooled(deployed, "test")
+        eps = experimenter.epsilon()
+        spent = {n: [ev for _, ev, _ in spent_events(read_verified_ledger(s.ledger.path)[0]).get(n, [])]
+                 for n, s in experimenter.job.states.items()}
+        eps_prv = {n: compute_epsilon(ev, config["privacy"]["delta"], accountant="prv") if ev else 0.0
+                   for n, ev in spent.items()}
+        sim["note"] = ("computed by the experimenter of this simulation, who holds every hospital's data, "
+                       "outside the protocol: never sent to the server")
+        sim["final"] = {"pooled_test_accuracy": federated_pooled, "per_client_test_accuracy": federated_acc,
+                        "personalised_test_accuracy": personal,
+                        "personalised_pooled_test_accuracy": personal_pooled,
+                        "epsilon": eps, "epsilon_prv": eps_prv}
+        sim["rounds"] = sim_rows
+        sim["ledgers"] = {n: os.fspath(s.ledger.path) for n, s in experimenter.job.states.items()}
+        metrics["simulation_only"] = sim
+    metrics["wall_seconds"] = time.perf_counter() - t_start
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    _plot(metrics, out / "report.png")
+    if experimenter is not None:
+        _plot(metrics, out / "report.png")
     return metrics
 
 
-def _spent_from_ledger(path: Path, clients: list[str]) -> dict[str, list[Any]]:
-    """Every event each client has begun (pending entries count as spent), from the verified ledger."""
-    entries, _ = read_verified_ledger(path)
-    spent = spent_events(entries)
-    return {n: [event for _, event, _ in spent.get(n, [])] for n in clients}
-
-
-def _saved_rows(out: Path) -> list[dict[str, Any]]:
-    path = out / "rounds.json"
+def _saved_rows(out: Path, name: str = "rounds.json") -> list[dict[str, Any]]:
+    path = out / name
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else []
 
 
@@ -679,19 +822,20 @@ def _plot(metrics: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = metrics["rounds"]
+    sim = metrics["simulation_only"]
+    rows = sim["rounds"]
     xs = [r["round"] + 1 for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for name in metrics["final"]["per_client_test_accuracy"]:
+    for name in sim["final"]["per_client_test_accuracy"]:
         ax1.plot(xs, [r["test_accuracy"].get(name, math.nan) for r in rows], marker="o", label=name)
     ax1.plot(xs, [r["pooled_test_accuracy"] for r in rows], color="black", linewidth=2, label="pooled")
-    ax1.axhline(metrics["source"]["pooled_test_accuracy"], color="grey", linestyle="--", label="source (pooled)")
+    ax1.axhline(sim["source"]["pooled_test_accuracy"], color="grey", linestyle="--", label="source (pooled)")
     ax1.set_xticks(xs)
     ax1.set_xlabel("round")
     ax1.set_ylabel("test accuracy")
-    ax1.set_title("Global model accuracy per round")
+    ax1.set_title("Global model accuracy per round (simulation only)")
     ax1.legend(fontsize=8)
-    plot_epsilon_per_round(ax2, rows, clients=metrics["final"]["epsilon"], budget=metrics["epsilon_budget"],
+    plot_epsilon_per_round(ax2, rows, clients=sim["final"]["epsilon"], budget=metrics["epsilon_budget"],
                            accountant=metrics["accountant"], delta=metrics["delta"])
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -699,18 +843,26 @@ def _plot(metrics: dict[str, Any], path: Path) -> None:
 
 
 def print_summary(metrics: dict[str, Any]) -> None:
-    final = metrics["final"]
-    src = metrics["source"]["test_accuracy"]
-    print(f"\n{'hospital':<14}{'source':>9}{'federated':>11}{'personalised':>14}{'epsilon':>10}")
+    sim = metrics.get("simulation_only")
+    if sim is None:
+        statuses = [r["status"] for r in metrics["server"]["rounds"]]
+        print(f"\nrounds: {statuses}; personalisation: {metrics['server']['personalisation']}")
+        print("accuracy and epsilon stay at the hospitals: read each hospital's local report and "
+              "`secfedtl audit` its ledger")
+        return
+    final = sim["final"]
+    src = sim["source"]["test_accuracy"]
+    print("\n(simulation only: computed outside the protocol by whoever holds every dataset)")
+    print(f"{'hospital':<14}{'source':>9}{'federated':>11}{'personalised':>14}{'epsilon':>10}")
     for name, acc in final["per_client_test_accuracy"].items():
         pers = final["personalised_test_accuracy"].get(name)
         pers_s = f"{pers:.3f}" if pers is not None else "-"
         print(f"{name:<14}{src[name]:>9.3f}{acc:>11.3f}{pers_s:>14}{final['epsilon'][name]:>10.3f}")
     pooled_pers = final.get("personalised_pooled_test_accuracy")
     pooled_pers_s = f"{pooled_pers:.3f}" if pooled_pers is not None else "-"
-    print(f"{'pooled':<14}{metrics['source']['pooled_test_accuracy']:>9.3f}{final['pooled_test_accuracy']:>11.3f}"
+    print(f"{'pooled':<14}{sim['source']['pooled_test_accuracy']:>9.3f}{final['pooled_test_accuracy']:>11.3f}"
           f"{pooled_pers_s:>14}")
-    sel = metrics.get("selection")
+    sel = metrics["server"].get("selection")
     if sel:
         chosen = sel["candidates"][sel["index"]]
         print(f"source selected with DP (epsilon {sel['epsilon']:g} of the budget; {sel['status']}): "
@@ -731,6 +883,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=None, metavar="N",
                         help="run the clients in N forked worker processes (default: the config's job.workers; "
                              "0: in this process, one after the other)")
+    parser.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
+                        help="where the hospitals' privacy states (ledgers, budgets) live; default: [privacy] "
+                             "state_dir, else $SECFEDTL_STATE_DIR, else ~/.local/share/secfedtl/privacy")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -742,9 +897,8 @@ def main(args: argparse.Namespace) -> int:
 def _run_cli(config: JobConfig, args: argparse.Namespace) -> int:
     out = args.resume if args.resume is not None else args.out
     metrics = run_job(config, out, resume=args.resume is not None, progress=not args.no_progress,
-                      workers=args.workers)
+                      workers=args.workers, state_dir=args.state_dir)
     print_summary(metrics)
-    print(f"wrote {out / 'metrics.json'}, {out / 'ledger.jsonl'}, {out / 'report.png'}")
+    ledgers = metrics.get("simulation_only", {}).get("ledgers", {})
+    print(f"wrote {out / 'metrics.json'}, {out / 'report.png'}; ledgers: " + ", ".join(ledgers.values()))
     return 0
-
-

@@ -7,9 +7,10 @@ budget guard, ledger, data) and a table of named *tasks*. It answers the message
 * :class:`~secfedtl.runtime.wire.TaskRequest`: verify and run the named task. A *secure* task
   (``"train"``, ``"select"``) returns a vector and a weight; the node clips and encodes it into
   the field right away (under the encoding the request announces), keeps it in memory and
-  replies ``"ready"``. A *query* task (``"evaluate"``, ``"personalise"``) returns only public
-  ``info`` and the node replies ``"done"``. A task refused for budget reasons replies
-  ``"refused"``; one that fails replies ``"failed"`` (the server treats it as a dropout).
+  replies ``"ready"``. A *local* task (``"evaluate"``, ``"personalise"``) keeps its results at
+  the node (its own local report, :class:`LocalReports`) and the node replies ``"done"``. A task
+  refused for budget reasons replies ``"refused"``; one that fails replies ``"failed"`` (the
+  server treats it as a dropout).
 * :class:`~secfedtl.runtime.wire.Join`: check the session parameters against the request this
   node ran (same round, its own digest of the request as the session context, the announced
   encoding), check every party against the node's pinned roster (each key in the roster, this
@@ -19,18 +20,23 @@ budget guard, ledger, data) and a table of named *tasks*. It answers the message
   survivor-list signature is checked against the pinned keys.
 * :class:`~secfedtl.runtime.wire.SecAggFrame`: one secure-aggregation step.
 
-The node never sends its vector, weight or dataset size in the clear; only masked vectors leave
-it. It answers each ``(round, task)`` once (``repeatable_tasks`` excepted): a replayed request is
-refused with :class:`~secfedtl.errors.ReplayError` before any private data is touched. A message that breaks the rules raises :class:`~secfedtl.errors.RemoteProtocolError` (a
+What leaves a node: masked vectors (whose decoded content is the output of a mechanism charged
+in its ledger before it ran, or a declared public value such as its FedAvg weight), and a reply
+status with a fixed, data-free reason. Nothing computed from the data (accuracy, counts, epsilon
+projections, timings, exception texts) is ever put in a reply. It answers each ``(round, task)``
+once (``repeatable_tasks`` excepted): a replayed request is refused with
+:class:`~secfedtl.errors.ReplayError` before any private data is touched. A message that breaks the rules raises :class:`~secfedtl.errors.RemoteProtocolError` (a
 runner treats that as the node falling silent). Faults for tests and demos (``faults``) make the
 node crash while training or fall silent from a protocol phase in a given round.
 """
 
 from __future__ import annotations
 
-import time
+import json
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -38,6 +44,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from secfedtl._atomic import atomic_write
 from secfedtl.crypto.primitives import SigningKey
 from secfedtl.encoding import FixedPointEncoding
 from secfedtl.errors import (
@@ -105,7 +112,7 @@ class TrainTask:
     def __call__(self, request: wire.TaskRequest, digest: str) -> TaskOutput:
         state = self.check(request)
         update = self._client.train_round(global_state=state, round=request.round, model_hash=digest)
-        return TaskOutput(vector=flatten_delta(update.delta), weight=update.num_samples)
+        return TaskOutput(vector=flatten_delta(update.delta), weight=update.weight)
 
     def crash(self, request: wire.TaskRequest, digest: str) -> TaskOutput:
         """Fault injection: charge the budget (the ledger entry is written), then fail inside
@@ -156,46 +163,82 @@ def _accuracy(model: nn.Module, datasets: Mapping[str, Dataset]) -> dict[str, An
     return {"accuracy": acc, "samples": samples}
 
 
+class LocalReports:
+    """Where a node keeps what its local tasks computed on its own data: one JSON file per task
+    and round in ``directory`` (mode 0600), never sent to the server. ``directory=None`` keeps
+    them in memory only (:attr:`latest`)."""
+
+    def __init__(self, directory: str | os.PathLike[str] | None = None) -> None:
+        self.directory = None if directory is None else Path(directory)
+        self.latest: dict[str, dict[str, Any]] = {}
+
+    def write(self, task: str, round: int, info: Mapping[str, Any]) -> None:
+        record = {"task": task, "round": round, **info}
+        self.latest[task] = record
+        if self.directory is not None:
+            self.directory.parent.mkdir(mode=0o700, exist_ok=True)
+            self.directory.mkdir(mode=0o700, exist_ok=True)
+            payload = json.dumps(record, indent=2, sort_keys=True).encode("utf-8")
+            atomic_write(self.directory / f"{task}-round{round}.json",
+                         lambda fh: (os.fchmod(fh.fileno(), 0o600), fh.write(payload)))
+
+    def read(self, task: str, round: int) -> dict[str, Any] | None:
+        """The report of ``task`` in ``round`` (from the folder, or from memory)."""
+        if self.directory is not None:
+            path = self.directory / f"{task}-round{round}.json"
+            if path.exists():
+                return json.loads(path.read_text(encoding="utf-8"))
+        latest = self.latest.get(task)
+        return latest if latest is not None and latest["round"] == round else None
+
+
 class _LocalTask:
-    """A public task on the client's own evaluation splits (shares ``TrainTask``'s request check)."""
+    """A task whose results stay at the node, in its :class:`LocalReports` (shares
+    ``TrainTask``'s request check)."""
 
     def __init__(self, client: PrivateClient, datasets: Mapping[str, Dataset], *,
-                 train: TrainTask | None = None) -> None:
+                 train: TrainTask | None = None, reports: LocalReports | None = None) -> None:
         self._client = client
         self._datasets = dict(datasets)
         self._train = train or TrainTask(client)
+        self.reports = reports if reports is not None else LocalReports()
 
-    def _report(self, model: nn.Module) -> TaskOutput:
+    def _report(self, request: wire.TaskRequest, model: nn.Module) -> TaskOutput:
         info = _accuracy(model, self._datasets)
         info["epsilon"] = self._client._guard.budget.spent_epsilon  # noqa: SLF001
-        return TaskOutput(info=info)
+        self.reports.write(request.task, request.round, info)
+        return TaskOutput()
 
 
 class EvaluateTask(_LocalTask):
     """The ``"evaluate"`` task: accuracy of the global weights on the client's own evaluation
-    splits (public info: accuracy and split sizes), plus the epsilon it has spent so far."""
+    splits, and the epsilon it has spent, written to its local report (nothing is sent back)."""
 
     def __call__(self, request: wire.TaskRequest, digest: str) -> TaskOutput:
         state = self._train.check(request)
-        return self._report(_model_with(self._client.model, state))
+        return self._report(request, _model_with(self._client.model, state))
 
 
 class PersonaliseTask(_LocalTask):
     """The ``"personalise"`` task: one more DP round on the global weights, kept locally (charged
-    to the budget), then the personalised model's accuracy on the client's evaluation splits."""
+    to the budget as ``release="local_model"``), then the personalised model's accuracy on the
+    client's evaluation splits in its local report (nothing is sent back)."""
 
     def __call__(self, request: wire.TaskRequest, digest: str) -> TaskOutput:
         state = self._train.check(request)
-        self._client.train_round(global_state=state, round=request.round, model_hash=digest)
-        return self._report(self._client.model)
+        self._client.train_round(global_state=state, round=request.round, model_hash=digest,
+                                 release="local_model")
+        return self._report(request, self._client.model)
 
 
 def standard_tasks(client: PrivateClient, evaluation: Mapping[str, Dataset], *,
-                   frozen_hash: str | None = None) -> dict[str, Task]:
-    """``train``, ``evaluate`` and ``personalise`` for one private client."""
+                   frozen_hash: str | None = None, reports: LocalReports | None = None) -> dict[str, Task]:
+    """``train``, ``evaluate`` and ``personalise`` for one private client (the last two report
+    into ``reports``, at the client)."""
     train = TrainTask(client, frozen_hash=frozen_hash)
-    return {"train": train, "evaluate": EvaluateTask(client, evaluation, train=train),
-            "personalise": PersonaliseTask(client, evaluation, train=train)}
+    reports = reports if reports is not None else LocalReports()
+    return {"train": train, "evaluate": EvaluateTask(client, evaluation, train=train, reports=reports),
+            "personalise": PersonaliseTask(client, evaluation, train=train, reports=reports)}
 
 
 def encoding_from_options(options: Mapping[str, Any]) -> FixedPointEncoding:
@@ -299,9 +342,8 @@ class ClientNode:
         self._digest = wire.request_digest(request)
         task = self._tasks.get(request.task)
         if task is None:
-            return [wire.TaskReply(round=request.round, status="failed", info={"reason": f"unknown task {request.task!r}"})]
+            return [wire.TaskReply(round=request.round, status="failed", info={"reason": "unknown task"})]
         secure = "encoding" in request.options
-        t0 = time.perf_counter()
         try:
             encoding = encoding_from_options(request.options) if secure else None
             if self.faults.get(request.round) == "train":
@@ -310,27 +352,26 @@ class ClientNode:
                     raise ConfigError(f"task {request.task!r} cannot simulate a crash")
                 crash(request, self._digest)
             output = task(request, self._digest)
-        except PrivacyBudgetExceeded as exc:
-            return [wire.TaskReply(round=request.round, status="refused", info={"reason": str(exc)})]
-        except (_SimulatedCrash, SecFedTLError, RuntimeError) as exc:
-            return [wire.TaskReply(round=request.round, status="failed", info={"reason": type(exc).__name__})]
-        seconds = time.perf_counter() - t0
+        except PrivacyBudgetExceeded:
+            # Budgets are spent by public mechanisms only, so "refused" says nothing private; the
+            # projected epsilon in the exception stays here.
+            return [wire.TaskReply(round=request.round, status="refused", info={"reason": "budget"})]
+        except (_SimulatedCrash, SecFedTLError, RuntimeError):
+            return [wire.TaskReply(round=request.round, status="failed", info={"reason": "failed"})]
         if not secure:
             if output.vector is not None:
                 raise ConfigError(f"task {request.task!r} returned a vector but the request announced no encoding")
-            return [wire.TaskReply(round=request.round, status="done", info={**output.info, "seconds": seconds})]
+            return [wire.TaskReply(round=request.round, status="done", info={})]
         assert encoding is not None
         if output.vector is None:
-            return [wire.TaskReply(round=request.round, status="failed", info={"reason": "no contribution"})]
-        t1 = time.perf_counter()
+            return [wire.TaskReply(round=request.round, status="failed", info={"reason": "failed"})]
         try:
             rng = np.random.default_rng([self._seed, request.round])  # rounding only: not secret
             self._field = encoding.encode(np.asarray(output.vector, dtype=np.float64), weight=output.weight, rng=rng)
-        except (SecFedTLError, ValueError) as exc:
-            return [wire.TaskReply(round=request.round, status="failed", info={"reason": type(exc).__name__})]
+        except (SecFedTLError, ValueError):
+            return [wire.TaskReply(round=request.round, status="failed", info={"reason": "failed"})]
         self._encoding = encoding
-        info = {**output.info, "train_seconds": t1 - t0, "encode_seconds": time.perf_counter() - t1}
-        return [wire.TaskReply(round=request.round, status="ready", info=info)]
+        return [wire.TaskReply(round=request.round, status="ready", info={})]
 
     def _on_join(self, join: wire.Join) -> list[bytes]:
         if join.round != self._round or self._field is None or self._encoding is None or self._session is not None:
@@ -377,5 +418,5 @@ class ClientNode:
         return [wire.encode(wire.SecAggFrame(round=frame.round, data=codec.encode(r))) for r in replies]
 
 
-__all__ = ["FAULTS", "ClientNode", "EvaluateTask", "PersonaliseTask", "Task", "TaskOutput", "TrainTask",
+__all__ = ["FAULTS", "ClientNode", "EvaluateTask", "LocalReports", "PersonaliseTask", "Task", "TaskOutput", "TrainTask",
            "encoding_from_options", "standard_tasks"]

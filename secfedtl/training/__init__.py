@@ -2,7 +2,7 @@
 
 from secfedtl.training.client import BudgetGuardLike, PrivateClient
 from secfedtl.training.config import DPTrainingConfig
-from secfedtl.training.dpsgd import PerSampleLoss, run_dp_sgd, sample_rate_for, secure_gaussian
+from secfedtl.training.dpsgd import PerSampleLoss, run_dp_sgd, secure_gaussian
 from secfedtl.training.evaluate import Evaluation, evaluate
 from secfedtl.training.update import ClientUpdate, delta_names, flatten_delta, unflatten_delta
 
@@ -17,7 +17,6 @@ __all__ = [
     "evaluate",
     "flatten_delta",
     "run_dp_sgd",
-    "sample_rate_for",
     "secure_gaussian",
     "unflatten_delta",
 ]

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -30,7 +29,8 @@ from torch.utils.data import Dataset
 
 from secfedtl.errors import ConfigError, InputError, TrainingError
 from secfedtl.training.config import DPTrainingConfig
-from secfedtl.training.dpsgd import GradientRegularizer, PerSampleLoss, run_dp_sgd, sample_rate_for
+from secfedtl.privacy.randomness import Randomness
+from secfedtl.training.dpsgd import GradientRegularizer, PerSampleLoss, run_dp_sgd
 from secfedtl.training.update import ClientUpdate
 from secfedtl.transfer.batchnorm import prepare_for_dp
 from secfedtl.transfer.caching import cache_features, check_frozen_deterministic, split_head
@@ -43,7 +43,8 @@ class BudgetGuardLike(Protocol):
     """What the trainer needs of a budget guard (``secfedtl.privacy.budget.BudgetGuard``)."""
 
     def charge(
-        self, event: Any, *, round: int, model_hash: str
+        self, event: Any, *, round: int, model_hash: str, release: str, randomness: str,
+        params: Mapping[str, Any],
     ) -> contextlib.AbstractContextManager[Any]: ...
 
 
@@ -79,15 +80,17 @@ class PrivateClient:
     the cached features; refused with :class:`ConfigError` when the backbone has trainable
     parameters or is not deterministic, or with a custom ``loss_fn`` (which may need raw inputs).
 
-    Noise never comes from torch's global generator (a public ``torch.manual_seed`` or a fork
-    would make it predictable): by default from a generator of the client's own, seeded with 64
-    bits from ``os.urandom``; with ``secure_mode`` every noise sample comes from ``os.urandom``.
-    ``noise_generator`` is a sharp tool for reproducible experiments and tests only (it makes the
-    noise predictable); it is refused in ``secure_mode``.
+    Randomness: Poisson batches and noise come from ``randomness``
+    (:class:`~secfedtl.privacy.randomness.Randomness`; default :meth:`Randomness.secure`: batch
+    membership from ``os.urandom``, noise from ``os.urandom`` in ``secure_mode`` or else from a
+    generator of the client's own seeded from ``os.urandom``), never from torch's global
+    generator or a public seed. :meth:`Randomness.insecure_seeded` is for tests only; the ledger
+    entries it charges say so and ``secfedtl audit`` does not certify them.
 
-    The dataset size stays on the client: it sets the Poisson sample rate
-    ``expected_batch_size / len(train_data)`` for sampling and for the local ledger, but updates are
-    normalised by the public ``expected_batch_size`` and the server only sees aggregated sums.
+    Public mechanism: the sample rate, steps, noise multiplier, normaliser and clip are functions
+    of ``config`` alone (``config.public_dataset_size`` is the declared public record count); the
+    private ``len(train_data)`` is never used for them, and the update's FedAvg weight is the
+    declared count.
     """
 
     def __init__(
@@ -102,7 +105,7 @@ class PrivateClient:
         regularizer: GradientRegularizer | None = None,
         head: str | None = None,
         cache_features: bool = False,
-        noise_generator: torch.Generator | None = None,
+        randomness: Randomness | None = None,
     ) -> None:
         if not isinstance(client_id, str) or not client_id:
             raise InputError("client_id must be a non-empty string")
@@ -121,8 +124,13 @@ class PrivateClient:
                 f"noise is calibrated with the {config.accountant!r} accountant but the budget "
                 f"is kept by {spent_by!r}; set DPTrainingConfig.accountant={spent_by!r}"
             )
-        if config.secure_mode and noise_generator is not None:
-            raise ConfigError("secure_mode draws noise from the OS CSPRNG; noise_generator is refused")
+        if randomness is None:
+            randomness = Randomness.secure(secure_mode=config.secure_mode)
+        if not isinstance(randomness, Randomness):
+            raise InputError("randomness must be a secfedtl.privacy.randomness.Randomness")
+        if config.secure_mode and not randomness.secure_noise:
+            raise ConfigError("secure_mode draws noise from the OS CSPRNG; insecure seeded randomness is refused")
+        sample_rate = config.sample_rate  # ConfigError without a declared public_dataset_size
         try:
             dataset_size = len(train_data)  # type: ignore[arg-type]
         except TypeError as exc:
@@ -139,23 +147,11 @@ class PrivateClient:
             raise ConfigError("the model has no trainable parameters: apply a freezing policy")
         self._loss_fn: PerSampleLoss = loss_fn if loss_fn is not None else cross_entropy_loss
         self._regularizer = regularizer
-        if noise_generator is None and not config.secure_mode:
-            # Never torch's global generator: anyone who seeds it (or knows a public seed it was
-            # seeded with, or forks this process) could predict the noise. A generator of our
-            # own, seeded with 64 bits from the OS CSPRNG; secure_mode draws every sample from it.
-            noise_generator = torch.Generator(device=self._device)
-            noise_generator.manual_seed(int.from_bytes(os.urandom(8), "little"))
-        self._noise_generator = noise_generator
-        self._data_generator = torch.Generator()
-        if config.seed is not None:
-            self._data_generator.manual_seed(config.seed)
-        else:
-            self._data_generator.seed()
-        self.num_samples = dataset_size
-        self.sample_rate = sample_rate_for(
-            expected_batch_size=config.expected_batch_size, dataset_size=dataset_size
-        )
-        self.local_steps = config.local_steps(sample_rate=self.sample_rate)
+        self.randomness = randomness
+        self._noise_generator = randomness.noise_generator(self._device)
+        self.weight = int(config.public_dataset_size)  # type: ignore[arg-type]  # declared, public
+        self.sample_rate = sample_rate
+        self.local_steps = config.local_steps()
         if config.noise_multiplier is not None:
             self.noise_multiplier = float(config.noise_multiplier)
         else:
@@ -237,15 +233,26 @@ class PrivateClient:
             sample_rate=self.sample_rate, noise_multiplier=self.noise_multiplier, steps=self.local_steps
         )
 
-    def train_round(self, *, global_state: Mapping[str, torch.Tensor], round: int, model_hash: str) -> ClientUpdate:
-        """Charge the round's event to the guard, then train; see the module docstring."""
+    def mechanism_params(self) -> dict[str, Any]:
+        """The public parameters of the round's mechanism beyond its event (for the ledger): all
+        functions of the configuration, none of the private data."""
+        return {"clip_norm": self.config.max_grad_norm, "normaliser": self.config.expected_batch_size,
+                "public_dataset_size": self.weight, "secure_mode": self.config.secure_mode,
+                "clipping": self.config.clipping}
+
+    def train_round(self, *, global_state: Mapping[str, torch.Tensor], round: int, model_hash: str,
+                    release: str = "dpsgd_update") -> ClientUpdate:
+        """Charge the round's event to the guard (its ledger entry says it releases ``release``:
+        ``"dpsgd_update"`` for an update that leaves the client, ``"local_model"`` for one that
+        stays), then train; see the module docstring."""
         if isinstance(round, bool) or not isinstance(round, int) or round < 0:
             raise InputError(f"round must be a non-negative int, got {round!r}")
         if not isinstance(model_hash, str) or not model_hash:
             raise InputError("model_hash must be a non-empty string")
         self._check_global_state(global_state)
         event = self.make_event()
-        with self._guard.charge(event, round=round, model_hash=model_hash):
+        with self._guard.charge(event, round=round, model_hash=model_hash, release=release,
+                                randomness=self.randomness.label, params=self.mechanism_params()):
             work = copy.deepcopy(self._model)
             params = dict(work.named_parameters())
             with torch.no_grad():
@@ -265,7 +272,7 @@ class PrivateClient:
                     loss_fn=self._loss_fn,
                     regularizer=self._regularizer,
                     regularized_model=work,
-                    data_generator=self._data_generator,
+                    randomness=self.randomness,
                     noise_generator=self._noise_generator,
                     device=self._device,
                 )
@@ -279,4 +286,4 @@ class PrivateClient:
         with torch.no_grad():
             for name in self._trainable:
                 own[name].copy_(params[name].detach().to(own[name].device))
-        return ClientUpdate(delta=delta, num_samples=self.num_samples, event=event)
+        return ClientUpdate(delta=delta, weight=self.weight, event=event)

@@ -36,11 +36,17 @@ class DPTrainingConfig:
     ``target_delta`` and ``planned_rounds``) the noise multiplier is calibrated once, up front, so
     that ``planned_rounds`` rounds of the local steps reach at most ``target_epsilon``.
 
-    ``expected_batch_size`` is public: it fixes the Poisson sample rate (``expected_batch_size /
-    dataset_size``) and is the divisor of the noisy gradient sum, whatever the actual batch size.
+    Every mechanism parameter is a function of these public fields only, never of the private
+    data: ``public_dataset_size`` is the record count the data holder *declares* public (exact, or
+    a round figure near it; it need not match the data), and the Poisson sample rate is
+    ``min(1, expected_batch_size / public_dataset_size)``, the steps per round and the calibrated
+    noise follow from it. ``expected_batch_size`` is also the divisor of the noisy gradient sum,
+    whatever the actual batch size. Two datasets that differ in one record therefore run exactly
+    the same mechanism (add/remove neighbouring relation).
 
-    ``seed`` seeds data sampling (Poisson batches) and nothing secret; the Gaussian noise comes from
-    Opacus' generator, or from the operating system's CSPRNG when ``secure_mode`` is set.
+    There is no seed: Poisson batches and noise come from the client's
+    :class:`~secfedtl.privacy.randomness.Randomness` (``os.urandom``; every noise sample from
+    ``os.urandom`` when ``secure_mode`` is set).
     """
 
     lr: float
@@ -56,7 +62,7 @@ class DPTrainingConfig:
     clipping: Literal["flat", "ghost"] = "flat"
     secure_mode: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int | None = None
+    public_dataset_size: int | None = None
     momentum: float = 0.0
     accountant: Literal["rdp", "prv"] = "rdp"
 
@@ -78,8 +84,7 @@ class DPTrainingConfig:
             raise ConfigError(f"accountant must be 'rdp' or 'prv', got {self.accountant!r}")
         if not isinstance(self.secure_mode, bool):
             raise ConfigError("secure_mode must be a bool")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ConfigError(f"seed must be an int or None, got {self.seed!r}")
+        _positive_int("public_dataset_size", self.public_dataset_size, allow_none=True)
         if isinstance(self.momentum, bool) or not isinstance(self.momentum, (int, float)) or not 0 <= self.momentum < 1:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum!r}")
         calibrating = (self.target_epsilon, self.target_delta, self.planned_rounds)
@@ -98,12 +103,28 @@ class DPTrainingConfig:
             _positive_float("target_delta", self.target_delta, upper=1.0)
             _positive_int("planned_rounds", self.planned_rounds)
 
-    def local_steps(self, *, sample_rate: float) -> int:
-        """DP-SGD steps per round: ``steps``, or ``ceil(epochs / sample_rate)``."""
+    @property
+    def sample_rate(self) -> float:
+        """The public Poisson sample rate ``min(1, expected_batch_size / public_dataset_size)``.
+
+        Raises:
+            ConfigError: no ``public_dataset_size`` was declared.
+        """
+        if self.public_dataset_size is None:
+            raise ConfigError(
+                "declare public_dataset_size: the sample rate, the steps and the noise must not "
+                "depend on the private record count"
+            )
+        return min(1.0, self.expected_batch_size / self.public_dataset_size)
+
+    def local_steps(self, *, sample_rate: float | None = None) -> int:
+        """DP-SGD steps per round: ``steps``, or ``ceil(epochs / sample_rate)`` (default: the
+        public :attr:`sample_rate`)."""
         if self.steps is not None:
             return self.steps
         assert self.epochs is not None
-        return max(1, math.ceil(self.epochs / sample_rate - 1e-9))
+        rate = self.sample_rate if sample_rate is None else sample_rate
+        return max(1, math.ceil(self.epochs / rate - 1e-9))
 
     def resolve_device(self) -> str:
         """The torch device to train on: ``auto`` picks CUDA when available."""

@@ -19,7 +19,9 @@ optimizer's ``step``) with three deliberate choices:
 * **Data-independent regularisers** (L2-SP) are added to the gradient after noise, which costs no
   privacy (see :mod:`secfedtl.transfer.regularizers`).
 
-Noise comes from Opacus (``generator`` or torch's default generator). With ``secure_mode`` it
+Poisson batch membership comes from the client's :class:`~secfedtl.privacy.randomness.Randomness`
+(``os.urandom`` unless a test asks for the insecure seeded kind), never from torch's generators.
+Noise comes from Opacus with the client's own ``generator``. With ``secure_mode`` it
 comes from the operating system's CSPRNG (``os.urandom``) through Box-Muller, summed 4 times and
 halved as in Opacus' secure mode (the floating-point attack mitigation of arXiv:2107.10138).
 """
@@ -38,10 +40,11 @@ from torch.utils.data import Dataset, TensorDataset, default_collate
 
 from secfedtl.errors import ConfigError, TrainingError
 from secfedtl.privacy.noise import secure_gaussian_array
+from secfedtl.privacy.randomness import Randomness
 from secfedtl.training.config import DPTrainingConfig
 from secfedtl.transfer.distillation import cross_entropy_loss
 
-__all__ = ["PerSampleLoss", "sample_rate_for", "secure_gaussian", "run_dp_sgd"]
+__all__ = ["PerSampleLoss", "secure_gaussian", "run_dp_sgd"]
 
 
 class PerSampleLoss(Protocol):
@@ -54,20 +57,6 @@ class GradientRegularizer(Protocol):
     """A data-independent term whose gradient is added after noise (e.g. :class:`L2SP`)."""
 
     def add_gradient(self, model: nn.Module) -> None: ...
-
-
-def sample_rate_for(*, expected_batch_size: int, dataset_size: int) -> float:
-    """Poisson sample rate ``min(1, expected_batch_size / dataset_size)``.
-
-    ``dataset_size`` is the client's private count. It only sets the client's own sampling and
-    accounting (recorded in the client's local ledger); nothing derived from it is sent to the
-    server, which only sees the secure-aggregated sum of updates. When the dataset is smaller than
-    the expected batch size the rate is 1 (every example in every step) and the update is still
-    divided by ``expected_batch_size``.
-    """
-    if dataset_size < 1:
-        raise ConfigError("cannot train on an empty dataset")
-    return min(1.0, expected_batch_size / dataset_size)
 
 
 def secure_gaussian(shape: torch.Size | tuple[int, ...], *, std: float, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
@@ -168,16 +157,20 @@ def run_dp_sgd(
     loss_fn: PerSampleLoss,
     regularizer: GradientRegularizer | None = None,
     regularized_model: nn.Module | None = None,
-    data_generator: torch.Generator,
+    randomness: Randomness,
     noise_generator: torch.Generator | None = None,
     device: str = "cpu",
 ) -> list[float]:
     """Run ``steps`` DP-SGD steps on ``model`` in place and return the mean loss of each step.
 
     ``model`` is trained as given (its frozen parameters get no gradient); ``regularized_model`` is
-    the model the regulariser's names refer to (defaults to ``model``). Raises
+    the model the regulariser's names refer to (defaults to ``model``). Each step's batch is drawn
+    by ``randomness`` (see :mod:`secfedtl.privacy.randomness`); ``noise_generator`` is the client's
+    own noise generator (``randomness.noise_generator()``; ``None`` in ``secure_mode``). Raises
     :class:`TrainingError` on a non-finite loss or parameter; the caller owns rollback.
     """
+    if not isinstance(randomness, Randomness):
+        raise ConfigError("randomness must be a secfedtl.privacy.randomness.Randomness")
     if config.secure_mode and noise_generator is not None:
         raise ConfigError("secure_mode draws noise from the OS CSPRNG; do not pass a noise generator")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -219,9 +212,7 @@ def run_dp_sgd(
         try:
             for _ in range(steps):
                 optimizer.zero_grad(set_to_none=True)
-                chosen = torch.nonzero(
-                    torch.rand(n, generator=data_generator) < sample_rate, as_tuple=False
-                ).flatten()
+                chosen = torch.from_numpy(randomness.poisson_indices(n, sample_rate))
                 if fast:
                     x, y = _batch(data, chosen)
                     grad_w, grad_b, per_sample = _linear_ce_clipped_sum(

@@ -18,15 +18,14 @@ __all__ = ["ClientUpdate", "flatten_delta", "unflatten_delta", "delta_names"]
 class ClientUpdate:
     """A client's round result.
 
-    ``delta`` holds ``new - old`` for the trainable parameters only. ``num_samples`` is the
-    client's dataset size: it is private, kept for local bookkeeping; do not send it to the server
-    in the clear (it is what makes the Poisson sample rate, see
-    :func:`~secfedtl.training.dpsgd.sample_rate_for`). ``event`` is the DP mechanism that was run
-    and charged to the budget (a ``PoissonGaussianEvent``).
+    ``delta`` holds ``new - old`` for the trainable parameters only. ``weight`` is the client's
+    FedAvg weight: its *declared public* record count
+    (:attr:`~secfedtl.training.DPTrainingConfig.public_dataset_size`), never the private count.
+    ``event`` is the DP mechanism that was run and charged to the budget (a ``PoissonGaussianEvent``).
     """
 
     delta: dict[str, torch.Tensor]
-    num_samples: int
+    weight: int
     event: Any
 
     def __post_init__(self) -> None:
@@ -37,8 +36,8 @@ class ClientUpdate:
                 raise InputError("delta must map names to tensors")
             if not torch.isfinite(t).all():
                 raise InputError(f"delta for {name!r} is not finite")
-        if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
-            raise InputError(f"num_samples must be a positive int, got {self.num_samples!r}")
+        if isinstance(self.weight, bool) or not isinstance(self.weight, int) or self.weight < 1:
+            raise InputError(f"weight must be a positive int, got {self.weight!r}")
         object.__setattr__(self, "delta", {k: v.detach().clone() for k, v in self.delta.items()})
 
 

@@ -21,9 +21,10 @@ summed count (:func:`noisy_mean`), which is post-processing. Every client then m
 records on its own through :class:`CentreScale` (a fixed function of the public noisy mean and the
 record alone), so DP-SGD on the centred features keeps its usual per-record guarantee.
 
-Order of :func:`private_feature_sum` (as for a training round): cheap checks, then
-``guard.charge(event)`` (refuses with ``PrivacyBudgetExceeded`` or writes the pending ledger entry),
-and only then is the private sum computed and the noise drawn.
+Order of :func:`private_feature_sum` (as for a training round): checks of the public arguments,
+then ``guard.charge(event)`` (refuses with ``PrivacyBudgetExceeded`` or writes the pending ledger
+entry), and only then are the private features read (even their checks), the sum computed and
+the noise drawn.
 """
 
 from __future__ import annotations
@@ -174,16 +175,19 @@ def private_feature_sum(*, features: np.ndarray, mechanism: MeanMechanism, guard
 
     Raises:
         PrivacyBudgetExceeded: the event would exceed the client's budget (nothing changed).
-        InputError: bad arguments (checked before the charge).
+        InputError: bad arguments (checked before the charge); bad features (checked after it:
+            nothing about the private features is read before the charge).
     """
     if not isinstance(mechanism, MeanMechanism):
         raise InputError("mechanism must be a MeanMechanism")
-    x = _check_features(features, mechanism.dim)
     if rng is not None and not isinstance(rng, np.random.Generator):
         raise InputError(f"rng must be a numpy Generator or None, got {type(rng).__name__}")
     if not callable(getattr(guard, "charge", None)):
         raise InputError("guard must provide charge(event, *, round, model_hash)")
-    with guard.charge(mechanism.event(), round=round, model_hash=model_hash, **mechanism.ledger_fields()):
+    # Charge first: the features (even their shape) are read only inside the charged block.
+    with guard.charge(mechanism.event(), round=round, model_hash=model_hash, release="feature_mean",
+                      randomness="csprng" if rng is None else "insecure_seeded", params=mechanism.ledger_fields()):
+        x = _check_features(features, mechanism.dim)
         stats = clipped_feature_sum(x, row_clip=mechanism.row_clip)
         return mechanism.release(stats, rng=rng)
 

@@ -22,9 +22,10 @@ Every client adds the *full* noise to its own vector: its release is DP on its o
 server or the other clients do, and secure aggregation adds nothing to the guarantee (as for
 training; see docs/privacy.md for why we do not split the noise between clients).
 
-Order of :func:`private_selection_statistics` (as for a training round): cheap checks of the
+Order of :func:`private_selection_statistics` (as for a training round): checks of the public
 arguments, then ``guard.charge(event)`` refuses (``PrivacyBudgetExceeded``) or writes the pending
-ledger entry, and only then are the private losses computed and the noise drawn. A failure found
+ledger entry, and only then is the private data read (even its length), the losses computed and
+the noise drawn. A failure found
 while computing (a non-finite loss) is raised *after* the charge: whether a private record makes a
 model's loss non-finite is itself information about the data, so that attempt stays counted.
 """
@@ -267,19 +268,21 @@ def private_selection_statistics(
 
     Raises:
         PrivacyBudgetExceeded: the event would exceed the client's budget (nothing changed).
-        InputError: bad arguments (before the charge), or a non-finite loss (after it).
+        InputError: bad arguments (before the charge), or empty data or a non-finite loss (after
+            it: nothing about the data is read before the charge).
     """
     if not isinstance(mechanism, SelectionMechanism):
         raise InputError("mechanism must be a SelectionMechanism")
     models = _check_candidates(candidates)
     if len(models) != mechanism.num_candidates:
         raise InputError(f"{len(models)} candidate models for a mechanism of {mechanism.num_candidates}")
-    _check_data(data)
     if rng is not None and not isinstance(rng, np.random.Generator):
         raise InputError(f"rng must be a numpy Generator or None, got {type(rng).__name__}")
     if not callable(getattr(guard, "charge", None)):
         raise InputError("guard must provide charge(event, *, round, model_hash)")
-    with guard.charge(mechanism.event(), round=round, model_hash=model_hash, **mechanism.ledger_fields()):
+    # Charge first: the data (even its length) is read only inside the charged block.
+    with guard.charge(mechanism.event(), round=round, model_hash=model_hash, release="selection_statistics",
+                      randomness="csprng" if rng is None else "insecure_seeded", params=mechanism.ledger_fields()):
         stats = clipped_loss_sums(models, data, loss_clip=mechanism.loss_clip, loss_fn=loss_fn)
         return mechanism.release(stats, rng=rng)
 

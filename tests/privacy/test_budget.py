@@ -107,10 +107,10 @@ def test_load_rejects_bad_state(tmp_path: Path, mutate) -> None:
 
 def test_from_ledger_counts_pending(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "l.jsonl")
-    done = ledger.begin(client="a", round=0, event=ROUND, delta=DELTA, model_hash="m")
+    done = ledger.begin(client="a", round=0, event=ROUND, delta=DELTA, model_hash="m", release="test", randomness="csprng")
     ledger.complete(done)
-    ledger.begin(client="a", round=1, event=ROUND, delta=DELTA, model_hash="m")
-    ledger.begin(client="b", round=0, event=HUGE, delta=DELTA, model_hash="m")
+    ledger.begin(client="a", round=1, event=ROUND, delta=DELTA, model_hash="m", release="test", randomness="csprng")
+    ledger.begin(client="b", round=0, event=HUGE, delta=DELTA, model_hash="m", release="test", randomness="csprng")
     budget = PrivacyBudget.from_ledger(ledger.entries, "a", epsilon=8.0, delta=DELTA)
     assert budget.events == (ROUND, ROUND)
 
@@ -172,7 +172,7 @@ def test_guard_catches_up_after_restart(tmp_path: Path) -> None:
     with guard.charge(ROUND, round=0, model_hash="m0"):
         pass
     # Simulate a crash after begin(): a pending entry the state file never saw.
-    guard.ledger.begin(client="a", round=1, event=ROUND, delta=DELTA, model_hash="m1")
+    guard.ledger.begin(client="a", round=1, event=ROUND, delta=DELTA, model_hash="m1", release="test", randomness="csprng")
     restarted = BudgetGuard(
         client="a",
         budget=PrivacyBudget.load(tmp_path / "budget.json"),
@@ -185,7 +185,7 @@ def test_guard_catches_up_after_restart(tmp_path: Path) -> None:
 
 def test_guard_rejects_budget_that_disagrees_with_ledger(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "l.jsonl")
-    ledger.begin(client="a", round=0, event=ROUND, delta=DELTA, model_hash="m")
+    ledger.begin(client="a", round=0, event=ROUND, delta=DELTA, model_hash="m", release="test", randomness="csprng")
     budget = PrivacyBudget(epsilon=8.0, delta=DELTA, events=[HUGE])
     with pytest.raises(LedgerError):
         BudgetGuard(client="a", budget=budget, ledger=ledger)

@@ -38,9 +38,9 @@ def write_sample(path: Path) -> Ledger:
     """Five lines: a complete, b complete, a pending."""
     ledger = Ledger(path)
     for client in ("a", "b"):
-        entry = ledger.begin(client=client, round=0, event=EVENT, delta=1e-5, model_hash="m0")
+        entry = ledger.begin(client=client, round=0, event=EVENT, delta=1e-5, model_hash="m0", release="test", randomness="csprng")
         ledger.complete(entry, loss=0.5)
-    ledger.begin(client="a", round=1, event=EVENT, delta=1e-5, model_hash="m1", note="x")
+    ledger.begin(client="a", round=1, event=EVENT, delta=1e-5, model_hash="m1", release="test", randomness="csprng", note="x")
     return ledger
 
 
@@ -73,7 +73,7 @@ def test_reopen_continues_the_chain(tmp_path: Path) -> None:
     assert again.head_hash == first.head_hash
     assert again.pending_ids == {pending}
     again.complete(pending)
-    again.begin(client="c", round=0, event=EVENT, delta=1e-5, model_hash="m")
+    again.begin(client="c", round=0, event=EVENT, delta=1e-5, model_hash="m", release="test", randomness="csprng")
     assert len(verify_ledger(path)) == 7
 
 
@@ -97,25 +97,29 @@ def test_spent_events_counts_every_begun_entry_once(tmp_path: Path) -> None:
         {"model_hash": None},
         {"bad": float("nan")},
         {"bad": object()},
+        {"release": ""},
+        {"randomness": "numpy"},
+        {"randomness": "unrecorded"},
+        {"job_id": 3},
     ],
 )
 def test_bad_begin_raises_and_writes_nothing(tmp_path: Path, kwargs: dict) -> None:
     path = tmp_path / "ledger.jsonl"
     ledger = write_sample(path)
     before = path.read_bytes()
-    args = {"client": "a", "round": 2, "event": EVENT, "delta": 1e-5, "model_hash": "m", **kwargs}
+    args = {"client": "a", "round": 2, "event": EVENT, "delta": 1e-5, "model_hash": "m", "release": "test", "randomness": "csprng", **kwargs}
     with pytest.raises(LedgerError):
         ledger.begin(**args)
     assert path.read_bytes() == before
     # The writer is still usable and the chain still valid.
-    ledger.begin(client="a", round=2, event=EVENT, delta=1e-5, model_hash="m")
+    ledger.begin(client="a", round=2, event=EVENT, delta=1e-5, model_hash="m", release="test", randomness="csprng")
     assert len(verify_ledger(path)) == 6
 
 
 def test_complete_unknown_or_twice_raises(tmp_path: Path) -> None:
     path = tmp_path / "ledger.jsonl"
     ledger = Ledger(path)
-    entry = ledger.begin(client="a", round=0, event=EVENT, delta=1e-5, model_hash="m")
+    entry = ledger.begin(client="a", round=0, event=EVENT, delta=1e-5, model_hash="m", release="test", randomness="csprng")
     ledger.complete(entry)
     before = path.read_bytes()
     with pytest.raises(LedgerError):
@@ -129,8 +133,8 @@ def test_two_writers_of_one_ledger_continue_each_others_chain(tmp_path: Path) ->
     path = tmp_path / "ledger.jsonl"
     ledger = write_sample(path)
     other = Ledger(path)
-    other.begin(client="z", round=0, event=EVENT, delta=1e-5, model_hash="m")
-    ledger.begin(client="a", round=9, event=EVENT, delta=1e-5, model_hash="m")  # catches up first
+    other.begin(client="z", round=0, event=EVENT, delta=1e-5, model_hash="m", release="test", randomness="csprng")
+    ledger.begin(client="a", round=9, event=EVENT, delta=1e-5, model_hash="m", release="test", randomness="csprng")  # catches up first
     entries = verify_ledger(path)
     assert len(entries) == 7 and [e["client"] for e in entries[-2:]] == ["z", "a"]
     assert ledger.head_hash == Ledger(path).head_hash and len(ledger.entries) == 7
@@ -141,16 +145,16 @@ def test_writer_refuses_a_file_rewritten_under_it(tmp_path: Path) -> None:
     ledger = write_sample(path)
     lines = path.read_bytes().splitlines(keepends=True)
     path.write_bytes(b"".join(lines[:-1]))  # the last line removed: a valid but shorter chain
-    Ledger(path).begin(client="z", round=0, event=EVENT, delta=1e-5, model_hash="m")  # now longer again
+    Ledger(path).begin(client="z", round=0, event=EVENT, delta=1e-5, model_hash="m", release="test", randomness="csprng")  # now longer again
     with pytest.raises(LedgerError, match="changed under this writer"):
-        ledger.begin(client="a", round=9, event=EVENT, delta=1e-5, model_hash="m")
+        ledger.begin(client="a", round=9, event=EVENT, delta=1e-5, model_hash="m", release="test", randomness="csprng")
     assert len(verify_ledger(path)) == len(lines)
 
 
 def _append_many(path: str, client: str, count: int) -> None:
     ledger = Ledger(path)
     for r in range(count):
-        entry = ledger.begin(client=client, round=r, event=EVENT, delta=1e-5, model_hash="m")
+        entry = ledger.begin(client=client, round=r, event=EVENT, delta=1e-5, model_hash="m", release="test", randomness="csprng")
         ledger.complete(entry)
 
 
@@ -271,7 +275,7 @@ def test_rehashed_forgery_of_complete_line_is_rejected(tmp_path: Path) -> None:
     from secfedtl.privacy import ledger as ledger_mod
 
     path = tmp_path / "l.jsonl"
-    Ledger(path).begin(client="a", round=0, event=EVENT, delta=1e-5, model_hash="m")
+    Ledger(path).begin(client="a", round=0, event=EVENT, delta=1e-5, model_hash="m", release="test", randomness="csprng")
     pending = json.loads(path.read_bytes())
     forged = dict(pending, status="complete", steps=1)
     forged["prev_hash"] = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -296,7 +300,7 @@ CHILD = textwrap.dedent(
     from secfedtl.privacy.ledger import Ledger
     ledger = Ledger(sys.argv[1])
     event = PoissonGaussianEvent(sample_rate=0.02, noise_multiplier=1.1, steps=150)
-    ledger.begin(client="crashy", round=7, event=event, delta=1e-5, model_hash="m")
+    ledger.begin(client="crashy", round=7, event=event, delta=1e-5, model_hash="m", release="test", randomness="csprng")
     print("BEGUN", flush=True)
     time.sleep(60)  # "training"; killed before complete()
     """
@@ -326,5 +330,5 @@ def test_sigkill_after_begin_leaves_a_counted_pending_entry(tmp_path: Path) -> N
     assert crashy.pending == 1 and crashy.steps == 150
     assert crashy.epsilon > 0
     # The ledger can be reopened and continued after the crash.
-    Ledger(path).begin(client="crashy", round=8, event=EVENT, delta=1e-5, model_hash="m")
+    Ledger(path).begin(client="crashy", round=8, event=EVENT, delta=1e-5, model_hash="m", release="test", randomness="csprng")
     assert audit_ledger(path, accountants=("rdp",)).client("crashy").steps == 300

@@ -22,9 +22,17 @@ import torch
 from secfedtl.privacy.ledger import Ledger
 from secfedtl.runtime import federation as fed_mod
 from secfedtl.runtime import wire
-from secfedtl.runtime.job import JobConfig, build_client_node, build_job, build_server, build_source, run_job
-from secfedtl.runtime.roster import Roster
+from secfedtl.runtime.job import (
+    JobConfig,
+    build_client_node,
+    build_job,
+    build_server,
+    build_source,
+    open_hospital_state,
+    run_job,
+)
 from secfedtl.runtime.pool import LocalPool, ProcessPool
+from secfedtl.runtime.roster import Roster
 from secfedtl.secagg import codec
 from secfedtl.secagg import messages as m
 from secfedtl.training import flatten_delta
@@ -37,6 +45,7 @@ def small_config(**overrides: object) -> JobConfig:
     data["job"]["rounds"] = 2
     data["privacy"]["personalise"] = False
     data["model"]["source_epochs"] = 60
+    data["job"]["id"] = "test-job"
     for dotted, value in overrides.items():
         section, key = dotted.split("__")
         data[section][key] = value
@@ -52,7 +61,7 @@ def test_server_never_holds_an_individual_update_and_aggregate_is_the_weighted_m
 
         def spy(*, _real=real, _name=name, **kwargs):
             update = _real(**kwargs)
-            deltas[_name] = (flatten_delta(update.delta), update.num_samples)
+            deltas[_name] = (flatten_delta(update.delta), update.weight)
             return update
 
         monkeypatch.setattr(client, "train_round", spy)
@@ -89,7 +98,7 @@ def test_server_never_holds_an_individual_update_and_aggregate_is_the_weighted_m
     for blob in heard:
         msg = wire.decode(blob)
         if isinstance(msg, wire.TaskReply):
-            assert set(msg.info) <= {"train_seconds", "encode_seconds"}  # no count, no delta
+            assert msg.info == {} and msg.status == "ready"  # no count, no delta, no timings
         else:
             inner = codec.decode(msg.data)
             if isinstance(inner, m.MaskedInput):
@@ -113,6 +122,9 @@ def test_server_never_holds_an_individual_update_and_aggregate_is_the_weighted_m
     bound = cfg.encoding.error_bound(len(deltas)) / weights.sum()
     assert np.max(np.abs(federation.global_params - expected)) <= bound
     assert report.total_weight == int(weights.sum())
+    # ... and the weights are the declared public counts, not the private ones
+    assert {n: w for n, (_, w) in deltas.items()} == job.config["declared"]["records"]
+    job.close()
 
 
 def test_ledger_audit_matches_metrics_and_a_dropout_does_not_stop_the_run(tmp_path):
@@ -130,26 +142,28 @@ def test_ledger_audit_matches_metrics_and_a_dropout_does_not_stop_the_run(tmp_pa
     assert statuses[1] == "failed" and statuses[2] == "failed"
     assert "va" in job.federation.history[1].dropped
     assert job.federation.rounds_done == 3
-    report = audit_ledger(out / "ledger.jsonl", delta=config["privacy"]["delta"])
-    assert report.to_dict()["chain"] == "ok"
     for name, guard in job.guards.items():
+        report = audit_ledger(job.states[name].ledger.path, delta=config["privacy"]["delta"])
+        assert report.to_dict()["chain"] == "ok" and report.certified
         assert report.client(name).rounds == 3  # the crashed round still counts as spent
         assert report.client(name).epsilon == pytest.approx(guard.budget.spent_epsilon, rel=1e-9)
-    assert report.client("va").pending == 1
+        assert report.client(name).pending == (1 if name == "va" else 0)
+    job.close()
 
 
 def test_round_completes_when_enough_clients_survive(tmp_path):
     config = small_config()
     source = build_source(config)
-    ledger = Ledger(tmp_path / "ledger.jsonl")
     twins = {"hungary-2": "hungary", "va-2": "va"}
     roster, keys = Roster.generate([*config["job"]["clients"], *twins])
-    hospitals = {n: build_client_node(config, n, source, ledger, tmp_path / "budgets", identity=keys[n], roster=roster)
+    hospitals = {n: build_client_node(config, n, source, open_hospital_state(config, n, source.centres, tmp_path),
+                                      identity=keys[n], roster=roster)
                  for n in config["job"]["clients"]}
     nodes = {n: h.node for n, h in hospitals.items()}
     # Four-client cohorts tolerate one dropout: a second node for two hospitals, under other names.
     for twin, original in twins.items():
-        clone = build_client_node(config, original, source, Ledger(tmp_path / f"{twin}.jsonl"), tmp_path / twin,
+        clone = build_client_node(config, original, source,
+                                  open_hospital_state(config, original, source.centres, tmp_path / twin),
                                   identity=keys[twin], roster=roster)
         clone.node.name = twin
         nodes[twin] = clone.node
@@ -167,16 +181,16 @@ def test_worker_processes_give_the_same_round_as_in_process(tmp_path):
     results = {}
     for workers in (0, 2):
         out = tmp_path / f"w{workers}"
-        config = small_config(privacy__secure_mode=False)  # the test-only noise generator needs it
+        # the test-only seeded randomness needs secure_mode off
+        config = small_config(privacy__secure_mode=False, privacy__insecure_reproducible=True)
         source = build_source(config)
         out.mkdir()
-        ledger = Ledger(out / "ledger.jsonl")
-        nodes = {}
+        nodes, hospitals = {}, {}
         roster, keys = Roster.generate(config["job"]["clients"])
         for n in config["job"]["clients"]:
-            hospital = build_client_node(config, n, source, ledger, out / "budgets", identity=keys[n], roster=roster)
-            hospital.client._noise_generator = torch.Generator().manual_seed(7)  # noqa: SLF001 - test-only
-            nodes[n] = hospital.node
+            hospitals[n] = build_client_node(config, n, source, open_hospital_state(config, n, source.centres, out),
+                                             identity=keys[n], roster=roster)
+            nodes[n] = hospitals[n].node
         pool = ProcessPool(nodes, workers=workers) if workers else LocalPool(nodes)
         try:
             federation = build_server(config, source, pool, roster)
@@ -185,30 +199,36 @@ def test_worker_processes_give_the_same_round_as_in_process(tmp_path):
         finally:
             pool.close()
         assert report.status == "ok"
-        assert audit_ledger(out / "ledger.jsonl", delta=config["privacy"]["delta"]).to_dict()["chain"] == "ok"
-        results[workers] = (federation.global_params, evaluated)
+        assert set(evaluated) == set(nodes) and all(i == {"status": "done"} for i in evaluated.values())
+        for n in nodes:
+            audit = audit_ledger(out / n / "ledger.jsonl", delta=config["privacy"]["delta"])
+            assert audit.to_dict()["chain"] == "ok" and not audit.certified  # seeded: never certified
+        reports = {n: hospitals[n].reports.read("evaluate", 1) for n in nodes}  # local reports, on disk
+        results[workers] = (federation.global_params, {n: r["accuracy"] for n, r in reports.items()})
     np.testing.assert_array_equal(results[0][0], results[2][0])
-    assert {n: i["accuracy"] for n, i in results[0][1].items()} == {n: i["accuracy"] for n, i in results[2][1].items()}
+    assert results[0][1] == results[2][1]
 
 
 def test_metrics_and_audit_agree(tmp_path):
     out = tmp_path / "demo"
     metrics = run_job(small_config(), out, progress=False)
-    audit = audit_ledger(out / "ledger.jsonl", delta=metrics["delta"])
-    assert audit.to_dict()["chain"] == "ok"
-    for name, eps in metrics["final"]["epsilon"].items():
+    sim = metrics["simulation_only"]
+    for name, eps in sim["final"]["epsilon"].items():
+        audit = audit_ledger(sim["ledgers"][name], delta=metrics["delta"])
+        assert audit.to_dict()["chain"] == "ok" and audit.certified
         assert audit.client(name).epsilon == pytest.approx(eps, rel=1e-9)
         assert eps <= metrics["epsilon_budget"] + 1e-9
-    assert {"pooled_test_accuracy", "per_client_test_accuracy", "epsilon"} <= set(metrics["final"])
-    assert len(metrics["rounds"]) == 2 and (out / "report.png").stat().st_size > 0
+    assert {"pooled_test_accuracy", "per_client_test_accuracy", "epsilon"} <= set(sim["final"])
+    assert len(metrics["server"]["rounds"]) == 2 and len(sim["rounds"]) == 2
+    assert (out / "report.png").stat().st_size > 0
 
 
 def test_personalised_pooled_accuracy_is_over_the_same_test_rows(tmp_path):
     from secfedtl.data import load_fed_heart_disease
 
     metrics = run_job(small_config(privacy__personalise=True, job__rounds=1), tmp_path / "p", progress=False)
-    final = metrics["final"]
-    assert set(final["personalisation"].values()) == {"ok"}
+    final = metrics["simulation_only"]["final"]
+    assert set(metrics["server"]["personalisation"].values()) == {"done"}
     sizes = {n: len(c.y_test) for n, c in load_fed_heart_disease().items() if n in final["personalised_test_accuracy"]}
     correct = sum(round(final["personalised_test_accuracy"][n] * k) for n, k in sizes.items())
     assert final["personalised_pooled_test_accuracy"] == pytest.approx(correct / sum(sizes.values()))
@@ -221,10 +241,11 @@ def test_a_prv_budget_is_spent_by_prv_calibrated_noise(tmp_path):
     out = tmp_path / "prv"
     metrics = run_job(small_config(privacy__accountant="prv"), out, progress=False)
     assert metrics["accountant"] == "prv"
-    for name, eps in metrics["final"]["epsilon"].items():
+    final = metrics["simulation_only"]["final"]
+    for name, eps in final["epsilon"].items():
         assert 0.95 <= eps <= 1.0 + 1e-9
-        assert metrics["final"]["epsilon_prv"][name] == pytest.approx(eps, rel=1e-9)
-    assert audit_ledger(out / "ledger.jsonl", delta=metrics["delta"]).to_dict()["chain"] == "ok"
+        assert final["epsilon_prv"][name] == pytest.approx(eps, rel=1e-9)
+        assert audit_ledger(metrics["simulation_only"]["ledgers"][name]).to_dict()["chain"] == "ok"
 
 
 def test_resume_after_kill_counts_everything(tmp_path):
@@ -240,19 +261,20 @@ def test_resume_after_kill_counts_everything(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert (out / "checkpoint.json").exists()
-    spent_before = sum(1 for line in (out / "ledger.jsonl").read_text().splitlines()
+    ledgers = {n: out / "privacy-state" / n / "ledger.jsonl" for n in ("hungary", "switzerland", "va")}
+    spent_before = sum(1 for path in ledgers.values() for line in path.read_text().splitlines()
                        if json.loads(line)["status"] == "pending")
     done = subprocess.run([sys.executable, "-m", "secfedtl.cli", "demo", "--resume", str(out), "--no-progress"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     metrics = json.loads((out / "metrics.json").read_text())
-    assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2, 3]
-    audit = audit_ledger(out / "ledger.jsonl", delta=metrics["delta"])
-    assert audit.to_dict()["chain"] == "ok"
-    entries = [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in metrics["server"]["rounds"]] == [0, 1, 2, 3]
+    entries = [json.loads(line) for path in ledgers.values() for line in path.read_text().splitlines()]
     begun = [e for e in entries if e["status"] == "pending"]
     assert len(begun) >= spent_before
-    for name, eps in metrics["final"]["epsilon"].items():
+    for name, eps in metrics["simulation_only"]["final"]["epsilon"].items():
+        audit = audit_ledger(ledgers[name], delta=metrics["delta"])
+        assert audit.to_dict()["chain"] == "ok"
         assert audit.client(name).epsilon == pytest.approx(eps, rel=1e-9)
         # every begun entry, including the killed round's, is counted
         events = [event_from_dict({k: e[k] for k in ("mechanism", "sample_rate", "noise_multiplier", "steps")})

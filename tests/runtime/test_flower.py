@@ -31,7 +31,13 @@ pytest.importorskip("flwr")
 from secfedtl.privacy.audit import audit_ledger  # noqa: E402
 from secfedtl.privacy.ledger import Ledger  # noqa: E402
 from secfedtl.runtime.deploy import APP_PYPROJECT, LocalFlower, read_status, wait_for, wait_for_server  # noqa: E402
-from secfedtl.runtime.job import JobConfig, build_client_node, build_server, build_source  # noqa: E402
+from secfedtl.runtime.job import (  # noqa: E402
+    JobConfig,
+    build_client_node,
+    build_server,
+    build_source,
+    open_hospital_state,
+)
 from secfedtl.runtime.roster import Roster  # noqa: E402
 from secfedtl.runtime.pool import LocalPool  # noqa: E402
 
@@ -86,11 +92,12 @@ def _started(progress: Path, phase: str, occurrence: int) -> bool:
 def _in_process(config: JobConfig, out: Path) -> list[dict]:
     """The same four nodes in process (LocalPool), the same seeds: the reference rounds."""
     source = build_source(config)
-    ledger = Ledger(out / "ledger.jsonl")
     roster, keys = Roster.generate([*config["job"]["clients"], TWIN])
-    nodes = {n: build_client_node(config, n, source, ledger, out / "budgets", identity=keys[n], roster=roster).node
+    nodes = {n: build_client_node(config, n, source, open_hospital_state(config, n, source.centres, out),
+                                  identity=keys[n], roster=roster).node
              for n in config["job"]["clients"]}
-    twin = build_client_node(config, "hungary", source, Ledger(out / "twin.jsonl"), out / "twin-budgets",
+    twin = build_client_node(config, "hungary", source,
+                             open_hospital_state(config, "hungary", source.centres, out / "twin"),
                              identity=keys[TWIN], roster=roster).node
     twin.name = TWIN
     nodes[TWIN] = twin

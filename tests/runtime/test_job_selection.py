@@ -17,6 +17,7 @@ from secfedtl.runtime.job import (
     build_job,
     build_selection_node,
     build_source,
+    open_hospital_state,
     planned_prior_events,
     run_job,
     selection_mechanism,
@@ -33,6 +34,7 @@ def config_with(selection: dict | None = None, **overrides: object) -> JobConfig
     data["job"]["rounds"] = 1
     data["privacy"]["personalise"] = False
     data["model"]["source_epochs"] = 40
+    data["job"]["id"] = "selection-test"
     if selection is not None:
         data["selection"] = selection
     for dotted, value in overrides.items():
@@ -97,44 +99,46 @@ def test_job_selects_with_dp_then_trains_within_the_budget(tmp_path):
     cfg = config_with(selection())
     metrics = run_job(cfg, tmp_path, progress=False)
     record = json.loads((tmp_path / "selection.json").read_text())
-    assert metrics["selection"] == record
+    assert metrics["server"]["selection"] == record
     assert record["status"] == "ok" and sorted(record["included"]) == sorted(cfg["job"]["clients"])
     assert 0 <= record["index"] < len(CANDIDATES)
-    assert metrics["source"]["spec"] == cfg.source_specs()[record["index"]]
+    assert metrics["server"]["source"]["spec"] == cfg.source_specs()[record["index"]]
     mech = selection_mechanism(cfg)
     assert record["noise_multiplier"] == mech.noise_multiplier
-    entries, _ = read_verified_ledger(tmp_path / "ledger.jsonl")
     for name in cfg["job"]["clients"]:
+        entries, _ = read_verified_ledger(metrics["simulation_only"]["ledgers"][name])
         mine = [e for e in entries if e["client"] == name and e["status"] == "pending"]
         # the selection entry comes first, then one training round
-        assert [e["extra"].get("task") for e in mine] == ["select", None]
+        assert [e["release"] for e in mine] == ["selection_statistics", "dpsgd_update"]
         assert (mine[0]["sample_rate"], mine[0]["steps"], mine[0]["noise_multiplier"]) == (1.0, 1, mech.noise_multiplier)
         events = [event for _, event, _ in spent_events(entries)[name]]
         assert events[0] == mech.event()
         spent = compute_epsilon(events, cfg["privacy"]["delta"], "rdp")
         assert spent <= cfg["privacy"]["epsilon"]
-        assert spent == pytest.approx(metrics["final"]["epsilon"][name])
+        assert spent == pytest.approx(metrics["simulation_only"]["final"]["epsilon"][name])
         # training was calibrated with the selection counted: it used (nearly) all of the rest
         assert spent > cfg["privacy"]["epsilon"] - 0.02
-    assert metrics["rounds"][0]["status"] == "ok"
+    assert metrics["server"]["rounds"][0]["status"] == "ok"
 
 
 def test_resume_reuses_the_selection(tmp_path):
     cfg = config_with(selection(), **{"job__rounds": 2})
     job = build_job(cfg, tmp_path)
     job.federation.run(1, checkpoint=tmp_path / "checkpoint.json")
-    job.federation.pool.close()
+    job.close()
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
     first = json.loads((tmp_path / "selection.json").read_text())
     resumed = build_job(cfg, tmp_path, resume=True)
     assert resumed.selection == first
     assert resumed.federation.rounds_done == 1
-    entries, _ = read_verified_ledger(tmp_path / "ledger.jsonl")
-    selects = [e for e in entries if e["status"] == "pending" and e["extra"].get("task") == "select"]
+    selects = []
+    for state in resumed.states.values():
+        entries, _ = read_verified_ledger(state.ledger.path)
+        selects += [e for e in entries if e["status"] == "pending" and e["release"] == "selection_statistics"]
     assert len(selects) == len(cfg["job"]["clients"])  # not run again
-    # the training noise does not change on resume: it is calibrated from the config alone
+    # the training noise does not change on resume: it is calibrated from public values alone
     assert [c.noise_multiplier for c in resumed.clients.values()] == [c.noise_multiplier for c in job.clients.values()]
-    resumed.federation.pool.close()
+    resumed.close()
 
 
 def test_planned_prior_events_only_with_selection():
@@ -156,28 +160,29 @@ ROSTER, KEYS = Roster.generate(["hungary", "switzerland", "va"])
 def test_select_node_refuses_other_candidates_or_mechanism_before_spending(tmp_path):
     cfg = config_with(selection())
     candidates = [build_source(cfg, spec) for spec in cfg.source_specs()]
-    ledger = Ledger(tmp_path / "ledger.jsonl")
-    node = build_selection_node(cfg, "hungary", candidates, ledger, tmp_path / "budgets", identity=KEYS["hungary"],
-                                roster=ROSTER)
+    state = open_hospital_state(cfg, "hungary", candidates[0].centres, tmp_path)
+    node = build_selection_node(cfg, "hungary", candidates, state, identity=KEYS["hungary"], roster=ROSTER)
     for round, changes in enumerate(({"candidates": ["0" * 64, "1" * 64]},
                                      {"mechanism": {**selection_options(selection_mechanism(cfg)),
                                                     "noise_multiplier": 0.5}})):
         [reply] = node.handle(_select_request(cfg, candidates, round, **changes))
         assert wire.decode(reply).status == "failed"
-    assert Ledger(tmp_path / "ledger.jsonl").entries == []
+    assert Ledger(tmp_path / "hungary" / "ledger.jsonl").entries == []
     [reply] = node.handle(_select_request(cfg, candidates, 2))
     assert wire.decode(reply).status == "ready"
-    assert [e["extra"]["task"] for e in Ledger(tmp_path / "ledger.jsonl").entries if e["status"] == "pending"] == ["select"]
+    assert [e["params"]["task"] for e in Ledger(tmp_path / "hungary" / "ledger.jsonl").entries
+            if e["status"] == "pending"] == ["select"]
 
 
 def test_select_node_refuses_when_the_budget_is_spent(tmp_path):
     cfg = config_with(selection(epsilon=0.6), **{"privacy__epsilon": 0.7})
     candidates = [build_source(cfg, spec) for spec in cfg.source_specs()]
-    node = build_selection_node(cfg, "va", candidates, Ledger(tmp_path / "ledger.jsonl"), tmp_path / "budgets",
+    node = build_selection_node(cfg, "va", candidates, open_hospital_state(cfg, "va", candidates[0].centres, tmp_path),
                                 identity=KEYS["va"], roster=ROSTER)
     [reply] = node.handle(_select_request(cfg, candidates))
     assert wire.decode(reply).status == "ready"
-    before = (tmp_path / "ledger.jsonl").read_bytes()
+    before = (tmp_path / "va" / "ledger.jsonl").read_bytes()
     [reply] = node.handle(_select_request(cfg, candidates, 1))  # a second selection would exceed 0.7
     assert wire.decode(reply).status == "refused"
-    assert (tmp_path / "ledger.jsonl").read_bytes() == before
+    assert wire.decode(reply).info == {"reason": "budget"}  # no projected epsilon or other detail
+    assert (tmp_path / "va" / "ledger.jsonl").read_bytes() == before

@@ -104,12 +104,24 @@ def test_refused_failed_and_unknown_tasks():
     assert "c2" in out.dropped
 
 
-def test_query_returns_public_info_only():
-    nodes, _ = make_nodes(3)
+def test_query_replies_carry_no_task_output():
+    """What a local task computes stays at the node: the server hears only "done"."""
+    nodes, tasks = make_nodes(3)
     fed = federation(LocalPool(nodes))
     infos = fed.query("evaluate", weights=np.full(LENGTH, 2.0))
     assert set(infos) == set(nodes)
-    assert all(i["status"] == "done" and i["mean"] == 2.0 for i in infos.values())
+    assert all(i == {"status": "done"} for i in infos.values())
+    assert all(len(t.digests) == 1 for t in tasks.values())  # the task did run
+
+
+def test_refusal_and_failure_replies_carry_no_details():
+    nodes, _ = make_nodes(3, refuse=True)
+    fed = federation(LocalPool(nodes))
+    infos = fed.query("evaluate", weights=np.zeros(LENGTH))
+    assert all(i == {"status": "refused", "reason": "budget"} for i in infos.values())
+    [reply] = nodes["c0"].handle(wire.encode(wire.TaskRequest.with_weights(
+        round=0, task="nonexistent", weights=np.zeros(LENGTH), options={})))
+    assert wire.decode(reply).info == {"reason": "unknown task"}
 
 
 def test_node_refuses_out_of_turn_and_mismatched_sessions():

@@ -63,9 +63,10 @@ class RecordingGuard:
         self.failed: list[tuple[object, int, str]] = []
 
     @contextlib.contextmanager
-    def charge(self, event, *, round: int, model_hash: str):
+    def charge(self, event, *, round: int, model_hash: str, **fields):
         if self.refuse:
             raise PrivacyBudgetExceeded("budget exhausted (test guard)")
+        self.fields = fields  # release, randomness, params of the last charge
         entry = (event, round, model_hash)
         self.pending.append(entry)
         try:

@@ -7,6 +7,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from secfedtl.errors import ConfigError, InputError, PrivacyBudgetExceeded, TrainingError
+from secfedtl.privacy.randomness import Randomness
 from secfedtl.training.client import PrivateClient
 from secfedtl.training.config import DPTrainingConfig
 from secfedtl.training.update import flatten_delta, unflatten_delta
@@ -45,7 +46,7 @@ def _data(n=48, seed=1):
 
 
 def _cfg(**kw):
-    base = dict(lr=0.5, expected_batch_size=8, max_grad_norm=1.0, steps=4, noise_multiplier=0.5, seed=3)
+    base = dict(lr=0.5, expected_batch_size=8, max_grad_norm=1.0, steps=4, noise_multiplier=0.5, public_dataset_size=48)
     base.update(kw)
     return DPTrainingConfig(**base)
 
@@ -74,7 +75,7 @@ def test_round_charges_then_returns_delta_of_trainable_params_only(guard):
     assert (rnd, h) == (0, "abc") and update.event is event
     assert event.sample_rate == pytest.approx(8 / 48)
     assert event.noise_multiplier == 0.5 and event.steps == 4
-    assert update.num_samples == 48
+    assert update.weight == 48
     # the client model now holds global + delta; frozen parts (incl. BN statistics) are untouched
     for name, t in client.trainable_state().items():
         assert torch.allclose(t, start[name] + update.delta[name])
@@ -89,14 +90,14 @@ def test_refused_budget_trains_nothing(refusing_guard):
         calls.append(1)
         return cross_entropy_loss(model, x, y)
 
-    client = _client(refusing_guard, loss_fn=loss)
+    client = _client(refusing_guard, loss_fn=loss, randomness=Randomness.insecure_seeded(4))
     before = _snapshot(client.model)
-    rng_before = client._data_generator.get_state().clone()
+    rng_before = client.randomness._rng.bit_generator.state
     with pytest.raises(PrivacyBudgetExceeded):
         client.train_round(global_state=client.trainable_state(), round=0, model_hash="h")
     assert calls == []
     assert _bitwise_equal(_snapshot(client.model), before)
-    assert torch.equal(client._data_generator.get_state(), rng_before)
+    assert client.randomness._rng.bit_generator.state == rng_before  # no batch was drawn
 
 
 def test_non_finite_loss_leaves_model_unchanged(guard):
@@ -154,7 +155,7 @@ def test_cached_client_equals_uncached_client(guard):
         model = _model()
         reg = L2SP(strength=0.3, source={n: torch.zeros_like(p) for n, p in model.fc.named_parameters(prefix="fc")})
         client = _client(
-            guard, model=model, cache_features=cached, head="fc", noise_generator=torch.Generator().manual_seed(9),
+            guard, model=model, cache_features=cached, head="fc", randomness=Randomness.insecure_seeded(9),
             config=_cfg(steps=6), regularizer=reg,
         )
         update = client.train_round(global_state=client.trainable_state(), round=0, model_hash="h")
@@ -195,7 +196,7 @@ def test_frozen_batchnorm_kept_and_not_updated(guard):
 def test_calibrated_noise_multiplier(guard):
     cfg = DPTrainingConfig(
         lr=0.5, expected_batch_size=8, max_grad_norm=1.0, epochs=1,
-        target_epsilon=1.0, target_delta=1e-5, planned_rounds=5, seed=0,
+        target_epsilon=1.0, target_delta=1e-5, planned_rounds=5, public_dataset_size=48,
     )
     client = _client(guard, config=cfg)
     assert client.local_steps == 6  # 1 epoch at q = 8/48
@@ -221,7 +222,10 @@ def test_constructor_validation(guard):
         PrivateClient(client_id="a", model=_model(), train_data=_data(), config=_cfg(), guard=object())
     with pytest.raises(ConfigError):
         PrivateClient(client_id="a", model=_model(), train_data=_data(), config=_cfg(secure_mode=True),
-                      guard=guard, noise_generator=torch.Generator())
+                      guard=guard, randomness=Randomness.insecure_seeded(0))
+    with pytest.raises(ConfigError, match="public_dataset_size"):  # the rate may not come from len(data)
+        PrivateClient(client_id="a", model=_model(), train_data=_data(), config=_cfg(public_dataset_size=None),
+                      guard=guard)
     frozen = _model()
     for p in frozen.parameters():
         p.requires_grad_(False)
@@ -244,7 +248,7 @@ def test_training_conv_blocks_with_frozen_bn(guard, clipping):
 
 
 def test_two_rounds_use_fresh_batches(guard):
-    client = _client(guard, noise_generator=torch.Generator().manual_seed(1))
+    client = _client(guard, randomness=Randomness.insecure_seeded(1))
     state = client.trainable_state()
     a = client.train_round(global_state=state, round=0, model_hash="h")
     b = client.train_round(global_state=state, round=1, model_hash="h")
@@ -265,7 +269,7 @@ def test_noise_is_not_predictable_from_torch_global_seed(guard):
     # ...while an explicit (test-only) noise generator makes runs reproducible
     runs = []
     for _ in range(2):
-        client = _client(guard, noise_generator=torch.Generator().manual_seed(5))
+        client = _client(guard, randomness=Randomness.insecure_seeded(5))
         update = client.train_round(global_state=client.trainable_state(), round=0, model_hash="abc")
         runs.append(torch.cat([d.flatten() for d in update.delta.values()]))
     assert torch.equal(runs[0], runs[1])
@@ -283,7 +287,7 @@ def _real_guard(tmp_path, accountant):
 def test_prv_calibration_spends_the_whole_prv_budget_with_less_noise(tmp_path):
     calibrate = sys.modules["secfedtl.privacy.accountants"].calibrate_noise_multiplier
     kw = dict(lr=0.5, expected_batch_size=8, max_grad_norm=1.0, epochs=1, target_epsilon=1.0,
-              target_delta=1e-5, planned_rounds=2, seed=0)
+              target_delta=1e-5, planned_rounds=2, public_dataset_size=48)
     prv = _client(_real_guard(tmp_path / "a", "prv"), config=DPTrainingConfig(accountant="prv", **kw))
     rdp = _client(_real_guard(tmp_path / "b", "rdp"), config=DPTrainingConfig(**kw))
     assert prv.noise_multiplier < rdp.noise_multiplier  # PRV is the tighter accountant
@@ -305,3 +309,51 @@ def test_noise_calibrated_for_another_accountant_than_the_budget_is_refused(tmp_
 def test_unknown_accountant_is_refused():
     with pytest.raises(ConfigError, match="accountant"):
         _cfg(accountant="moments")
+
+
+def test_two_clients_draw_different_poisson_batches_whatever_the_seeds(guard, monkeypatch):
+    """Batch membership comes from os.urandom: the same data, config, torch seed and numpy seed
+    give different batches (the public job seed cannot predict them)."""
+    import numpy as np
+
+    from secfedtl.privacy import randomness as rmod
+
+    drawn = []
+    real = rmod.secure_poisson_mask
+
+    def spy(n, rate):
+        mask = real(n, rate)
+        drawn.append(mask.copy())
+        return mask
+
+    monkeypatch.setattr(rmod, "secure_poisson_mask", spy)
+    for _ in range(2):
+        torch.manual_seed(0)
+        np.random.seed(0)
+        client = _client(guard, config=_cfg(steps=3))
+        client.train_round(global_state=client.trainable_state(), round=0, model_hash="h")
+    assert len(drawn) == 6 and all(d.shape == (48,) for d in drawn)
+    assert any(not np.array_equal(a, b) for a, b in zip(drawn[:3], drawn[3:]))
+    assert guard.fields["randomness"] == "csprng"
+
+
+def test_mechanism_is_a_function_of_public_config_only(guard):
+    """Neighbouring datasets (one record added or removed) run the same mechanism: the event and
+    every ledger parameter are identical, and the weight is the declared count."""
+    cfg = _cfg(steps=None, epochs=2, noise_multiplier=None, target_epsilon=1.0, target_delta=1e-5,
+               planned_rounds=3, public_dataset_size=50)
+    seen = []
+    for n in (47, 48, 49):
+        client = _client(guard, data=_data(n), config=cfg)
+        update = client.train_round(global_state=client.trainable_state(), round=0, model_hash="h")
+        seen.append((client.make_event(), guard.fields["params"], update.weight))
+    assert seen[0] == seen[1] == seen[2]
+    assert seen[0][0].sample_rate == pytest.approx(8 / 50) and seen[0][2] == 50
+    assert seen[0][1] == {"clip_norm": 1.0, "normaliser": 8, "public_dataset_size": 50, "secure_mode": False,
+                          "clipping": "flat"}
+
+
+def test_insecure_seeded_randomness_is_written_into_the_charge(guard):
+    client = _client(guard, randomness=Randomness.insecure_seeded(2))
+    client.train_round(global_state=client.trainable_state(), round=0, model_hash="h")
+    assert guard.fields["randomness"] == "insecure_seeded"

@@ -32,7 +32,7 @@ def test_valid_and_frozen():
         dict(steps=1, noise_multiplier=1.0, optimizer="rmsprop"),
         dict(steps=1, noise_multiplier=1.0, clipping="automatic"),
         dict(steps=1, noise_multiplier=1.0, device="tpu"),
-        dict(steps=1, noise_multiplier=1.0, seed=1.5),
+        dict(steps=1, noise_multiplier=1.0, public_dataset_size=1.5),
         dict(steps=True, noise_multiplier=1.0),
     ],
 )

@@ -5,7 +5,8 @@ from torch.utils.data import TensorDataset
 
 from secfedtl.errors import ConfigError, TrainingError
 from secfedtl.training.config import DPTrainingConfig
-from secfedtl.training.dpsgd import run_dp_sgd, sample_rate_for, secure_gaussian
+from secfedtl.privacy.randomness import Randomness
+from secfedtl.training.dpsgd import run_dp_sgd, secure_gaussian
 from secfedtl.transfer.distillation import cross_entropy_loss
 from secfedtl.transfer.regularizers import L2SP
 
@@ -41,16 +42,24 @@ def _identical(n):
 def _train(model, data, config, *, sample_rate, seed=0, noise_seed=None, loss_fn=cross_entropy_loss, **kw):
     return run_dp_sgd(
         model=model, data=data, config=config, noise_multiplier=config.noise_multiplier, steps=config.steps,
-        sample_rate=sample_rate, loss_fn=loss_fn, data_generator=torch.Generator().manual_seed(seed),
+        sample_rate=sample_rate, loss_fn=loss_fn, randomness=Randomness.insecure_seeded(seed),
         noise_generator=None if noise_seed is None else torch.Generator().manual_seed(noise_seed), **kw,
     )
 
 
-def test_sample_rate():
-    assert sample_rate_for(expected_batch_size=10, dataset_size=40) == 0.25
-    assert sample_rate_for(expected_batch_size=10, dataset_size=4) == 1.0
+def test_sample_rate_is_public():
+    assert _cfg(public_dataset_size=80).sample_rate == 0.25
+    assert _cfg(public_dataset_size=4).sample_rate == 1.0
+    with pytest.raises(ConfigError, match="public_dataset_size"):
+        _cfg().sample_rate
     with pytest.raises(ConfigError):
-        sample_rate_for(expected_batch_size=10, dataset_size=0)
+        _cfg(public_dataset_size=0)
+
+
+def test_randomness_must_be_given():
+    with pytest.raises(ConfigError):
+        run_dp_sgd(model=_linear(), data=_identical(4), config=_cfg(), noise_multiplier=1.0, steps=1,
+                   sample_rate=0.5, loss_fn=cross_entropy_loss, randomness=None)
 
 
 def _hooked_ce(model, x, y):
@@ -78,7 +87,7 @@ def test_update_is_normalised_by_expected_batch_size_not_dataset_size(clipping, 
 def test_poisson_batch_divided_by_expected_not_actual_size(loss_fn):
     g = _one_example_grad()
     n, rate, seed = 400, 0.05, 7
-    actual = int((torch.rand(n, generator=torch.Generator().manual_seed(seed)) < rate).sum())
+    actual = len(Randomness.insecure_seeded(seed).poisson_indices(n, rate))
     assert actual != 20  # the test is only meaningful when actual != expected
     m = _linear()
     before = m.weight.detach().clone()

@@ -56,12 +56,12 @@ def test_unflatten_rejects_bad_vectors():
 
 def test_client_update_validates_and_copies():
     t = torch.ones(2)
-    u = ClientUpdate(delta={"w": t}, num_samples=3, event=None)
+    u = ClientUpdate(delta={"w": t}, weight=3, event=None)
     t.add_(1.0)
     assert torch.equal(u.delta["w"], torch.ones(2))
     with pytest.raises(InputError):
-        ClientUpdate(delta={"w": torch.tensor([float("inf")])}, num_samples=3, event=None)
+        ClientUpdate(delta={"w": torch.tensor([float("inf")])}, weight=3, event=None)
     with pytest.raises(InputError):
-        ClientUpdate(delta={"w": t}, num_samples=0, event=None)
+        ClientUpdate(delta={"w": t}, weight=0, event=None)
     with pytest.raises(TypeError):
         ClientUpdate({"w": t}, 3, None)  # type: ignore[misc]

@@ -83,7 +83,8 @@ def test_private_feature_sum_charges_the_ledger_before_computing(tmp_path):
                               rng=np.random.default_rng(1))
     assert out.shape == (3,)
     entries = verify_ledger(tmp_path / "a.jsonl")
-    assert len(entries) == 2 and entries[0]["extra"]["task"] == "feature_mean"  # begin + complete
+    assert len(entries) == 2 and entries[0]["params"]["task"] == "feature_mean"  # begin + complete
+    assert entries[0]["release"] == "feature_mean" and entries[0]["randomness"] == "insecure_seeded"
     assert entries[0]["noise_multiplier"] == 20.0 and entries[0]["sample_rate"] == 1.0
     assert guard.budget.events == (mech.event(),)
 
@@ -98,12 +99,15 @@ def test_private_feature_sum_refuses_when_the_budget_is_spent_and_changes_nothin
 
 
 @pytest.mark.parametrize("features", [np.ones((3, 5)), np.ones(3), np.zeros((0, 2)), np.array([[np.nan, 1.0]])])
-def test_bad_features_are_refused_before_the_charge(tmp_path, features):
+def test_bad_features_are_refused_after_the_charge(tmp_path, features):
+    """Charge first: even the check of the private features runs inside the charged block, so a
+    refusal that depends on the data is counted (the attempt stays spent)."""
     guard = make_guard(tmp_path)
+    mech = MeanMechanism(dim=2, noise_multiplier=20.0)
     with pytest.raises(InputError):
-        private_feature_sum(features=features, mechanism=MeanMechanism(dim=2, noise_multiplier=20.0), guard=guard,
-                            round=0, model_hash="h")
-    assert guard.budget.events == ()
+        private_feature_sum(features=features, mechanism=mech, guard=guard, round=0, model_hash="h")
+    assert guard.budget.events == (mech.event(),)
+    assert [e["status"] for e in verify_ledger(tmp_path / "a.jsonl")] == ["pending"]
 
 
 def test_bad_mechanisms_are_refused():

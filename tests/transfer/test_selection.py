@@ -197,8 +197,9 @@ def test_release_is_charged_to_the_ledger_before_computing(tmp_path):
     first = entries[0]
     assert (first["mechanism"], first["sample_rate"], first["steps"]) == ("poisson_gaussian", 1.0, 1)
     assert first["noise_multiplier"] == mech.noise_multiplier
-    assert first["extra"] == {"task": "select", "num_candidates": 2, "loss_clip": 1.0,
-                              "sensitivity": pytest.approx(math.sqrt(3))}
+    assert first["params"] == {"task": "select", "num_candidates": 2, "loss_clip": 1.0,
+                               "sensitivity": pytest.approx(math.sqrt(3))}
+    assert first["release"] == "selection_statistics" and first["randomness"] == "insecure_seeded"
     assert guard.budget.events == (mech.event(),)
     assert guard.budget.spent_epsilon == pytest.approx(compute_epsilon([mech.event()], DELTA, "rdp"))
     assert out.shape == (3,) and np.isfinite(out).all()
@@ -240,12 +241,20 @@ def test_bad_arguments_are_refused_before_the_charge(tmp_path):
         private_selection_statistics(candidates=[Column(0), Column(1), Column(1)], data=data, **common)
     with pytest.raises(InputError, match="nn.Module"):
         private_selection_statistics(candidates=[Column(0), "model"], data=data, **common)
-    with pytest.raises(InputError, match="empty"):
-        private_selection_statistics(candidates=[Column(0), Column(1)], data=loss_data(np.zeros((0, 2))), **common)
     with pytest.raises(InputError, match="Generator"):
         private_selection_statistics(candidates=[Column(0), Column(1)], data=data, rng=1, **common)
     assert not (tmp_path / "a.jsonl").exists() or verify_ledger(tmp_path / "a.jsonl") == []
     assert guard.budget.events == ()
+
+
+def test_empty_private_data_is_refused_after_the_charge(tmp_path):
+    """Charge first: not even the length of the private data is read before the charge."""
+    guard = make_guard(tmp_path)
+    mech = SelectionMechanism(num_candidates=2, loss_clip=1.0, noise_multiplier=5.0)
+    with pytest.raises(InputError, match="empty"):
+        private_selection_statistics(candidates=[Column(0), Column(1)], data=loss_data(np.zeros((0, 2))),
+                                     mechanism=mech, guard=guard, round=0, model_hash="m", loss_fn=column_loss)
+    assert guard.budget.events == (mech.event(),)
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
