@@ -21,8 +21,8 @@ Wire format (version 1)::
     MAGIC "SFTR" | version u8 | kind u8 | header length u32 | header | payload length u64 | payload
 
 The header is canonical JSON (sorted keys, compact, UTF-8) of the message's plain fields; the
-payload is raw bytes (the float64 little-endian weights of a task, or a secure-aggregation
-frame). Unknown versions or kinds, malformed headers, wrong field types, trailing bytes and
+payload is raw bytes (the float64 little-endian weights of a task, a Join's party keys, 32
+bytes each in index order, or a secure-aggregation frame). Unknown versions or kinds, malformed headers, wrong field types, trailing bytes and
 messages over ``max_bytes`` raise :class:`~secfedtl.errors.DecodeError` and nothing else.
 Requests are canonical: the same request always encodes to the same bytes, which is what lets
 a client bind a digest of the request it received into the secure aggregation
@@ -197,13 +197,10 @@ def _session_from_header(round: int, data: Any) -> SessionParams:
         raise DecodeError(f"invalid session parameters: {exc}") from exc
 
 
-def _parties_from_header(data: Any) -> tuple[bytes, ...]:
-    if not isinstance(data, list) or not all(isinstance(p, str) and len(p) == 2 * PUBLIC_KEY_BYTES for p in data):
-        raise DecodeError("parties must be a list of hex public keys")
-    try:
-        return tuple(bytes.fromhex(p) for p in data)
-    except ValueError as exc:
-        raise DecodeError("parties must be hex") from exc
+def _parties_from_payload(payload: bytes) -> tuple[bytes, ...]:
+    if len(payload) % PUBLIC_KEY_BYTES:
+        raise DecodeError(f"a Join's payload must be {PUBLIC_KEY_BYTES}-byte public keys")
+    return tuple(payload[i:i + PUBLIC_KEY_BYTES] for i in range(0, len(payload), PUBLIC_KEY_BYTES))
 
 
 def encode(message: Message) -> bytes:
@@ -218,8 +215,8 @@ def encode(message: Message) -> bytes:
     elif isinstance(message, TaskReply):
         header = {"round": message.round, "status": message.status, "info": message.info}
     elif isinstance(message, Join):
-        header = {"round": message.round, "index": message.index, "session": _session_header(message.session),
-                  "parties": [p.hex() for p in message.parties]}
+        header = {"round": message.round, "index": message.index, "session": _session_header(message.session)}
+        payload = b"".join(message.parties)
     else:
         header = {"round": message.round}
         payload = message.data
@@ -274,10 +271,10 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
     if not isinstance(header, dict):
         raise DecodeError("header is not an object")
     expected = {TaskRequest: {"round", "task", "options"}, TaskReply: {"round", "status", "info"},
-                Join: {"round", "index", "session", "parties"}, SecAggFrame: {"round"}}[cls]
+                Join: {"round", "index", "session"}, SecAggFrame: {"round"}}[cls]
     if set(header) != expected:
         raise DecodeError(f"{cls.__name__} header has fields {sorted(header)}, expected {sorted(expected)}")
-    if cls is not TaskRequest and cls is not SecAggFrame and payload:
+    if cls is TaskReply and payload:
         raise DecodeError(f"{cls.__name__} carries no payload")
     try:
         if cls is TaskRequest:
@@ -289,7 +286,7 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
             _check_round(header["round"])
             session = _session_from_header(header["round"], header["session"])
             message = Join(round=header["round"], index=header["index"], session=session,
-                           parties=_parties_from_header(header["parties"]))
+                           parties=_parties_from_payload(payload))
         else:
             message = SecAggFrame(round=header["round"], data=payload)
     except (InputError, ConfigError, TypeError) as exc:

@@ -138,3 +138,15 @@ def test_fuzz_only_decode_error(noise, which, cut):
             wire.decode(data)
         except DecodeError:
             pass
+
+
+def test_a_join_for_thousands_of_parties_fits_the_header_limit():
+    n = 2000  # the party keys travel in the payload, 32 bytes each, not in the JSON header
+    cfg = SecAggConfig(num_clients=n, threshold=31, neighbors=40, authenticated=True)
+    params = SessionParams(config=cfg, session_id=os.urandom(16), round=1, vector_length=3)
+    join = wire.Join(round=1, index=n - 1, session=params, parties=tuple(os.urandom(32) for _ in range(n)))
+    back = wire.decode(wire.encode(join))
+    assert back.parties == join.parties and back.index == n - 1
+    blob = wire.encode(join)
+    with pytest.raises(DecodeError):  # one key short of the session's size
+        wire.decode(blob[:-32].replace((32 * n).to_bytes(8, "big"), (32 * (n - 1)).to_bytes(8, "big")))
