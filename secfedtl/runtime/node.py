@@ -277,6 +277,8 @@ class ClientNode:
         policy = NodePolicy() if policy is None else policy
         if not isinstance(policy, NodePolicy):
             raise ConfigError("policy must be a NodePolicy")
+        if policy.parties_required(roster) > len(roster):
+            raise ConfigError(f"the policy asks for {policy.parties_required(roster)} parties; the roster has {len(roster)}")
         if not tasks:
             raise ConfigError("a node needs at least one task")
         for r, fault in (faults or {}).items():

@@ -124,3 +124,15 @@ def test_simulated_keys_for_one_machine(tmp_path):
     for name in "abc":
         assert load_signing_key(tmp_path / "k" / f"{name}.key")[1].public == roster.key_of(name)
     assert stat.S_IMODE((tmp_path / "k").stat().st_mode) == 0o700
+
+
+def test_a_node_refuses_a_key_outside_the_roster_or_an_impossible_policy():
+    from secfedtl.runtime.node import ClientNode
+
+    roster, keys = Roster.generate(["a", "b", "c"])
+    tasks = {"train": lambda request, digest: None}
+    with pytest.raises(ConfigError, match="not in the roster"):
+        ClientNode(name="a", tasks=tasks, identity=SigningKey.generate(), roster=roster)
+    with pytest.raises(ConfigError, match="asks for 4 parties"):
+        ClientNode(name="a", tasks=tasks, identity=keys["a"], roster=roster, policy=NodePolicy(min_parties=4))
+    assert keys["a"].private.hex() not in repr(ClientNode(name="a", tasks=tasks, identity=keys["a"], roster=roster))
