@@ -101,6 +101,16 @@ class AuthenticationError(RemoteProtocolError):
     """A signature on advertised keys or on the survivor list is missing or invalid."""
 
 
+class UnknownPartyError(AuthenticationError):
+    """A session names a party whose long-term key is not in this node's pinned roster, names a
+    roster party twice, or does not place this node at the index it was given."""
+
+
+class PolicyError(RemoteProtocolError):
+    """The server proposed a session this node's policy refuses: fewer parties, a lower
+    threshold or graph degree, less collusion tolerance, or more sessions than it accepts."""
+
+
 class TooFewSurvivorsError(SecFedTLError):
     """Fewer participants than the threshold remain; the aggregate cannot be computed safely.
 

@@ -170,6 +170,15 @@ class SigningKey:
         sk = Ed25519PrivateKey.generate()
         return cls(sk.private_bytes(_RAW, _RAW_PRIV, _NO_ENC), sk.public_key().public_bytes(_RAW, _RAW_PUB))
 
+    @classmethod
+    def from_private(cls, private: bytes) -> SigningKey:
+        """The key pair of a raw 32-byte Ed25519 private key (:class:`CryptoError` otherwise)."""
+        try:
+            sk = Ed25519PrivateKey.from_private_bytes(private)
+        except (TypeError, ValueError) as exc:
+            raise CryptoError("invalid Ed25519 private key") from exc
+        return cls(sk.private_bytes(_RAW, _RAW_PRIV, _NO_ENC), sk.public_key().public_bytes(_RAW, _RAW_PUB))
+
     def sign(self, message: bytes) -> bytes:
         return Ed25519PrivateKey.from_private_bytes(self.private).sign(message)
 

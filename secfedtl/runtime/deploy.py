@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from secfedtl.errors import ConfigError, SecFedTLError
+from secfedtl.runtime.roster import write_simulated_keys
 
 APP_NAME = "secfedtl-flower"
 #: The Flower app (FAB) of secfedtl: its pyproject.toml names the components and run config.
@@ -57,6 +58,7 @@ clientapp = "secfedtl.runtime.flower:client_app"
 
 [tool.flwr.app.config]
 job = ""                   # job TOML on the server machine ("" = the bundled heart job)
+roster = ""                # the federation's roster on the server machine (secfedtl keys roster); required
 out = "runs/flower"        # the server's output directory
 phase-timeout = 300.0      # seconds a phase waits for replies; a node silent longer is a dropout
 discovery-timeout = 300.0  # seconds to wait for every hospital's node to say hello
@@ -190,6 +192,9 @@ class LocalFlower:
         path = os.pathsep.join([str(Path(flower_tool("flwr")).parent), os.environ.get("PATH", "")])
         self.processes = Processes(root=self.root, env={**FLOWER_ENV, "FLWR_HOME": str(self.home), "PATH": path})
         self.app = self.app or write_app(self.root / "app")
+        # One machine plays every hospital: fresh keys per deployment, one roster for all.
+        self.keys = self.sockets / "keys"
+        self.roster = write_simulated_keys(self.keys, self.hospitals)
 
     def socket_of(self, hospital: str) -> Path:
         if self.simulation:
@@ -201,6 +206,7 @@ class LocalFlower:
             argv = [sys.executable, "-m", "secfedtl.cli", "node", *([str(self.job)] if self.job else []),
                     "--hospital", self.twins.get(name, name), "--node-name", name,
                     "--out", str(outs[name]), "--socket", str(self.socket_of(name)),
+                    "--key", str(self.keys / f"{name}.key"), "--roster", str(self.roster),
                     # a local test deployment: each node keeps its privacy state in its own folder
                     "--state-dir", str(Path(outs[name]) / "privacy")]
             self.processes.start(f"agent-{name}", argv)
@@ -229,6 +235,7 @@ class LocalFlower:
 
     def run(self, run_config: Mapping[str, Any]) -> str:
         """``flwr run`` the app with ``run_config``; returns the run id."""
+        run_config = {"roster": str(self.roster), **run_config}
         pairs = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
         argv = [flower_tool("flwr"), "run", str(self.app), "local", "--run-config", pairs, "--format", "json"]
         if self.simulation:

@@ -28,7 +28,10 @@ node ``partition-id`` k at ``<agent-dir>/partition-k.sock`` (run config ``agent-
 :mod:`secfedtl.runtime.deploy` starts those agents.
 
 Run config of the app (``flwr run ... --run-config``): ``job`` (path of the job TOML on the
-server machine; empty: the bundled heart job), ``out`` (the server's output directory),
+server machine; empty: the bundled heart job), ``roster`` (path of the federation's roster on
+the server machine, :mod:`secfedtl.runtime.roster`; required: the server names each session
+party's signing key from it, and every hospital checks them against its own copy), ``out`` (the
+server's output directory),
 ``phase-timeout`` and ``discovery-timeout`` (seconds), ``poll-interval`` (seconds between pulls),
 ``agent-dir`` (simulation only).
 """
@@ -58,7 +61,7 @@ log = logging.getLogger(__name__)
 RECORD = "secfedtl"
 MESSAGE_TYPE = "query.secfedtl"
 #: The app's run-config keys and their defaults (also in the app's pyproject.toml).
-RUN_CONFIG: dict[str, Any] = {"job": "", "out": "runs/flower", "phase-timeout": 300.0,
+RUN_CONFIG: dict[str, Any] = {"job": "", "roster": "", "out": "runs/flower", "phase-timeout": 300.0,
                               "discovery-timeout": 300.0, "poll-interval": 0.2, "agent-dir": "",
                               "record-view": False}
 
@@ -285,6 +288,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], *, clients: Sequence[s
     plus ``progress.jsonl`` (one line per exchange) and ``status.json``. ``clients`` (default:
     the job's) are the node names to federate (tests add a second node for one hospital's data)."""
     from secfedtl.runtime.job import JobConfig, build_server, build_source, run_federation
+    from secfedtl.runtime.roster import Roster
 
     t_start = time.perf_counter()
     settings = _settings(run_config)
@@ -294,6 +298,9 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], *, clients: Sequence[s
     try:
         config = JobConfig.load(settings["job"] or None)
         clients = list(config["job"]["clients"] if clients is None else clients)
+        if not settings["roster"]:
+            raise ConfigError("run config 'roster' is required: the federation's roster file (secfedtl keys roster)")
+        roster = Roster.load(settings["roster"])
         if "selection" in config.sections:
             raise ConfigError("[selection] (DP source-model selection) runs with the in-process runners only; "
                               "over Flower, name the chosen source in [model]")
@@ -310,7 +317,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], *, clients: Sequence[s
         pool = FlowerPool(grid, nodes, names=clients, timeout=settings["phase-timeout"],
                           poll_interval=settings["poll-interval"], progress=out / "progress.jsonl",
                           view=out / "server_view.jsonl" if settings["record-view"] else None)
-        federation = build_server(config, source, pool)
+        federation = build_server(config, source, pool, roster)
         metrics = run_federation(config, source, federation, out, t_start=t_start, progress=False)
     except (SecFedTLError, OSError) as exc:
         _status(out, "failed", error=f"{type(exc).__name__}: {exc}")

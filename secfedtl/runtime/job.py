@@ -43,6 +43,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from secfedtl.aggregation import make_server_optimizer
+from secfedtl.crypto.primitives import SigningKey
 from secfedtl.data import load_fed_heart_disease, record_split, split_key, standardize, validation_split
 from secfedtl.data.heart import TRAIN_FRACTION
 from secfedtl.errors import AccountingError, ConfigError, RemoteProtocolError
@@ -56,6 +57,7 @@ from secfedtl.runtime import wire
 from secfedtl.runtime.federation import Federation, RoundReport
 from secfedtl.runtime.node import ClientNode, LocalReports, TaskOutput, standard_tasks
 from secfedtl.runtime.pool import ClientPool, LocalPool, ProcessPool
+from secfedtl.runtime.roster import NodePolicy, Roster
 from secfedtl.runtime.report import plot_epsilon_per_round
 from secfedtl.training import DPTrainingConfig, PrivateClient, evaluate, flatten_delta, unflatten_delta
 from secfedtl.transfer.freezing import HeadOnly
@@ -383,10 +385,12 @@ def declaration(config: JobConfig, name: str) -> dict[str, Any]:
 
 
 def build_client_node(config: JobConfig, name: str, source: Source, state: PrivacyState, *,
+                      identity: SigningKey, roster: Roster, policy: NodePolicy | None = None,
                       job: str | None = None) -> Hospital:
     """The node of one private hospital: its own data splits, budget guard (on its persistent
     ``state``) and DP client, with the ``train``, ``evaluate`` and ``personalise`` tasks
-    (the last two report locally, into ``state.directory/reports/<job id>``).
+    (the last two report locally, into ``state.directory/reports/<job id>``), its signing key
+    ``identity`` and the federation's ``roster`` pinned (with ``policy``).
 
     Every mechanism parameter comes from public configuration: the sample rate is
     ``expected_batch_size / [declared] records``, the steps and noise follow from it, and the
@@ -413,7 +417,7 @@ def build_client_node(config: JobConfig, name: str, source: Source, state: Priva
     reports = LocalReports(state.directory / "reports" / jid)
     node = ClientNode(name=name, tasks=standard_tasks(client, evaluation, frozen_hash=source.frozen_hash,
                                                       reports=reports),
-                      seed=jcfg["seed"] * 1000 + k)
+                      seed=jcfg["seed"] * 1000 + k, identity=identity, roster=roster, policy=policy)
     return Hospital(name=name, node=node, client=client, guard=guard, evaluation=evaluation, reports=reports)
 
 
@@ -484,7 +488,7 @@ def selection_options(mechanism: SelectionMechanism) -> dict[str, Any]:
 
 
 def build_selection_node(config: JobConfig, name: str, candidates: list[Source], state: PrivacyState, *,
-                         job: str | None = None) -> ClientNode:
+                         identity: SigningKey, roster: Roster, job: str | None = None) -> ClientNode:
     """One hospital's node for source selection: the ``select`` task on its validation split
     (selection noise from ``os.urandom``, whatever ``secure_mode`` says: it is one small draw)."""
     jcfg = config["job"]
@@ -493,11 +497,12 @@ def build_selection_node(config: JobConfig, name: str, candidates: list[Source],
     guard = state.guard(job_id=jid, declaration=declaration(config, name))
     task = SelectTask(candidates=[c.model for c in candidates], data=_dataset(x_val, y_val),
                       mechanism=selection_mechanism(config), guard=guard)
-    return ClientNode(name=name, tasks={"select": task}, seed=jcfg["seed"] * 1000 + k)
+    return ClientNode(name=name, tasks={"select": task}, seed=jcfg["seed"] * 1000 + k, identity=identity,
+                      roster=roster)
 
 
 def select_source(config: JobConfig, out: Path, candidates: list[Source], states: dict[str, PrivacyState], *,
-                  workers: int) -> dict[str, Any]:
+                  workers: int, keys: tuple[Roster, dict[str, SigningKey]] | None = None) -> dict[str, Any]:
     """Run DP source selection over the hospitals (one secure round of the ``select`` task) and
     return the record written to ``out/selection.json``. A run that finds that file (``--resume``)
     reuses it. If the secure round fails, the first candidate is kept and the record says why."""
@@ -508,11 +513,13 @@ def select_source(config: JobConfig, out: Path, candidates: list[Source], states
             raise ConfigError(f"{path} was written for other candidates")
         return saved
     mechanism = selection_mechanism(config)
-    nodes = {n: build_selection_node(config, n, candidates, states[n]) for n in config["job"]["clients"]}
+    roster, identities = Roster.generate(config["job"]["clients"]) if keys is None else keys
+    nodes = {n: build_selection_node(config, n, candidates, states[n], identity=identities[n], roster=roster)
+             for n in config["job"]["clients"]}
     pool: ClientPool = ProcessPool(nodes, workers=workers) if workers > 0 else LocalPool(nodes)
     max_samples = config["secagg"]["max_samples"]
     # The server of this one round has no model: secure_round only needs a pool and the encoding.
-    server = Federation(pool=pool, names=["selection"], global_params=np.zeros(1),
+    server = Federation(pool=pool, roster=roster, names=["selection"], global_params=np.zeros(1),
                         optimizer=make_server_optimizer("fedavg", server_lr=1.0), bits=config["secagg"]["bits"],
                         max_samples=max_samples, seed=config["job"]["seed"])
     # Every coordinate of a hospital's vector is at most max_samples * C plus noise; clipping the
@@ -541,11 +548,12 @@ def select_source(config: JobConfig, out: Path, candidates: list[Source], states
     return record
 
 
-def build_server(config: JobConfig, source: Source, pool: ClientPool) -> Federation:
-    """The server side: global model (the source head), optimizer and secure-aggregation settings."""
+def build_server(config: JobConfig, source: Source, pool: ClientPool, roster: Roster) -> Federation:
+    """The server side: global model (the source head), optimizer and secure-aggregation settings;
+    ``roster`` holds the clients' signing public keys."""
     head = source.head
     return Federation(
-        pool=pool, names=list(head), global_params=flatten_delta(head), frozen_hash=source.frozen_hash,
+        pool=pool, roster=roster, names=list(head), global_params=flatten_delta(head), frozen_hash=source.frozen_hash,
         optimizer=make_server_optimizer(config["server"]["optimizer"], server_lr=config["server"]["lr"]),
         clip=config["secagg"]["clip"], bits=config["secagg"]["bits"], max_samples=config["secagg"]["max_samples"],
         seed=config["job"]["seed"])
@@ -648,6 +656,9 @@ def build_job(config: JobConfig, out: Path, *, resume: bool = False, workers: in
     if not resume and (out / "checkpoint.json").exists():
         raise ConfigError(f"{out} holds a run: use --resume to continue it, or another --out")
     workers = config["job"]["workers"] if workers is None else workers
+    # One process plays every hospital: per-run signing keys, and every node pins the roster.
+    roster, identities = Roster.generate(config["job"]["clients"])
+    policy = NodePolicy(max_sessions=config["job"]["rounds"])  # one secure session per training round
     root = state_root(state_dir)
     states: dict[str, PrivacyState] = {}
     try:
@@ -657,18 +668,20 @@ def build_job(config: JobConfig, out: Path, *, resume: bool = False, workers: in
         selection: dict[str, Any] | None = None
         if "selection" in config.sections:
             candidates = [build_source(config, spec) for spec in config.source_specs()]
-            selection = select_source(config, out, candidates, states, workers=workers)
+            selection = select_source(config, out, candidates, states, workers=workers, keys=(roster, identities))
             source = candidates[selection["index"]]
         else:
             source = build_source(config)
-        hospitals = {name: build_client_node(config, name, source, states[name]) for name in config["job"]["clients"]}
+        hospitals = {name: build_client_node(config, name, source, states[name], identity=identities[name],
+                                             roster=roster, policy=policy)
+                     for name in config["job"]["clients"]}
     except BaseException:
         for state in states.values():
             state.close()
         raise
     nodes = {n: h.node for n, h in hospitals.items()}
     pool: ClientPool = ProcessPool(nodes, workers=workers) if workers > 0 else LocalPool(nodes)
-    federation = build_server(config, source, pool)
+    federation = build_server(config, source, pool, roster)
     if resume and (out / "checkpoint.json").exists():
         federation.load_state_dict(json.loads((out / "checkpoint.json").read_text(encoding="utf-8")))
     return HeartJob(config=config, out=out, source=source, hospitals=hospitals, states=states,

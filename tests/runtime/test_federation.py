@@ -32,6 +32,7 @@ from secfedtl.runtime.job import (
     run_job,
 )
 from secfedtl.runtime.pool import LocalPool, ProcessPool
+from secfedtl.runtime.roster import Roster
 from secfedtl.secagg import codec
 from secfedtl.secagg import messages as m
 from secfedtl.training import flatten_delta
@@ -153,17 +154,21 @@ def test_ledger_audit_matches_metrics_and_a_dropout_does_not_stop_the_run(tmp_pa
 def test_round_completes_when_enough_clients_survive(tmp_path):
     config = small_config()
     source = build_source(config)
-    hospitals = {n: build_client_node(config, n, source, open_hospital_state(config, n, source.centres, tmp_path))
+    twins = {"hungary-2": "hungary", "va-2": "va"}
+    roster, keys = Roster.generate([*config["job"]["clients"], *twins])
+    hospitals = {n: build_client_node(config, n, source, open_hospital_state(config, n, source.centres, tmp_path),
+                                      identity=keys[n], roster=roster)
                  for n in config["job"]["clients"]}
     nodes = {n: h.node for n, h in hospitals.items()}
     # Four-client cohorts tolerate one dropout: a second node for two hospitals, under other names.
-    for twin, original in (("hungary-2", "hungary"), ("va-2", "va")):
+    for twin, original in twins.items():
         clone = build_client_node(config, original, source,
-                                  open_hospital_state(config, original, source.centres, tmp_path / twin))
+                                  open_hospital_state(config, original, source.centres, tmp_path / twin),
+                                  identity=keys[twin], roster=roster)
         clone.node.name = twin
         nodes[twin] = clone.node
     nodes["switzerland"].faults = {0: "mask"}
-    federation = build_server(config, source, LocalPool(nodes))
+    federation = build_server(config, source, LocalPool(nodes), roster)
     report = federation.run_round()
     assert report.status == "ok", report.reason
     assert "switzerland" in report.dropped and "switzerland" not in report.included
@@ -181,12 +186,14 @@ def test_worker_processes_give_the_same_round_as_in_process(tmp_path):
         source = build_source(config)
         out.mkdir()
         nodes, hospitals = {}, {}
+        roster, keys = Roster.generate(config["job"]["clients"])
         for n in config["job"]["clients"]:
-            hospitals[n] = build_client_node(config, n, source, open_hospital_state(config, n, source.centres, out))
+            hospitals[n] = build_client_node(config, n, source, open_hospital_state(config, n, source.centres, out),
+                                             identity=keys[n], roster=roster)
             nodes[n] = hospitals[n].node
         pool = ProcessPool(nodes, workers=workers) if workers else LocalPool(nodes)
         try:
-            federation = build_server(config, source, pool)
+            federation = build_server(config, source, pool, roster)
             report = federation.run_round()
             evaluated = federation.query("evaluate")
         finally:

@@ -39,6 +39,7 @@ from secfedtl.runtime.job import (  # noqa: E402
     build_source,
     open_hospital_state,
 )
+from secfedtl.runtime.roster import Roster  # noqa: E402
 from secfedtl.runtime.pool import LocalPool  # noqa: E402
 from secfedtl.testing.server_view import classify, read_recorded_view  # noqa: E402
 
@@ -88,13 +89,16 @@ def _started(progress: Path, phase: str, occurrence: int) -> bool:
 def _in_process(config: JobConfig, out: Path) -> list[dict]:
     """The same four nodes in process (LocalPool), the same seeds: the reference rounds."""
     source = build_source(config)
-    nodes = {n: build_client_node(config, n, source, open_hospital_state(config, n, source.centres, out)).node
+    roster, keys = Roster.generate([*config["job"]["clients"], TWIN])
+    nodes = {n: build_client_node(config, n, source, open_hospital_state(config, n, source.centres, out),
+                                  identity=keys[n], roster=roster).node
              for n in config["job"]["clients"]}
     twin = build_client_node(config, "hungary", source,
-                             open_hospital_state(config, "hungary", source.centres, out / "twin")).node
+                             open_hospital_state(config, "hungary", source.centres, out / "twin"),
+                             identity=keys[TWIN], roster=roster).node
     twin.name = TWIN
     nodes[TWIN] = twin
-    federation = build_server(config, source, LocalPool(nodes))
+    federation = build_server(config, source, LocalPool(nodes), roster)
     federation.run(ROUNDS)
     return [r.to_dict() for r in federation.history]
 
