@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "audit": ("secfedtl.privacy.audit", "verify a privacy ledger and recompute every epsilon"),
     "node": ("secfedtl.runtime.agent", "serve one hospital's node to its Flower SuperNode (a local agent)"),
     "flower": ("secfedtl.runtime.deploy", "run a job on Flower on this machine (local deployment or simulation)"),
+    "keys": ("secfedtl.runtime.roster", "create a signing key pair, build or show the federation's roster"),
 }
 BENCHES: dict[str, tuple[str, str]] = {
     "secagg": ("secfedtl.bench.secagg", "time each secure-aggregation phase"),

@@ -101,11 +101,22 @@ class AuthenticationError(RemoteProtocolError):
     """A signature on advertised keys or on the survivor list is missing or invalid."""
 
 
+class UnknownPartyError(AuthenticationError):
+    """A session names a party whose long-term key is not in this node's pinned roster, names a
+    roster party twice, or does not place this node at the index it was given."""
+
+
+class PolicyError(RemoteProtocolError):
+    """The server proposed a session this node's policy refuses: fewer parties, a lower
+    threshold or graph degree, less collusion tolerance, or more sessions than it accepts."""
+
+
 class TooFewSurvivorsError(SecFedTLError):
     """Fewer participants than the threshold remain; the aggregate cannot be computed safely.
 
     Raised by a client that refuses to continue, and by the server (or :func:`simulate`) when a
-    phase ends with too few participants. Never accompanied by a partial or wrong result."""
+    phase ends with too few participants, or when the shares that came back cannot recover the
+    sum (too few from clients not caught lying). Never accompanied by a partial result."""
 
 
 # --- privacy -----------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from secfedtl.runtime.federation import Federation  # noqa: E402
 from secfedtl.runtime.node import ClientNode, standard_tasks  # noqa: E402
 from secfedtl.runtime.pool import LocalPool  # noqa: E402
 from secfedtl.runtime.report import plot_epsilon_per_round  # noqa: E402
+from secfedtl.runtime.roster import Roster  # noqa: E402
 from secfedtl.training import DPTrainingConfig, PrivateClient, evaluate, flatten_delta, unflatten_delta  # noqa: E402
 from secfedtl.transfer import cache_features, split_head, state_hash  # noqa: E402
 
@@ -83,12 +84,14 @@ def make_federation(clients: dict[str, PrivateClient], validation: dict[str, Ten
     and ``evaluate`` tasks), an in-process pool, and the server (secure aggregation + optimizer).
     ``clip`` bounds each coordinate of a client's head delta (they stay far below 10 here)."""
     frozen_hash = state_hash(model)  # the public source model; a node refuses a request for another
+    roster, keys = Roster.generate(clients)  # one process plays every client: per-run signing keys
     nodes = {name: ClientNode(name=name, tasks=standard_tasks(client, {"validation": validation[name]},
-                                                              frozen_hash=frozen_hash), seed=seed * 1000 + k)
+                                                              frozen_hash=frozen_hash), seed=seed * 1000 + k,
+                              identity=keys[name], roster=roster)
              for k, (name, client) in enumerate(clients.items())}
     head = next(iter(clients.values())).trainable_state()
     momentum = {"momentum": server_momentum} if server == "fedavgm" and server_momentum is not None else {}
-    return Federation(pool=LocalPool(nodes), names=list(head), global_params=flatten_delta(head),
+    return Federation(pool=LocalPool(nodes), roster=roster, names=list(head), global_params=flatten_delta(head),
                       frozen_hash=frozen_hash, optimizer=make_server_optimizer(server, server_lr=server_lr, **momentum),
                       clip=10.0, bits=32, max_samples=max_samples, seed=seed)
 

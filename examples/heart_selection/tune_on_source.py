@@ -170,7 +170,7 @@ def config_for(settings: dict[str, dict[str, Any]], repeat: int) -> JobConfig:
     data["job"].update(source="pseudo_source", clients=list(PSEUDO), seed=repeat, id=f"tune-{repeat}", workers=0)
     data["declared"] = {"records": {name: count for name, (_, count) in PSEUDO.items()}}
     # Public data: reproducible batches and noise (the mechanism is the same; see the docstring).
-    data["privacy"].update(secure_mode=False, insecure_reproducible=True, state_dir="")
+    data["privacy"].update(secure_mode=False, insecure_reproducible=True)
     return JobConfig.from_mapping(data)
 
 

@@ -54,6 +54,7 @@ from secfedtl.runtime.federation import Federation, RoundReport
 from secfedtl.runtime.node import ClientNode, standard_tasks
 from secfedtl.runtime.pool import LocalPool
 from secfedtl.runtime.report import plot_epsilon_per_round
+from secfedtl.runtime.roster import Roster
 from secfedtl.training import DPTrainingConfig, PrivateClient, flatten_delta
 from secfedtl.training.dpsgd import sample_rate_for
 from secfedtl.transfer.caching import cached_features
@@ -234,12 +235,14 @@ def dp_centre(data: RadiologyData, features: dict[str, np.ndarray], ledger: Ledg
     centre = np.zeros(dim)
     if mechanism is not None:
         nodes = {}
+        roster, keys = Roster.generate(data.hospitals)  # one process plays every hospital: per-run keys
         for k, (name, hospital) in enumerate(data.hospitals.items()):
             x_tr, _ = _split_arrays(features, hospital.train)
             task = FeatureMeanTask(features=x_tr, mechanism=mechanism, guard=_guard(ledger, name, args))
-            nodes[name] = ClientNode(name=name, tasks={"mean": task}, seed=args.seed * 1000 + k)
+            nodes[name] = ClientNode(name=name, tasks={"mean": task}, seed=args.seed * 1000 + k, identity=keys[name],
+                                     roster=roster)
         pool = LocalPool(nodes)
-        server = Federation(pool=pool, names=["mean"], global_params=np.zeros(1),
+        server = Federation(pool=pool, roster=roster, names=["mean"], global_params=np.zeros(1),
                             optimizer=make_server_optimizer("fedavg", server_lr=1.0), bits=32, max_samples=1000,
                             seed=args.seed)
         try:
@@ -282,6 +285,7 @@ def build_federation(data: RadiologyData, features: dict[str, np.ndarray], head:
         template = head
     nodes: dict[str, ClientNode] = {}
     clients: dict[str, PrivateClient] = {}
+    roster, keys = Roster.generate(data.hospitals)  # one process plays every hospital: per-run keys
     for k, (name, hospital) in enumerate(data.hospitals.items()):
         x_tr, y_tr = _split_arrays(features, hospital.train)
         guard = _guard(ledger, name, args)
@@ -292,12 +296,12 @@ def build_federation(data: RadiologyData, features: dict[str, np.ndarray], head:
         client = PrivateClient(client_id=name, model=template, train_data=_dataset(x_tr, y_tr), config=dp, guard=guard)
         evaluation = {s: _dataset(*_split_arrays(features, getattr(hospital, s))) for s in ("validation", "test")}
         nodes[name] = ClientNode(name=name, tasks=standard_tasks(client, evaluation, frozen_hash=digest),
-                                 seed=args.seed * 1000 + k)
+                                 seed=args.seed * 1000 + k, identity=keys[name], roster=roster)
         clients[name] = client
     first = next(iter(clients.values()))
     start = first.trainable_state()
     federation = Federation(
-        pool=LocalPool(nodes), names=first.trainable_names, global_params=flatten_delta(start),
+        pool=LocalPool(nodes), roster=roster, names=first.trainable_names, global_params=flatten_delta(start),
         frozen_hash=digest, optimizer=make_server_optimizer(args.server_optimizer, server_lr=args.server_lr),
         clip=1.0, bits=32, max_samples=1000, seed=args.seed)
     return federation, clients

@@ -24,7 +24,10 @@ def main() -> None:
           f"(stated bound {res.error_bound:.2e}); {res.wire_bytes / 1e6:.1f} MB on the wire")
 
     big = SecAggConfig.recommended(num_clients=1000, dropout_rate=0.05, corrupt_fraction=0.05)
-    print(f"for 1,000 clients the rule picks {big.degree} neighbours and threshold {big.threshold}")
+    few = SecAggConfig.recommended(num_clients=1000, dropout_rate=0.05, corrupt_fraction=0.05, colluders=5)
+    print(f"for 1,000 clients the rule picks {big.degree} neighbours and threshold {big.threshold} "
+          f"(tolerates {big.tolerated_colluders} clients colluding with an active server); "
+          f"for 5 colluders, {few.degree} and {few.threshold}")
 
     # A malicious server lists a victim both as surviving and as dropped, hoping for both its
     # self-mask shares and its mask-key shares. Every honest client refuses.

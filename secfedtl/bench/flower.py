@@ -51,15 +51,15 @@ def run_bench(config_path: Path | None, rounds: int, out: Path, *, simulation: b
     config = JobConfig.from_mapping(data)
     out.mkdir(parents=True, exist_ok=True)
     job = out / "job.toml"
-    job.write_text("".join(f"[{s}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in vals.items())
-                           for s, vals in data.items()), encoding="utf-8")
+    job.write_text(config.to_toml(), encoding="utf-8")
     t0 = time.perf_counter()
-    local = run_job(config, out / "in-process", progress=False)
+    # A bench is not a hospital: throwaway privacy states inside the bench's folder.
+    local = run_job(config, out / "in-process", progress=False, state_dir=out / "in-process" / "privacy-state")
     local_wall = time.perf_counter() - t0
     t0 = time.perf_counter()
     flower = run_local(job, out / "flower", simulation=False)
     flower_wall = time.perf_counter() - t0
-    a, b = _per_round(local["rounds"]), _per_round(flower["rounds"])
+    a, b = _per_round(local["server"]["rounds"]), _per_round(flower["server"]["rounds"])
     exchanges = _phase_seconds(out / "flower" / "server" / "progress.jsonl")
     report: dict[str, Any] = {
         "rounds": rounds, "clients": len(config["job"]["clients"]),
@@ -73,7 +73,7 @@ def run_bench(config_path: Path | None, rounds: int, out: Path, *, simulation: b
     if simulation:
         t0 = time.perf_counter()
         sim = run_local(job, out / "simulation", simulation=True)
-        c = _per_round(sim["rounds"])
+        c = _per_round(sim["server"]["rounds"])
         report["simulation"] = {"per_round": c, "wall_seconds": time.perf_counter() - t0}
         report["median_round_seconds"]["simulation"] = statistics.median(z["round"] for z in c)
     (out / "bench.json").write_text(json.dumps(report, indent=2), encoding="utf-8")

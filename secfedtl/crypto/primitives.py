@@ -8,6 +8,7 @@ callers cannot forget a field; the same bytes go into HKDF ``info`` and AES-GCM 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 from dataclasses import dataclass
@@ -106,6 +107,23 @@ def x25519_shared(private: bytes, peer_public: bytes) -> bytes:
         raise CryptoError("X25519 key agreement failed") from exc
 
 
+#: A fixed, public X25519 scalar used only to test whether a public key is usable (see below).
+_PROBE = hashlib.sha256(b"secfedtl/v1/x25519-public-key-probe").digest()
+
+
+def check_x25519_public(public: bytes) -> None:
+    """Raises :class:`CryptoError` unless ``public`` is an X25519 public key that key agreement
+    accepts with every private key: 32 bytes and not of small order.
+
+    Exact with one fixed scalar: a clamped X25519 scalar is a multiple of the cofactor and
+    smaller than the prime subgroup orders, so the shared secret is all-zero for one private key
+    exactly when it is for all of them.
+    """
+    if not isinstance(public, bytes):
+        raise CryptoError("an X25519 public key is bytes")
+    x25519_shared(_PROBE, public)
+
+
 def hkdf_sha256(secret: bytes, *, info: bytes, length: int = KEY_BYTES, salt: bytes | None = None) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(secret)
 
@@ -150,6 +168,15 @@ class SigningKey:
     @classmethod
     def generate(cls) -> SigningKey:
         sk = Ed25519PrivateKey.generate()
+        return cls(sk.private_bytes(_RAW, _RAW_PRIV, _NO_ENC), sk.public_key().public_bytes(_RAW, _RAW_PUB))
+
+    @classmethod
+    def from_private(cls, private: bytes) -> SigningKey:
+        """The key pair of a raw 32-byte Ed25519 private key (:class:`CryptoError` otherwise)."""
+        try:
+            sk = Ed25519PrivateKey.from_private_bytes(private)
+        except (TypeError, ValueError) as exc:
+            raise CryptoError("invalid Ed25519 private key") from exc
         return cls(sk.private_bytes(_RAW, _RAW_PRIV, _NO_ENC), sk.public_key().public_bytes(_RAW, _RAW_PUB))
 
     def sign(self, message: bytes) -> bytes:

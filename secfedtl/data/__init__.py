@@ -15,7 +15,7 @@ from secfedtl.data.heart import (
     validation_split,
     verify_files,
 )
-from secfedtl.data.splits import record_split, split_key
+from secfedtl.data.splits import in_validation, record_split, split_key
 
 __all__ = [
     "CENTER_NAMES",
@@ -23,6 +23,7 @@ __all__ = [
     "Center",
     "FeatureStats",
     "feature_stats",
+    "in_validation",
     "load_fed_heart_disease",
     "record_split",
     "split_key",

@@ -18,7 +18,7 @@ import numpy as np
 
 from secfedtl.errors import ConfigError, InputError
 
-__all__ = ["record_split", "split_key"]
+__all__ = ["in_validation", "record_split", "split_key"]
 
 
 def split_key(seed: int, purpose: str = "validation") -> bytes:
@@ -30,6 +30,13 @@ def split_key(seed: int, purpose: str = "validation") -> bytes:
 
 def _record_bytes(x: np.ndarray, y: object) -> bytes:
     return np.ascontiguousarray(x, dtype="<f8").tobytes() + b"|" + np.asarray(y, dtype="<i8").tobytes()
+
+
+def in_validation(x: np.ndarray, y: object, fraction: float, key: bytes) -> bool:
+    """Whether the record ``(x, y)`` goes to validation under ``key``: the rule of
+    :func:`record_split`, for one record (it depends on nothing else)."""
+    digest = hmac.new(key, _record_bytes(np.asarray(x), y), hashlib.sha256).digest()
+    return int.from_bytes(digest[:8], "big") < int(fraction * (1 << 64))
 
 
 def record_split(x: np.ndarray, y: np.ndarray, fraction: float, key: bytes
@@ -49,9 +56,7 @@ def record_split(x: np.ndarray, y: np.ndarray, fraction: float, key: bytes
         raise ConfigError(f"fraction must lie in (0, 1), got {fraction!r}")
     if not isinstance(key, bytes) or len(key) < 16:
         raise ConfigError("the split key must be at least 16 bytes")
-    bound = int(fraction * (1 << 64))
-    val = np.array([int.from_bytes(hmac.new(key, _record_bytes(x_arr[i], y_arr[i]), hashlib.sha256).digest()[:8],
-                                   "big") < bound for i in range(x_arr.shape[0])], dtype=bool)
+    val = np.array([in_validation(x_arr[i], y_arr[i], fraction, key) for i in range(x_arr.shape[0])], dtype=bool)
     if val.all() or not val.any():
         raise InputError(f"the keyed split of {x_arr.shape[0]} rows left one side empty")
     return x_arr[~val].copy(), y_arr[~val].copy(), x_arr[val].copy(), y_arr[val].copy()

@@ -19,9 +19,10 @@ Socket protocol (version 1), one request and one response per connection::
   message)`` items); the response is a batch with the same sequence number holding this node's
   replies (empty when it refused or fell silent). Items for another name are ignored.
 
-Anything malformed closes the connection without an answer. The socket file is created mode
-0600 in a directory that must not be writable by others; treat access to it like access to the
-hospital's data. This module imports no torch at the top: the relay side (:class:`AgentClient`)
+Anything malformed closes the connection without an answer, and the agent goes on serving the
+others; a peer idle for ``io_timeout`` seconds is dropped without blocking anyone. The socket
+file is created mode 0600 in a directory that must not be writable by others, and removed when
+the agent stops; treat access to it like access to the hospital's data. This module imports no torch at the top: the relay side (:class:`AgentClient`)
 must start fast in Flower's per-message processes.
 """
 
@@ -30,11 +31,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import selectors
 import signal
 import socket
 import stat
 import struct
 import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -69,10 +73,11 @@ def send_frame(conn: socket.socket, op: int, payload: bytes) -> None:
     conn.sendall(_FRAME.pack(AGENT_MAGIC, AGENT_VERSION, op, len(payload)) + payload)
 
 
-def recv_frame(conn: socket.socket, *, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[int, bytes]:
-    """One frame; raises :class:`DecodeError` for anything that is not one (and nothing else,
-    apart from the socket's own ``OSError``/timeout)."""
-    magic, version, op, size = _FRAME.unpack(_recv_exact(conn, _FRAME.size))
+def parse_header(header: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[int, int]:
+    """``(op, payload size)`` of a frame header (:class:`DecodeError` for anything else)."""
+    if len(header) != _FRAME.size:
+        raise DecodeError("short frame header")
+    magic, version, op, size = _FRAME.unpack(header)
     if magic != AGENT_MAGIC:
         raise DecodeError("not a secfedtl agent frame")
     if version != AGENT_VERSION:
@@ -81,6 +86,13 @@ def recv_frame(conn: socket.socket, *, max_bytes: int = DEFAULT_MAX_BYTES) -> tu
         raise DecodeError(f"unknown agent operation {op}")
     if size > max_bytes:
         raise DecodeError(f"frame of {size} bytes is over the limit of {max_bytes}")
+    return op, size
+
+
+def recv_frame(conn: socket.socket, *, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[int, bytes]:
+    """One frame; raises :class:`DecodeError` for anything that is not one (and nothing else,
+    apart from the socket's own ``OSError``/timeout)."""
+    op, size = parse_header(_recv_exact(conn, _FRAME.size), max_bytes=max_bytes)
     return op, _recv_exact(conn, size)
 
 
@@ -119,17 +131,45 @@ def _check_private_dir(directory: Path) -> None:
         raise ConfigError(f"{directory} is writable by other users: put the agent socket in a private directory")
 
 
+@dataclass(eq=False)
+class _Peer:
+    """One connection's state: what it sent so far, what it is owed, when it last made progress."""
+
+    sock: socket.socket
+    last: float
+    inbox: bytearray = field(default_factory=bytearray)
+    frame: tuple[int, int] | None = None  # (op, payload size) once the header is in
+    outbox: bytes = b""
+    sent: int = 0
+
+
 class NodeAgent:
     """Serve ``node`` on the Unix socket ``path`` (created 0600; an existing socket file is
-    replaced, any other file is refused). Connections are answered one at a time, in order:
-    Flower hands a SuperNode one message at a time, and the node's state machine wants that."""
+    replaced, any other file is refused).
 
-    def __init__(self, node: ClientNode, path: str | os.PathLike[str], *, io_timeout: float = 60.0) -> None:
+    Connections are multiplexed on one thread (:mod:`selectors`): a peer that makes no progress
+    (sends or reads nothing) for ``io_timeout`` seconds is dropped without holding up anyone else,
+    and at most ``max_connections`` are open at once (a connection over that is closed at once).
+    Complete requests are answered one at a time, in the order they complete: Flower hands a
+    SuperNode one message at a time, and the node's state machine wants that. Whatever a peer
+    sends, the agent goes on: a malformed frame, and any exception the node raises while
+    answering (logged by type only), close that one connection without an answer.
+    :meth:`stop` (or leaving :meth:`serve_forever`) removes the socket file.
+    """
+
+    def __init__(self, node: ClientNode, path: str | os.PathLike[str], *, io_timeout: float = 60.0,
+                 max_connections: int = 16, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        if not io_timeout > 0 or max_connections < 1 or max_bytes < 1:
+            raise ConfigError("io_timeout, max_connections and max_bytes must be positive")
         self.node = node
         self.path = Path(path)
-        self.io_timeout = io_timeout
+        self.io_timeout = float(io_timeout)
+        self.max_connections = max_connections
+        self.max_bytes = max_bytes
         self._sock: socket.socket | None = None
         self._stopping = False
+        self._peers: dict[int, _Peer] = {}
+        self._selector: selectors.BaseSelector | None = None
 
     def open(self) -> None:
         parent = self.path.parent
@@ -145,24 +185,13 @@ class NodeAgent:
             sock.bind(os.fspath(self.path))
         finally:
             os.umask(old)
-        sock.listen(8)
+        sock.listen(self.max_connections)
+        sock.setblocking(False)
         self._sock = sock
 
-    def serve_one(self) -> bool:
-        """Answer one connection; False once the agent was stopped."""
-        assert self._sock is not None, "open() first"
-        try:
-            conn, _ = self._sock.accept()
-        except OSError:
-            return False
-        with conn:
-            conn.settimeout(self.io_timeout)
-            try:
-                op, payload = recv_frame(conn)
-                send_frame(conn, op, self.answer(op, payload))
-            except (DecodeError, OSError, struct.error) as exc:
-                log.warning("agent %s: dropped a malformed or broken request (%s)", self.node.name, type(exc).__name__)
-        return not self._stopping
+    @property
+    def open_connections(self) -> int:
+        return len(self._peers)
 
     def answer(self, op: int, payload: bytes) -> bytes:
         """The response payload to one request (raises :class:`DecodeError` for bad batches)."""
@@ -176,12 +205,133 @@ class NodeAgent:
         return pack_batch(seq, [(self.node.name, r) for r in replies or []])
 
     def serve_forever(self) -> None:
+        """Serve until :meth:`stop`; then close every connection and remove the socket file."""
         if self._sock is None:
             self.open()
-        while self.serve_one():
+        assert self._sock is not None
+        sel = self._selector = selectors.DefaultSelector()
+        try:
+            sel.register(self._sock, selectors.EVENT_READ, None)
+            while not self._stopping:
+                self.step(timeout=min(1.0, self.io_timeout))
+        except (OSError, ValueError):  # the listening socket was closed by stop()
+            if not self._stopping:
+                raise
+        finally:
+            for fd in list(self._peers):
+                self._close(fd)
+            sel.close()
+            self._selector = None
+            self._remove_socket_file()
+
+    def step(self, *, timeout: float) -> None:
+        """One pass of the loop: wait up to ``timeout`` seconds for activity, serve it, then drop
+        peers idle for longer than ``io_timeout``."""
+        sel = self._selector
+        assert sel is not None and self._sock is not None
+        for key, events in sel.select(timeout):
+            if key.data is None:
+                self._accept()
+            elif events & selectors.EVENT_READ:
+                self._read(key.fd)
+            elif events & selectors.EVENT_WRITE:
+                self._write(key.fd)
+        now = time.monotonic()
+        for fd, peer in list(self._peers.items()):
+            if now - peer.last > self.io_timeout:
+                log.warning("agent %s: dropped a connection idle for %.0f s", self.node.name, self.io_timeout)
+                self._close(fd)
+
+    def _accept(self) -> None:
+        assert self._sock is not None and self._selector is not None
+        try:
+            conn, _ = self._sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        if len(self._peers) >= self.max_connections:
+            log.warning("agent %s: %d connections open; refused one more", self.node.name, len(self._peers))
+            conn.close()
+            return
+        conn.setblocking(False)
+        self._peers[conn.fileno()] = _Peer(sock=conn, last=time.monotonic())
+        self._selector.register(conn, selectors.EVENT_READ, "peer")
+
+    def _close(self, fd: int) -> None:
+        peer = self._peers.pop(fd, None)
+        if peer is None:
+            return
+        if self._selector is not None:
+            try:
+                self._selector.unregister(peer.sock)
+            except (KeyError, ValueError):
+                pass
+        peer.sock.close()
+
+    def _read(self, fd: int) -> None:
+        peer = self._peers[fd]
+        try:
+            chunk = peer.sock.recv(1 << 20)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(fd)
+            return
+        if not chunk:  # closed before a whole request arrived
+            self._close(fd)
+            return
+        peer.last = time.monotonic()
+        peer.inbox += chunk
+        try:
+            if peer.frame is None and len(peer.inbox) >= _FRAME.size:
+                peer.frame = parse_header(bytes(peer.inbox[:_FRAME.size]), max_bytes=self.max_bytes)
+                del peer.inbox[:_FRAME.size]
+            if peer.frame is None or len(peer.inbox) < peer.frame[1]:
+                return
+            op, size = peer.frame
+            if len(peer.inbox) > size:
+                raise DecodeError("bytes after the request")
+            reply = self.answer(op, bytes(peer.inbox))
+        except DecodeError as exc:
+            log.warning("agent %s: dropped a malformed request (%s)", self.node.name, type(exc).__name__)
+            self._close(fd)
+            return
+        except Exception as exc:  # noqa: BLE001 - no request may stop the agent; the node logs no secrets
+            log.error("agent %s: the node failed on a request (%s); connection closed", self.node.name,
+                      type(exc).__name__)
+            self._close(fd)
+            return
+        peer.inbox = bytearray()
+        peer.outbox = _FRAME.pack(AGENT_MAGIC, AGENT_VERSION, op, len(reply)) + reply
+        peer.last = time.monotonic()
+        assert self._selector is not None
+        self._selector.modify(peer.sock, selectors.EVENT_WRITE, "peer")
+        self._write(fd)
+
+    def _write(self, fd: int) -> None:
+        peer = self._peers.get(fd)
+        if peer is None:
+            return
+        try:
+            sent = peer.sock.send(peer.outbox[peer.sent:peer.sent + (1 << 20)])
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(fd)
+            return
+        peer.sent += sent
+        peer.last = time.monotonic()
+        if peer.sent >= len(peer.outbox):
+            self._close(fd)  # one request per connection
+
+    def _remove_socket_file(self) -> None:
+        try:
+            if self.path.is_socket():
+                self.path.unlink()
+        except OSError:
             pass
 
     def stop(self) -> None:
+        """Stop serving (from a signal handler or another thread) and remove the socket file."""
         self._stopping = True
         if self._sock is not None:
             try:
@@ -189,34 +339,38 @@ class NodeAgent:
             except OSError:
                 pass
             self._sock.close()
-        try:
-            if self.path.exists() and stat.S_ISSOCK(self.path.lstat().st_mode):
-                self.path.unlink()
-        except OSError:
-            pass
+        self._remove_socket_file()
 
 
 # -- `secfedtl node`: one hospital's agent for a job ---------------------------------------------
 
 
-def build_hospital_agent(config: Any, name: str, out: Path, socket_path: Path, *,
-                         node_name: str | None = None) -> NodeAgent:
-    """The agent of hospital ``name`` of a job: its privacy state (ledger and budget, kept across
-    jobs) in ``out/privacy``, its local reports under it. ``node_name`` (default ``name``) is the
-    name the node answers to (tests run a second node from one hospital's data under another
-    name). The agent holds the state's lock until it stops."""
-    from secfedtl.runtime.job import build_client_node, build_source, open_hospital_state
-
-    from secfedtl.errors import ConfigError
+def build_hospital_agent(config: Any, name: str, out: Path, socket_path: Path, *, key: Path, roster: Path,
+                         policy: Any = None, node_name: str | None = None,
+                         state_dir: Path | None = None) -> NodeAgent:
+    """The agent of hospital ``name`` of a job: its privacy state (ledger, budget and local
+    reports, kept across jobs) in ``state_dir/name`` (the node's own setting; default
+    :func:`~secfedtl.runtime.job.default_state_root`, never the job file or ``out``), its signing
+    key from the file ``key`` (0600) and the federation's roster from ``roster``
+    (:mod:`secfedtl.runtime.roster`), pinned in the node with ``policy``. ``node_name`` (default
+    ``name``) is the name the node answers to (tests run a second node from one hospital's data
+    under another name); the key's roster name must be the node's name. The agent holds the
+    state's lock until it stops."""
+    from secfedtl.runtime.job import build_client_node, build_source, open_hospital_state, state_root
+    from secfedtl.runtime.roster import Roster, load_signing_key
 
     if "selection" in config.sections:
         raise ConfigError("[selection] runs with the in-process runners only; name the chosen source in [model]")
+    key_name, identity = load_signing_key(key)
+    pinned = Roster.load(roster)
+    answer_as = name if node_name is None else node_name
+    if key_name != answer_as or pinned.parties.get(answer_as) != identity.public:
+        raise ConfigError(f"{key} is {key_name!r}'s key; the roster pins another key (or none) for {answer_as!r}")
     out.mkdir(parents=True, exist_ok=True)
     source = build_source(config)
-    state = open_hospital_state(config, name, source.centres, out / "privacy")
-    hospital = build_client_node(config, name, source, state)
-    if node_name is not None:
-        hospital.node.name = node_name
+    state = open_hospital_state(config, name, source.centres, state_root(state_dir))
+    hospital = build_client_node(config, name, source, state, identity=identity, roster=pinned, policy=policy)
+    hospital.node.name = answer_as
     return NodeAgent(hospital.node, socket_path)
 
 
@@ -224,11 +378,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", type=Path, nargs="?", default=None,
                         help="job TOML file (default: the bundled heart job)")
     parser.add_argument("--hospital", required=True, help="which of the job's clients this node is")
-    parser.add_argument("--out", type=Path, required=True,
-                        help="this hospital's directory: its privacy state (privacy/<hospital>/ledger.jsonl, "
-                             "state.json, local reports) is kept there across runs")
+    parser.add_argument("--out", type=Path, required=True, help="this node's working directory")
+    parser.add_argument("--state-dir", type=Path, default=None,
+                        help="where this hospital's privacy state (ledger, budget, local reports) is kept across "
+                             "jobs: DIR/<hospital>/; default $SECFEDTL_STATE_DIR, else ~/.local/share/secfedtl/privacy")
     parser.add_argument("--socket", type=Path, required=True,
                         help="Unix socket the ClientApp relay connects to (node-config key 'agent')")
+    parser.add_argument("--key", type=Path, required=True,
+                        help="this hospital's signing key file (secfedtl keys new; mode 0600)")
+    parser.add_argument("--roster", type=Path, required=True,
+                        help="the federation's roster (secfedtl keys roster): whom this node aggregates with")
+    parser.add_argument("--min-parties", type=int, default=None,
+                        help="refuse sessions with fewer parties (default: all of the roster but a quarter, >= 3)")
+    parser.add_argument("--colluders", type=int, default=0,
+                        help="clients assumed to collude with an active server; sessions must tolerate them")
+    parser.add_argument("--max-sessions", type=int, default=None,
+                        help="refuse secure-aggregation sessions beyond this many (default: no limit)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for local training")
     parser.add_argument("--node-name", default=None,
                         help="answer to this name instead of the hospital's (tests: a second node from one "
@@ -239,11 +404,14 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from secfedtl.runtime.job import JobConfig
+    from secfedtl.runtime.roster import NodePolicy
 
     torch.set_num_threads(max(1, args.threads))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    policy = NodePolicy(min_parties=args.min_parties, colluders=args.colluders, max_sessions=args.max_sessions)
     agent = build_hospital_agent(JobConfig.load(args.config), args.hospital, args.out, args.socket,
-                                 node_name=args.node_name)
+                                 key=args.key, roster=args.roster, policy=policy, node_name=args.node_name,
+                                 state_dir=args.state_dir)
     agent.open()
 
     def _stop(signum: int, frame: Any) -> None:
@@ -252,9 +420,11 @@ def main(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     print(f"secfedtl node {agent.node.name}: ready on {args.socket}", file=sys.stderr, flush=True)
-    agent.serve_forever()
-    agent.stop()
+    try:
+        agent.serve_forever()
+    finally:
+        agent.stop()
     return 0
 
 
-__all__ = ["AgentClient", "NodeAgent", "build_hospital_agent", "recv_frame", "send_frame"]
+__all__ = ["AgentClient", "NodeAgent", "build_hospital_agent", "parse_header", "recv_frame", "send_frame"]

@@ -6,7 +6,8 @@ What a worker pipe (:class:`~secfedtl.runtime.pool.ProcessPool`), a node agent's
     MAGIC "SFTB" | sequence u64 | count u32 | count x (name length u16 | name | blob length u64 | blob)
 
 The sequence number pairs an answer with its request (a late answer to an exchange that timed
-out is dropped). :func:`unpack_batch` raises only :class:`~secfedtl.errors.DecodeError`.
+out is dropped). :func:`unpack_batch` raises only :class:`~secfedtl.errors.DecodeError`, and refuses a
+count that cannot fit in the bytes given before it reads any item.
 Light on purpose (no numpy, no torch): Flower starts a process per message that imports this.
 """
 
@@ -37,6 +38,8 @@ def unpack_batch(data: bytes) -> tuple[int, list[tuple[str, bytes]]]:
         if magic != _BATCH_MAGIC:
             raise DecodeError("not a secfedtl batch")
         pos, items = _HEAD.size, []
+        if count * (_NAME.size + _BLOB.size) > len(data) - pos:  # checked before reading any item
+            raise DecodeError(f"a batch of {count} items cannot fit in {len(data)} bytes")
         for _ in range(count):
             (n,) = _NAME.unpack_from(data, pos)
             name = data[pos + 2:pos + 2 + n].decode()

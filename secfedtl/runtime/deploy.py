@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from secfedtl.errors import ConfigError, SecFedTLError
+from secfedtl.runtime.roster import write_simulated_keys
 
 APP_NAME = "secfedtl-flower"
 #: The Flower app (FAB) of secfedtl: its pyproject.toml names the components and run config.
@@ -57,11 +58,13 @@ clientapp = "secfedtl.runtime.flower:client_app"
 
 [tool.flwr.app.config]
 job = ""                   # job TOML on the server machine ("" = the bundled heart job)
+roster = ""                # the federation's roster on the server machine (secfedtl keys roster); required
 out = "runs/flower"        # the server's output directory
 phase-timeout = 300.0      # seconds a phase waits for replies; a node silent longer is a dropout
 discovery-timeout = 300.0  # seconds to wait for every hospital's node to say hello
 poll-interval = 0.2        # seconds between pulls of replies
 agent-dir = ""             # simulation only: agents listen on <agent-dir>/partition-<k>.sock
+record-view = false        # write every message the server receives to <out>/server_view.jsonl (audits)
 """
 
 #: Environment of every Flower process started here: no telemetry or update checks (they try
@@ -189,6 +192,9 @@ class LocalFlower:
         path = os.pathsep.join([str(Path(flower_tool("flwr")).parent), os.environ.get("PATH", "")])
         self.processes = Processes(root=self.root, env={**FLOWER_ENV, "FLWR_HOME": str(self.home), "PATH": path})
         self.app = self.app or write_app(self.root / "app")
+        # One machine plays every hospital: fresh keys per deployment, one roster for all.
+        self.keys = self.sockets / "keys"
+        self.roster = write_simulated_keys(self.keys, self.hospitals)
 
     def socket_of(self, hospital: str) -> Path:
         if self.simulation:
@@ -199,7 +205,10 @@ class LocalFlower:
         for name in self.hospitals:
             argv = [sys.executable, "-m", "secfedtl.cli", "node", *([str(self.job)] if self.job else []),
                     "--hospital", self.twins.get(name, name), "--node-name", name,
-                    "--out", str(outs[name]), "--socket", str(self.socket_of(name))]
+                    "--out", str(outs[name]), "--socket", str(self.socket_of(name)),
+                    "--key", str(self.keys / f"{name}.key"), "--roster", str(self.roster),
+                    # a local test deployment: each node keeps its privacy state in its own folder
+                    "--state-dir", str(Path(outs[name]) / "privacy")]
             self.processes.start(f"agent-{name}", argv)
         wait_for(lambda: all(self.socket_of(n).exists() for n in self.hospitals), timeout=timeout,
                  what="the node agents", procs=self.processes)
@@ -226,6 +235,7 @@ class LocalFlower:
 
     def run(self, run_config: Mapping[str, Any]) -> str:
         """``flwr run`` the app with ``run_config``; returns the run id."""
+        run_config = {"roster": str(self.roster), **run_config}
         pairs = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
         argv = [flower_tool("flwr"), "run", str(self.app), "local", "--run-config", pairs, "--format", "json"]
         if self.simulation:
@@ -299,7 +309,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", type=Path, nargs="?", default=None,
                         help="job TOML file (default: the bundled heart job)")
     parser.add_argument("--out", type=Path, default=Path("runs/flower"),
-                        help="output: server/ (metrics), hospitals/<name>/ (ledgers), processes/ (logs)")
+                        help="output: server/ (metrics), hospitals/<name>/privacy/ (each hospital's privacy state), "
+                             "processes/ (logs)")
     parser.add_argument("--phase-timeout", type=float, default=120.0,
                         help="seconds a phase waits for a hospital before counting it as a dropout")
 
@@ -309,7 +320,8 @@ def main(args: argparse.Namespace) -> int:
 
     metrics = run_local(args.config, args.out, simulation=args.mode == "simulate", phase_timeout=args.phase_timeout)
     print_summary(metrics)
-    print(f"wrote {args.out / 'server' / 'metrics.json'}; ledgers in {args.out / 'hospitals'}")
+    print(f"wrote {args.out / 'server' / 'metrics.json'}; each hospital's ledger and local reports: "
+          f"{args.out / 'hospitals'}/<name>/privacy/<name>/")
     return 0
 
 

@@ -42,14 +42,15 @@ import numpy as np
 from secfedtl._atomic import atomic_write
 from secfedtl.aggregation import ServerOptimizer
 from secfedtl.aggregation.optimizers import decode_vector, encode_vector
-from secfedtl.errors import ConfigError, DecodeError, InputError, SecFedTLError, TooFewSurvivorsError
+from secfedtl.errors import ConfigError, DecodeError
 from secfedtl.runtime import wire
 from secfedtl.runtime.pool import ClientPool
+from secfedtl.runtime.roster import Roster
 from secfedtl.secagg import codec
-from secfedtl.secagg.config import SecAggConfig
+from secfedtl.secagg.config import SecAggConfig, active_threshold
+from secfedtl.secagg.driver import Phase, drive
 from secfedtl.secagg.server import ServerSession
 from secfedtl.secagg.session import SessionParams
-from secfedtl.secagg.simulate import REPLY_PHASE
 
 CHECKPOINT_VERSION = 2
 TIMES = ("task_phase", "secure_aggregation", "aggregation", "plain_fedavg_sum")
@@ -114,10 +115,14 @@ class Federation:
     ``clip`` bounds every coordinate of a client's delta before encoding; ``max_samples`` is the
     public bound on a client's sample count (its weight). The secure-aggregation graph and
     threshold come from :meth:`SecAggConfig.recommended` when that finds a configuration for the
-    round's cohort, else the complete graph with the smallest safe threshold.
+    round's cohort, else the complete graph with the smallest threshold that tolerates
+    ``colluders`` (default: the rule's). ``roster`` holds every client's signing public key:
+    sessions are authenticated, and each Join names the key of every session index (the nodes
+    check them against their own pinned copy of the roster).
     """
 
     pool: ClientPool
+    roster: Roster
     names: Sequence[str]
     global_params: np.ndarray
     optimizer: ServerOptimizer
@@ -127,6 +132,7 @@ class Federation:
     bits: int = 32
     clients_per_round: int | None = None
     dropout_rate: float = 0.05
+    colluders: int | None = None
     seed: int = 0
     rounds_done: int = 0
     history: list[RoundReport] = field(default_factory=list)
@@ -136,6 +142,8 @@ class Federation:
             raise ConfigError("pool must be a ClientPool")
         if len(self.pool.names) < 3:
             raise ConfigError("a federation needs at least 3 clients")
+        if not isinstance(self.roster, Roster) or set(self.pool.names) - set(self.roster.parties):
+            raise ConfigError("roster must be a Roster with every client of the pool")
         self.global_params = np.asarray(self.global_params, dtype=np.float64).copy()
         if self.global_params.ndim != 1 or self.global_params.size == 0:
             raise ConfigError("global_params must be a non-empty vector")
@@ -145,11 +153,13 @@ class Federation:
     # -- helpers ------------------------------------------------------------------------------
 
     def _secagg_config(self, cohort: int, *, clip: float, max_weight: int, scale: float | None = None) -> SecAggConfig:
-        extra = dict(clip=clip, bits=self.bits, max_weight=max_weight, scale=scale)
+        extra = dict(clip=clip, bits=self.bits, max_weight=max_weight, scale=scale, authenticated=True)
         try:
-            return SecAggConfig.recommended(num_clients=cohort, dropout_rate=self.dropout_rate, **extra)
+            return SecAggConfig.recommended(num_clients=cohort, dropout_rate=self.dropout_rate,
+                                            colluders=self.colluders, **extra)
         except ConfigError:
-            return SecAggConfig(num_clients=cohort, threshold=(cohort - 1) // 2 + 1, **extra)
+            t = active_threshold(degree=cohort - 1, colluders=self.colluders or 0)
+            return SecAggConfig(num_clients=cohort, threshold=min(t, cohort - 1), **extra)
 
     def sample(self, round: int) -> list[str]:
         """The round's cohort (public sampling from ``seed`` and the round; not a secret)."""
@@ -245,41 +255,36 @@ class Federation:
         params = SessionParams(config=cfg, session_id=os.urandom(16), round=round,
                                vector_length=vector_length + 1, context=bytes.fromhex(digest))
         index = {name: i for i, name in enumerate(members)}
-        server = ServerSession(params=params)
+        parties = tuple(self.roster.key_of(name) for name in members)
+        server = ServerSession(params=params, identities=dict(enumerate(parties)))
+
+        def secagg_exchange(phase: Phase, requests: Mapping[int, Sequence[Any]]) -> dict[int, list[Any]]:
+            """The round driver's transport: wire frames over the pool, one exchange per phase."""
+            if phase.request is None:  # open the session: each member joins as its party index
+                out = {members[i]: [wire.encode(wire.Join(round=round, index=i, session=params, parties=parties))]
+                       for i in requests}
+            else:
+                out = {members[i]: [wire.encode(wire.SecAggFrame(round=round, data=codec.encode(msg)))
+                                    for msg in msgs] for i, msgs in requests.items()}
+            answers = self._replies(exchange(out, phase.name), round, wire.SecAggFrame)
+            replies: dict[int, list[Any]] = {}
+            for name, frames in answers.items():
+                if name not in index:
+                    continue
+                try:
+                    replies[index[name]] = [codec.decode(frame.data) for frame in frames]
+                except DecodeError:
+                    continue  # nonsense is silence
+            return replies
+
         t0 = time.perf_counter()
-        outgoing: dict[str, list[bytes]] = {
-            n: [wire.encode(wire.Join(round=round, index=i, session=params))] for n, i in index.items()}
-        phase = "advertise"
-        try:
-            while True:
-                raw = exchange(outgoing, phase)
-                answers = self._replies(raw, round, wire.SecAggFrame)
-                for name in outgoing:
-                    if name not in answers:
-                        silent.setdefault(name, phase)
-                for name, frames in answers.items():
-                    for frame in frames:
-                        try:
-                            message = codec.decode(frame.data)
-                            if getattr(message, "sender", None) != index[name]:
-                                raise InputError("a client spoke for another")
-                            server.receive(message)
-                        except (SecFedTLError, KeyError):
-                            break  # this client's further messages this phase are ignored
-                pending = server.advance()
-                if not pending:
-                    break
-                phase = REPLY_PHASE[type(pending[0])]
-                outgoing = {}
-                for message in pending:
-                    name = members[message.recipient]
-                    outgoing.setdefault(name, []).append(
-                        wire.encode(wire.SecAggFrame(round=round, data=codec.encode(message))))
-        except TooFewSurvivorsError as exc:
-            times["secure_aggregation"] = time.perf_counter() - t0
-            return finish("failed", f"secure aggregation aborted: {exc}")
+        outcome = drive(server, secagg_exchange)
         times["secure_aggregation"] = time.perf_counter() - t0
-        result = server.result()
+        for i, phase in outcome.silent.items():
+            silent.setdefault(members[i], phase)
+        if outcome.result is None:
+            return finish("failed", outcome.reason)
+        result = outcome.result
         total, total_weight = cfg.encoding.decode_sum(result.field_sum)
         included = [members[i] for i in result.included]
         # What a plain (unprotected) FedAvg sum of the same shapes costs, for the overhead figure.

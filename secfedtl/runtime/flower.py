@@ -28,7 +28,10 @@ node ``partition-id`` k at ``<agent-dir>/partition-k.sock`` (run config ``agent-
 :mod:`secfedtl.runtime.deploy` starts those agents.
 
 Run config of the app (``flwr run ... --run-config``): ``job`` (path of the job TOML on the
-server machine; empty: the bundled heart job), ``out`` (the server's output directory),
+server machine; empty: the bundled heart job), ``roster`` (path of the federation's roster on
+the server machine, :mod:`secfedtl.runtime.roster`; required: the server names each session
+party's signing key from it, and every hospital checks them against its own copy), ``out`` (the
+server's output directory),
 ``phase-timeout`` and ``discovery-timeout`` (seconds), ``poll-interval`` (seconds between pulls),
 ``agent-dir`` (simulation only).
 """
@@ -58,8 +61,9 @@ log = logging.getLogger(__name__)
 RECORD = "secfedtl"
 MESSAGE_TYPE = "query.secfedtl"
 #: The app's run-config keys and their defaults (also in the app's pyproject.toml).
-RUN_CONFIG: dict[str, Any] = {"job": "", "out": "runs/flower", "phase-timeout": 300.0,
-                              "discovery-timeout": 300.0, "poll-interval": 0.2, "agent-dir": ""}
+RUN_CONFIG: dict[str, Any] = {"job": "", "roster": "", "out": "runs/flower", "phase-timeout": 300.0,
+                              "discovery-timeout": 300.0, "poll-interval": 0.2, "agent-dir": "",
+                              "record-view": False}
 
 
 def _record(message: Message) -> Any:
@@ -73,11 +77,13 @@ class FlowerPool:
     the job's clients (a name without a node is silent every phase). ``timeout`` bounds each
     exchange (seconds; it is also the messages' TTL, so late messages expire at the SuperLink);
     ``progress`` (optional) is a JSON-lines file that gets one public line per exchange (the
-    phase and who was asked), for operators and tests.
+    phase and who was asked), for operators and tests; ``view`` (optional) is a JSON-lines file
+    that records every message the server receives (its whole view, for audits:
+    :mod:`secfedtl.testing.server_view`).
     """
 
     def __init__(self, grid: Grid, nodes: Mapping[str, int], *, names: Sequence[str], timeout: float,
-                 poll_interval: float = 0.2, progress: Path | None = None) -> None:
+                 poll_interval: float = 0.2, progress: Path | None = None, view: Path | None = None) -> None:
         if not timeout > 0 or not poll_interval > 0:
             raise ConfigError("timeout and poll_interval must be positive")
         unknown = set(nodes) - set(names)
@@ -89,6 +95,7 @@ class FlowerPool:
         self._timeout = float(timeout)
         self._poll = float(poll_interval)
         self._progress = progress
+        self._view = view
         self._seq = 0
         self.last_exchange_seconds = 0.0
 
@@ -123,6 +130,10 @@ class FlowerPool:
             messages.append(self._grid.create_message(content, MESSAGE_TYPE, node_id, phase, ttl=self._timeout))
             targets.append(name)
         out = self._collect(messages, targets, t0)
+        if self._view is not None:
+            with open(self._view, "a", encoding="utf-8") as fh:
+                for name in sorted(out):
+                    fh.write(json.dumps({"phase": phase, "node": name, "blobs": [b.hex() for b in out[name]]}) + "\n")
         self.last_exchange_seconds = time.monotonic() - t0
         self._note(phase, list(requests), list(out), self.last_exchange_seconds)
         return out
@@ -258,6 +269,7 @@ server_app = ServerApp()
 def _settings(run_config: Mapping[str, Any]) -> dict[str, Any]:
     settings = dict(RUN_CONFIG)
     settings.update({k: v for k, v in run_config.items() if k in RUN_CONFIG})
+    settings["record-view"] = bool(settings["record-view"])
     for key in ("phase-timeout", "discovery-timeout", "poll-interval"):
         settings[key] = float(settings[key])
         if not settings[key] > 0:
@@ -276,6 +288,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], *, clients: Sequence[s
     plus ``progress.jsonl`` (one line per exchange) and ``status.json``. ``clients`` (default:
     the job's) are the node names to federate (tests add a second node for one hospital's data)."""
     from secfedtl.runtime.job import JobConfig, build_server, build_source, run_federation
+    from secfedtl.runtime.roster import Roster
 
     t_start = time.perf_counter()
     settings = _settings(run_config)
@@ -285,6 +298,9 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], *, clients: Sequence[s
     try:
         config = JobConfig.load(settings["job"] or None)
         clients = list(config["job"]["clients"] if clients is None else clients)
+        if not settings["roster"]:
+            raise ConfigError("run config 'roster' is required: the federation's roster file (secfedtl keys roster)")
+        roster = Roster.load(settings["roster"])
         if "selection" in config.sections:
             raise ConfigError("[selection] (DP source-model selection) runs with the in-process runners only; "
                               "over Flower, name the chosen source in [model]")
@@ -299,8 +315,9 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], *, clients: Sequence[s
                                                     "missing": missing}, indent=2), encoding="utf-8")
         _status(out, "running", missing=missing)
         pool = FlowerPool(grid, nodes, names=clients, timeout=settings["phase-timeout"],
-                          poll_interval=settings["poll-interval"], progress=out / "progress.jsonl")
-        federation = build_server(config, source, pool)
+                          poll_interval=settings["poll-interval"], progress=out / "progress.jsonl",
+                          view=out / "server_view.jsonl" if settings["record-view"] else None)
+        federation = build_server(config, source, pool, roster)
         metrics = run_federation(config, source, federation, out, t_start=t_start, progress=False)
     except (SecFedTLError, OSError) as exc:
         _status(out, "failed", error=f"{type(exc).__name__}: {exc}")

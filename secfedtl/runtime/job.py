@@ -43,7 +43,9 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from secfedtl.aggregation import make_server_optimizer
+from secfedtl.crypto.primitives import SigningKey
 from secfedtl.data import load_fed_heart_disease, record_split, split_key, standardize, validation_split
+from secfedtl.data.heart import TRAIN_FRACTION
 from secfedtl.errors import AccountingError, ConfigError, RemoteProtocolError
 from secfedtl.privacy.accountants import calibrate_noise_multiplier, compute_epsilon
 from secfedtl.privacy.budget import BudgetGuard
@@ -55,6 +57,7 @@ from secfedtl.runtime import wire
 from secfedtl.runtime.federation import Federation, RoundReport
 from secfedtl.runtime.node import ClientNode, LocalReports, TaskOutput, standard_tasks
 from secfedtl.runtime.pool import ClientPool, LocalPool, ProcessPool
+from secfedtl.runtime.roster import NodePolicy, Roster
 from secfedtl.runtime.report import plot_epsilon_per_round
 from secfedtl.training import DPTrainingConfig, PrivateClient, evaluate, flatten_delta, unflatten_delta
 from secfedtl.transfer.freezing import HeadOnly
@@ -66,7 +69,7 @@ _SECTIONS = {
     "job": {"dataset": str, "source": str, "clients": list, "rounds": int, "seed": int,
             "validation_fraction": float, "workers": int, "id": str},
     "privacy": {"epsilon": float, "delta": float, "accountant": str, "personalise": bool, "secure_mode": bool,
-                "insecure_reproducible": bool, "state_dir": str},
+                "insecure_reproducible": bool},
     "declared": {"records": dict},
     "model": {"kind": str, "hidden": int, "source_epochs": int, "source_lr": float, "source_weight_decay": float},
     "training": {"lr": float, "expected_batch_size": int, "max_grad_norm": float, "epochs": int,
@@ -77,8 +80,7 @@ _SECTIONS = {
 }
 #: Keys that may be left out, with their defaults (added after version 1 of the schema).
 _OPTIONAL: dict[str, dict[str, Any]] = {"job": {"workers": 0, "id": ""},
-                                       "privacy": {"secure_mode": True, "insecure_reproducible": False,
-                                                   "state_dir": ""},
+                                       "privacy": {"secure_mode": True, "insecure_reproducible": False},
                                        "model": {"kind": "mlp"}}
 #: Sections that may be left out as a whole.
 _OPTIONAL_SECTIONS = frozenset({"selection"})
@@ -165,7 +167,11 @@ class JobConfig:
         if path is None:
             text = resources.files("secfedtl.configs").joinpath("heart.toml").read_text(encoding="utf-8")
         else:
-            text = Path(path).read_text(encoding="utf-8")
+            try:
+                text = Path(path).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"cannot read job file {os.fspath(path)!r}: "
+                                  f"{exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}") from exc
         try:
             return cls.from_mapping(tomllib.loads(text))
         except tomllib.TOMLDecodeError as exc:
@@ -173,6 +179,18 @@ class JobConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy(self.sections)
+
+    def to_toml(self) -> str:
+        """The configuration as a job file that :meth:`load` reads back to the same sections."""
+        def value(v: Any) -> str:
+            if isinstance(v, dict):
+                return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
+            if isinstance(v, list):
+                return "[" + ", ".join(value(x) for x in v) + "]"
+            return json.dumps(v)
+
+        return "".join(f"[{name}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in section.items()) + "\n"
+                       for name, section in self.sections.items())
 
     def source_specs(self) -> list[dict[str, Any]]:
         """The source-model candidates: ``[selection] candidates``, or the one ``[model]`` names."""
@@ -343,17 +361,16 @@ def job_id(config: JobConfig) -> str:
 
 
 def default_state_root() -> Path:
-    """Where hospitals' privacy states live unless the job or ``--state-dir`` says otherwise:
-    ``$SECFEDTL_STATE_DIR``, else ``~/.local/share/secfedtl/privacy``."""
+    """Where hospitals' privacy states live unless the node's own ``--state-dir`` says otherwise:
+    ``$SECFEDTL_STATE_DIR``, else ``~/.local/share/secfedtl/privacy``. This is node-local
+    configuration: a job file cannot set it (a job could otherwise point a hospital at a fresh
+    state with a new budget)."""
     env = os.environ.get("SECFEDTL_STATE_DIR")
     return Path(env) if env else Path.home() / ".local" / "share" / "secfedtl" / "privacy"
 
 
-def state_root(config: JobConfig, override: Path | None = None) -> Path:
-    if override is not None:
-        return override
-    given = config["privacy"]["state_dir"]
-    return Path(given).expanduser() if given else default_state_root()
+def state_root(override: Path | None = None) -> Path:
+    return override if override is not None else default_state_root()
 
 
 def open_hospital_state(config: JobConfig, name: str, centres: dict[str, Any], root: Path) -> PrivacyState:
@@ -372,10 +389,12 @@ def declaration(config: JobConfig, name: str) -> dict[str, Any]:
 
 
 def build_client_node(config: JobConfig, name: str, source: Source, state: PrivacyState, *,
+                      identity: SigningKey, roster: Roster, policy: NodePolicy | None = None,
                       job: str | None = None) -> Hospital:
     """The node of one private hospital: its own data splits, budget guard (on its persistent
     ``state``) and DP client, with the ``train``, ``evaluate`` and ``personalise`` tasks
-    (the last two report locally, into ``state.directory/reports/<job id>``).
+    (the last two report locally, into ``state.directory/reports/<job id>``), its signing key
+    ``identity`` and the federation's ``roster`` pinned (with ``policy``).
 
     Every mechanism parameter comes from public configuration: the sample rate is
     ``expected_batch_size / [declared] records``, the steps and noise follow from it, and the
@@ -402,7 +421,7 @@ def build_client_node(config: JobConfig, name: str, source: Source, state: Priva
     reports = LocalReports(state.directory / "reports" / jid)
     node = ClientNode(name=name, tasks=standard_tasks(client, evaluation, frozen_hash=source.frozen_hash,
                                                       reports=reports),
-                      seed=jcfg["seed"] * 1000 + k)
+                      seed=jcfg["seed"] * 1000 + k, identity=identity, roster=roster, policy=policy)
     return Hospital(name=name, node=node, client=client, guard=guard, evaluation=evaluation, reports=reports)
 
 
@@ -456,7 +475,8 @@ class SelectTask:
 
     def __call__(self, request: wire.TaskRequest, digest: str) -> TaskOutput:
         opts = request.options
-        if list(opts.get("candidates", [])) != self._hashes:
+        candidates = opts.get("candidates", [])  # server-chosen JSON: compare, never convert
+        if not isinstance(candidates, list) or candidates != self._hashes:
             raise RemoteProtocolError("the request names other source-model candidates")
         if opts.get("mechanism") != selection_options(self._mechanism):
             raise RemoteProtocolError("the request announces another selection mechanism")
@@ -472,7 +492,7 @@ def selection_options(mechanism: SelectionMechanism) -> dict[str, Any]:
 
 
 def build_selection_node(config: JobConfig, name: str, candidates: list[Source], state: PrivacyState, *,
-                         job: str | None = None) -> ClientNode:
+                         identity: SigningKey, roster: Roster, job: str | None = None) -> ClientNode:
     """One hospital's node for source selection: the ``select`` task on its validation split
     (selection noise from ``os.urandom``, whatever ``secure_mode`` says: it is one small draw)."""
     jcfg = config["job"]
@@ -481,11 +501,12 @@ def build_selection_node(config: JobConfig, name: str, candidates: list[Source],
     guard = state.guard(job_id=jid, declaration=declaration(config, name))
     task = SelectTask(candidates=[c.model for c in candidates], data=_dataset(x_val, y_val),
                       mechanism=selection_mechanism(config), guard=guard)
-    return ClientNode(name=name, tasks={"select": task}, seed=jcfg["seed"] * 1000 + k)
+    return ClientNode(name=name, tasks={"select": task}, seed=jcfg["seed"] * 1000 + k, identity=identity,
+                      roster=roster)
 
 
 def select_source(config: JobConfig, out: Path, candidates: list[Source], states: dict[str, PrivacyState], *,
-                  workers: int) -> dict[str, Any]:
+                  workers: int, keys: tuple[Roster, dict[str, SigningKey]] | None = None) -> dict[str, Any]:
     """Run DP source selection over the hospitals (one secure round of the ``select`` task) and
     return the record written to ``out/selection.json``. A run that finds that file (``--resume``)
     reuses it. If the secure round fails, the first candidate is kept and the record says why."""
@@ -496,11 +517,13 @@ def select_source(config: JobConfig, out: Path, candidates: list[Source], states
             raise ConfigError(f"{path} was written for other candidates")
         return saved
     mechanism = selection_mechanism(config)
-    nodes = {n: build_selection_node(config, n, candidates, states[n]) for n in config["job"]["clients"]}
+    roster, identities = Roster.generate(config["job"]["clients"]) if keys is None else keys
+    nodes = {n: build_selection_node(config, n, candidates, states[n], identity=identities[n], roster=roster)
+             for n in config["job"]["clients"]}
     pool: ClientPool = ProcessPool(nodes, workers=workers) if workers > 0 else LocalPool(nodes)
     max_samples = config["secagg"]["max_samples"]
     # The server of this one round has no model: secure_round only needs a pool and the encoding.
-    server = Federation(pool=pool, names=["selection"], global_params=np.zeros(1),
+    server = Federation(pool=pool, roster=roster, names=["selection"], global_params=np.zeros(1),
                         optimizer=make_server_optimizer("fedavg", server_lr=1.0), bits=config["secagg"]["bits"],
                         max_samples=max_samples, seed=config["job"]["seed"])
     # Every coordinate of a hospital's vector is at most max_samples * C plus noise; clipping the
@@ -529,11 +552,12 @@ def select_source(config: JobConfig, out: Path, candidates: list[Source], states
     return record
 
 
-def build_server(config: JobConfig, source: Source, pool: ClientPool) -> Federation:
-    """The server side: global model (the source head), optimizer and secure-aggregation settings."""
+def build_server(config: JobConfig, source: Source, pool: ClientPool, roster: Roster) -> Federation:
+    """The server side: global model (the source head), optimizer and secure-aggregation settings;
+    ``roster`` holds the clients' signing public keys."""
     head = source.head
     return Federation(
-        pool=pool, names=list(head), global_params=flatten_delta(head), frozen_hash=source.frozen_hash,
+        pool=pool, roster=roster, names=list(head), global_params=flatten_delta(head), frozen_hash=source.frozen_hash,
         optimizer=make_server_optimizer(config["server"]["optimizer"], server_lr=config["server"]["lr"]),
         clip=config["secagg"]["clip"], bits=config["secagg"]["bits"], max_samples=config["secagg"]["max_samples"],
         seed=config["job"]["seed"])
@@ -637,7 +661,10 @@ def build_job(config: JobConfig, out: Path, *, resume: bool = False, workers: in
     if not resume and (out / "checkpoint.json").exists():
         raise ConfigError(f"{out} holds a run: use --resume to continue it, or another --out")
     workers = config["job"]["workers"] if workers is None else workers
-    root = state_root(config, state_dir)
+    # One process plays every hospital: per-run signing keys, and every node pins the roster.
+    roster, identities = Roster.generate(config["job"]["clients"])
+    policy = NodePolicy(max_sessions=config["job"]["rounds"])  # one secure session per training round
+    root = state_root(state_dir)
     states: dict[str, PrivacyState] = {}
     try:
         centres = build_centres(config) if centres is None else centres
@@ -646,18 +673,20 @@ def build_job(config: JobConfig, out: Path, *, resume: bool = False, workers: in
         selection: dict[str, Any] | None = None
         if "selection" in config.sections:
             candidates = [build_source(config, spec, centres=centres) for spec in config.source_specs()]
-            selection = select_source(config, out, candidates, states, workers=workers)
+            selection = select_source(config, out, candidates, states, workers=workers, keys=(roster, identities))
             source = candidates[selection["index"]]
         else:
             source = build_source(config, centres=centres)
-        hospitals = {name: build_client_node(config, name, source, states[name]) for name in config["job"]["clients"]}
+        hospitals = {name: build_client_node(config, name, source, states[name], identity=identities[name],
+                                             roster=roster, policy=policy)
+                     for name in config["job"]["clients"]}
     except BaseException:
         for state in states.values():
             state.close()
         raise
     nodes = {n: h.node for n, h in hospitals.items()}
     pool: ClientPool = ProcessPool(nodes, workers=workers) if workers > 0 else LocalPool(nodes)
-    federation = build_server(config, source, pool)
+    federation = build_server(config, source, pool, roster)
     if resume and (out / "checkpoint.json").exists():
         federation.load_state_dict(json.loads((out / "checkpoint.json").read_text(encoding="utf-8")))
     return HeartJob(config=config, out=out, source=source, hospitals=hospitals, states=states,
@@ -665,8 +694,18 @@ def build_job(config: JobConfig, out: Path, *, resume: bool = False, workers: in
 
 
 def build_centres(config: JobConfig) -> dict[str, Any]:
-    """The standardised centres (with the public source centre's statistics)."""
+    """The standardised centres (with the public source centre's statistics). Each private
+    hospital's rows are split into train and test *record-stably*: a keyed hash of each record
+    decides (FLamby's test share, ``1 - TRAIN_FRACTION``), so adding or removing a patient moves
+    only that patient (FLamby's own split is a seeded shuffle, where one added row moves about 15
+    others between train and test). The public source centre keeps FLamby's split."""
     centres, _ = standardize(load_fed_heart_disease(), stats_from=config["job"]["source"])
+    key = split_key(config["job"]["seed"], "test")
+    for name in config["job"]["clients"]:
+        c = centres[name]
+        x, y = np.concatenate([c.x_train, c.x_test]), np.concatenate([c.y_train, c.y_test])
+        x_train, y_train, x_test, y_test = record_split(x, y, 1.0 - TRAIN_FRACTION, key)
+        centres[name] = dataclasses.replace(c, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
     return centres
 
 
@@ -876,8 +915,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help="run the clients in N forked worker processes (default: the config's job.workers; "
                              "0: in this process, one after the other)")
     parser.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
-                        help="where the hospitals' privacy states (ledgers, budgets) live; default: [privacy] "
-                             "state_dir, else $SECFEDTL_STATE_DIR, else ~/.local/share/secfedtl/privacy")
+                        help="where the hospitals' privacy states (ledgers, budgets) live, kept across jobs; "
+                             "default $SECFEDTL_STATE_DIR, else ~/.local/share/secfedtl/privacy")
     parser.add_argument("--no-progress", action="store_true")
 
 

@@ -13,13 +13,19 @@ budget guard, ledger, data) and a table of named *tasks*. It answers the message
   server treats it as a dropout).
 * :class:`~secfedtl.runtime.wire.Join`: check the session parameters against the request this
   node ran (same round, its own digest of the request as the session context, the announced
-  encoding) and start a :class:`~secfedtl.secagg.ClientSession` with the kept field vector.
+  encoding), check every party against the node's pinned roster (each key in the roster, this
+  node's own key at its own index) and the parameters against its policy
+  (:class:`~secfedtl.runtime.roster.NodePolicy`), then start an authenticated
+  :class:`~secfedtl.secagg.ClientSession` with the kept field vector: every advert and
+  survivor-list signature is checked against the pinned keys.
 * :class:`~secfedtl.runtime.wire.SecAggFrame`: one secure-aggregation step.
 
 What leaves a node: masked vectors (whose decoded content is the output of a mechanism charged
 in its ledger before it ran, or a declared public value such as its FedAvg weight), and a reply
 status with a fixed, data-free reason. Nothing computed from the data (accuracy, counts, epsilon
-projections, timings, exception texts) is ever put in a reply. A message that breaks the rules raises :class:`~secfedtl.errors.RemoteProtocolError` (a
+projections, timings, exception texts) is ever put in a reply. It answers each ``(round, task)``
+once (``repeatable_tasks`` excepted): a replayed request is refused with
+:class:`~secfedtl.errors.ReplayError` before any private data is touched. A message that breaks the rules raises :class:`~secfedtl.errors.RemoteProtocolError` (a
 runner treats that as the node falling silent). Faults for tests and demos (``faults``) make the
 node crash while training or fall silent from a protocol phase in a given round.
 """
@@ -39,15 +45,19 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from secfedtl._atomic import atomic_write
+from secfedtl.crypto.primitives import SigningKey
 from secfedtl.encoding import FixedPointEncoding
 from secfedtl.errors import (
     ConfigError,
     PrivacyBudgetExceeded,
     RemoteProtocolError,
+    ReplayError,
     SecFedTLError,
     TooFewSurvivorsError,
+    UnknownPartyError,
 )
 from secfedtl.runtime import wire
+from secfedtl.runtime.roster import NodePolicy, Roster
 from secfedtl.secagg import codec
 from secfedtl.secagg.client import ClientSession
 from secfedtl.secagg.simulate import PHASES, REPLY_PHASE
@@ -93,7 +103,8 @@ class TrainTask:
 
     def check(self, request: wire.TaskRequest) -> dict[str, torch.Tensor]:
         opts = request.options
-        if list(opts.get("names", [])) != self._client.trainable_names:
+        names = opts.get("names", [])  # server-chosen JSON: compare, never convert
+        if not isinstance(names, list) or names != self._client.trainable_names:
             raise RemoteProtocolError("the request trains other parameters than this client's model")
         if self._frozen_hash is not None and opts.get("frozen_hash") != self._frozen_hash:
             raise RemoteProtocolError("the request is for another source model (frozen weights differ)")
@@ -246,15 +257,29 @@ def encoding_from_options(options: Mapping[str, Any]) -> FixedPointEncoding:
 class ClientNode:
     """One client's side of every round (see the module docstring).
 
-    ``tasks`` maps task names to callables; ``seed`` seeds the (public, non-secret) stochastic
-    rounding of the encoding; ``faults`` maps a round to a fault from :data:`FAULTS`;
-    ``min_cohort`` is the fewest parties this node agrees to aggregate with.
+    ``tasks`` maps task names to callables; ``identity`` is this node's long-term Ed25519
+    signing key, ``roster`` the federation's pinned public keys (``identity``'s among them) and
+    ``policy`` what sessions it accepts (default :class:`~secfedtl.runtime.roster.NodePolicy()`);
+    ``seed`` seeds the (public, non-secret) stochastic rounding of the encoding; ``faults`` maps
+    a round to a fault from :data:`FAULTS`; ``min_cohort`` is the fewest parties this node agrees
+    to aggregate with (the policy may ask more); ``repeatable_tasks`` may be asked more than once
+    per round (public queries); every other task is answered once per round.
     """
 
-    def __init__(self, *, name: str, tasks: Mapping[str, Task], seed: int = 0,
-                 faults: Mapping[int, str] | None = None, min_cohort: int = 3) -> None:
+    def __init__(self, *, name: str, tasks: Mapping[str, Task], identity: SigningKey, roster: Roster,
+                 policy: NodePolicy | None = None, seed: int = 0, faults: Mapping[int, str] | None = None,
+                 min_cohort: int = 3, repeatable_tasks: tuple[str, ...] = ("evaluate",)) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigError("a node needs a non-empty name")
+        if not isinstance(identity, SigningKey) or not isinstance(roster, Roster):
+            raise ConfigError("a node needs its signing key (identity) and the federation's roster")
+        if roster.name_of(identity.public) is None:
+            raise ConfigError(f"node {name!r}: its signing key is not in the roster")
+        policy = NodePolicy() if policy is None else policy
+        if not isinstance(policy, NodePolicy):
+            raise ConfigError("policy must be a NodePolicy")
+        if policy.parties_required(roster) > len(roster):
+            raise ConfigError(f"the policy asks for {policy.parties_required(roster)} parties; the roster has {len(roster)}")
         if not tasks:
             raise ConfigError("a node needs at least one task")
         for r, fault in (faults or {}).items():
@@ -267,6 +292,12 @@ class ClientNode:
         self._seed = seed
         self.faults: dict[int, str] = dict(faults or {})
         self._min_cohort = min_cohort
+        self._identity = identity
+        self._roster = roster
+        self._policy = policy
+        self._repeatable = frozenset(repeatable_tasks)
+        self._answered: set[tuple[int, str]] = set()  # (round, task) already run
+        self._sessions_joined = 0
         self._round: int | None = None
         self._digest = ""
         self._encoding: FixedPointEncoding | None = None
@@ -304,6 +335,11 @@ class ClientNode:
         self._encoding = None
 
     def _on_task(self, request: wire.TaskRequest) -> list[wire.TaskReply]:
+        key = (request.round, request.task)
+        if request.task not in self._repeatable:
+            if key in self._answered:  # before anything is touched: the node's state stays as it is
+                raise ReplayError(f"task {request.task!r} of round {request.round} was already answered")
+            self._answered.add(key)
         self._forget()
         self._round, self._silent = request.round, False
         self._digest = wire.request_digest(request)
@@ -323,7 +359,8 @@ class ClientNode:
             # Budgets are spent by public mechanisms only, so "refused" says nothing private; the
             # projected epsilon in the exception stays here.
             return [wire.TaskReply(round=request.round, status="refused", info={"reason": "budget"})]
-        except (_SimulatedCrash, SecFedTLError, RuntimeError):
+        except (_SimulatedCrash, SecFedTLError, RuntimeError, TypeError, ValueError, KeyError):
+            # whatever the server's options made a task trip over: a failed reply, never a crash
             return [wire.TaskReply(round=request.round, status="failed", info={"reason": "failed"})]
         if not secure:
             if output.vector is not None:
@@ -353,9 +390,16 @@ class ClientNode:
             raise RemoteProtocolError("the session's encoding or cohort is not the one announced with the task")
         if session.vector_length != self._field.size:
             raise RemoteProtocolError("the session's vector length does not match this node's contribution")
+        if any(self._roster.name_of(key) is None for key in join.parties):
+            raise UnknownPartyError("the session names a party that is not in this node's roster")
+        if join.parties[join.index] != self._identity.public:
+            raise UnknownPartyError("the session puts another party at this node's index")
+        self._policy.check(cfg, roster=self._roster, sessions_joined=self._sessions_joined)
         if self._silent_from("advertise"):
             return []
-        self._session = ClientSession(params=session, client_id=join.index, input_vector=self._field)
+        self._session = ClientSession(params=session, client_id=join.index, input_vector=self._field,
+                                      identity=self._identity, peer_identities=dict(enumerate(join.parties)))
+        self._sessions_joined += 1
         advert = self._session.start()
         return [wire.encode(wire.SecAggFrame(round=join.round, data=codec.encode(advert)))]
 

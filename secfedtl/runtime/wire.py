@@ -9,7 +9,10 @@ in-process pool, forked worker processes, or Flower:
 * :class:`TaskReply` (client -> server): ``"ready"`` (a contribution to the round's secure sum is
   waiting), ``"done"`` (a public result is in ``info``), ``"refused"`` (budget) or ``"failed"``;
 * :class:`Join` (server -> client): join this round's secure aggregation as party ``index``
-  under these public session parameters;
+  under these public session parameters, with ``parties``: the long-term Ed25519 public key of
+  the party at every session index, which each node checks against its pinned roster
+  (:mod:`secfedtl.runtime.roster`). Sessions are always authenticated: kind 3, the
+  unauthenticated Join of earlier versions, is retired and refused;
 * :class:`SecAggFrame` (both ways): one secure-aggregation message, as bytes of
   :mod:`secfedtl.secagg.codec`.
 
@@ -18,8 +21,8 @@ Wire format (version 1)::
     MAGIC "SFTR" | version u8 | kind u8 | header length u32 | header | payload length u64 | payload
 
 The header is canonical JSON (sorted keys, compact, UTF-8) of the message's plain fields; the
-payload is raw bytes (the float64 little-endian weights of a task, or a secure-aggregation
-frame). Unknown versions or kinds, malformed headers, wrong field types, trailing bytes and
+payload is raw bytes (the float64 little-endian weights of a task, a Join's party keys, 32
+bytes each in index order, or a secure-aggregation frame). Unknown versions or kinds, malformed headers, wrong field types, trailing bytes and
 messages over ``max_bytes`` raise :class:`~secfedtl.errors.DecodeError` and nothing else.
 Requests are canonical: the same request always encodes to the same bytes, which is what lets
 a client bind a digest of the request it received into the secure aggregation
@@ -118,11 +121,13 @@ class TaskReply:
 
 @dataclass(frozen=True, kw_only=True)
 class Join:
-    """Server -> client: take part in this round's secure aggregation as party ``index``."""
+    """Server -> client: take part in this round's (authenticated) secure aggregation as party
+    ``index``; ``parties[i]`` is the Ed25519 public key of party ``i`` (distinct keys)."""
 
     round: int
     index: int
     session: SessionParams
+    parties: tuple[bytes, ...]
 
     def __post_init__(self) -> None:
         _check_round(self.round)
@@ -130,9 +135,16 @@ class Join:
             raise InputError("session must be SessionParams")
         if self.session.round != self.round:
             raise InputError("the session's round is not the message's round")
+        if not self.session.config.authenticated:
+            raise InputError("a Join must be for an authenticated session")
         n = self.session.config.num_clients
         if isinstance(self.index, bool) or not isinstance(self.index, int) or not 0 <= self.index < n:
             raise InputError(f"index must be in [0, {n}), got {self.index!r}")
+        if not isinstance(self.parties, tuple) or len(self.parties) != n or \
+                not all(isinstance(p, bytes) and len(p) == PUBLIC_KEY_BYTES for p in self.parties):
+            raise InputError(f"parties must be {n} Ed25519 public keys of {PUBLIC_KEY_BYTES} bytes")
+        if len(set(self.parties)) != n:
+            raise InputError("parties must be distinct keys")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -149,8 +161,10 @@ class SecAggFrame:
 
 
 Message = Union[TaskRequest, TaskReply, Join, SecAggFrame]
-_KIND = {TaskRequest: 1, TaskReply: 2, Join: 3, SecAggFrame: 4}
+_KIND = {TaskRequest: 1, TaskReply: 2, Join: 5, SecAggFrame: 4}
 _CLASS = {v: k for k, v in _KIND.items()}
+_RETIRED = {3: "kind 3 (the unauthenticated Join) is retired: sessions are authenticated"}
+PUBLIC_KEY_BYTES = 32
 _CONFIG_FIELDS = ("num_clients", "threshold", "neighbors", "clip", "bits", "scale", "max_weight",
                   "min_survivors", "authenticated")
 
@@ -170,8 +184,8 @@ def _session_from_header(round: int, data: Any) -> SessionParams:
     cfg = data["config"]
     if not isinstance(cfg, dict) or set(cfg) != set(_CONFIG_FIELDS):
         raise DecodeError("malformed secure-aggregation config")
-    if not isinstance(cfg["authenticated"], bool) or cfg["authenticated"]:
-        raise DecodeError("authenticated sessions are not carried by this runtime")
+    if cfg["authenticated"] is not True:
+        raise DecodeError("unauthenticated sessions are not carried by this runtime")
     for name in ("clip", "scale"):
         if not isinstance(cfg[name], (int, float)) or isinstance(cfg[name], bool):
             raise DecodeError(f"config {name} must be a number")
@@ -181,6 +195,12 @@ def _session_from_header(round: int, data: Any) -> SessionParams:
                              vector_length=data["vector_length"], context=bytes.fromhex(data["context"]))
     except (ConfigError, ValueError, TypeError) as exc:
         raise DecodeError(f"invalid session parameters: {exc}") from exc
+
+
+def _parties_from_payload(payload: bytes) -> tuple[bytes, ...]:
+    if len(payload) % PUBLIC_KEY_BYTES:
+        raise DecodeError(f"a Join's payload must be {PUBLIC_KEY_BYTES}-byte public keys")
+    return tuple(payload[i:i + PUBLIC_KEY_BYTES] for i in range(0, len(payload), PUBLIC_KEY_BYTES))
 
 
 def encode(message: Message) -> bytes:
@@ -196,6 +216,7 @@ def encode(message: Message) -> bytes:
         header = {"round": message.round, "status": message.status, "info": message.info}
     elif isinstance(message, Join):
         header = {"round": message.round, "index": message.index, "session": _session_header(message.session)}
+        payload = b"".join(message.parties)
     else:
         header = {"round": message.round}
         payload = message.data
@@ -215,9 +236,10 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
     """Parse bytes from :func:`encode`; anything else raises :class:`DecodeError`."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise DecodeError("expected bytes")
+    size = data.nbytes if isinstance(data, memoryview) else len(data)
+    if size > max_bytes:  # before copying anything
+        raise DecodeError(f"message of {size} bytes is over the limit of {max_bytes}")
     data = bytes(data)
-    if len(data) > max_bytes:
-        raise DecodeError(f"message of {len(data)} bytes is over the limit of {max_bytes}")
     if len(data) < _PREFIX.size:
         raise DecodeError("message too short")
     magic, version, kind, head_len = _PREFIX.unpack_from(data)
@@ -226,6 +248,8 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
     if version != WIRE_VERSION:
         raise DecodeError(f"unknown runtime wire version {version}")
     cls = _CLASS.get(kind)
+    if kind in _RETIRED:
+        raise DecodeError(_RETIRED[kind])
     if cls is None:
         raise DecodeError(f"unknown message kind {kind}")
     if head_len > MAX_HEADER_BYTES:
@@ -251,7 +275,7 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
                 Join: {"round", "index", "session"}, SecAggFrame: {"round"}}[cls]
     if set(header) != expected:
         raise DecodeError(f"{cls.__name__} header has fields {sorted(header)}, expected {sorted(expected)}")
-    if cls is not TaskRequest and cls is not SecAggFrame and payload:
+    if cls is TaskReply and payload:
         raise DecodeError(f"{cls.__name__} carries no payload")
     try:
         if cls is TaskRequest:
@@ -262,7 +286,8 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
         elif cls is Join:
             _check_round(header["round"])
             session = _session_from_header(header["round"], header["session"])
-            message = Join(round=header["round"], index=header["index"], session=session)
+            message = Join(round=header["round"], index=header["index"], session=session,
+                           parties=_parties_from_payload(payload))
         else:
             message = SecAggFrame(round=header["round"], data=payload)
     except (InputError, ConfigError, TypeError) as exc:

@@ -10,11 +10,13 @@ Imports no torch and no sockets. Public contract::
 
 from secfedtl.secagg.client import ClientSession, ClientState
 from secfedtl.secagg.config import SecAggConfig
+from secfedtl.secagg.driver import PHASE_TABLE, PHASES, Phase, RoundDriver, RoundOutcome, drive
 from secfedtl.secagg.server import AggregateResult, ServerSession, ServerState
 from secfedtl.secagg.session import SessionParams
-from secfedtl.secagg.simulate import PHASES, SimulationResult, simulate
+from secfedtl.secagg.simulate import SimulationResult, simulate
 
 __all__ = [
-    "PHASES", "AggregateResult", "ClientSession", "ClientState", "SecAggConfig", "ServerSession",
-    "ServerState", "SessionParams", "SimulationResult", "simulate",
+    "PHASES", "PHASE_TABLE", "AggregateResult", "ClientSession", "ClientState", "Phase", "RoundDriver",
+    "RoundOutcome", "SecAggConfig", "ServerSession", "ServerState", "SessionParams", "SimulationResult",
+    "drive", "simulate",
 ]

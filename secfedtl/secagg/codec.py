@@ -11,8 +11,15 @@ message type (``_SCHEMAS``), big-endian:
 
 Tags and fields are never reused or removed; a new meaning gets a new tag. The decoder rejects,
 with :class:`~secfedtl.errors.DecodeError` only: a wrong magic, an unknown version or tag, a length
-or count that exceeds what remains or the caller's ``max_bytes``, trailing bytes, and any value
-the message constructor refuses.
+or count that exceeds what remains or the caller's ``max_bytes``, a count above ``MAX_ITEMS``
+(every list is of parties of one session, so never longer than
+:data:`~secfedtl.secagg.config.MAX_CLIENTS`), trailing bytes, and any value the message
+constructor refuses.
+
+Work and memory are bounded before anything is allocated: a count is checked against
+``MAX_ITEMS`` and against the bytes left (each item takes at least its fixed-size part), and
+a length against the bytes left and ``max_bytes``; so a message builds at most ``MAX_ITEMS``
+objects per list and copies each input byte a bounded number of times.
 """
 
 from __future__ import annotations
@@ -22,10 +29,13 @@ from dataclasses import fields
 
 from secfedtl.errors import DecodeError, MessageError
 from secfedtl.secagg import messages as m
+from secfedtl.secagg.config import MAX_CLIENTS
 
 MAGIC = b"SFTL"
 WIRE_VERSION = 1
 DEFAULT_MAX_BYTES = 1 << 30
+#: The longest list (of ids, pairs or adverts) a message may carry: one item per party.
+MAX_ITEMS = MAX_CLIENTS
 
 _TAGS: dict[int, type] = {
     1: m.AdvertiseKeys,
@@ -106,6 +116,8 @@ class _Reader:
 
     def count(self, min_item_bytes: int) -> int:
         n = self.u32()
+        if n > MAX_ITEMS:
+            raise DecodeError(f"count {n} exceeds the limit of {MAX_ITEMS} items")
         if n * min_item_bytes > len(self.data) - self.pos:
             raise DecodeError(f"count {n} cannot fit in the bytes left")
         return n

@@ -9,9 +9,16 @@ Ground rules:
   valid message.
 * ``advance()`` closes the current phase (the runtime calls it when every expected message
   arrived or a deadline passed) and returns the messages for the next one. If fewer clients
-  than the config allows remain, it raises :class:`~secfedtl.errors.TooFewSurvivorsError`
-  and the session is ``ABORTED``: the server never returns a sum over too few clients, and
-  never a wrong one.
+  than the config allows remain, or the shares the clients returned cannot recover the sum,
+  it raises :class:`~secfedtl.errors.TooFewSurvivorsError` (and nothing else for anything a
+  client sent) and the session is ``ABORTED``: the server never returns a sum over too few
+  clients, and never one it could not check.
+* Unmasking treats shares as coming from parties that may lie (:func:`secfedtl.crypto.shamir.recover`):
+  a client whose share disagrees with what the other shares of the same secret define is
+  *rejected* (``AggregateResult.rejected``), all its shares are set aside, and every secret is
+  recovered again without them; its masked input, already in the sum, stays included. A
+  secret that cannot be recovered that way, or a dropped client's mask key that does not match
+  its advertised public key, aborts the round.
 * The server only ever holds the running sum of masked inputs; it never stores an individual
   masked vector, and an individual masked vector is uniformly random anyway.
 
@@ -31,6 +38,7 @@ from secfedtl.crypto import shamir
 from secfedtl.crypto.prg import add_masks
 from secfedtl.errors import (
     ConfigError,
+    CryptoError,
     EncodingError,
     LocalProtocolError,
     ReconstructionError,
@@ -76,6 +84,7 @@ class AggregateResult:
     field_sum: np.ndarray
     included: tuple[int, ...]
     dropped: tuple[int, ...]
+    rejected: tuple[int, ...] = ()  # answered the unmask request with shares shown to be wrong
 
 
 class ServerSession:
@@ -163,6 +172,11 @@ class ServerSession:
         keys = {msg.enc_public_key, msg.mask_public_key}
         if len(keys) != 2 or any(keys & {a.enc_public_key, a.mask_public_key} for a in self._adverts.values()):
             raise RemoteProtocolError(f"client {msg.sender} advertised reused keys")
+        for key in keys:
+            try:
+                cp.check_x25519_public(key)
+            except CryptoError as exc:  # a low-order key would make every neighbour's agreement fail
+                raise RemoteProtocolError(f"client {msg.sender} advertised an unusable public key") from exc
         if self.params.config.authenticated:
             self._verify(msg.sender, msg.signature, self.params.advert_transcript(
                 msg.sender, msg.enc_public_key, msg.mask_public_key))
@@ -194,6 +208,9 @@ class ServerSession:
         if tuple(o for o, _ in msg.self_mask_shares) != request.survivors or \
                 tuple(o for o, _ in msg.mask_key_shares) != request.dropped:
             raise RemoteProtocolError(f"client {msg.sender} answered with other shares than requested")
+        for _, share in msg.self_mask_shares + msg.mask_key_shares:
+            if int.from_bytes(share, "big") >= shamir.PRIME:
+                raise RemoteProtocolError(f"client {msg.sender} sent a share outside the field")
         self._responses[msg.sender] = msg
 
     def _verify(self, party: int, signature: bytes, transcript: bytes) -> None:
@@ -263,42 +280,80 @@ class ServerSession:
 
     def _close_unmask(self) -> list[m.Message]:
         p = self.params
-        t = p.config.threshold
         self._enough(len(self._responses), "clients that answered the unmask request")
-        b_shares: dict[int, dict[int, bytes]] = {}
-        k_shares: dict[int, dict[int, bytes]] = {}
+        shares: dict[tuple[str, int], dict[int, bytes]] = {}  # (kind, owner) -> responder -> share
         for responder, resp in self._responses.items():
             for owner, share in resp.self_mask_shares:
-                b_shares.setdefault(owner, {})[responder + 1] = share
+                shares.setdefault(("seed", owner), {})[responder] = share
             for owner, share in resp.mask_key_shares:
-                k_shares.setdefault(owner, {})[responder + 1] = share
-        seeds: list[tuple[bytes, int]] = []
-        for owner in self.survivors:
-            have = b_shares.get(owner, {})
-            if len(have) < t:
-                raise TooFewSurvivorsError(
-                    f"only {len(have)} shares of client {owner}'s self-mask seed, {t} required")
-            seeds.append((shamir.combine(have, threshold=t), -1))
+                shares.setdefault(("key", owner), {})[responder] = share
         dropped = sorted(set(self._boxes) - self._masked)
+        partners = {owner: sorted(p.neighbours[owner] & self._masked) for owner in dropped}
+        wanted = [("seed", owner) for owner in self.survivors]
+        wanted += [("key", owner) for owner in dropped if partners[owner]]  # none: nothing to remove
+        recovered, rejected = self._recover(wanted, shares)
+        seeds: list[tuple[bytes, int]] = [(recovered[("seed", owner)], -1) for owner in self.survivors]
         for owner in dropped:
-            partners = sorted(p.neighbours[owner] & self._masked)
-            if not partners:
-                continue  # no survivor masked with this client: nothing to remove
-            have = k_shares.get(owner, {})
-            if len(have) < t:
-                raise TooFewSurvivorsError(
-                    f"only {len(have)} shares of dropped client {owner}'s mask key, {t} required")
-            private = shamir.combine(have, threshold=t)
-            if cp.x25519_public(private) != self._adverts[owner].mask_public_key:
-                raise ReconstructionError(f"reconstructed mask key of client {owner} does not match its advert")
-            for w in partners:
+            if not partners[owner]:
+                continue
+            private = recovered[("key", owner)]
+            for w in partners[owner]:
                 s_wd = cp.agree(private, self._adverts[w].mask_public_key, binding=p.binding,
                                 purpose=PURPOSE_MASK, party_a=owner, party_b=w)
                 seeds.append((s_wd, -sign_of(w, owner)))
         total = add_masks(self._sum.copy(), seeds)
         p.config.encoding.reduce(total)
-        self._result = AggregateResult(field_sum=total, included=self.survivors, dropped=tuple(dropped))
+        self._result = AggregateResult(field_sum=total, included=self.survivors, dropped=tuple(dropped),
+                                       rejected=tuple(sorted(rejected)))
         return []
+
+    def _recover(self, wanted: list[tuple[str, int]], shares: Mapping[tuple[str, int], Mapping[int, bytes]]
+                 ) -> tuple[dict[tuple[str, int], bytes], set[int]]:
+        """Every wanted secret, from the shares of responders not caught lying; and those caught.
+
+        Each pass tries every secret not yet recovered. A responder whose share of any secret is
+        shown wrong is set aside for every secret, each secret recovered with its help is
+        recovered again without it (one recovered from exactly ``t`` shares, a liar's among them,
+        is not trusted), and the pass is repeated: a secret with too many wrong shares to locate
+        may become recoverable once liars caught elsewhere are set aside. When a pass catches no
+        one and some secret is still not recovered, the round cannot be finished."""
+        t = self.params.config.threshold
+        rejected: set[int] = set()
+        done: dict[tuple[str, int], tuple[bytes, frozenset[int]]] = {}  # secret, responders used
+        while True:
+            caught: set[int] = set()
+            failures: list[str] = []
+            for key in wanted:
+                if key in done:
+                    continue
+                kind, owner = key
+                what = (f"client {owner}'s self-mask seed" if kind == "seed"
+                        else f"dropped client {owner}'s mask key")
+                have = {r + 1: share for r, share in shares.get(key, {}).items() if r not in rejected}
+                if len(have) < t:
+                    aside = f" (clients {sorted(rejected)} set aside for wrong shares)" if rejected else ""
+                    failures.append(f"only {len(have)} shares of {what}{aside}, {t} required")
+                    continue
+                try:
+                    found = shamir.recover(have, threshold=t)
+                except ReconstructionError as exc:
+                    failures.append(f"{what} cannot be recovered from its shares: {exc}")
+                    continue
+                if found.rejected:
+                    caught |= {x - 1 for x in found.rejected}
+                    continue  # recovered again once the liars are set aside everywhere
+                if kind == "key" and cp.x25519_public(found.secret) != self._adverts[owner].mask_public_key:
+                    failures.append(f"{what} cannot be recovered: its shares give another key than the one "
+                                    "it advertised")
+                    continue
+                done[key] = (found.secret, frozenset(x - 1 for x in have))
+            if caught:
+                rejected |= caught
+                done = {k: v for k, v in done.items() if not v[1] & caught}
+                continue
+            if failures:
+                raise TooFewSurvivorsError("; ".join(failures[:3]) + ("; ..." if len(failures) > 3 else ""))
+            return {key: secret for key, (secret, _) in done.items()}, rejected
 
     def result(self) -> AggregateResult:
         if self.state is not ServerState.DONE or self._result is None:

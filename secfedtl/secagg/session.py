@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from secfedtl.crypto.primitives import Binding, verify_signature
 from secfedtl.errors import AuthenticationError, ConfigError, EncodingError, SecFedTLError
 from secfedtl.secagg.config import PROTOCOL_VERSION, SecAggConfig
-from secfedtl.secagg.graph import neighbour_sets
+from secfedtl.secagg.graph import NeighbourGraph
 from secfedtl.secagg.messages import MAX_ROUND, SESSION_ID_BYTES
 
 PURPOSE_SHARE_KEY = b"share-encryption"
@@ -36,7 +36,7 @@ class SessionParams:
     round: int
     vector_length: int
     context: bytes = b""
-    neighbours: tuple[frozenset[int], ...] = field(init=False, repr=False, compare=False)
+    neighbours: NeighbourGraph = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.config, SecAggConfig):
@@ -49,7 +49,7 @@ class SessionParams:
             raise ConfigError("vector_length must be a positive integer")
         if not isinstance(self.context, bytes) or len(self.context) > 1024:
             raise ConfigError("context must be at most 1024 bytes")
-        object.__setattr__(self, "neighbours", neighbour_sets(
+        object.__setattr__(self, "neighbours", NeighbourGraph(  # built lazily, client by client
             self.config.num_clients, self.config.degree, self.session_id))
 
     @property

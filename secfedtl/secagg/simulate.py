@@ -1,7 +1,9 @@
 """In-process simulation of one secure aggregation: every client, the server, and the wire.
 
-Every message goes through the binary codec (encode, then decode) on its way, exactly as it
-would over a network, so a simulation exercises the same code a deployment runs.
+The round is played by the one round driver (:mod:`secfedtl.secagg.driver`) that the runtime
+uses too; :class:`LocalExchange` is its in-process transport. Every message goes through the
+binary codec (encode, then decode) on its way, exactly as it would over a network, so a
+simulation exercises the same code a deployment runs.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,20 +22,12 @@ from secfedtl.secagg import codec
 from secfedtl.secagg import messages as m
 from secfedtl.secagg.client import ClientSession
 from secfedtl.secagg.config import SecAggConfig
+from secfedtl.secagg.driver import PHASES, REPLY_PHASE, Phase, RoundDriver, timed_call
 from secfedtl.secagg.server import AggregateResult, ServerSession
 from secfedtl.secagg.session import SessionParams
 
-#: Phases a client can fall silent from, in protocol order. A client silent from ``"unmask"``
-#: (or ``"consistency"``) has already sent its masked input, so its input is included.
-PHASES = ("advertise", "share", "mask", "consistency", "unmask")
-#: Which phase a client's reply to each server message belongs to.
-REPLY_PHASE = {
-    m.KeyDirectory: "share",
-    m.ShareDelivery: "mask",
-    m.SurvivorList: "consistency",
-    m.UnmaskRequest: "unmask",
-}
-
+__all__ = ["PHASES", "REPLY_PHASE", "LocalExchange", "LocalRound", "SimulationResult", "build_sessions",
+           "drive_round", "generate_identities", "session_id_for", "simulate"]
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SimulationResult:
@@ -123,8 +117,64 @@ def build_sessions(params: SessionParams, field_vectors: Sequence[np.ndarray], *
     return clients, ServerSession(params=params, identities=identities)
 
 
+class LocalExchange:
+    """The in-process transport of a round (an ``exchange`` for :class:`~secfedtl.secagg.driver.RoundDriver`).
+
+    Delivers each message to its :class:`ClientSession` through the codec and brings the replies
+    back through the codec. ``dropouts`` maps a client to the phase from which it is silent (it
+    may be changed between phases); a client that refuses with TooFewSurvivorsError falls
+    silent from then on (``refused``). ``sent`` records every reply, in order; ``wire_bytes``
+    counts both directions; with a ``clock``, ``timings`` holds the seconds of each client step
+    (``client:<phase>``).
+    """
+
+    def __init__(self, clients: Sequence[ClientSession], *, dropouts: Mapping[int, str] | None = None,
+                 clock: Callable[[], float] | None = None) -> None:
+        self.clients = list(clients)
+        self.dropouts: dict[int, str] = dict(dropouts or {})
+        self.refused: set[int] = set()
+        self.sent: list[m.Message] = []
+        self.wire_bytes = 0
+        self.timings: dict[str, list[float]] = {}
+        self._clock = clock
+
+    def speaks(self, client: int, phase: str) -> bool:
+        """Whether ``client`` still answers in ``phase`` (silent from its dropout phase on)."""
+        if client in self.refused:
+            return False
+        return client not in self.dropouts or PHASES.index(self.dropouts[client]) > PHASES.index(phase)
+
+    def _wire(self, message: m.Message) -> m.Message:
+        blob = codec.encode(message)
+        self.wire_bytes += len(blob)
+        return codec.decode(blob)
+
+    def _step(self, phase: str, fn: Callable[..., object], *args: object) -> object:
+        return timed_call(self._clock, self.timings, f"client:{phase}", fn, *args)
+
+    def __call__(self, phase: Phase, requests: Mapping[int, Sequence[m.Message]]) -> dict[int, list[m.Message]]:
+        replies: dict[int, list[m.Message]] = {}
+        for u, messages in requests.items():
+            if not self.speaks(u, phase.name):
+                continue
+            client = self.clients[u]
+            out: list[m.Message] = []
+            try:
+                if phase.request is None:
+                    out.append(self._step(phase.name, client.start))  # type: ignore[arg-type]
+                else:
+                    for message in messages:
+                        out += self._step(phase.name, client.receive, self._wire(message))  # type: ignore[operator]
+            except TooFewSurvivorsError:
+                self.refused.add(u)  # the client refuses and falls silent: a dropout
+                continue
+            replies[u] = [self._wire(reply) for reply in out]
+            self.sent += replies[u]
+        return replies
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
-class RoundOutcome:
+class LocalRound:
     """What :func:`drive_round` returns: the server's result, the clients that refused, the
     bytes that crossed the wire, and (when asked for) seconds spent per ``role:phase``."""
 
@@ -135,54 +185,18 @@ class RoundOutcome:
 
 
 def drive_round(clients: Sequence[ClientSession], server: ServerSession, *,
-                dropouts: Mapping[int, str] | None = None, timed: bool = False) -> RoundOutcome:
-    """Move every message of one aggregation between ``clients`` and ``server`` in process,
-    through the codec. A client that refuses with TooFewSurvivorsError falls silent (a dropout).
-    With ``timed``, records the seconds of each client step (``client:<phase>``), of the
-    server's message intake (``server:receive:<phase>``) and of closing each phase
-    (``server:advance:<phase>``)."""
-    silent_from = {i: PHASES.index(p) for i, p in (dropouts or {}).items()}
-    refused: set[int] = set()
-    timings: dict[str, list[float]] = {}
-    wire = 0
-
-    def clock(key: str, fn, *args):  # type: ignore[no-untyped-def]
-        if not timed:
-            return fn(*args)
-        t0 = time.perf_counter()
-        try:
-            return fn(*args)
-        finally:
-            timings.setdefault(key, []).append(time.perf_counter() - t0)
-
-    def send(message: m.Message) -> m.Message:
-        nonlocal wire
-        blob = codec.encode(message)
-        wire += len(blob)
-        return codec.decode(blob)
-
-    def speaks(client: int, phase: str) -> bool:
-        return client not in refused and silent_from.get(client, len(PHASES)) > PHASES.index(phase)
-
-    for i, client in enumerate(clients):
-        if speaks(i, "advertise"):
-            advert = clock("client:advertise", client.start)
-            clock("server:receive:advertise", server.receive, send(advert))
-    phase = "advertise"
-    outgoing = clock(f"server:advance:{phase}", server.advance)
-    while outgoing:
-        phase = REPLY_PHASE[type(outgoing[0])]
-        for message in outgoing:
-            u = message.recipient
-            if not speaks(u, phase):
-                continue
-            try:
-                replies = clock(f"client:{phase}", clients[u].receive, send(message))
-            except TooFewSurvivorsError:
-                refused.add(u)  # the client refuses and falls silent: a dropout
-                continue
-            for reply in replies:
-                clock(f"server:receive:{phase}", server.receive, send(reply))
-        outgoing = clock(f"server:advance:{phase}", server.advance)
-    return RoundOutcome(result=server.result(), refused=tuple(sorted(refused)), wire_bytes=wire,
-                        timings=timings)
+                dropouts: Mapping[int, str] | None = None, timed: bool = False) -> LocalRound:
+    """Play one aggregation between ``clients`` and ``server`` in process with the round driver
+    and :class:`LocalExchange`. Raises TooFewSurvivorsError when the round fails. With ``timed``,
+    records the seconds of each client step (``client:<phase>``), of the server's message intake
+    (``server:receive:<phase>``) and of closing each phase (``server:advance:<phase>``)."""
+    clock = time.perf_counter if timed else None
+    exchange = LocalExchange(clients, dropouts=dropouts, clock=clock)
+    driver = RoundDriver(server, exchange, clock=clock)
+    driver.run()
+    outcome = driver.outcome()
+    if outcome.error is not None:
+        raise outcome.error
+    assert outcome.result is not None
+    return LocalRound(result=outcome.result, refused=tuple(sorted(exchange.refused)),
+                      wire_bytes=exchange.wire_bytes, timings={**exchange.timings, **outcome.timings})

@@ -4,6 +4,10 @@
 (like :func:`secfedtl.secagg.simulate`, but on already-encoded field vectors, so a test knows
 the exact modular sum to expect); :func:`expected_field_sum` computes that sum independently.
 :func:`run_until` stops a round at a phase so an adversarial test can play the server itself.
+
+Rounds are played by the same round driver (:class:`secfedtl.secagg.driver.RoundDriver`) that
+the production server runs, over the in-process transport
+(:class:`secfedtl.secagg.simulate.LocalExchange`), so a test drives the production loop.
 """
 
 from __future__ import annotations
@@ -14,13 +18,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from secfedtl.crypto.primitives import SigningKey
-from secfedtl.errors import TooFewSurvivorsError
 from secfedtl.secagg import messages as m
 from secfedtl.secagg.client import ClientSession
 from secfedtl.secagg.config import SecAggConfig
+from secfedtl.secagg.driver import RoundDriver
 from secfedtl.secagg.server import AggregateResult, ServerSession
 from secfedtl.secagg.session import SessionParams
-from secfedtl.secagg.simulate import PHASES, REPLY_PHASE, build_sessions, generate_identities
+from secfedtl.secagg.simulate import LocalExchange, build_sessions, generate_identities
 
 __all__ = ["Round", "expected_field_sum", "make_round", "random_field_vectors", "run_round", "run_until"]
 
@@ -34,9 +38,19 @@ class Round:
     vectors: list[np.ndarray]
     keys: list[SigningKey | None]
     identities: dict[int, bytes] | None
-    refused: set[int] = field(default_factory=set)
+    exchange: LocalExchange
+    driver: RoundDriver
     pending: list[m.Message] = field(default_factory=list)  # server -> client messages not yet delivered
-    sent: list[m.Message] = field(default_factory=list)  # every client -> server message, in order
+
+    @property
+    def refused(self) -> set[int]:
+        """Clients that refused to go on (TooFewSurvivorsError) and fell silent."""
+        return self.exchange.refused
+
+    @property
+    def sent(self) -> list[m.Message]:
+        """Every client -> server message, in order."""
+        return self.exchange.sent
 
 
 def random_field_vectors(params: SessionParams, rng: np.random.Generator) -> list[np.ndarray]:
@@ -56,45 +70,22 @@ def make_round(cfg: SecAggConfig, *, vector_length: int = 4, session_id: bytes =
     clients, server = build_sessions(params, vecs, keys=signing)
     keys: list[SigningKey | None] = list(signing) if signing is not None else [None] * cfg.num_clients
     identities = None if signing is None else {i: k.public for i, k in enumerate(signing)}
-    return Round(params=params, server=server, clients=clients, vectors=vecs, keys=keys, identities=identities)
-
-
-def _speaks(rnd: Round, dropouts: Mapping[int, str], client: int, phase: str) -> bool:
-    """Whether ``client`` still answers in ``phase`` (silent from its dropout phase on)."""
-    if client in rnd.refused:
-        return False
-    return client not in dropouts or PHASES.index(dropouts[client]) > PHASES.index(phase)
+    exchange = LocalExchange(clients)
+    return Round(params=params, server=server, clients=clients, vectors=vecs, keys=keys, identities=identities,
+                 exchange=exchange, driver=RoundDriver(server, exchange))
 
 
 def run_until(rnd: Round, stop: str | None = None, dropouts: Mapping[int, str] | None = None) -> None:
-    """Play the honest round; stop before the server's messages for phase ``stop`` are
-    delivered (they are left in ``rnd.pending``). ``stop=None`` plays to the end."""
-    drops = dict(dropouts or {})
-    server = rnd.server
-    if not rnd.pending and server.state.value == "advertise" and not server.advertised:
-        for i, c in enumerate(rnd.clients):
-            if _speaks(rnd, drops, i, "advertise"):
-                advert = c.start()
-                rnd.sent.append(advert)
-                server.receive(advert)
-        rnd.pending = server.advance()
-    while rnd.pending:
-        phase = REPLY_PHASE[type(rnd.pending[0])]
-        if phase == stop:
-            return
-        for msg in rnd.pending:
-            u = msg.recipient
-            if not _speaks(rnd, drops, u, phase):
-                continue
-            try:
-                replies = rnd.clients[u].receive(msg)
-            except TooFewSurvivorsError:
-                rnd.refused.add(u)
-                continue
-            for reply in replies:
-                rnd.sent.append(reply)
-                server.receive(reply)
-        rnd.pending = server.advance()
+    """Play the honest round with the round driver; stop before the server's messages for phase
+    ``stop`` are delivered (they are left in ``rnd.pending``). ``stop=None`` plays to the end.
+    Raises the server's TooFewSurvivorsError when the round fails."""
+    rnd.exchange.dropouts = dict(dropouts or {})
+    rnd.driver.run(stop)
+    rnd.pending = [msg for u in sorted(rnd.driver.pending) for msg in rnd.driver.pending[u]]
+    if rnd.driver.finished:
+        outcome = rnd.driver.outcome()
+        if outcome.error is not None:
+            raise outcome.error
 
 
 def run_round(rnd: Round, dropouts: Mapping[int, str] | None = None) -> AggregateResult:

@@ -132,3 +132,34 @@ def test_secrets_are_not_in_repr():
     sk = cp.SigningKey.generate()
     assert kp.private.hex() not in repr(kp) and kp.private.hex()[:16] not in repr(kp)
     assert sk.private.hex()[:16] not in repr(sk)
+
+
+# Small-order X25519 u-coordinates (the points of order 1, 2, 4 and 8 and their non-canonical
+# encodings u + p), as listed in the libsodium / "May the fourth be with you" blacklist.
+SMALL_ORDER = [
+    "0000000000000000000000000000000000000000000000000000000000000000",
+    "0100000000000000000000000000000000000000000000000000000000000000",
+    "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
+    "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",
+    "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+]
+
+
+@pytest.mark.parametrize("hex_key", SMALL_ORDER)
+def test_check_x25519_public_refuses_small_order_keys_that_every_agreement_would_refuse(hex_key):
+    key = bytes.fromhex(hex_key)
+    with pytest.raises(CryptoError):
+        cp.check_x25519_public(key)
+    for _ in range(3):  # the probe's verdict is every private key's verdict
+        with pytest.raises(CryptoError):
+            cp.x25519_shared(cp.generate_x25519().private, key)
+
+
+def test_check_x25519_public_accepts_real_keys_and_refuses_other_shapes():
+    for _ in range(20):
+        cp.check_x25519_public(cp.generate_x25519().public)
+    for bad in (bytes(31), bytes(33), b"", "text"):
+        with pytest.raises(CryptoError):
+            cp.check_x25519_public(bad)  # type: ignore[arg-type]

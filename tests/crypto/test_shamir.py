@@ -126,3 +126,56 @@ def test_reconstruction_that_is_not_a_32_byte_secret_raises():
     shares = {1: rnd.randrange(P).to_bytes(66, "big"), 2: rnd.randrange(P).to_bytes(66, "big")}
     with pytest.raises(ReconstructionError):
         shamir.combine(shares, threshold=2)
+
+
+# --- recover: shares from parties that may lie ---------------------------------------------------
+
+
+def _wrong(share: bytes, rnd) -> bytes:
+    """Another well-formed share (a field element other than ``share``)."""
+    y = int.from_bytes(share, "big")
+    return ((y + rnd.randrange(1, P)) % P).to_bytes(shamir.SHARE_BYTES, "big")
+
+
+@SETTINGS
+@given(sharings(), st.randoms(use_true_random=False))
+def test_recover_corrects_up_to_half_the_spare_shares_and_names_them(case, rnd):
+    secret, t, xs = case
+    shares = shamir.split(secret, threshold=t, xs=xs)
+    correctable = (len(xs) - t) // 2
+    liars = rnd.sample(xs, rnd.randint(0, correctable))
+    malformed = rnd.sample([x for x in xs if x not in liars], rnd.randint(0, 1)) if len(xs) - 2 * len(liars) > t else []
+    for x in liars:
+        shares[x] = _wrong(shares[x], rnd)
+    for x in malformed:
+        shares[x] = b"\xff" * shamir.SHARE_BYTES  # outside the field: set aside, not counted as an error
+    found = shamir.recover(shares, threshold=t)
+    assert found.secret == secret
+    assert found.rejected == set(liars) | set(malformed)
+    assert "secret=<hidden>" in repr(found) and secret.hex() not in repr(found)
+
+
+@SETTINGS
+@given(sharings(), st.randoms(use_true_random=False))
+def test_recover_refuses_more_wrong_shares_than_it_can_correct(case, rnd):
+    secret, t, xs = case
+    spare = len(xs) - t
+    if t < 2 or spare < 1:
+        return  # with t = 1 every share is the secret itself; with no spare share nothing is checked
+    shares = shamir.split(secret, threshold=t, xs=xs)
+    for x in rnd.sample(xs, spare // 2 + 1):
+        shares[x] = _wrong(shares[x], rnd)
+    with pytest.raises(ReconstructionError):
+        shamir.recover(shares, threshold=t)
+
+
+def test_recover_with_exactly_t_shares_checks_only_the_secret_size():
+    shares = shamir.split(bytes(range(32)), threshold=3, xs=[1, 2, 3])
+    assert shamir.recover(shares, threshold=3).secret == bytes(range(32))
+    shares[2] = (int.from_bytes(shares[2], "big") ^ (1 << 400)).to_bytes(shamir.SHARE_BYTES, "big")
+    with pytest.raises(ReconstructionError, match="32-byte"):
+        shamir.recover(shares, threshold=3)  # a random error lands outside [0, 2**256)
+    with pytest.raises(ReconstructionError, match="required"):
+        shamir.recover({1: shares[1], 3: shares[3], 2: b"\xff" * 66}, threshold=3)
+    with pytest.raises(ReconstructionError):
+        shamir.recover({0: shares[1]}, threshold=1)  # x = 0 is the secret's own point

@@ -120,3 +120,67 @@ def test_cli_as_a_process(ledger_path: Path) -> None:
     bad = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert bad.returncode == 1
     assert json.loads(bad.stdout)["first_bad_line"] == 1
+
+
+def _v1_ledger(path: Path) -> None:
+    """A version-1 ledger line pair, written as secfedtl wrote it before ledger v2."""
+    from secfedtl.privacy.ledger import GENESIS_HASH, _canonical, _line_hash, _sha256
+
+    prev, lines = GENESIS_HASH, []
+    for status in ("pending", "complete"):
+        obj = {"version": 1, "entry_id": "e1", "status": status, "client": "old", "round": 0, **A.to_dict(),
+               "delta": 1e-5, "model_hash": "m", "timestamp": "2026-01-01T00:00:00+00:00", "prev_hash": prev,
+               "extra": {}}
+        obj["line_hash"] = _line_hash(obj)
+        line = _canonical(obj) + b"\n"
+        lines.append(line)
+        prev = _sha256(line)
+    path.write_bytes(b"".join(lines))
+
+
+def test_audit_lists_every_release_with_its_share(ledger_path: Path) -> None:
+    report = audit_ledger(ledger_path)
+    h1 = report.client("h1")
+    assert [r.round for r in h1.releases] == [0, 1, 2] and all(r.release == "test" for r in h1.releases)
+    assert h1.releases[0].epsilon == pytest.approx(compute_epsilon([A], 1e-5, "rdp"))
+    assert h1.releases[-1].cumulative_epsilon == pytest.approx(h1.epsilon)
+    assert report.certified and h1.certified
+    data = report.to_dict()["clients"]["h1"]
+    assert len(data["releases"]) == 3 and data["releases"][0]["mechanism"]["mechanism"] == "poisson_gaussian"
+
+
+def test_seeded_and_v1_entries_are_never_certified(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "seeded.jsonl"
+    ledger = Ledger(path)
+    ledger.complete(ledger.begin(client="h1", round=0, event=A, delta=1e-5, model_hash="m", release="dpsgd_update",
+                                 randomness="insecure_seeded", declaration={"records": 10}))
+    report = audit_ledger(path)
+    assert not report.certified and report.client("h1").declaration == {"records": 10}
+    assert cli_main(["audit", str(path)]) == 3
+    assert "NOT PRIVATE" in capsys.readouterr().err
+    assert cli_main(["audit", str(path), "--test-ledger"]) == 0
+    old = tmp_path / "v1.jsonl"
+    _v1_ledger(old)
+    v1 = audit_ledger(old)
+    assert v1.client("old").releases[0].randomness == "unrecorded" and not v1.certified
+    assert v1.client("old").epsilon == pytest.approx(compute_epsilon([A], 1e-5, "rdp"))
+    capsys.readouterr()
+    assert cli_main(["audit", str(old), "--json"]) == 3
+    assert json.loads(capsys.readouterr().out)["certified"] is False
+
+
+def test_an_empty_ledger_is_an_error_not_chain_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    assert cli_main(["audit", str(empty)]) == 2
+    assert "empty ledger" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [b"hello\n", b"hello", b'{"a": 1}\n', b"[1, 2]\n"])
+def test_a_file_that_is_not_a_ledger_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                              content: bytes) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_bytes(content)
+    assert cli_main(["audit", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "not a secfedtl ledger" in err and "TAMPERED" not in err

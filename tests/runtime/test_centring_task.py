@@ -14,6 +14,7 @@ from secfedtl.runtime.centring import FeatureMeanTask, secure_feature_mean
 from secfedtl.runtime.federation import Federation
 from secfedtl.runtime.node import ClientNode
 from secfedtl.runtime.pool import LocalPool
+from secfedtl.runtime.roster import Roster
 from secfedtl.transfer.centring import MeanMechanism
 
 DELTA = 1e-5
@@ -22,12 +23,13 @@ DELTA = 1e-5
 def _federation(tmp_path, parts, mechanism, *, epsilon=1.0):
     ledger = Ledger(tmp_path / "ledger.jsonl")
     nodes = {}
+    roster, keys = Roster.generate([f"c{k}" for k in range(len(parts))])
     for k, x in enumerate(parts):
         name = f"c{k}"
         guard = BudgetGuard(client=name, budget=PrivacyBudget(epsilon=epsilon, delta=DELTA), ledger=ledger)
         task = FeatureMeanTask(features=x, mechanism=mechanism, guard=guard)
-        nodes[name] = ClientNode(name=name, tasks={"mean": task}, seed=k)
-    server = Federation(pool=LocalPool(nodes), names=["mean"], global_params=np.zeros(1),
+        nodes[name] = ClientNode(name=name, tasks={"mean": task}, seed=k, identity=keys[name], roster=roster)
+    server = Federation(pool=LocalPool(nodes), roster=roster, names=["mean"], global_params=np.zeros(1),
                         optimizer=make_server_optimizer("fedavg", server_lr=1.0), bits=32, max_samples=1000, seed=0)
     return server, ledger
 
@@ -57,16 +59,18 @@ def test_a_request_for_another_mechanism_is_refused_before_spending(tmp_path):
     rng = np.random.default_rng(1)
     mech = MeanMechanism(dim=3, noise_multiplier=5.0)
     guard = BudgetGuard(client="a", budget=PrivacyBudget(epsilon=1.0, delta=DELTA), ledger=Ledger(tmp_path / "l.jsonl"))
+    roster, keys = Roster.generate(["a", "b", "c"])
     node = ClientNode(name="a", tasks={"mean": FeatureMeanTask(features=_unit_rows(rng, 10, np.ones(3)),
-                                                               mechanism=mech, guard=guard)})
+                                                               mechanism=mech, guard=guard)},
+                      identity=keys["a"], roster=roster)
     encoding = {"clip": 2000.0, "bits": 32, "num_clients": 3, "max_weight": 1}
     cheaper = {**mech.options(), "noise_multiplier": 0.5}
-    for options in ({"mechanism": cheaper, "encoding": encoding}, {"encoding": encoding}):
-        request = wire.TaskRequest.with_weights(round=0, task="mean", weights=np.zeros(0), options=options)
+    for round, options in enumerate(({"mechanism": cheaper, "encoding": encoding}, {"encoding": encoding})):
+        request = wire.TaskRequest.with_weights(round=round, task="mean", weights=np.zeros(0), options=options)
         [reply] = node.handle(wire.encode(request))
         assert wire.decode(reply).status == "failed"
     assert guard.budget.events == ()
-    request = wire.TaskRequest.with_weights(round=0, task="mean", weights=np.zeros(0),
+    request = wire.TaskRequest.with_weights(round=2, task="mean", weights=np.zeros(0),
                                             options={"mechanism": mech.options(), "encoding": encoding})
     [reply] = node.handle(wire.encode(request))
     assert wire.decode(reply).status == "ready"

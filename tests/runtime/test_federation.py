@@ -32,6 +32,7 @@ from secfedtl.runtime.job import (
     run_job,
 )
 from secfedtl.runtime.pool import LocalPool, ProcessPool
+from secfedtl.runtime.roster import Roster
 from secfedtl.secagg import codec
 from secfedtl.secagg import messages as m
 from secfedtl.training import flatten_delta
@@ -153,17 +154,21 @@ def test_ledger_audit_matches_metrics_and_a_dropout_does_not_stop_the_run(tmp_pa
 def test_round_completes_when_enough_clients_survive(tmp_path):
     config = small_config()
     source = build_source(config)
-    hospitals = {n: build_client_node(config, n, source, open_hospital_state(config, n, source.centres, tmp_path))
+    twins = {"hungary-2": "hungary", "va-2": "va"}
+    roster, keys = Roster.generate([*config["job"]["clients"], *twins])
+    hospitals = {n: build_client_node(config, n, source, open_hospital_state(config, n, source.centres, tmp_path),
+                                      identity=keys[n], roster=roster)
                  for n in config["job"]["clients"]}
     nodes = {n: h.node for n, h in hospitals.items()}
     # Four-client cohorts tolerate one dropout: a second node for two hospitals, under other names.
-    for twin, original in (("hungary-2", "hungary"), ("va-2", "va")):
+    for twin, original in twins.items():
         clone = build_client_node(config, original, source,
-                                  open_hospital_state(config, original, source.centres, tmp_path / twin))
+                                  open_hospital_state(config, original, source.centres, tmp_path / twin),
+                                  identity=keys[twin], roster=roster)
         clone.node.name = twin
         nodes[twin] = clone.node
     nodes["switzerland"].faults = {0: "mask"}
-    federation = build_server(config, source, LocalPool(nodes))
+    federation = build_server(config, source, LocalPool(nodes), roster)
     report = federation.run_round()
     assert report.status == "ok", report.reason
     assert "switzerland" in report.dropped and "switzerland" not in report.included
@@ -181,12 +186,14 @@ def test_worker_processes_give_the_same_round_as_in_process(tmp_path):
         source = build_source(config)
         out.mkdir()
         nodes, hospitals = {}, {}
+        roster, keys = Roster.generate(config["job"]["clients"])
         for n in config["job"]["clients"]:
-            hospitals[n] = build_client_node(config, n, source, open_hospital_state(config, n, source.centres, out))
+            hospitals[n] = build_client_node(config, n, source, open_hospital_state(config, n, source.centres, out),
+                                             identity=keys[n], roster=roster)
             nodes[n] = hospitals[n].node
         pool = ProcessPool(nodes, workers=workers) if workers else LocalPool(nodes)
         try:
-            federation = build_server(config, source, pool)
+            federation = build_server(config, source, pool, roster)
             report = federation.run_round()
             evaluated = federation.query("evaluate")
         finally:
@@ -217,12 +224,13 @@ def test_metrics_and_audit_agree(tmp_path):
 
 
 def test_personalised_pooled_accuracy_is_over_the_same_test_rows(tmp_path):
-    from secfedtl.data import load_fed_heart_disease
+    from secfedtl.runtime.job import build_centres
 
-    metrics = run_job(small_config(privacy__personalise=True, job__rounds=1), tmp_path / "p", progress=False)
+    config = small_config(privacy__personalise=True, job__rounds=1)
+    metrics = run_job(config, tmp_path / "p", progress=False)
     final = metrics["simulation_only"]["final"]
     assert set(metrics["server"]["personalisation"].values()) == {"done"}
-    sizes = {n: len(c.y_test) for n, c in load_fed_heart_disease().items() if n in final["personalised_test_accuracy"]}
+    sizes = {n: len(c.y_test) for n, c in build_centres(config).items() if n in final["personalised_test_accuracy"]}
     correct = sum(round(final["personalised_test_accuracy"][n] * k) for n, k in sizes.items())
     assert final["personalised_pooled_test_accuracy"] == pytest.approx(correct / sum(sizes.values()))
     assert len(sizes) == 3
@@ -273,3 +281,19 @@ def test_resume_after_kill_counts_everything(tmp_path):
         events = [event_from_dict({k: e[k] for k in ("mechanism", "sample_rate", "noise_multiplier", "steps")})
                   for e in begun if e["client"] == name]
         assert eps == pytest.approx(compute_epsilon(events, metrics["delta"]), rel=1e-9)
+
+
+def test_a_config_round_trips_through_its_toml(tmp_path):
+    config = small_config(job__rounds=4)
+    path = tmp_path / "job.toml"
+    path.write_text(config.to_toml(), encoding="utf-8")
+    assert JobConfig.load(path).to_dict() == config.to_dict()
+
+
+def test_a_missing_job_file_is_one_clear_error(tmp_path, capsys):
+    from secfedtl.cli import main as cli_main
+
+    assert cli_main(["run", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read job file" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()

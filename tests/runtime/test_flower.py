@@ -2,8 +2,10 @@
 
 A ``flower-superlink`` and one ``flower-supernode`` per node (insecure mode: loopback only), one
 secfedtl node agent per node, ``flwr run`` of secfedtl's Flower app. Three rounds with DP-SGD and
-secure aggregation; the DP noise is seeded (``insecure_reproducible_noise``) so the run can be
-compared with the in-process runner. In the third round, once the server has started its
+secure aggregation; DP sampling and noise are seeded (``insecure_reproducible``, test only) so
+the run can be compared with the in-process runner. The server records its whole view
+(``record-view``) and every message in it is checked: a masked payload, key material, or a
+data-free status (:mod:`secfedtl.testing.server_view`). In the third round, once the server has started its
 ``share`` phase, one SuperNode is killed: the round must complete without it, counting it as a
 dropout. Every process is started here and killed here by its process id.
 
@@ -29,10 +31,17 @@ import pytest
 pytest.importorskip("flwr")
 
 from secfedtl.privacy.audit import audit_ledger  # noqa: E402
-from secfedtl.privacy.ledger import Ledger  # noqa: E402
 from secfedtl.runtime.deploy import APP_PYPROJECT, LocalFlower, read_status, wait_for, wait_for_server  # noqa: E402
-from secfedtl.runtime.job import JobConfig, build_client_node, build_server, build_source  # noqa: E402
+from secfedtl.runtime.job import (  # noqa: E402
+    JobConfig,
+    build_client_node,
+    build_server,
+    build_source,
+    open_hospital_state,
+)
+from secfedtl.runtime.roster import Roster  # noqa: E402
 from secfedtl.runtime.pool import LocalPool  # noqa: E402
+from secfedtl.testing.server_view import classify, read_recorded_view  # noqa: E402
 
 pytestmark = pytest.mark.flower
 
@@ -61,18 +70,13 @@ def _config() -> dict:
     data["job"]["rounds"] = ROUNDS
     data["privacy"]["personalise"] = False
     data["privacy"]["secure_mode"] = False
-    data["privacy"]["insecure_reproducible_noise"] = True
+    data["privacy"]["insecure_reproducible"] = True
     data["model"]["source_epochs"] = 100
     return data
 
 
 def _write_toml(data: dict, path: Path) -> None:
-    lines = []
-    for section, values in data.items():
-        lines.append(f"[{section}]")
-        for key, value in values.items():
-            lines.append(f"{key} = {json.dumps(value)}")
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    path.write_text(JobConfig.from_mapping(data).to_toml(), encoding="utf-8")
 
 
 def _started(progress: Path, phase: str, occurrence: int) -> bool:
@@ -85,17 +89,21 @@ def _started(progress: Path, phase: str, occurrence: int) -> bool:
 def _in_process(config: JobConfig, out: Path) -> list[dict]:
     """The same four nodes in process (LocalPool), the same seeds: the reference rounds."""
     source = build_source(config)
-    ledger = Ledger(out / "ledger.jsonl")
-    nodes = {n: build_client_node(config, n, source, ledger, out / "budgets").node for n in config["job"]["clients"]}
-    twin = build_client_node(config, "hungary", source, Ledger(out / "twin.jsonl"), out / "twin-budgets").node
+    roster, keys = Roster.generate([*config["job"]["clients"], TWIN])
+    nodes = {n: build_client_node(config, n, source, open_hospital_state(config, n, source.centres, out),
+                                  identity=keys[n], roster=roster).node
+             for n in config["job"]["clients"]}
+    twin = build_client_node(config, "hungary", source,
+                             open_hospital_state(config, "hungary", source.centres, out / "twin"),
+                             identity=keys[TWIN], roster=roster).node
     twin.name = TWIN
     nodes[TWIN] = twin
-    federation = build_server(config, source, LocalPool(nodes))
+    federation = build_server(config, source, LocalPool(nodes), roster)
     federation.run(ROUNDS)
     return [r.to_dict() for r in federation.history]
 
 
-@pytest.mark.filterwarnings("ignore:privacy.insecure_reproducible_noise")
+@pytest.mark.filterwarnings("ignore:privacy.insecure_reproducible")
 def test_heart_job_on_flower_matches_in_process_and_survives_a_killed_supernode(tmp_path: Path) -> None:
     data = _config()
     job = tmp_path / "job.toml"
@@ -114,7 +122,8 @@ def test_heart_job_on_flower_matches_in_process_and_survives_a_killed_supernode(
         fl.start_superlink()
         for n in nodes:
             fl.start_supernode(n)
-        fl.run({"job": str(job), "out": str(server_out), "phase-timeout": PHASE_TIMEOUT, "poll-interval": 0.1})
+        fl.run({"job": str(job), "out": str(server_out), "phase-timeout": PHASE_TIMEOUT, "poll-interval": 0.1,
+                "record-view": True})
         # Round KILL_ROUND's share phase has begun: kill that hospital's SuperNode (by its pid).
         wait_for(lambda: _started(server_out / "progress.jsonl", "share", KILL_ROUND + 1) or
                  read_status(server_out).get("state") == "failed",
@@ -124,7 +133,13 @@ def test_heart_job_on_flower_matches_in_process_and_survives_a_killed_supernode(
         wait_for_server(server_out, timeout=1500)
         flower = json.loads((server_out / "metrics.json").read_text(encoding="utf-8"))
 
-    rows = flower["rounds"]
+    rows = flower["server"]["rounds"]
+    assert "simulation_only" not in flower  # the Flower server has no hospital's data
+    # Everything the server received over Flower: masked payloads, key material, data-free statuses.
+    view = read_recorded_view(server_out / "server_view.jsonl")
+    kinds = [classify(blob)[0] for _, _, blob in view]
+    assert kinds.count("masked") >= 3 * ROUNDS and set(kinds) <= {"status", "keys", "boxes", "masked", "signature",
+                                                                   "unmask"}
     assert [r["status"] for r in rows] == ["ok"] * ROUNDS, [r["reason"] for r in rows]
     for r in rows[:KILL_ROUND]:
         assert sorted(r["included"]) == sorted(nodes) and r["dropped"] == [] and r["silent"] == {}
@@ -144,23 +159,23 @@ def test_heart_job_on_flower_matches_in_process_and_survives_a_killed_supernode(
 
     # Each node's own ledger: the chain verifies, and it spent what the in-process run spent (the
     # killed hospital trained in its last round before it was killed: that charge stays).
-    ref_audit = audit_ledger(tmp_path / "in-process" / "ledger.jsonl")
     for n in nodes:
         hospital = "hungary" if n == TWIN else n
-        audit = audit_ledger(tmp_path / "hospitals" / n / "ledger.jsonl")
+        ref_audit = audit_ledger(tmp_path / "in-process" / ("twin" if n == TWIN else "") / hospital / "ledger.jsonl")
+        audit = audit_ledger(tmp_path / "hospitals" / n / "privacy" / hospital / "ledger.jsonl")
         assert [c.client for c in audit.clients] == [hospital]
         mine = audit.client(hospital)
         assert mine.rounds == ROUNDS and mine.pending == 0
         assert mine.epsilon == pytest.approx(ref_audit.client(hospital).epsilon)
         assert mine.epsilon <= config["privacy"]["epsilon"] + 1e-9
-    assert np.isfinite(flower["final"]["pooled_test_accuracy"])
+        assert not audit.certified  # seeded sampling and noise: never certified
 
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-m", "flower", "-q"]))
 
 
-@pytest.mark.filterwarnings("ignore:privacy.insecure_reproducible_noise")
+@pytest.mark.filterwarnings("ignore:privacy.insecure_reproducible")
 def test_the_same_job_on_flowers_simulation_engine_gives_the_in_process_weights(tmp_path: Path) -> None:
     pytest.importorskip("ray")
     from secfedtl.aggregation.optimizers import decode_vector
@@ -174,13 +189,14 @@ def test_the_same_job_on_flowers_simulation_engine_gives_the_in_process_weights(
     config = JobConfig.from_mapping(data)
     simulated = run_local(job, tmp_path / "sim", simulation=True, phase_timeout=PHASE_TIMEOUT, timeout=900)
     reference = run_job(config, tmp_path / "in-process", progress=False)
-    assert [r["status"] for r in simulated["rounds"]] == ["ok", "ok"]
-    assert [r["model_hash"] for r in simulated["rounds"]] == [r["model_hash"] for r in reference["rounds"]]
+    assert [r["status"] for r in simulated["server"]["rounds"]] == ["ok", "ok"]
+    assert [r["model_hash"] for r in simulated["server"]["rounds"]] == [
+        r["model_hash"] for r in reference["server"]["rounds"]]
     final = {}
     for name in ("sim/server", "in-process"):
         checkpoint = json.loads((tmp_path / name / "checkpoint.json").read_text(encoding="utf-8"))
         final[name] = decode_vector(checkpoint["global_params"])
     np.testing.assert_array_equal(final["sim/server"], final["in-process"])
     for h in config["job"]["clients"]:
-        audit = audit_ledger(tmp_path / "sim" / "hospitals" / h / "ledger.jsonl")
+        audit = audit_ledger(tmp_path / "sim" / "hospitals" / h / "privacy" / h / "ledger.jsonl")
         assert audit.client(h).rounds == 2 and audit.client(h).pending == 0

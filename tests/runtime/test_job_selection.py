@@ -23,6 +23,7 @@ from secfedtl.runtime.job import (
     selection_mechanism,
     selection_options,
 )
+from secfedtl.runtime.roster import Roster
 from secfedtl.transfer.models import state_hash
 
 CANDIDATES = [{"kind": "mlp", "hidden": 8}, {"kind": "linear", "weight_decay": 0.1}]
@@ -148,24 +149,28 @@ def test_planned_prior_events_only_with_selection():
     assert planned_prior_events(cfg) == [selection_mechanism(cfg).event()]
 
 
-def _select_request(cfg: JobConfig, sources, **option_changes) -> bytes:
+def _select_request(cfg: JobConfig, sources, round: int = 0, **option_changes) -> bytes:
     mech = selection_mechanism(cfg)
     options = {"candidates": [state_hash(c.model) for c in sources], "mechanism": selection_options(mech),
                "encoding": {"clip": 5000.0, "bits": 32, "num_clients": 3, "max_weight": 1}, **option_changes}
-    return wire.encode(wire.TaskRequest.with_weights(round=0, task="select", weights=np.zeros(0), options=options))
+    return wire.encode(wire.TaskRequest.with_weights(round=round, task="select", weights=np.zeros(0), options=options))
+
+
+ROSTER, KEYS = Roster.generate(["hungary", "switzerland", "va"])
 
 
 def test_select_node_refuses_other_candidates_or_mechanism_before_spending(tmp_path):
     cfg = config_with(selection())
     candidates = [build_source(cfg, spec) for spec in cfg.source_specs()]
     state = open_hospital_state(cfg, "hungary", candidates[0].centres, tmp_path)
-    node = build_selection_node(cfg, "hungary", candidates, state)
-    for changes in ({"candidates": ["0" * 64, "1" * 64]},
-                    {"mechanism": {**selection_options(selection_mechanism(cfg)), "noise_multiplier": 0.5}}):
-        [reply] = node.handle(_select_request(cfg, candidates, **changes))
+    node = build_selection_node(cfg, "hungary", candidates, state, identity=KEYS["hungary"], roster=ROSTER)
+    for round, changes in enumerate(({"candidates": ["0" * 64, "1" * 64]},
+                                     {"mechanism": {**selection_options(selection_mechanism(cfg)),
+                                                    "noise_multiplier": 0.5}})):
+        [reply] = node.handle(_select_request(cfg, candidates, round, **changes))
         assert wire.decode(reply).status == "failed"
     assert Ledger(tmp_path / "hungary" / "ledger.jsonl").entries == []
-    [reply] = node.handle(_select_request(cfg, candidates))
+    [reply] = node.handle(_select_request(cfg, candidates, 2))
     assert wire.decode(reply).status == "ready"
     assert [e["params"]["task"] for e in Ledger(tmp_path / "hungary" / "ledger.jsonl").entries
             if e["status"] == "pending"] == ["select"]
@@ -174,11 +179,12 @@ def test_select_node_refuses_other_candidates_or_mechanism_before_spending(tmp_p
 def test_select_node_refuses_when_the_budget_is_spent(tmp_path):
     cfg = config_with(selection(epsilon=0.6), **{"privacy__epsilon": 0.7})
     candidates = [build_source(cfg, spec) for spec in cfg.source_specs()]
-    node = build_selection_node(cfg, "va", candidates, open_hospital_state(cfg, "va", candidates[0].centres, tmp_path))
+    node = build_selection_node(cfg, "va", candidates, open_hospital_state(cfg, "va", candidates[0].centres, tmp_path),
+                                identity=KEYS["va"], roster=ROSTER)
     [reply] = node.handle(_select_request(cfg, candidates))
     assert wire.decode(reply).status == "ready"
     before = (tmp_path / "va" / "ledger.jsonl").read_bytes()
-    [reply] = node.handle(_select_request(cfg, candidates))  # a second selection would exceed 0.7
+    [reply] = node.handle(_select_request(cfg, candidates, 1))  # a second selection would exceed 0.7
     assert wire.decode(reply).status == "refused"
     assert wire.decode(reply).info == {"reason": "budget"}  # no projected epsilon or other detail
     assert (tmp_path / "va" / "ledger.jsonl").read_bytes() == before

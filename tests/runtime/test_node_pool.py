@@ -16,8 +16,15 @@ from secfedtl.runtime import wire
 from secfedtl.runtime.federation import Federation
 from secfedtl.runtime.node import ClientNode, TaskOutput
 from secfedtl.runtime.pool import LocalPool, ProcessPool, _pack, _unpack
+from secfedtl.runtime.roster import NodePolicy, Roster
 
 LENGTH = 6
+ROSTER, KEYS = Roster.generate([f"c{i}" for i in range(8)] + ["slow"])
+
+
+def node(name: str, tasks, **kw) -> ClientNode:
+    return ClientNode(name=name, tasks=tasks, identity=KEYS[name], roster=ROSTER, policy=NodePolicy(min_parties=3),
+                      **kw)
 
 
 class Fixed:
@@ -40,13 +47,13 @@ class Fixed:
 def make_nodes(n: int = 4, **task_kw) -> tuple[dict[str, ClientNode], dict[str, Fixed]]:
     rng = np.random.default_rng(0)
     tasks = {f"c{i}": Fixed(rng.uniform(-1, 1, LENGTH), int(rng.integers(1, 50)), **task_kw) for i in range(n)}
-    nodes = {name: ClientNode(name=name, tasks={"train": t, "evaluate": t}, seed=i)
+    nodes = {name: node(name, {"train": t, "evaluate": t}, seed=i)
              for i, (name, t) in enumerate(tasks.items())}
     return nodes, tasks
 
 
 def federation(pool) -> Federation:
-    return Federation(pool=pool, names=["w"], global_params=np.zeros(LENGTH),
+    return Federation(pool=pool, roster=ROSTER, names=["w"], global_params=np.zeros(LENGTH),
                       optimizer=make_server_optimizer("fedavg", server_lr=1.0), clip=1.0, max_samples=100)
 
 
@@ -90,7 +97,7 @@ def test_a_client_shown_another_model_cannot_join_the_round():
 def test_refused_failed_and_unknown_tasks():
     nodes, tasks = make_nodes(4)
     tasks["c1"].refuse = True
-    nodes["c2"] = ClientNode(name="c2", tasks={"other": tasks["c2"]})
+    nodes["c2"] = node("c2", {"other": tasks["c2"]})
     out = secure(federation(LocalPool(nodes)))
     assert out.refused == ("c1",)
     assert out.status == "failed" and "2 clients ready" in out.reason
@@ -119,38 +126,39 @@ def test_refusal_and_failure_replies_carry_no_details():
 
 def test_node_refuses_out_of_turn_and_mismatched_sessions():
     nodes, _ = make_nodes(3)
-    node = nodes["c0"]
+    c0 = nodes["c0"]
     with pytest.raises(RemoteProtocolError):
-        node.handle(wire.encode(wire.SecAggFrame(round=0, data=b"x")))
+        c0.handle(wire.encode(wire.SecAggFrame(round=0, data=b"x")))
     fed = federation(LocalPool(nodes))
     request = wire.TaskRequest.with_weights(round=0, task="train", weights=np.zeros(LENGTH), options={
         **fed.task_options(), "encoding": {"clip": 1.0, "bits": 32, "num_clients": 3, "max_weight": 100}})
-    [reply] = node.handle(wire.encode(request))
+    [reply] = c0.handle(wire.encode(request))
     assert wire.decode(reply).status == "ready"
     from secfedtl.secagg.config import SecAggConfig
     from secfedtl.secagg.session import SessionParams
 
     def join(**over):
-        cfg = dict(num_clients=3, threshold=2, clip=1.0, bits=32, max_weight=100)
+        cfg = dict(num_clients=3, threshold=2, clip=1.0, bits=32, max_weight=100, authenticated=True)
         context = over.pop("context", bytes.fromhex(wire.request_digest(request)))
         length = over.pop("vector_length", LENGTH + 1)
         cfg.update(over)
         params = SessionParams(config=SecAggConfig(**cfg), session_id=os.urandom(16), round=0,
                                vector_length=length, context=context)
-        return wire.encode(wire.Join(round=0, index=0, session=params))
+        parties = tuple(KEYS[f"c{i}"].public for i in range(3))
+        return wire.encode(wire.Join(round=0, index=0, session=params, parties=parties))
 
     for bad in (join(context=b"\0" * 32), join(clip=2.0), join(max_weight=50), join(vector_length=LENGTH)):
         with pytest.raises(RemoteProtocolError):
-            node.handle(bad)
-    [advert] = node.handle(join())
+            c0.handle(bad)
+    [advert] = c0.handle(join())
     assert isinstance(wire.decode(advert), wire.SecAggFrame)
     with pytest.raises(RemoteProtocolError):
-        node.handle(join())  # a second join in the same round
+        c0.handle(join())  # a second join in the same round
 
 
 def test_bad_fault_names_are_refused():
     with pytest.raises(ConfigError):
-        ClientNode(name="x", tasks={"train": Fixed(np.zeros(2), 1)}, faults={0: "later"})
+        node("c0", {"train": Fixed(np.zeros(2), 1)}, faults={0: "later"})
 
 
 def test_worker_batches_round_trip_and_reject_junk():
@@ -177,8 +185,7 @@ def test_process_pool_parallel_round_and_a_killed_worker_makes_its_clients_silen
 
 def test_process_pool_timeout_silences_a_slow_worker_and_drops_its_late_answer():
     nodes, _ = make_nodes(3)
-    slow = ClientNode(name="slow", tasks={"train": Fixed(np.zeros(LENGTH), 1, sleep=1.5),
-                                          "evaluate": Fixed(np.zeros(LENGTH), 1)})
+    slow = node("slow", {"train": Fixed(np.zeros(LENGTH), 1, sleep=1.5), "evaluate": Fixed(np.zeros(LENGTH), 1)})
     nodes["slow"] = slow
     with ProcessPool(nodes, workers=4, timeout=0.5) as pool:
         fed = federation(pool)

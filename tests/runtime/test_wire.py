@@ -15,9 +15,13 @@ from secfedtl.secagg.config import SecAggConfig
 from secfedtl.secagg.session import SessionParams
 
 
-def session(round: int = 3) -> SessionParams:
-    cfg = SecAggConfig(num_clients=5, threshold=3, neighbors=4, clip=0.5, bits=32, max_weight=100)
+def session(round: int = 3, authenticated: bool = True) -> SessionParams:
+    cfg = SecAggConfig(num_clients=5, threshold=3, neighbors=4, clip=0.5, bits=32, max_weight=100,
+                       authenticated=authenticated)
     return SessionParams(config=cfg, session_id=os.urandom(16), round=round, vector_length=11, context=os.urandom(32))
+
+
+PARTIES = tuple(os.urandom(32) for _ in range(5))
 
 
 MESSAGES = [
@@ -26,7 +30,7 @@ MESSAGES = [
     wire.TaskRequest(round=0, task="evaluate"),
     wire.TaskReply(round=3, status="ready", info={"train_seconds": 0.25}),
     wire.TaskReply(round=3, status="refused", info={"reason": "budget"}),
-    wire.Join(round=3, index=4, session=session()),
+    wire.Join(round=3, index=4, session=session(), parties=PARTIES),
     wire.SecAggFrame(round=3, data=b"\x01\x02\x03"),
 ]
 
@@ -41,6 +45,7 @@ def test_round_trip(message):
             assert getattr(back.session.config, name) == getattr(message.session.config, name)
         assert back.session.session_id == message.session.session_id
         assert back.session.config.encoding.scale == message.session.config.encoding.scale
+        assert back.session.config.authenticated and back.parties == message.parties and back.index == message.index
     else:
         assert back == message
 
@@ -63,8 +68,12 @@ def test_requests_are_canonical_and_the_digest_sees_every_field():
     lambda: wire.TaskRequest(round=0, task="train", options={"x": float("nan")}),
     lambda: wire.TaskRequest.with_weights(round=0, task="train", weights=np.array([1.0, np.inf])),
     lambda: wire.TaskReply(round=0, status="maybe"),
-    lambda: wire.Join(round=2, index=0, session=session(round=3)),
-    lambda: wire.Join(round=3, index=5, session=session()),
+    lambda: wire.Join(round=2, index=0, session=session(round=3), parties=PARTIES),
+    lambda: wire.Join(round=3, index=5, session=session(), parties=PARTIES),
+    lambda: wire.Join(round=3, index=0, session=session(authenticated=False), parties=PARTIES),
+    lambda: wire.Join(round=3, index=0, session=session(), parties=PARTIES[:4]),
+    lambda: wire.Join(round=3, index=0, session=session(), parties=(PARTIES[0],) * 5),
+    lambda: wire.Join(round=3, index=0, session=session(), parties=PARTIES[:4] + (b"short",)),
     lambda: wire.SecAggFrame(round=0, data=b""),
 ])
 def test_invalid_messages_are_refused_when_built(build):
@@ -100,6 +109,20 @@ def test_bad_bytes_raise_decode_error(mutate):
         assert wire.encode(wire.decode(blob)) == blob
 
 
+def test_unauthenticated_and_retired_joins_are_refused():
+    blob = wire.encode(MESSAGES[4])
+    unauthenticated = blob.replace(b'"authenticated":true', b'"authenticated":false', 1)
+    with pytest.raises(DecodeError, match="unauthenticated"):
+        wire.decode(fix_length(unauthenticated))
+    with pytest.raises(DecodeError, match="retired"):
+        wire.decode(blob[:5] + bytes([3]) + blob[6:])  # the old kind of Join
+
+
+def fix_length(blob: bytes) -> bytes:
+    head_len = int.from_bytes(blob[6:10], "big") + len(b"false") - len(b"true")
+    return blob[:6] + head_len.to_bytes(4, "big") + blob[10:]
+
+
 def test_size_limit():
     blob = wire.encode(MESSAGES[0])
     with pytest.raises(DecodeError, match="over the limit"):
@@ -115,3 +138,15 @@ def test_fuzz_only_decode_error(noise, which, cut):
             wire.decode(data)
         except DecodeError:
             pass
+
+
+def test_a_join_for_thousands_of_parties_fits_the_header_limit():
+    n = 2000  # the party keys travel in the payload, 32 bytes each, not in the JSON header
+    cfg = SecAggConfig(num_clients=n, threshold=31, neighbors=40, authenticated=True)
+    params = SessionParams(config=cfg, session_id=os.urandom(16), round=1, vector_length=3)
+    join = wire.Join(round=1, index=n - 1, session=params, parties=tuple(os.urandom(32) for _ in range(n)))
+    back = wire.decode(wire.encode(join))
+    assert back.parties == join.parties and back.index == n - 1
+    blob = wire.encode(join)
+    with pytest.raises(DecodeError):  # one key short of the session's size
+        wire.decode(blob[:-32].replace((32 * n).to_bytes(8, "big"), (32 * (n - 1)).to_bytes(8, "big")))

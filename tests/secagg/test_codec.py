@@ -130,6 +130,23 @@ def test_bad_magic_huge_counts_and_limits():
             codec.decode(not_bytes)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("tag, prefix", [
+    (6, struct.pack(">I", 16) + bytes(16) + struct.pack(">QI", 0, 0)),  # SurvivorList: survivors
+    (3, struct.pack(">I", 16) + bytes(16) + struct.pack(">QI", 0, 0)),  # EncryptedShares: ciphertexts
+    (2, struct.pack(">I", 16) + bytes(16) + struct.pack(">QI", 0, 0)),  # KeyDirectory: peers
+])
+def test_a_list_longer_than_any_session_is_refused_before_it_is_read(tag, prefix):
+    """Counts are bounded by MAX_ITEMS (one item per party of a session), not only by the bytes
+    left: a message as long as MAX_ITEMS + 1 items would need is still refused."""
+    count = codec.MAX_ITEMS + 1
+    blob = codec.MAGIC + bytes((1, tag)) + prefix + struct.pack(">I", count) + bytes(8 * count)
+    with pytest.raises(DecodeError, match="limit"):
+        codec.decode(blob)
+    ids = tuple(range(codec.MAX_ITEMS))  # the largest list decodes
+    full = codec.encode(m.SurvivorList(session_id=bytes(16), round=0, recipient=0, survivors=ids))
+    assert codec.decode(full).survivors == ids
+
+
 def test_values_the_constructor_refuses_become_decode_errors():
     # unsorted survivor ids and a round above 2**63 - 1 are well-formed bytes but invalid messages
     body = struct.pack(">I", 16) + bytes(16) + struct.pack(">QI", 0, 0) + struct.pack(">III", 2, 5, 3)

@@ -8,7 +8,7 @@ import pytest
 
 from secfedtl.errors import ConfigError, SecFedTLError
 from secfedtl.secagg import SecAggConfig
-from secfedtl.secagg.config import failure_probabilities
+from secfedtl.secagg.config import failure_probabilities, tolerated_colluders
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -64,6 +64,7 @@ def test_recommended_meets_its_bounds(n):
     k, t = cfg.degree, cfg.threshold
     assert cfg.num_clients == n and cfg.clip == 2.0
     assert k / 2 < t <= k
+    assert cfg.tolerated_colluders == 2 * t - k - 1 >= math.floor(0.05 * n)  # active server, c colluders
     priv, corr = failure_probabilities(num_clients=n, degree=k, threshold=t, dropout_rate=0.05,
                                        corrupt_fraction=0.05)
     if cfg.full_graph:  # worst-case counts instead of probabilities
@@ -72,15 +73,16 @@ def test_recommended_meets_its_bounds(n):
         assert priv <= 2.0**-40 and corr <= 2.0**-20
 
 
-def test_recommended_degree_grows_slowly():
-    k100 = SecAggConfig.recommended(num_clients=100).degree
-    k1000 = SecAggConfig.recommended(num_clients=1000).degree
+def test_recommended_degree_grows_slowly_without_colluders():
+    # O(log n) only with a fixed number of colluders; floor(gamma * n) colluders need k ~ 2 gamma n
+    k100 = SecAggConfig.recommended(num_clients=100, colluders=0).degree
+    k1000 = SecAggConfig.recommended(num_clients=1000, colluders=0).degree
     assert k1000 <= 2 * k100
     assert k1000 < 1000 // 4
 
 
 def test_recommended_is_minimal():
-    cfg = SecAggConfig.recommended(num_clients=1000)
+    cfg = SecAggConfig.recommended(num_clients=1000, colluders=0)
     k, t = cfg.degree, cfg.threshold
     # a smaller threshold breaks privacy, or a smaller even degree meets nothing
     priv, _ = failure_probabilities(num_clients=1000, degree=k, threshold=t - 1, dropout_rate=0.05,
@@ -93,8 +95,26 @@ def test_recommended_is_minimal():
     assert not ok
 
 
+@pytest.mark.parametrize(("n", "c"), [(20, 1), (100, 5), (100, 0), (1000, 50), (50, 10)])
+def test_recommended_tolerates_the_declared_colluders_with_the_smallest_threshold(n, c):
+    cfg = SecAggConfig.recommended(num_clients=n, colluders=c)
+    k, t = cfg.degree, cfg.threshold
+    assert cfg.tolerated_colluders >= c
+    # one less and the split-view attack (docs/protocol.md) has enough honest neighbours
+    assert t - 1 <= k // 2 or tolerated_colluders(degree=k, threshold=t - 1) < c or \
+        failure_probabilities(num_clients=n, degree=k, threshold=t - 1, dropout_rate=0.05,
+                              corrupt_fraction=0.05)[0] > 2.0**-40
+
+
+def test_the_issue_parameters_tolerate_what_the_attack_needed():
+    # the old rule's n=20 (k=19, t=10) fell to 1 colluder, n=100 (k=28, t=17) to 6 (issue 11)
+    assert tolerated_colluders(degree=19, threshold=10) == 0
+    assert tolerated_colluders(degree=28, threshold=17) == 5
+    assert SecAggConfig.recommended(num_clients=20).tolerated_colluders >= 1
+
+
 @pytest.mark.parametrize("kwargs", [
-    dict(num_clients=100, dropout_rate=1.0), dict(num_clients=100, corrupt_fraction=0.5),
+    dict(num_clients=100, dropout_rate=1.0), dict(num_clients=100, colluders=99), dict(num_clients=20, colluders=17), dict(num_clients=100, corrupt_fraction=0.5),
     dict(num_clients=100, dropout_rate=0.3, corrupt_fraction=0.3), dict(num_clients=2),
 ])
 def test_recommended_refuses_impossible_requests(kwargs):

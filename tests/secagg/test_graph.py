@@ -8,7 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from secfedtl.errors import ConfigError
-from secfedtl.secagg.graph import neighbour_sets, ring_order
+from secfedtl.secagg.config import MAX_CLIENTS, SecAggConfig
+from secfedtl.secagg.graph import NeighbourGraph, neighbour_sets, ring_order
+from secfedtl.secagg.session import SessionParams
 
 
 @st.composite
@@ -77,3 +79,32 @@ def test_sparse_graph_is_connected_after_removing_fewer_than_k():
 def test_impossible_graphs_raise(n, k):
     with pytest.raises(ConfigError):
         neighbour_sets(n, k, bytes(16))
+
+
+@settings(max_examples=40, deadline=None)
+@given(graphs(), st.data())
+def test_the_lazy_graph_answers_like_the_whole_graph_in_any_order(g, data):
+    n, k, seed = g
+    whole = neighbour_sets(n, k, seed)
+    lazy = NeighbourGraph(n, k, seed)
+    for u in data.draw(st.permutations(range(n))):
+        assert lazy[u] == whole[u]
+    assert tuple(lazy) == whole and len(lazy) == n and lazy == NeighbourGraph(n, k, seed)
+    for bad in (-1, n, True, "0"):
+        with pytest.raises(IndexError):
+            lazy[bad]  # type: ignore[index]
+
+
+@pytest.mark.parametrize("neighbors", [None, 34])
+def test_describing_the_largest_session_builds_no_graph(neighbors):
+    """A session's parameters (what a decoder builds from a Join) hold no n-sized structure until
+    a party asks for its own neighbours, and then only that party's."""
+    cfg = SecAggConfig(num_clients=MAX_CLIENTS, threshold=MAX_CLIENTS // 2 + 1 if neighbors is None else 20,
+                       neighbors=neighbors, bits=64)
+    params = SessionParams(config=cfg, session_id=bytes(16), round=0, vector_length=1)
+    graph = params.neighbours
+    assert graph._cache == {} and graph._order is None  # noqa: SLF001 - nothing built yet
+    assert len(graph[7]) == cfg.degree and 7 not in graph[7]
+    assert list(graph._cache) == [7]  # noqa: SLF001 - one party's set, not n of them
+    with pytest.raises(ConfigError):
+        SecAggConfig(num_clients=MAX_CLIENTS + 1, threshold=MAX_CLIENTS // 2 + 1, bits=64)
