@@ -202,8 +202,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                       max_grad_norm=args.max_grad_norm, epochs=args.epochs,
                                       target_epsilon=args.epsilon, target_delta=DELTA, planned_rounds=args.rounds,
                                       device="auto", accountant=ACCOUNTANT, public_dataset_size=declared[name])
-            sigma = calibrated_noise(target, rounds=args.rounds, prior=states[name].events_before(job_id),
-                                     client=name, state=states[name])
+            earlier = states[name].events_before(job_id)
+            if earlier:
+                print(f"{name}: its privacy state already spent epsilon "
+                      f"{compute_epsilon(earlier, DELTA, accountant=ACCOUNTANT):.3f} of {args.epsilon:g} in earlier jobs; "
+                      "this job's noise is calibrated for what is left", file=sys.stderr)
+            sigma = calibrated_noise(target, rounds=args.rounds, prior=earlier, client=name, state=states[name])
             config = DPTrainingConfig(lr=args.lr, expected_batch_size=args.batch_size, max_grad_norm=args.max_grad_norm,
                                       epochs=args.epochs, noise_multiplier=sigma, device="auto",
                                       accountant=ACCOUNTANT, public_dataset_size=declared[name])
