@@ -190,7 +190,7 @@ def test_the_server_never_hears_an_evaluation(tmp_path: Path) -> None:
     clients, states = {}, []
     for k in range(3):
         state = PrivacyState.open(tmp_path / f"c{k}", client=f"c{k}", epsilon=3.0, delta=1e-5, accountant="rdp",
-                                  fingerprint="0" * 64)
+                                  fingerprint=f"{k:064d}")  # three clients, three datasets
         states.append(state)
         config = DPTrainingConfig(lr=1.0, expected_batch_size=8, max_grad_norm=1.0, epochs=1, noise_multiplier=5.0,
                                   device="cpu", public_dataset_size=40)
