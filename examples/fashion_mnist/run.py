@@ -5,11 +5,19 @@ Set up with ``examples/fashion_mnist/setup.sh``, then from the repository root:
 
     .venv/bin/python examples/fashion_mnist/run.py --out runs/fashion_mnist
 
-Each client caches the frozen source layers' output once, trains a new linear head with DP-SGD
-(its own budget, charged to the hash-chained ledger before every round), and the server sees only
-the securely aggregated sum of the clients' updates (FedAvg with server momentum 0.5). Writes ``metrics.json``,
-``ledger.jsonl`` and ``report.png`` into ``--out``. Every choice of settings was made on the
-clients' validation splits; the test split is only reported.
+Each client caches the frozen source layers' output once and trains a new linear head with
+DP-SGD. Every mechanism parameter is public: each client declares a public record count (its fit
+size rounded to ``--declared-grid``, fixed before training and written into every ledger entry),
+and the sample rate, steps and noise follow from it. Poisson batches and noise come from
+``os.urandom``. Each client's budget is a persistent privacy state (ledger + budget, charged
+before every round); this example keeps the states in a THROWAWAY folder, ``<out>/privacy-state``
+(``--state-dir`` to choose), as ``secfedtl demo`` does. The server sees only the securely
+aggregated sum of the clients' updates (FedAvg with server momentum 0.5) and the round outcomes.
+
+The accuracy in ``metrics.json`` is computed by the experimenter of this simulation (who holds
+every client's data and the test split) outside the protocol, and is labelled ``simulation_only``;
+nothing the clients compute on their data is sent to the server. Writes ``metrics.json`` and
+``report.png`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -17,8 +25,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +43,14 @@ from source_model import FashionNet, load_mnist_cnn, to_inputs  # noqa: E402
 
 from secfedtl.aggregation import make_server_optimizer  # noqa: E402
 from secfedtl.data.fashion_mnist import CLASS_NAMES, client_splits, load_fashion_mnist  # noqa: E402
-from secfedtl.errors import ConfigError  # noqa: E402
-from secfedtl.privacy.accountants import compute_epsilon  # noqa: E402
-from secfedtl.privacy.budget import BudgetGuard, PrivacyBudget  # noqa: E402
-from secfedtl.privacy.ledger import Ledger  # noqa: E402
+from secfedtl.errors import AccountingError, ConfigError  # noqa: E402
+from secfedtl.privacy.accountants import calibrate_noise_multiplier, compute_epsilon  # noqa: E402
+from secfedtl.privacy.audit import audit_ledger  # noqa: E402
+from secfedtl.privacy.budget import BudgetGuard  # noqa: E402
+from secfedtl.privacy.ledger import read_verified_ledger, spent_events  # noqa: E402
+from secfedtl.privacy.state import PrivacyState, data_fingerprint  # noqa: E402
 from secfedtl.runtime.federation import Federation  # noqa: E402
-from secfedtl.runtime.node import ClientNode, standard_tasks  # noqa: E402
+from secfedtl.runtime.node import ClientNode, TrainTask  # noqa: E402
 from secfedtl.runtime.pool import LocalPool  # noqa: E402
 from secfedtl.runtime.report import plot_epsilon_per_round  # noqa: E402
 from secfedtl.runtime.roster import Roster  # noqa: E402
@@ -46,6 +58,7 @@ from secfedtl.training import DPTrainingConfig, PrivateClient, evaluate, flatten
 from secfedtl.transfer import cache_features, split_head, state_hash  # noqa: E402
 
 DELTA = 1e-5
+ACCOUNTANT = "rdp"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,12 +67,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epsilon", type=float, default=3.0, help=f"each client's budget (delta = {DELTA:g})")
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label-skew concentration")
-    p.add_argument("--seed", type=int, default=0, help="partition, validation split and sampling seed (public)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="partition and validation-split seed (public); Poisson batches and DP noise come from os.urandom")
     p.add_argument("--out", type=Path, default=Path("runs/fashion_mnist"))
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="where the clients' privacy states (ledger + budget) live; default: a throwaway "
+                        "<out>/privacy-state. A second run on the same states continues their budgets")
+    p.add_argument("--declared-grid", type=int, default=500,
+                   help="each client declares its fit size rounded to a multiple of this as its public record count "
+                        "(sample rate = batch size / declared count; also its FedAvg weight)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--num-conv", type=int, default=2, choices=(1, 2, 3),
                    help="frozen source conv blocks below the head (2: 64x7x7 = 3136 features)")
-    p.add_argument("--epochs", type=int, default=1, help="local epochs per round")
+    p.add_argument("--epochs", type=int, default=1, help="local epochs per round (of the declared count)")
     p.add_argument("--batch-size", type=int, default=1024, help="expected (Poisson) batch size")
     p.add_argument("--lr", type=float, default=10.0, help="local DP-SGD learning rate")
     p.add_argument("--feature-scale", type=float, default=3.0,
@@ -74,19 +94,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="accept IDX files other than the published release (e.g. your own data in that format)")
     p.add_argument("--weights", type=Path, default=None, help="source weights (default: digit-recognizer-py's)")
     p.add_argument("--no-reference", action="store_true", help="skip the non-private reference head")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.declared_grid < 1:
+        p.error("--declared-grid must be >= 1")
+    return args
 
 
-def make_federation(clients: dict[str, PrivateClient], validation: dict[str, TensorDataset], model: nn.Module, *,
-                    server: str, server_lr: float, server_momentum: float | None, max_samples: int,
-                    seed: int) -> Federation:
-    """The one place this example builds the federation: a node per private client (its ``train``
-    and ``evaluate`` tasks), an in-process pool, and the server (secure aggregation + optimizer).
-    ``clip`` bounds each coordinate of a client's head delta (they stay far below 10 here)."""
+def declared_records(fit_size: int, grid: int) -> int:
+    """The public record count a client declares: its fit size rounded to the nearest multiple of
+    ``grid`` (at least one ``grid``). In this simulation the experimenter plays every client's
+    operator and declares it once, before training; a real operator would declare a round figure
+    it is willing to make public. It need not match the data: it fixes the mechanism."""
+    return max(grid, grid * round(fit_size / grid))
+
+
+def calibrated_noise(config: DPTrainingConfig, *, rounds: int, prior: list[Any], client: str,
+                     state: PrivacyState) -> float:
+    """The noise multiplier for ``rounds`` rounds of ``config`` after what the client's privacy
+    state already spent in other jobs (``prior``), from public values only."""
+    assert config.target_epsilon is not None and config.target_delta is not None
+    try:
+        return calibrate_noise_multiplier(target_epsilon=config.target_epsilon, target_delta=config.target_delta,
+                                          sample_rate=config.sample_rate, steps=rounds * config.local_steps(),
+                                          accountant=config.accountant, prior_events=prior)
+    except AccountingError as exc:
+        spent = compute_epsilon(prior, config.target_delta, accountant=config.accountant) if prior else 0.0
+        raise ConfigError(
+            f"{client}'s privacy state in {state.directory} has already spent epsilon {spent:.3f} of its budget "
+            f"{config.target_epsilon:g} in earlier jobs: no training noise fits what is left ({exc}). A new job "
+            "on the same data continues its budget; use another --out (or --state-dir) for fresh simulated clients"
+        ) from exc
+
+
+def make_federation(clients: dict[str, PrivateClient], model: nn.Module, *, server: str, server_lr: float,
+                    server_momentum: float | None, max_samples: int, seed: int) -> Federation:
+    """The one place this example builds the federation: a node per private client with only its
+    ``train`` task (the server never asks a client to evaluate: accuracy is the simulation's
+    experimenter's, computed outside the protocol), an in-process pool, and the server (secure
+    aggregation + optimizer). ``clip`` bounds each coordinate of a client's head delta (they stay
+    far below 10 here); ``max_samples`` bounds the declared weights."""
     frozen_hash = state_hash(model)  # the public source model; a node refuses a request for another
     roster, keys = Roster.generate(clients)  # one process plays every client: per-run signing keys
-    nodes = {name: ClientNode(name=name, tasks=standard_tasks(client, {"validation": validation[name]},
-                                                              frozen_hash=frozen_hash), seed=seed * 1000 + k,
+    nodes = {name: ClientNode(name=name, tasks={"train": TrainTask(client, frozen_hash=frozen_hash)},
+                              seed=seed * 1000 + k,  # the node's seed drives only the public rounding
                               identity=keys[name], roster=roster)
              for k, (name, client) in enumerate(clients.items())}
     head = next(iter(clients.values())).trainable_state()
@@ -102,7 +152,8 @@ def head_accuracy(head: nn.Module, data: TensorDataset) -> float:
 
 def reference_head(fit: TensorDataset, val: TensorDataset, *, seed: int, max_epochs: int = 15) -> dict[str, Any]:
     """Non-private, centralised linear head on the same features (all clients' fit rows pooled),
-    the epoch count picked on the pooled validation rows."""
+    the epoch count picked on the pooled validation rows (simulation only: no client would hand
+    its rows over)."""
     torch.manual_seed(seed)
     x, y = fit.tensors
     head = nn.Linear(x.shape[1], 10)
@@ -124,8 +175,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.perf_counter()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    if (out / "ledger.jsonl").exists():
-        raise ConfigError(f"{out / 'ledger.jsonl'} exists: a ledger is never overwritten; use another --out")
+    state_dir: Path = args.state_dir if args.state_dir is not None else out / "privacy-state"
+    job_id = "fashion_mnist-" + uuid.uuid4().hex  # public; every ledger entry of this run carries it
     timings: dict[str, float] = {}
     torch.manual_seed(args.seed)
 
@@ -135,28 +186,57 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model = FashionNet(load_mnist_cnn(args.weights), num_conv=args.num_conv, feature_scale=args.feature_scale)
     timings["load"] = time.perf_counter() - t0
 
-    ledger = Ledger(out / "ledger.jsonl")
-    clients: dict[str, PrivateClient] = {}
-    client_validation: dict[str, TensorDataset] = {}
-    guards: dict[str, BudgetGuard] = {}
-    t0 = time.perf_counter()
-    bar = _progress(args.clients, "caching client features", not args.no_progress)
-    for k, split in enumerate(splits):
-        name = f"client{k:02d}"
-        guards[name] = BudgetGuard(client=name, budget=PrivacyBudget(epsilon=args.epsilon, delta=DELTA), ledger=ledger)
-        config = DPTrainingConfig(lr=args.lr, expected_batch_size=args.batch_size, max_grad_norm=args.max_grad_norm,
-                                  epochs=args.epochs, target_epsilon=args.epsilon, target_delta=DELTA,
-                                  planned_rounds=args.rounds, device="auto", seed=args.seed * 1000 + k)
-        train = TensorDataset(to_inputs(split.x_fit), torch.from_numpy(split.y_fit))
-        clients[name] = PrivateClient(client_id=name, model=model, train_data=train, config=config,
-                                      guard=guards[name], head="head", cache_features=True)
-        client_validation[name] = TensorDataset(to_inputs(split.x_val), torch.from_numpy(split.y_val))
-        bar.update(1)
-    bar.close()
-    timings["client_setup"] = time.perf_counter() - t0
+    # The operators' public declarations, fixed before any training (the experimenter plays them).
+    declared = {f"client{k:02d}": declared_records(len(s.y_fit), args.declared_grid) for k, s in enumerate(splits)}
+    states: dict[str, PrivacyState] = {}
+    try:
+        clients: dict[str, PrivateClient] = {}
+        guards: dict[str, BudgetGuard] = {}
+        t0 = time.perf_counter()
+        bar = _progress(args.clients, "caching client features", not args.no_progress)
+        for k, split in enumerate(splits):
+            name = f"client{k:02d}"
+            states[name] = PrivacyState.open(
+                state_dir / name, client=name, epsilon=args.epsilon, delta=DELTA, accountant=ACCOUNTANT,
+                fingerprint=data_fingerprint([split.x_fit, split.y_fit, split.x_val, split.y_val]))
+            guards[name] = states[name].guard(job_id=job_id,
+                                              declaration={"records": declared[name], "participation": True})
+            target = DPTrainingConfig(lr=args.lr, expected_batch_size=args.batch_size,
+                                      max_grad_norm=args.max_grad_norm, epochs=args.epochs,
+                                      target_epsilon=args.epsilon, target_delta=DELTA, planned_rounds=args.rounds,
+                                      device="auto", accountant=ACCOUNTANT, public_dataset_size=declared[name])
+            earlier = states[name].events_before(job_id)
+            if earlier:
+                print(f"{name}: its privacy state already spent epsilon "
+                      f"{compute_epsilon(earlier, DELTA, accountant=ACCOUNTANT):.3f} of {args.epsilon:g} in earlier jobs; "
+                      "this job's noise is calibrated for what is left", file=sys.stderr)
+            sigma = calibrated_noise(target, rounds=args.rounds, prior=earlier, client=name, state=states[name])
+            config = DPTrainingConfig(lr=args.lr, expected_batch_size=args.batch_size, max_grad_norm=args.max_grad_norm,
+                                      epochs=args.epochs, noise_multiplier=sigma, device="auto",
+                                      accountant=ACCOUNTANT, public_dataset_size=declared[name])
+            train = TensorDataset(to_inputs(split.x_fit), torch.from_numpy(split.y_fit))
+            clients[name] = PrivateClient(client_id=name, model=model, train_data=train, config=config,
+                                          guard=guards[name], head="head", cache_features=True)
+            bar.update(1)
+        bar.close()
+        timings["client_setup"] = time.perf_counter() - t0
+        metrics = _train(args, data, splits, model, clients, guards, states, declared, job_id, state_dir, timings)
+    finally:
+        for state in states.values():
+            state.close()
+    timings["total"] = time.perf_counter() - t_start
+    metrics["wall_seconds"] = timings
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    _plot(metrics, out / "report.png")
+    return metrics
 
-    # Evaluation data (the evaluator's, not private): features computed once with the same
-    # frozen layers, so each round evaluates only the head.
+
+def _train(args: argparse.Namespace, data: Any, splits: list[Any], model: nn.Module, clients: dict[str, PrivateClient],
+           guards: dict[str, BudgetGuard], states: dict[str, PrivacyState], declared: dict[str, int], job_id: str,
+           state_dir: Path, timings: dict[str, float]) -> dict[str, Any]:
+    # The experimenter's evaluation data: the public test split, and (simulation only) the
+    # clients' validation rows pooled. Features computed once with the same frozen layers, so
+    # each round evaluates only the head. None of this reaches the server.
     t0 = time.perf_counter()
     backbone, _ = split_head(model, "head")
     backbone.eval()
@@ -168,57 +248,82 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     test = features(data.x_test, data.y_test)
     timings["eval_features"] = time.perf_counter() - t0
 
-    max_samples = max(c.num_samples for c in clients.values())
-    federation = make_federation(clients, client_validation, model, server=args.server, server_lr=args.server_lr,
-                                 server_momentum=args.server_momentum, max_samples=max_samples, seed=args.seed)
+    federation = make_federation(clients, model, server=args.server, server_lr=args.server_lr,
+                                 server_momentum=args.server_momentum, max_samples=max(declared.values()),
+                                 seed=args.seed)
     template = next(iter(clients.values())).trainable_state()
     head = copy.deepcopy(model.head)
-    rows: list[dict[str, Any]] = []
+    server_rows: list[dict[str, Any]] = []
+    sim_rows: list[dict[str, Any]] = []
     bar = _progress(args.rounds, "federated rounds", not args.no_progress)
     t0 = time.perf_counter()
     for _ in range(args.rounds):
         report = federation.run_round()
+        server_rows.append(report.to_dict())
         state = unflatten_delta(federation.global_params, template)
         head.load_state_dict({k.removeprefix("head."): v for k, v in state.items()})
         eps = {n: g.budget.spent_epsilon for n, g in guards.items()}
-        rows.append({**report.to_dict(), "validation_accuracy": head_accuracy(head, val),
-                     "test_accuracy": head_accuracy(head, test), "epsilon": eps})
+        sim_rows.append({"round": report.round, "validation_accuracy": head_accuracy(head, val),
+                         "test_accuracy": head_accuracy(head, test), "epsilon": eps})
         bar.update(1)
-        bar.set_postfix(val=f"{rows[-1]['validation_accuracy']:.3f}", eps=f"{max(eps.values()):.2f}")
+        bar.set_postfix(val=f"{sim_rows[-1]['validation_accuracy']:.3f}", eps=f"{max(eps.values()):.2f}",
+                        status=report.status)
     bar.close()
     timings["federated_training"] = time.perf_counter() - t0
 
-    final_eps = {n: g.budget.spent_epsilon for n, g in guards.items()}
-    final_eps_prv = {n: compute_epsilon(g.budget.events, DELTA, accountant="prv") for n, g in guards.items()}
+    # Each client's spent epsilon, recomputed from its verified ledger, and `secfedtl audit` on it.
+    ledgers = {n: s.ledger.path for n, s in states.items()}
+    spent = {n: [ev for _, ev, _ in spent_events(read_verified_ledger(p)[0]).get(n, [])] for n, p in ledgers.items()}
+    final_eps = {n: compute_epsilon(ev, DELTA, accountant="rdp") for n, ev in spent.items()}
+    final_eps_prv = {n: compute_epsilon(ev, DELTA, accountant="prv") for n, ev in spent.items()}
+    audits = {n: audit_ledger(p) for n, p in ledgers.items()}
     per_class = _per_class_accuracy(head, test)
+    first = next(iter(clients.values()))
     metrics: dict[str, Any] = {
         "example": "fashion_mnist",
         "command": " ".join(["python", "examples/fashion_mnist/run.py", *sys.argv[1:]]),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "job_id": job_id,
         "delta": DELTA,
-        "device": clients[next(iter(clients))].config.resolve_device(),
+        "accountant": ACCOUNTANT,
+        "device": first.config.resolve_device(),
         "num_features": int(val.tensors[0].shape[1]),
-        "client_sizes": {n: c.num_samples for n, c in clients.items()},
-        "client_label_counts": {f"client{k:02d}": np.bincount(s.y_fit, minlength=10).tolist()
-                                for k, s in enumerate(splits)},
-        "noise_multiplier": {n: c.noise_multiplier for n, c in clients.items()},
-        "local_steps": {n: c.local_steps for n, c in clients.items()},
-        "final": {"test_accuracy": rows[-1]["test_accuracy"], "validation_accuracy": rows[-1]["validation_accuracy"],
-                  "per_class_test_accuracy": dict(zip(CLASS_NAMES, per_class)),
-                  "epsilon": final_eps, "epsilon_prv": final_eps_prv},
-        "rounds": rows,
+        "privacy_state": {"directory": os.fspath(state_dir),
+                          "note": "a throwaway folder for this example unless --state-dir was given; a real "
+                                  "client keeps its state across jobs, and a second job on it continues its budget"},
+        "declared_records": declared,
+        "mechanism": {"note": "public: functions of the settings and the declared counts only",
+                      "sample_rate": {n: c.sample_rate for n, c in clients.items()},
+                      "noise_multiplier": {n: c.noise_multiplier for n, c in clients.items()},
+                      "local_steps": {n: c.local_steps for n, c in clients.items()}},
+        "server": {"note": "everything the server received: round outcomes over masked sums (total_weight is the "
+                           "sum of declared counts; times are the server's own clock)",
+                   "rounds": server_rows},
+        "simulation_only": {
+            "note": "computed by the experimenter of this simulation, who holds every client's data and the test "
+                    "split, outside the protocol: never sent to the server",
+            "client_sizes": {f"client{k:02d}": len(s.y_fit) for k, s in enumerate(splits)},
+            "client_validation_sizes": {f"client{k:02d}": len(s.y_val) for k, s in enumerate(splits)},
+            "client_label_counts": {f"client{k:02d}": np.bincount(s.y_fit, minlength=10).tolist()
+                                    for k, s in enumerate(splits)},
+            "rounds": sim_rows,
+            "final": {"test_accuracy": sim_rows[-1]["test_accuracy"],
+                      "validation_accuracy": sim_rows[-1]["validation_accuracy"],
+                      "per_class_test_accuracy": dict(zip(CLASS_NAMES, per_class)),
+                      "epsilon": final_eps, "epsilon_prv": final_eps_prv},
+            "ledgers": {n: os.fspath(p) for n, p in ledgers.items()},
+            "audit": {n: {"certified": a.certified, "epsilon": a.clients[0].epsilon if a.clients else 0.0,
+                          "lines": a.lines, "head_hash": a.head_hash} for n, a in audits.items()},
+        },
     }
     if not args.no_reference:
         t0 = time.perf_counter()
         fit = features(np.concatenate([s.x_fit for s in splits]), np.concatenate([s.y_fit for s in splits]))
         ref = reference_head(fit, val, seed=args.seed)
-        metrics["non_private_reference"] = {"validation_accuracy": ref["validation_accuracy"], "epochs": ref["epochs"],
-                                            "test_accuracy": head_accuracy(ref["head"], test)}
+        metrics["simulation_only"]["non_private_reference"] = {
+            "validation_accuracy": ref["validation_accuracy"], "epochs": ref["epochs"],
+            "test_accuracy": head_accuracy(ref["head"], test)}
         timings["reference"] = time.perf_counter() - t0
-    timings["total"] = time.perf_counter() - t_start
-    metrics["wall_seconds"] = timings
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    _plot(metrics, out / "report.png")
     return metrics
 
 
@@ -241,25 +346,26 @@ def _plot(metrics: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = metrics["rounds"]
+    sim = metrics["simulation_only"]
+    rows = sim["rounds"]
     xs = [r["round"] + 1 for r in rows]
     ticks = xs if len(xs) <= 15 else [x for x in xs if x == 1 or x % 5 == 0]
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.2))
     ax1.plot(xs, [r["test_accuracy"] for r in rows], marker="o", label="federated, DP (test)")
     ax1.plot(xs, [r["validation_accuracy"] for r in rows], marker=".", linestyle=":", label="federated, DP (validation)")
-    if "non_private_reference" in metrics:
-        ax1.axhline(metrics["non_private_reference"]["test_accuracy"], color="grey", linestyle="--",
+    if "non_private_reference" in sim:
+        ax1.axhline(sim["non_private_reference"]["test_accuracy"], color="grey", linestyle="--",
                     label="non-private central head (test)")
     ax1.axhline(0.85, color="red", linewidth=0.8, linestyle=":", label="target 0.85")
     ax1.set_xticks(ticks)
     ax1.set_xlabel("round")
     ax1.set_ylabel("accuracy")
-    ax1.set_title("Global model (10 classes)")
+    ax1.set_title("Global model (10 classes; simulation only)")
     ax1.legend(fontsize=8)
-    plot_epsilon_per_round(ax2, rows, clients=metrics["final"]["epsilon"], budget=metrics["settings"]["epsilon"],
-                           accountant="rdp", delta=metrics["delta"], ticks=ticks, label_clients=False,
+    plot_epsilon_per_round(ax2, rows, clients=sim["final"]["epsilon"], budget=metrics["settings"]["epsilon"],
+                           accountant=metrics["accountant"], delta=metrics["delta"], ticks=ticks, label_clients=False,
                            title="Privacy spent, one line per client")
-    counts = np.array(list(metrics["client_label_counts"].values()))
+    counts = np.array(list(sim["client_label_counts"].values()))
     bottom = np.zeros(len(counts))
     for c, label in enumerate(CLASS_NAMES):
         ax3.bar(range(len(counts)), counts[:, c], bottom=bottom, label=label)
@@ -276,17 +382,24 @@ def _plot(metrics: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.state_dir is None:
+        print(f"fashion_mnist: throwaway privacy states in {args.out / 'privacy-state'} "
+              "(real clients keep theirs across jobs)", file=sys.stderr)
     metrics = run(args)
-    final = metrics["final"]
-    print(f"\nfederated DP test accuracy {final['test_accuracy']:.4f} "
+    sim = metrics["simulation_only"]
+    final = sim["final"]
+    print(f"\n(simulation only: computed outside the protocol by whoever holds every dataset)\n"
+          f"federated DP test accuracy {final['test_accuracy']:.4f} "
           f"(validation {final['validation_accuracy']:.4f}) after {args.rounds} rounds; "
           f"epsilon spent max {max(final['epsilon'].values()):.3f} (RDP), "
           f"{max(final['epsilon_prv'].values()):.3f} (PRV) of {args.epsilon:g} at delta {DELTA:g}")
-    if "non_private_reference" in metrics:
-        ref = metrics["non_private_reference"]
+    if "non_private_reference" in sim:
+        ref = sim["non_private_reference"]
         print(f"non-private central head on the same features: test {ref['test_accuracy']:.4f}")
-    print(f"{metrics['wall_seconds']['total']:.0f} s; wrote {args.out / 'metrics.json'}, "
-          f"{args.out / 'ledger.jsonl'}, {args.out / 'report.png'}")
+    certified = all(a["certified"] for a in sim["audit"].values())
+    print(f"ledgers ({'all certified' if certified else 'NOT ALL CERTIFIED'} by secfedtl audit): "
+          f"{metrics['privacy_state']['directory']}/<client>/ledger.jsonl")
+    print(f"{metrics['wall_seconds']['total']:.0f} s; wrote {args.out / 'metrics.json'}, {args.out / 'report.png'}")
     return 0
 
 

@@ -16,9 +16,10 @@ claiming more data than the file holds, trailing bytes, a broken gzip stream) ra
 class, the class's examples are divided among the clients in proportions drawn from
 ``Dirichlet(alpha)``; smaller ``alpha`` means stronger label skew. It is seeded (the partition is
 a public simulation choice, not a secret) and redraws until every client holds at least
-``min_size`` examples. Hold out validation rows per client with
-:func:`secfedtl.data.heart.validation_split` (or :func:`client_splits`, which does both); tuning
-never looks at the test split.
+``min_size`` examples. :func:`client_splits` does both and then holds out validation rows per
+client with :func:`secfedtl.data.record_split` (a keyed hash of each record: adding or removing
+one record moves only that record between fit and validation); tuning never looks at the test
+split.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import BinaryIO, Mapping
 
 import numpy as np
 
-from secfedtl.data.heart import validation_split
+from secfedtl.data.splits import record_split, split_key
 from secfedtl.errors import ConfigError, DataError, InputError
 
 __all__ = [
@@ -261,13 +262,17 @@ def client_splits(
     min_size: int = 10,
 ) -> list[ClientSplit]:
     """Dirichlet-partition a *training* split into clients, then hold out validation rows per
-    client (:func:`~secfedtl.data.heart.validation_split`, seeded ``seed + k`` for client ``k``)."""
+    client, record by record (:func:`~secfedtl.data.record_split` under the public key
+    ``split_key(seed, "fashion_mnist")``): a record's side depends on the record alone, so a client
+    holding one record more or less has every other record on the same side. The fraction is
+    therefore ``validation_fraction`` in expectation, not exactly."""
     x_arr, y_arr = np.asarray(x), np.asarray(y)
     if x_arr.ndim < 1 or x_arr.shape[0] != y_arr.shape[0]:
         raise InputError(f"x and y must have the same number of rows, got {x_arr.shape}, {y_arr.shape}")
     parts = dirichlet_partition(y_arr, num_clients=num_clients, alpha=alpha, seed=seed, min_size=max(2, min_size))
+    key = split_key(seed, "fashion_mnist")
     out = []
-    for k, idx in enumerate(parts):
-        x_fit, y_fit, x_val, y_val = validation_split(x_arr[idx], y_arr[idx], validation_fraction, seed + k)
+    for idx in parts:
+        x_fit, y_fit, x_val, y_val = record_split(x_arr[idx], y_arr[idx], validation_fraction, key)
         out.append(ClientSplit(x_fit=x_fit, y_fit=y_fit, x_val=x_val, y_val=y_val))
     return out

@@ -24,14 +24,18 @@ Text: the impression, then the findings, joined by a space. The impression comes
 tokenizer that truncates long reports keeps the radiologist's conclusion.
 
 Split (:func:`load_radiology_reports`): a seeded, label-stratified deal of the labelled reports
-into ``num_hospitals`` hospitals of equal size (+-1), then a seeded stratified train / validation /
-test split inside each hospital. The collection has no hospital field, so the hospitals are
-simulated (IID); tune on the validation splits only, never on the test splits.
+into ``num_hospitals`` hospitals of equal size (+-1) (the simulation's choice of who holds what:
+the collection has no hospital field, so the hospitals are simulated, IID), then a
+*record-stable* train / validation / test split inside each hospital (:func:`report_split`): a
+keyed hash of the report alone decides its split, so a hospital holding one report more or less
+has every other report in the same split (a seeded permutation would move many). Tune on the
+validation splits only, never on the test splits.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import importlib.metadata
 import importlib.util
 import io
@@ -45,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
+from secfedtl.data.splits import split_key
 from secfedtl.errors import ConfigError, DataError, InputError
 
 __all__ = [
@@ -59,6 +64,7 @@ __all__ = [
     "label_from_major",
     "load_radiology_reports",
     "read_reports",
+    "report_split",
 ]
 
 ARCHIVE_MEMBER: str = "torchxrayvision/data/NLMCXR_reports.tgz"
@@ -301,6 +307,22 @@ def _subset(reports: Sequence[Report], idx: np.ndarray) -> TextSplit:
     )
 
 
+def report_split(report: Report, *, key: bytes, validation_fraction: float, test_fraction: float) -> str:
+    """``"test"``, ``"validation"`` or ``"train"`` for one report, from the report alone:
+    ``u = HMAC-SHA256(key, id, text, label) / 2**64`` (its first 8 bytes) goes to test below
+    ``test_fraction``, to validation below ``test_fraction + validation_fraction``, else to train.
+    The key is public (the split is not a secret: DP protects each record wherever it lands)."""
+    if not isinstance(key, bytes) or len(key) < 16:
+        raise ConfigError("the split key must be at least 16 bytes")
+    message = "\x00".join((report.report_id, report.text, str(report.label))).encode("utf-8")
+    u = int.from_bytes(hmac.new(key, message, hashlib.sha256).digest()[:8], "big")
+    if u < int(test_fraction * (1 << 64)):
+        return "test"
+    if u < int((test_fraction + validation_fraction) * (1 << 64)):
+        return "validation"
+    return "train"
+
+
 def load_radiology_reports(
     *,
     archive: Path | str | None = None,
@@ -312,13 +334,16 @@ def load_radiology_reports(
     """Read the reports, keep the labelled ones with text, and split them into hospitals.
 
     Hospitals are named ``hospital_1`` ... ``hospital_<num_hospitals>``. Each gets an equal share
-    (+-1) of each label, dealt from a permutation drawn from ``numpy.random.default_rng(seed)``;
-    inside a hospital, each label's reports are permuted again and ``round(fraction * n)`` go to
-    the test split, then to validation, the rest to train. The same archive and arguments always
-    give the same split.
+    (+-1) of each label, dealt from a permutation drawn from ``numpy.random.default_rng(seed)``.
+    Inside a hospital, every report goes to the split :func:`report_split` gives it under the
+    public key ``split_key(seed, "radiology")``: about ``test_fraction`` of the reports to test,
+    ``validation_fraction`` to validation and the rest to train, each report's split depending on
+    that report alone (not on the others, nor on its hospital). The same archive and arguments
+    always give the same split.
 
     Raises :class:`ConfigError` for bad arguments and :class:`DataError` for a bad archive or one
-    with too few labelled reports for every split of every hospital to hold both labels.
+    with too few labelled reports for every split of every hospital to be non-empty and every
+    training split to hold both labels.
     """
     if isinstance(num_hospitals, bool) or not isinstance(num_hospitals, int) or num_hospitals < 1:
         raise ConfigError(f"num_hospitals must be a positive int, got {num_hospitals!r}")
@@ -351,24 +376,18 @@ def load_radiology_reports(
     owner = np.empty(len(usable), dtype=np.int64)
     owner[order] = np.arange(len(usable)) % num_hospitals
     hospitals: dict[str, Hospital] = {}
+    key = split_key(seed, "radiology")
+    split_of = np.array([report_split(r, key=key, validation_fraction=val_frac, test_fraction=test_frac)
+                         for r in usable])
     for h in range(num_hospitals):
-        parts: dict[str, list[np.ndarray]] = {"train": [], "validation": [], "test": []}
-        for label in (NORMAL, ABNORMAL):
-            members = rng.permutation(np.flatnonzero((owner == h) & (labels == label)))
-            n_test = int(round(test_frac * len(members)))
-            n_val = int(round(val_frac * len(members)))
-            if min(n_test, n_val, len(members) - n_test - n_val) < 1:
-                raise DataError(
-                    f"hospital_{h + 1} has {len(members)} reports labelled {label}: "
-                    "too few for a train, validation and test split"
-                )
-            parts["test"].append(members[:n_test])
-            parts["validation"].append(members[n_test : n_test + n_val])
-            parts["train"].append(members[n_test + n_val :])
+        parts = {split: np.flatnonzero((owner == h) & (split_of == split)) for split in ("train", "validation", "test")}
+        if min(len(idx) for idx in parts.values()) < 1 or len(set(labels[parts["train"]].tolist())) < 2:
+            raise DataError(
+                f"hospital_{h + 1} has {int((owner == h).sum())} reports: too few for a train, validation and "
+                "test split with both labels to train on"
+            )
         name = f"hospital_{h + 1}"
-        hospitals[name] = Hospital(
-            name=name, **{split: _subset(usable, np.concatenate(idx)) for split, idx in parts.items()}
-        )
+        hospitals[name] = Hospital(name=name, **{split: _subset(usable, idx) for split, idx in parts.items()})
     return RadiologyData(
         hospitals=hospitals,
         archive_sha256=hashlib.sha256(raw).hexdigest(),

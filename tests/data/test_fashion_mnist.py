@@ -21,6 +21,7 @@ from secfedtl.data.fashion_mnist import (
     load_fashion_mnist,
     read_idx,
 )
+from secfedtl.data import record_split, split_key
 from secfedtl.errors import ConfigError, DataError, InputError
 
 
@@ -246,8 +247,15 @@ def test_client_splits_hold_out_validation_per_client() -> None:
     assert len(splits) == 4
     total = sum(len(s.y_fit) + len(s.y_val) for s in splits)
     assert total == y.size
+    assert 0.1 * y.size < sum(len(s.y_val) for s in splits) < 0.3 * y.size  # 0.2 in expectation
+    key = split_key(1, "fashion_mnist")
     for s in splits:
-        assert len(s.y_val) == max(1, round(0.2 * (len(s.y_fit) + len(s.y_val))))
-        assert s.x_fit.shape[1:] == (28, 28) and len(s.x_fit) == len(s.y_fit)
+        assert s.x_fit.shape[1:] == (28, 28) and len(s.x_fit) == len(s.y_fit) and len(s.y_val) > 0
+        # Record-stable: the client without its first fit row splits every other row as before.
+        x_rest = np.concatenate([s.x_fit[1:], s.x_val])
+        y_rest = np.concatenate([s.y_fit[1:], s.y_val])
+        x_fit, y_fit, x_val, y_val = record_split(x_rest, y_rest, 0.2, key)
+        assert np.array_equal(x_fit, s.x_fit[1:]) and np.array_equal(y_fit, s.y_fit[1:])
+        assert np.array_equal(x_val, s.x_val) and np.array_equal(y_val, s.y_val)
     with pytest.raises(InputError):
         client_splits(x[:-1], y, num_clients=4, alpha=0.5, seed=1)

@@ -246,23 +246,42 @@ def test_split_partitions_stratifies_and_excludes(archive: Path) -> None:
     for h in data.hospitals.values():
         normals = sum(int((getattr(h, s).labels == NORMAL).sum()) for s in ("train", "validation", "test"))
         assert normals == 10  # 40 normal reports dealt evenly
+        assert set(h.train.labels.tolist()) == {NORMAL, ABNORMAL}
         for s in ("train", "validation", "test"):
             split = getattr(h, s)
-            assert set(split.labels.tolist()) == {NORMAL, ABNORMAL}
+            assert len(split) > 0
             seen.extend(split.report_ids)
-        assert len(h.test) == 5 and len(h.validation) == 4  # round(0.2 * 10) + round(0.2 * 15)...
     assert sorted(seen, key=lambda r: int(r[3:])) == [f"CXR{i}" for i in range(1, 101)]
     assert len(set(seen)) == 100
     pooled = data.all_splits("test")
-    assert len(pooled) == 20 and pooled.labels.dtype == np.int64
+    assert 10 <= len(pooled) <= 30 and pooled.labels.dtype == np.int64  # 20 in expectation
     with pytest.raises(ConfigError):
         data.all_splits("holdout")
+
+
+def test_a_reports_split_depends_on_the_report_alone(archive: Path) -> None:
+    """Record-stable: the same report lands in the same split whichever hospital holds it and
+    whoever else is there (here: dealt into 4 hospitals, or into 2), so a hospital holding one
+    report more or less has every other report where it was."""
+    def split_by_id(data: radiology.RadiologyData) -> dict[str, str]:
+        return {i: s for h in data.hospitals.values() for s in ("train", "validation", "test")
+                for i in getattr(h, s).report_ids}
+
+    four = load_radiology_reports(archive=archive, num_hospitals=4, seed=3)
+    two = load_radiology_reports(archive=archive, num_hospitals=2, seed=3)
+    assert split_by_id(four) == split_by_id(two)
+    other_seed = load_radiology_reports(archive=archive, num_hospitals=4, seed=4)
+    assert split_by_id(other_seed) != split_by_id(four)  # the public key is the job's
+    key = radiology.split_key(3, "radiology")
+    reports = {r.report_id: r for r in read_reports(archive)}
+    for rid, split in split_by_id(four).items():
+        assert radiology.report_split(reports[rid], key=key, validation_fraction=0.15, test_fraction=0.2) == split
 
 
 def test_split_is_deterministic_and_seeded(archive: Path) -> None:
     a = load_radiology_reports(archive=archive, seed=1)
     b = load_radiology_reports(archive=archive, seed=1)
-    c = load_radiology_reports(archive=archive, seed=2)
+    c = load_radiology_reports(archive=archive, seed=3)
     ids = lambda d: [getattr(h, s).report_ids for h in d.hospitals.values() for s in ("train", "validation", "test")]  # noqa: E731
     assert ids(a) == ids(b)
     assert ids(a) != ids(c)

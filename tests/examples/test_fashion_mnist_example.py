@@ -105,7 +105,18 @@ def test_feature_scale_sets_the_norm_of_every_feature_vector() -> None:
             source_model.FashionNet(source, feature_scale=bad)
 
 
+def test_declared_records_are_a_round_figure_of_the_fit_size() -> None:
+    run = _load("run")
+    assert run.declared_records(2729, 500) == 2500
+    assert run.declared_records(2751, 500) == 3000
+    assert run.declared_records(120, 500) == 500  # never below one grid step
+    assert run.declared_records(87, 10) == 90
+
+
 def test_run_end_to_end_on_synthetic_data(tmp_path: Path) -> None:
+    from secfedtl.privacy.audit import audit_ledger
+    from secfedtl.privacy.ledger import entry_view
+
     run = _load("run")
     data = tmp_path / "data"
     data.mkdir()
@@ -115,17 +126,85 @@ def test_run_end_to_end_on_synthetic_data(tmp_path: Path) -> None:
     out = tmp_path / "out"
     argv = ["--rounds", "2", "--clients", "3", "--alpha", "1.0", "--epsilon", "3", "--out", str(out),
             "--no-progress", "--data-dir", str(data), "--weights", str(tmp_path / "w.pth"),
-            "--batch-size", "32", "--lr", "5", "--epochs", "1"]
+            "--batch-size", "32", "--lr", "5", "--epochs", "1", "--declared-grid", "10"]
     with pytest.raises(DataError, match="SHA-256"):  # synthetic files are not the published ones
         run.main(argv)
     argv.append("--skip-checksums")
     assert run.main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert len(metrics["rounds"]) == 2 and all(r["status"] == "ok" for r in metrics["rounds"])
-    assert all(0 < e <= 3.0 for e in metrics["final"]["epsilon"].values())
-    assert 0.0 <= metrics["final"]["test_accuracy"] <= 1.0
+    server, sim = metrics["server"], metrics["simulation_only"]
+    assert len(server["rounds"]) == 2 and all(r["status"] == "ok" for r in server["rounds"])
+    # What the server received carries no accuracy and no exact count: its total weight is the
+    # sum of the declared (round) counts.
+    assert not any("accuracy" in key for r in server["rounds"] for key in r)
+    declared = metrics["declared_records"]
+    assert all(r["total_weight"] == sum(declared.values()) for r in server["rounds"])
+    assert all(v % 10 == 0 for v in declared.values())
+    assert {n: abs(declared[n] - sim["client_sizes"][n]) <= 5 for n in declared} == {n: True for n in declared}
+    assert sim["client_sizes"] != declared  # 2 of 3 synthetic clients' sizes are not multiples of 10
+    # The mechanism follows the declaration, not the private size.
+    for name, count in declared.items():
+        assert metrics["mechanism"]["sample_rate"][name] == pytest.approx(32 / count)
+    assert all(0 < e <= 3.0 for e in sim["final"]["epsilon"].values())
+    assert 0.0 <= sim["final"]["test_accuracy"] <= 1.0
     assert (out / "report.png").stat().st_size > 0
-    entries = verify_ledger(out / "ledger.jsonl")
-    assert len(entries) >= 2 * 3  # a charge per client per round, written before training
-    with pytest.raises(ConfigError, match="ledger"):
-        run.main(argv)  # never overwrites a ledger
+    # One persistent privacy state per client (the example's throwaway folder inside --out), each
+    # ledger certified by `secfedtl audit`, every entry carrying the declaration and the job id.
+    assert sorted(p.name for p in (out / "privacy-state").iterdir()) == sorted(declared)
+    for name, count in declared.items():
+        ledger = out / "privacy-state" / name / "ledger.jsonl"
+        assert sim["ledgers"][name] == str(ledger)
+        assert ledger.stat().st_mode & 0o077 == 0
+        report = audit_ledger(ledger)
+        assert report.certified and [c.client for c in report.clients] == [name]
+        assert report.clients[0].epsilon == pytest.approx(sim["final"]["epsilon"][name])
+        entries = [entry_view(e) for e in verify_ledger(ledger)]
+        assert len(entries) == 2 * 2  # a pending and a complete entry per round
+        pending = [e for e in entries if e["status"] == "pending"]
+        assert all(e["declaration"] == {"records": count, "participation": True} for e in pending)
+        assert all(e["params"]["public_dataset_size"] == count and e["randomness"] == "csprng" for e in pending)
+        assert {e["job_id"] for e in pending} == {metrics["job_id"]}
+    # The budget belongs to the clients' data, not to one run: a second run on the same states
+    # continues their budgets (the first run spent nearly all of it), so its noise is calibrated
+    # for what is left and the total stays within the budget.
+    assert run.main(argv) == 0
+    second = json.loads((out / "metrics.json").read_text())
+    assert second["job_id"] != metrics["job_id"]
+    for name in declared:
+        assert second["mechanism"]["noise_multiplier"][name] > 10 * metrics["mechanism"]["noise_multiplier"][name]
+        report = audit_ledger(out / "privacy-state" / name / "ledger.jsonl")
+        assert report.certified and report.clients[0].entries == 4  # two jobs, two rounds each
+        assert sim["final"]["epsilon"][name] < report.clients[0].epsilon <= 3.0
+
+
+def test_the_server_never_hears_an_evaluation(tmp_path: Path) -> None:
+    """The example's nodes answer only ``train``: asking one to evaluate gets a data-free failure."""
+    from torch.utils.data import TensorDataset
+
+    from secfedtl.privacy.state import PrivacyState
+    from secfedtl.training import DPTrainingConfig, PrivateClient
+
+    run = _load("run")
+    model = source_model.FashionNet(source_model.MnistCNN())
+    x = source_model.to_inputs(np.random.default_rng(2).integers(0, 256, (40, 28, 28), dtype=np.uint8))
+    clients, states = {}, []
+    for k in range(3):
+        state = PrivacyState.open(tmp_path / f"c{k}", client=f"c{k}", epsilon=3.0, delta=1e-5, accountant="rdp",
+                                  fingerprint=f"{k:064d}")  # three clients, three datasets
+        states.append(state)
+        config = DPTrainingConfig(lr=1.0, expected_batch_size=8, max_grad_norm=1.0, epochs=1, noise_multiplier=5.0,
+                                  device="cpu", public_dataset_size=40)
+        clients[f"c{k}"] = PrivateClient(client_id=f"c{k}", model=model, config=config,
+                                         train_data=TensorDataset(x, torch.arange(40) % 10),
+                                         guard=state.guard(job_id="j", declaration={"records": 40}),
+                                         head="head", cache_features=True)
+    federation = run.make_federation(clients, model, server="fedavg", server_lr=1.0, server_momentum=None,
+                                     max_samples=40, seed=0)
+    try:
+        answers = federation.query("evaluate", round=0)
+        assert {n: a["status"] for n, a in answers.items()} == {n: "failed" for n in clients}
+        assert all(set(a) <= {"status", "reason"} for a in answers.values())
+        assert federation.run_round().status == "ok"
+    finally:
+        for state in states:
+            state.close()

@@ -31,6 +31,7 @@ from secfedtl.crypto import shamir
 from secfedtl.errors import DecodeError
 from secfedtl.runtime import federation as fed_mod
 from secfedtl.runtime import wire
+from secfedtl.runtime.roster import NodePolicy, Roster
 from secfedtl.runtime.federation import Federation
 from secfedtl.runtime.node import ClientNode, TaskOutput, TrainTask
 from secfedtl.runtime.pool import LocalPool
@@ -76,11 +77,13 @@ class Tampering:
 def build(n: int, rewrites: dict[str, object] | None = None) -> tuple[Federation, dict[str, Fixed]]:
     rng = np.random.default_rng(0)
     tasks = {f"c{i}": Fixed(rng.uniform(-1, 1, LENGTH), int(rng.integers(1, 50))) for i in range(n)}
-    nodes: dict[str, object] = {name: ClientNode(name=name, tasks={"train": t}, seed=i)
+    roster, keys = Roster.generate(list(tasks))
+    nodes: dict[str, object] = {name: ClientNode(name=name, tasks={"train": t}, seed=i, identity=keys[name],
+                                                 roster=roster, policy=NodePolicy(min_parties=3))
                                 for i, (name, t) in enumerate(tasks.items())}
     for name, rewrite in (rewrites or {}).items():
         nodes[name] = Tampering(nodes[name], rewrite)
-    fed = Federation(pool=LocalPool(nodes), names=["w"], global_params=np.zeros(LENGTH),  # type: ignore[arg-type]
+    fed = Federation(pool=LocalPool(nodes), roster=roster, names=["w"], global_params=np.zeros(LENGTH),  # type: ignore[arg-type]
                      optimizer=make_server_optimizer("fedavg", server_lr=1.0), clip=1.0, max_samples=100)
     return fed, tasks
 
@@ -204,16 +207,19 @@ def test_an_undecryptable_share_box_makes_its_recipients_drop_out_and_the_round_
 # --- decoder bounds ---------------------------------------------------------------------------
 
 
-def _join_bytes(**config) -> bytes:
-    """A Join whose header announces ``config`` (built by hand, as an attacker would)."""
-    cfg = SecAggConfig(num_clients=5, threshold=3, clip=0.5, bits=64)
+def _join_bytes(*, parties: int = 5, **config) -> bytes:
+    """A Join whose header announces ``config`` and whose payload carries ``parties`` distinct
+    32-byte keys (built by hand, as an attacker would)."""
+    cfg = SecAggConfig(num_clients=5, threshold=3, clip=0.5, bits=64, authenticated=True)
+    keys = tuple(i.to_bytes(32, "big") for i in range(1, 6))
     blob = wire.encode(wire.Join(round=0, index=0, session=SessionParams(
-        config=cfg, session_id=bytes(16), round=0, vector_length=2)))
+        config=cfg, session_id=bytes(16), round=0, vector_length=2), parties=keys))
     _, version, kind, head_len = struct.unpack_from(">4sBBI", blob)
     head = json.loads(blob[10:10 + head_len])
     head["session"]["config"].update(config)
     text = json.dumps(head, sort_keys=True, separators=(",", ":")).encode()
-    return struct.pack(">4sBBI", wire.MAGIC, version, kind, len(text)) + text + struct.pack(">Q", 0)
+    payload = b"".join(i.to_bytes(32, "big") for i in range(1, parties + 1))
+    return struct.pack(">4sBBI", wire.MAGIC, version, kind, len(text)) + text + struct.pack(">Q", len(payload)) + payload
 
 
 def _peak_bytes(fn) -> int:
@@ -231,7 +237,7 @@ def test_an_oversized_join_is_refused_before_anything_is_built():
     n = 40_000
     scale = 2.0 ** 20  # a scale that would be safe for 40,000 clients at 64 bits
     blob = _join_bytes(num_clients=n, threshold=n // 2 + 1, min_survivors=n // 2 + 1, scale=scale)
-    assert len(blob) < 400
+    assert len(blob) < 500  # a few hundred bytes (five party keys included)
     with pytest.raises(DecodeError, match="at most"):
         wire.decode(blob)
     # Before: the decoder built 40,000 neighbour sets of 39,999 ids (gigabytes). Now the peak
@@ -241,11 +247,12 @@ def test_an_oversized_join_is_refused_before_anything_is_built():
 
 def test_the_largest_join_decodes_without_building_its_graph():
     n = MAX_CLIENTS
-    blob = _join_bytes(num_clients=n, threshold=n // 2 + 1, min_survivors=n // 2 + 1, scale=2.0 ** 20)
+    blob = _join_bytes(num_clients=n, threshold=n // 2 + 1, min_survivors=n // 2 + 1, scale=2.0 ** 20, parties=n)
     join = wire.decode(blob)
     assert join.session.config.num_clients == n
-    # a complete graph on 10,000 clients is 10**8 ids; decoding allocates under a megabyte
-    assert _peak_bytes(lambda: wire.decode(blob)) < 1024 * 1024
+    # a complete graph on 10,000 clients is 10**8 ids; decoding allocates a few times the 320 kB of
+    # party keys it carries, never the graph
+    assert _peak_bytes(lambda: wire.decode(blob)) < 4 * len(blob) + 1024 * 1024
 
 
 def test_a_node_refuses_an_oversized_join_and_stays_usable():
@@ -272,7 +279,7 @@ def test_fuzzed_join_sizes_raise_only_decode_error_and_never_build_big(num_clien
     blob = _join_bytes(num_clients=num_clients, threshold=threshold, neighbors=neighbors, scale=scale, bits=bits,
                        min_survivors=threshold)
     text = blob.replace(b'"vector_length":2', b'"vector_length":' + str(vector_length).encode())
-    blob = text[:6] + struct.pack(">I", len(text) - 18) + text[10:]
+    blob = text[:6] + struct.pack(">I", len(text) - 18 - 5 * 32) + text[10:]
     try:
         join = wire.decode(blob)
     except DecodeError:
@@ -298,14 +305,17 @@ class StubClient:
 
 @pytest.mark.parametrize("names", [5, "w", {"w": 1}, None, [5]])
 def test_task_options_of_the_wrong_type_are_a_failed_reply_not_a_crash(names):
-    node = ClientNode(name="h", tasks={"train": TrainTask(StubClient())})
+    roster, keys = Roster.generate(["h", "x", "y"])
+    node = ClientNode(name="h", tasks={"train": TrainTask(StubClient())}, identity=keys["h"], roster=roster)
     encoding = {"clip": 1.0, "bits": 32, "num_clients": 3, "max_weight": 1}
     request = wire.TaskRequest.with_weights(round=0, task="train", weights=np.zeros(LENGTH),
                                             options={"names": names, "encoding": encoding})
     (reply,) = node.handle(wire.encode(request))  # before: TypeError ("'int' object is not iterable")
     reply = wire.decode(reply)
     assert reply.status == "failed" and reply.info == {"reason": "failed"}  # a fixed, data-free reason
-    out = LocalPool({"h": node}).exchange({"h": [wire.encode(request)]}, phase="task")
+    again = wire.TaskRequest.with_weights(round=1, task="train", weights=np.zeros(LENGTH),  # round 0 is answered
+                                          options={"names": names, "encoding": encoding})
+    out = LocalPool({"h": node}).exchange({"h": [wire.encode(again)]}, phase="task")
     assert wire.decode(out["h"][0]).status == "failed"
 
 

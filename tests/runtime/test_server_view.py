@@ -209,6 +209,7 @@ def test_adversarial_weights_give_the_same_status_with_or_without_a_record(tmp_p
     the public bound are refused before anything is charged (whatever the data), and a record
     whose loss is not finite contributes zero instead of failing the round."""
     from secfedtl.runtime.job import build_client_node, build_source, open_hospital_state
+    from secfedtl.runtime.roster import Roster
     from secfedtl.training import flatten_delta
 
     statuses = {}
@@ -218,7 +219,8 @@ def test_adversarial_weights_give_the_same_status_with_or_without_a_record(tmp_p
             config = small_config()
             source = build_source(config)
             state = open_hospital_state(config, "hungary", source.centres, tmp_path / change)
-            node = build_client_node(config, "hungary", source, state).node
+            roster, keys = Roster.generate(list(HOSPITALS))
+            node = build_client_node(config, "hungary", source, state, identity=keys["hungary"], roster=roster).node
             head = source.head
             head["head.weight"][1, 3] = weight  # the logit of class 1 follows feature 3 alone
             options = {"names": list(head), "frozen_hash": source.frozen_hash,

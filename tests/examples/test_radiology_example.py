@@ -1,0 +1,135 @@
+"""examples/radiology_reports' federation on synthetic reports and features (CI has neither MiniLM
+nor the report archive): declared counts, persistent privacy states, charged centring, nothing
+evaluated over the wire, ledgers certified, and the same mechanisms on neighbouring datasets."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from secfedtl.data.radiology import Hospital, RadiologyData, TextSplit
+from secfedtl.privacy.audit import audit_ledger
+from secfedtl.privacy.ledger import entry_view, verify_ledger
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "radiology_reports"
+DIM = 8
+
+
+def _load_run():
+    spec = importlib.util.spec_from_file_location("radiology_example_run", EXAMPLE / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(EXAMPLE))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(EXAMPLE))
+    return module
+
+
+run = _load_run()
+
+
+def _synthetic(sizes: dict[str, int], extra: int = 0) -> tuple[RadiologyData, dict[str, np.ndarray]]:
+    """Four hospitals of reports ``CXR<n>`` with unit-norm features that carry the label along
+    one direction (plus a common offset, as sentence embeddings have). ``extra`` more training
+    reports for hospital_1: its neighbouring dataset."""
+    rng = np.random.default_rng(0)
+    features: dict[str, np.ndarray] = {}
+    hospitals: dict[str, Hospital] = {}
+    n = 0
+    for h, (name, size) in enumerate(sizes.items()):
+        splits = {}
+        for split, count in (("train", size + (extra if h == 0 else 0)), ("validation", 20), ("test", 20)):
+            ids, labels = [], []
+            for _ in range(count):
+                n += 1
+                label = int(rng.random() < 0.6)
+                v = rng.normal(0.0, 0.3, DIM) + np.eye(DIM)[0] * 2.0 + np.eye(DIM)[1] * (1.0 if label else -1.0)
+                features[f"CXR{n}"] = (v / np.linalg.norm(v)).astype(np.float32)
+                ids.append(f"CXR{n}")
+                labels.append(label)
+            splits[split] = TextSplit(texts=tuple(f"report {i}" for i in ids), labels=np.array(labels, dtype=np.int64),
+                                      report_ids=tuple(ids))
+        hospitals[name] = Hospital(name=name, **splits)
+    data = RadiologyData(hospitals=hospitals, archive_sha256="0" * 64, num_reports=n, excluded={}, seed=0)
+    return data, features
+
+
+SIZES = {"hospital_1": 62, "hospital_2": 58, "hospital_3": 71, "hospital_4": 49}
+
+
+def _args(out: Path, *extra: str):
+    return run.parse_args(["--out", str(out), "--no-progress", "--rounds", "2", "--epochs", "1", "--batch-size", "16",
+                           "--declared-grid", "10", "--epsilon", "2", "--lr", "0.5", *extra])
+
+
+def test_declared_records_are_a_round_figure() -> None:
+    assert run.declared_records(623, 50) == 600
+    assert run.declared_records(626, 50) == 650
+    assert run.declared_records(12, 50) == 50
+
+
+def test_federation_on_synthetic_features(tmp_path: Path) -> None:
+    data, features = _synthetic(SIZES)
+    args = _args(tmp_path / "out")
+    result = run.train_federated(data, features, None, "digest", args)
+    declared = result["declared"]
+    assert declared == {"hospital_1": 60, "hospital_2": 60, "hospital_3": 70, "hospital_4": 50}
+    # The server's view: round outcomes over masked sums, weights the declared counts, no accuracy.
+    assert [r["status"] for r in result["server_rounds"]] == ["ok", "ok"]
+    assert all(r["total_weight"] == sum(declared.values()) for r in result["server_rounds"])
+    assert not any("accuracy" in key or "epsilon" in key for r in result["server_rounds"] for key in r)
+    assert result["centring"]["status"] == "ok" and result["centring"]["included"] == sorted(SIZES)
+    # The experimenter's view (simulation only): exact accuracy, computed outside the protocol.
+    last = result["rounds"][-1]
+    assert set(last["test_accuracy"]) == set(SIZES) and 0.0 <= last["pooled_test_accuracy"] <= 1.0
+    # The mechanism follows the declaration: sample rate 16 / declared, steps ceil(declared / 16).
+    for name, client in result["clients"].items():
+        assert client.sample_rate == pytest.approx(16 / declared[name])
+        assert client.local_steps == -(-declared[name] // 16)
+        assert client.weight == declared[name]
+    # One persistent state per hospital (the throwaway folder in --out), its ledger certified.
+    assert result["state_dir"] == tmp_path / "out" / "privacy-state"
+    for name, path in result["ledgers"].items():
+        assert path == tmp_path / "out" / "privacy-state" / name / "ledger.jsonl"
+        report = audit_ledger(path)
+        assert report.certified
+        assert [r.release for r in report.clients[0].releases] == ["feature_mean", "dpsgd_update", "dpsgd_update"]
+        assert report.clients[0].epsilon <= 2.0
+        pending = [entry_view(e) for e in verify_ledger(path) if e["status"] == "pending"]
+        assert all(e["declaration"] == {"records": declared[name], "participation": True} for e in pending)
+        assert {e["job_id"] for e in pending} == {result["job_id"]}
+    # Nobody can ask a hospital for an evaluation: the nodes hold only the train task.
+    answers = result["federation"].query("evaluate", round=5)
+    assert {a["status"] for a in answers.values()} == {"failed"}
+
+
+def test_the_same_mechanisms_on_neighbouring_datasets(tmp_path: Path) -> None:
+    """hospital_1 with one training report more (add/remove neighbours): its declaration is the
+    same round figure, so every ledger entry's mechanism is the same."""
+    def mechanisms(extra: int, out: Path) -> list[dict]:
+        data, features = _synthetic(SIZES, extra=extra)
+        result = run.train_federated(data, features, None, "digest", _args(out))
+        entries = [entry_view(e) for e in verify_ledger(result["ledgers"]["hospital_1"]) if e["status"] == "pending"]
+        return [{k: e[k] for k in ("sample_rate", "noise_multiplier", "steps", "delta", "release", "params",
+                                   "declaration", "randomness")} for e in entries]
+
+    assert mechanisms(0, tmp_path / "a") == mechanisms(1, tmp_path / "b")
+
+
+def test_a_second_job_continues_the_hospitals_budgets(tmp_path: Path) -> None:
+    """The states persist in --out: a second job on the same hospitals continues their budgets. At
+    epsilon 2 the first job (one round) spent nearly all of it, so the second one is refused before
+    anything runs or is charged."""
+    from secfedtl.errors import ConfigError
+
+    data, features = _synthetic(SIZES)
+    first = run.train_federated(data, features, None, "digest", _args(tmp_path / "out", "--rounds", "1"))
+    with pytest.raises(ConfigError, match="already spent epsilon"):
+        run.train_federated(data, features, None, "digest", _args(tmp_path / "out"))
+    for name in SIZES:  # the refused job charged nothing
+        assert len(audit_ledger(first["ledgers"][name]).clients[0].releases) == 2
