@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import sys
 import time
@@ -190,8 +189,12 @@ def run_audit(config: Any, out: Path, *, canaries: int = 1000, client: str | Non
     name = client or config["job"]["clients"][0]
     if name not in config["job"]["clients"]:
         raise ConfigError(f"{name!r} is not one of the job's clients {config['job']['clients']}")
+    if (out / "privacy-state").exists():
+        raise ConfigError(f"{out} holds an earlier audit (its throwaway privacy state would continue): "
+                          "use another --out")
     out.mkdir(parents=True, exist_ok=True)
     included = draw_coins(canaries)
+    pc = None
     t0 = time.perf_counter()
     cfg = prepare_run(config, out / "job", resume=False)
     job = build_job(cfg, out / "job", workers=0, state_dir=out / "privacy-state")
@@ -263,7 +266,8 @@ def run_audit(config: Any, out: Path, *, canaries: int = 1000, client: str | Non
         eps_prv = compute_epsilon(events, delta, accountant="prv") if events else 0.0
         wall = time.perf_counter() - t0
     finally:
-        pc.audit_hook = None
+        if pc is not None:
+            pc.audit_hook = None
         job.close()
     sim = metrics.get("simulation_only", {}).get("final", {})
     report: dict[str, Any] = {
@@ -279,7 +283,7 @@ def run_audit(config: Any, out: Path, *, canaries: int = 1000, client: str | Non
         "ledger_epsilon": eps_ledger, "ledger_accountant": cfg["privacy"]["accountant"],
         "ledger_epsilon_prv": eps_prv, "delta": delta, "ledger": os.fspath(ledger_path),
         "violation": bool(bound.epsilon_lower > eps_ledger),
-        "ratio": (bound.epsilon_lower / eps_ledger) if eps_ledger > 0 else math.inf,
+        "ratio": (bound.epsilon_lower / eps_ledger) if eps_ledger > 0 else None,
         "steps_or_rounds_observed": steps_seen,
         "job_id": jid, "wall_seconds": wall,
         "pooled_test_accuracy": sim.get("pooled_test_accuracy"),

@@ -153,3 +153,11 @@ def test_whitebox_hook_leaves_the_model_alone():
             for row in hook.observed:
                 assert row.tolist() == [1.0, 0.0, 1.0]
     assert torch.allclose(outs[0], outs[1])
+
+
+def test_an_earlier_audit_folder_is_refused(tmp_path):
+    from secfedtl.errors import ConfigError
+
+    (tmp_path / "privacy-state").mkdir()
+    with pytest.raises(ConfigError, match="earlier audit"):
+        run_audit(small_job(), tmp_path, canaries=10)
