@@ -48,7 +48,7 @@ def main(args: argparse.Namespace) -> int:
             row = {"run": i, "lower": r["bound"]["epsilon_lower"], "ledger": r["ledger_epsilon"],
                    "ledger_prv": r["ledger_epsilon_prv"], "violation": r["violation"], "ratio": r["ratio"],
                    "k": r["bound"]["k_plus"], "correct": r["bound"]["correct"], "guesses": r["bound"]["guesses"],
-                   "scorer": r["scorer"], "seconds": time.perf_counter() - t,
+                   "scorer": r["scorer"], "seconds": time.perf_counter() - t, "cpu_seconds": r["cpu_seconds"],
                    "pooled_test_accuracy": r["pooled_test_accuracy"]}
             if "baseline" in r:
                 row["baseline"] = r["baseline"]

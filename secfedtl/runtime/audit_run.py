@@ -195,7 +195,7 @@ def run_audit(config: Any, out: Path, *, canaries: int = 1000, client: str | Non
     out.mkdir(parents=True, exist_ok=True)
     included = draw_coins(canaries)
     pc = None
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     cfg = prepare_run(config, out / "job", resume=False)
     job = build_job(cfg, out / "job", workers=0, state_dir=out / "privacy-state")
     try:
@@ -264,7 +264,7 @@ def run_audit(config: Any, out: Path, *, canaries: int = 1000, client: str | Non
         events = [ev for _, ev, _ in spent_events(entries).get(name, [])]
         eps_ledger = compute_epsilon(events, delta, accountant=cfg["privacy"]["accountant"]) if events else 0.0
         eps_prv = compute_epsilon(events, delta, accountant="prv") if events else 0.0
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     finally:
         if pc is not None:
             pc.audit_hook = None
@@ -285,17 +285,17 @@ def run_audit(config: Any, out: Path, *, canaries: int = 1000, client: str | Non
         "violation": bool(bound.epsilon_lower > eps_ledger),
         "ratio": (bound.epsilon_lower / eps_ledger) if eps_ledger > 0 else None,
         "steps_or_rounds_observed": steps_seen,
-        "job_id": jid, "wall_seconds": wall,
+        "job_id": jid, "wall_seconds": wall, "cpu_seconds": cpu,
         "pooled_test_accuracy": sim.get("pooled_test_accuracy"),
         "scores": {"in": scorers[best_name][included].tolist(), "out": scorers[best_name][~included].tolist()},
     }
     if baseline:
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         from secfedtl.runtime.job import run_job
 
         base_cfg = prepare_run(config, out / "baseline", resume=False)
         base = run_job(base_cfg, out / "baseline", progress=False, workers=0, state_dir=out / "baseline-privacy-state")
-        report["baseline"] = {"wall_seconds": time.perf_counter() - t1,
+        report["baseline"] = {"wall_seconds": time.perf_counter() - t1, "cpu_seconds": time.process_time() - c1,
                               "pooled_test_accuracy": base["simulation_only"]["final"]["pooled_test_accuracy"]}
     (out / "audit.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     _plot(scorers[best_name], included, report, out / "audit.png")
