@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.secfedtl-installed
 FLOWER_STAMP := $(VENV)/.secfedtl-flower-installed
 
-.PHONY: venv demo test test-flower bench bench-flower clean radiology-venv radiology
+.PHONY: venv demo test test-flower bench bench-secagg-flower bench-flower clean radiology-venv radiology
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +34,13 @@ test-flower: $(FLOWER_STAMP)
 	$(PY) -m pytest -q -m 'not slow' tests/runtime/test_flower.py tests/runtime/test_flower_pool.py
 
 
+# k and t by SecAggConfig.recommended for 100 clients (no --neighbors / --threshold given).
 bench: $(STAMP)
-	$(VENV)/bin/secfedtl bench secagg --clients 100 --params 1000000 --neighbors 11 --threshold 6 --dropout 0.05
+	$(VENV)/bin/secfedtl bench secagg --clients 100 --params 1000000 --dropout 0.05 --authenticated
+
+# The same, with Flower 1.41's SecAgg+ measured in the same process on the same inputs (a few minutes).
+bench-secagg-flower: $(FLOWER_STAMP)
+	$(VENV)/bin/secfedtl bench secagg --clients 100 --params 1000000 --dropout 0.05 --authenticated --compare-flower
 
 bench-flower: $(FLOWER_STAMP)
 	$(VENV)/bin/secfedtl bench flower --rounds 3 --simulation

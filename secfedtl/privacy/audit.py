@@ -32,11 +32,12 @@ import math
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from secfedtl.errors import AccountingError, LedgerError, LedgerTamperedError
 from secfedtl.privacy.accountants import ACCOUNTANTS, compute_epsilon
-from secfedtl.privacy.ledger import entry_view, read_verified_ledger, spent_events
+from secfedtl.privacy.ledger import check_anchor, entry_view, read_verified_ledger, spent_events
 from secfedtl.privacy.randomness import CERTIFIED_RANDOMNESS
 
 __all__ = ["AuditReport", "ClientAudit", "add_arguments", "audit_ledger", "main"]
@@ -170,6 +171,7 @@ def audit_ledger(
         raise AccountingError(f"delta must be in (0, 1), got {delta!r}")
     headline = "rdp" if "rdp" in accountants else accountants[0]
     entries, head = read_verified_ledger(path, expected_head=expected_head)
+    _check_state_anchor(path)
     if not entries:
         raise LedgerError(f"{os.fspath(path)!r} is an empty ledger: there is nothing to certify")
     completed = {e["entry_id"] for e in entries if e["status"] == "complete"}
@@ -215,6 +217,22 @@ def audit_ledger(
     )
 
 
+def _check_state_anchor(path: str | os.PathLike[str]) -> None:
+    """A ledger inside a hospital's privacy state must continue the anchor in the ``state.json``
+    next to it (a ledger cut short would otherwise still verify as a shorter chain)."""
+    state = Path(path).parent / "state.json"
+    if not state.is_file():
+        return
+    try:
+        saved = json.loads(state.read_text(encoding="utf-8"))
+        anchor = (int(saved["ledger"]["size"]), str(saved["ledger"]["head_hash"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # not a privacy state: nothing to compare with
+    if saved.get("kind") != "secfedtl.privacy_state":
+        return
+    check_anchor(Path(path).read_bytes(), anchor, where=f"ledger {os.fspath(path)!r}")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``secfedtl audit``."""
     parser.add_argument("ledger", metavar="LEDGER", help="path of the privacy ledger (JSON lines)")
@@ -257,13 +275,13 @@ def _print_releases(report: AuditReport) -> None:
 
 
 def _print_table(report: AuditReport, accountants: tuple[str, ...]) -> None:
-    headers = ["client", *[f"eps ({a})" for a in accountants], "delta", "rounds", "steps", "pending", "certified"]
+    headers = ["client", *[f"eps ({a})" for a in accountants], "delta", "releases", "steps", "pending", "certified"]
     rows = [
         [
             c.client,
             *[f"{v:.4f}" for _, v in c.epsilon_by_accountant],
             f"{c.delta:g}",
-            str(c.rounds),
+            str(c.entries),
             str(c.steps),
             str(c.pending),
             "yes" if c.certified else "NOT PRIVATE",

@@ -55,6 +55,7 @@ __all__ = [
     "GENESIS_HASH",
     "LEDGER_VERSION",
     "Ledger",
+    "check_anchor",
     "entry_view",
     "read_verified_ledger",
     "spent_events",
@@ -277,6 +278,19 @@ def spent_events(
     return spent
 
 
+def check_anchor(data: bytes, anchor: tuple[int, str], *, where: str = "the ledger") -> None:
+    """Raise :class:`LedgerTamperedError` unless ``data`` continues the anchored ledger: its first
+    ``anchor[0]`` bytes are a valid chain whose head hash is ``anchor[1]``."""
+    size, head_at = anchor
+    if len(data) < size:
+        raise LedgerTamperedError(
+            f"{where} holds {len(data)} bytes but its anchor records {size}: it was deleted, truncated or replaced"
+        )
+    _, prefix_head = _parse(data[:size])
+    if prefix_head != head_at:
+        raise LedgerTamperedError(f"{where} does not continue its anchored head {head_at}: it was rewritten")
+
+
 def entry_view(entry: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of one verified ledger line with every version-2 field present (a version-1 line
     reads as ``release``/``randomness`` ``"unrecorded"``: it was written when Poisson batches
@@ -335,18 +349,7 @@ class Ledger:
         except OSError as exc:
             raise LedgerError(f"cannot read ledger {os.fspath(path)!r}: {exc}") from exc
         if anchor is not None:
-            size, head_at = anchor
-            if len(data) < size:
-                raise LedgerTamperedError(
-                    f"ledger {os.fspath(path)!r} holds {len(data)} bytes but its anchor records "
-                    f"{size}: it was deleted, truncated or replaced"
-                )
-            _, prefix_head = _parse(data[:size])
-            if prefix_head != head_at:
-                raise LedgerTamperedError(
-                    f"ledger {os.fspath(path)!r} does not continue its anchored head {head_at}: "
-                    "it was rewritten"
-                )
+            check_anchor(data, anchor, where=os.fspath(path))
         self._on_append = on_append
         entries, head = _parse(data)
         self._entries: list[dict[str, Any]] = entries

@@ -20,8 +20,10 @@ Which data: every ledger entry records the SHA-256 fingerprint of the data it pr
 hospital's, whatever records it holds today: a record added or removed (a neighbouring dataset,
 the very change DP is about) must not reset it, so new data continues the same state.
 
-While a job holds the state it keeps an exclusive lock on ``state.lock``; a second job on the
-same state at the same time is refused.
+While a job holds the state it keeps an exclusive ``flock`` on the state's folder; a second job on
+the same state at the same time is refused. Data already protected by another client's state in
+the same root is refused too (a new name does not start a new budget). The root is node-local
+configuration (``--state-dir``, ``$SECFEDTL_STATE_DIR``); a job file cannot choose it.
 
 What this cannot stop: an operator who deletes the whole folder (state and ledger together)
 starts again from nothing. Anchor :attr:`Ledger.head_hash` elsewhere too (``secfedtl audit``
@@ -106,6 +108,7 @@ class PrivacyState:
             raise ConfigError("fingerprint must be a hex SHA-256 (see data_fingerprint)")
         budget = PrivacyBudget(epsilon=epsilon, delta=delta, accountant=accountant)  # validates first
         root = Path(directory)
+        cls._refuse_known_data(root, client, fingerprint)
         _private_dir(root)
         lock_fd = cls._lock(root)
         try:
@@ -143,9 +146,28 @@ class PrivacyState:
             os.close(lock_fd)
             raise
 
+    @classmethod
+    def _refuse_known_data(cls, root: Path, client: str, fingerprint: str) -> None:
+        """Refuse a state for data that another client's state in the same root already protects
+        (renaming a hospital must not start a new budget for the same records)."""
+        parent = root.parent
+        if not parent.is_dir():
+            return
+        for sibling in sorted(parent.iterdir()):
+            path = sibling / "state.json"
+            if sibling == root or not path.is_file():
+                continue
+            try:
+                saved = cls._read(path)
+            except LedgerError:
+                continue
+            if fingerprint in saved["fingerprints"] and saved["client"] != client:
+                raise ConfigError(f"this data is already protected by the privacy state of {saved['client']!r} "
+                                  f"in {sibling}: a new name does not start a new budget")
+
     @staticmethod
     def _lock(root: Path) -> int:
-        fd = os.open(root / "state.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(root, os.O_RDONLY)  # the folder itself: deleting a lock file cannot lift it
         try:
             import fcntl
 

@@ -200,12 +200,14 @@ class NodeAgent:
 
 
 def build_hospital_agent(config: Any, name: str, out: Path, socket_path: Path, *,
-                         node_name: str | None = None) -> NodeAgent:
-    """The agent of hospital ``name`` of a job: its privacy state (ledger and budget, kept across
-    jobs) in ``out/privacy``, its local reports under it. ``node_name`` (default ``name``) is the
-    name the node answers to (tests run a second node from one hospital's data under another
-    name). The agent holds the state's lock until it stops."""
-    from secfedtl.runtime.job import build_client_node, build_source, open_hospital_state
+                         node_name: str | None = None, state_dir: Path | None = None) -> NodeAgent:
+    """The agent of hospital ``name`` of a job: its privacy state (ledger, budget and local
+    reports, kept across jobs) in ``state_dir/name`` (the node's own setting; default
+    :func:`~secfedtl.runtime.job.default_state_root`, never the job file or ``out``).
+    ``node_name`` (default ``name``) is the name the node answers to (tests run a second node
+    from one hospital's data under another name). The agent holds the state's lock until it
+    stops."""
+    from secfedtl.runtime.job import build_client_node, build_source, open_hospital_state, state_root
 
     from secfedtl.errors import ConfigError
 
@@ -213,7 +215,7 @@ def build_hospital_agent(config: Any, name: str, out: Path, socket_path: Path, *
         raise ConfigError("[selection] runs with the in-process runners only; name the chosen source in [model]")
     out.mkdir(parents=True, exist_ok=True)
     source = build_source(config)
-    state = open_hospital_state(config, name, source.centres, out / "privacy")
+    state = open_hospital_state(config, name, source.centres, state_root(state_dir))
     hospital = build_client_node(config, name, source, state)
     if node_name is not None:
         hospital.node.name = node_name
@@ -224,9 +226,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", type=Path, nargs="?", default=None,
                         help="job TOML file (default: the bundled heart job)")
     parser.add_argument("--hospital", required=True, help="which of the job's clients this node is")
-    parser.add_argument("--out", type=Path, required=True,
-                        help="this hospital's directory: its privacy state (privacy/<hospital>/ledger.jsonl, "
-                             "state.json, local reports) is kept there across runs")
+    parser.add_argument("--out", type=Path, required=True, help="this node's working directory")
+    parser.add_argument("--state-dir", type=Path, default=None,
+                        help="where this hospital's privacy state (ledger, budget, local reports) is kept across "
+                             "jobs: DIR/<hospital>/; default $SECFEDTL_STATE_DIR, else ~/.local/share/secfedtl/privacy")
     parser.add_argument("--socket", type=Path, required=True,
                         help="Unix socket the ClientApp relay connects to (node-config key 'agent')")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for local training")
@@ -243,7 +246,7 @@ def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, args.threads))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     agent = build_hospital_agent(JobConfig.load(args.config), args.hospital, args.out, args.socket,
-                                 node_name=args.node_name)
+                                 node_name=args.node_name, state_dir=args.state_dir)
     agent.open()
 
     def _stop(signum: int, frame: Any) -> None:

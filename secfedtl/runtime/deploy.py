@@ -200,7 +200,9 @@ class LocalFlower:
         for name in self.hospitals:
             argv = [sys.executable, "-m", "secfedtl.cli", "node", *([str(self.job)] if self.job else []),
                     "--hospital", self.twins.get(name, name), "--node-name", name,
-                    "--out", str(outs[name]), "--socket", str(self.socket_of(name))]
+                    "--out", str(outs[name]), "--socket", str(self.socket_of(name)),
+                    # a local test deployment: each node keeps its privacy state in its own folder
+                    "--state-dir", str(Path(outs[name]) / "privacy")]
             self.processes.start(f"agent-{name}", argv)
         wait_for(lambda: all(self.socket_of(n).exists() for n in self.hospitals), timeout=timeout,
                  what="the node agents", procs=self.processes)

@@ -44,6 +44,7 @@ else:  # pragma: no cover - Python 3.10
 
 from secfedtl.aggregation import make_server_optimizer
 from secfedtl.data import load_fed_heart_disease, record_split, split_key, standardize, validation_split
+from secfedtl.data.heart import TRAIN_FRACTION
 from secfedtl.errors import AccountingError, ConfigError, RemoteProtocolError
 from secfedtl.privacy.accountants import calibrate_noise_multiplier, compute_epsilon
 from secfedtl.privacy.budget import BudgetGuard
@@ -66,7 +67,7 @@ _SECTIONS = {
     "job": {"dataset": str, "source": str, "clients": list, "rounds": int, "seed": int,
             "validation_fraction": float, "workers": int, "id": str},
     "privacy": {"epsilon": float, "delta": float, "accountant": str, "personalise": bool, "secure_mode": bool,
-                "insecure_reproducible": bool, "state_dir": str},
+                "insecure_reproducible": bool},
     "declared": {"records": dict},
     "model": {"kind": str, "hidden": int, "source_epochs": int, "source_lr": float, "source_weight_decay": float},
     "training": {"lr": float, "expected_batch_size": int, "max_grad_norm": float, "epochs": int,
@@ -77,8 +78,7 @@ _SECTIONS = {
 }
 #: Keys that may be left out, with their defaults (added after version 1 of the schema).
 _OPTIONAL: dict[str, dict[str, Any]] = {"job": {"workers": 0, "id": ""},
-                                       "privacy": {"secure_mode": True, "insecure_reproducible": False,
-                                                   "state_dir": ""},
+                                       "privacy": {"secure_mode": True, "insecure_reproducible": False},
                                        "model": {"kind": "mlp"}}
 #: Sections that may be left out as a whole.
 _OPTIONAL_SECTIONS = frozenset({"selection"})
@@ -355,17 +355,16 @@ def job_id(config: JobConfig) -> str:
 
 
 def default_state_root() -> Path:
-    """Where hospitals' privacy states live unless the job or ``--state-dir`` says otherwise:
-    ``$SECFEDTL_STATE_DIR``, else ``~/.local/share/secfedtl/privacy``."""
+    """Where hospitals' privacy states live unless the node's own ``--state-dir`` says otherwise:
+    ``$SECFEDTL_STATE_DIR``, else ``~/.local/share/secfedtl/privacy``. This is node-local
+    configuration: a job file cannot set it (a job could otherwise point a hospital at a fresh
+    state with a new budget)."""
     env = os.environ.get("SECFEDTL_STATE_DIR")
     return Path(env) if env else Path.home() / ".local" / "share" / "secfedtl" / "privacy"
 
 
-def state_root(config: JobConfig, override: Path | None = None) -> Path:
-    if override is not None:
-        return override
-    given = config["privacy"]["state_dir"]
-    return Path(given).expanduser() if given else default_state_root()
+def state_root(override: Path | None = None) -> Path:
+    return override if override is not None else default_state_root()
 
 
 def open_hospital_state(config: JobConfig, name: str, centres: dict[str, Any], root: Path) -> PrivacyState:
@@ -649,7 +648,7 @@ def build_job(config: JobConfig, out: Path, *, resume: bool = False, workers: in
     if not resume and (out / "checkpoint.json").exists():
         raise ConfigError(f"{out} holds a run: use --resume to continue it, or another --out")
     workers = config["job"]["workers"] if workers is None else workers
-    root = state_root(config, state_dir)
+    root = state_root(state_dir)
     states: dict[str, PrivacyState] = {}
     try:
         centres = build_centres(config)
@@ -677,8 +676,18 @@ def build_job(config: JobConfig, out: Path, *, resume: bool = False, workers: in
 
 
 def build_centres(config: JobConfig) -> dict[str, Any]:
-    """The standardised centres (with the public source centre's statistics)."""
+    """The standardised centres (with the public source centre's statistics). Each private
+    hospital's rows are split into train and test *record-stably*: a keyed hash of each record
+    decides (FLamby's test share, ``1 - TRAIN_FRACTION``), so adding or removing a patient moves
+    only that patient (FLamby's own split is a seeded shuffle, where one added row moves about 15
+    others between train and test). The public source centre keeps FLamby's split."""
     centres, _ = standardize(load_fed_heart_disease(), stats_from=config["job"]["source"])
+    key = split_key(config["job"]["seed"], "test")
+    for name in config["job"]["clients"]:
+        c = centres[name]
+        x, y = np.concatenate([c.x_train, c.x_test]), np.concatenate([c.y_train, c.y_test])
+        x_train, y_train, x_test, y_test = record_split(x, y, 1.0 - TRAIN_FRACTION, key)
+        centres[name] = dataclasses.replace(c, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
     return centres
 
 
@@ -888,8 +897,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help="run the clients in N forked worker processes (default: the config's job.workers; "
                              "0: in this process, one after the other)")
     parser.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
-                        help="where the hospitals' privacy states (ledgers, budgets) live; default: [privacy] "
-                             "state_dir, else $SECFEDTL_STATE_DIR, else ~/.local/share/secfedtl/privacy")
+                        help="where the hospitals' privacy states (ledgers, budgets) live, kept across jobs; "
+                             "default $SECFEDTL_STATE_DIR, else ~/.local/share/secfedtl/privacy")
     parser.add_argument("--no-progress", action="store_true")
 
 

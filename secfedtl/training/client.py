@@ -36,7 +36,12 @@ from secfedtl.transfer.batchnorm import prepare_for_dp
 from secfedtl.transfer.caching import cache_features, check_frozen_deterministic, split_head
 from secfedtl.transfer.distillation import cross_entropy_loss
 
-__all__ = ["BudgetGuardLike", "PrivateClient"]
+__all__ = ["MAX_ABS_WEIGHT", "BudgetGuardLike", "PrivateClient"]
+
+#: Global weights a client accepts from the server (a public check of the server's input, made
+#: before anything is charged): larger ones serve no model and only help a server make a record's
+#: loss overflow. (Records with a non-finite loss contribute zero anyway; see run_dp_sgd.)
+MAX_ABS_WEIGHT = 1e6
 
 
 class BudgetGuardLike(Protocol):
@@ -229,6 +234,8 @@ class PrivateClient:
                 raise InputError(f"global_state[{name!r}] must be a tensor of shape {tuple(params[name].shape)}")
             if not t.is_floating_point() or not torch.isfinite(t).all():
                 raise InputError(f"global_state[{name!r}] must be finite floating point")
+            if bool((t.abs() > MAX_ABS_WEIGHT).any()):
+                raise InputError(f"global_state[{name!r}] has weights beyond the public bound {MAX_ABS_WEIGHT:g}")
 
     def make_event(self) -> Any:
         """The DP event one round runs: Poisson sampling + Gaussian noise for ``local_steps`` steps."""

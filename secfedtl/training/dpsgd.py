@@ -155,12 +155,37 @@ def _linear_ce_clipped_sum(
         e[torch.arange(len(y), device=y.device), y] -= 1.0
         sq = (x * x).sum(dim=1) + (1.0 if layer.bias is not None else 0.0)
         norms = torch.sqrt((e * e).sum(dim=1) * sq)
-        factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-        ce = e * factor.unsqueeze(1)
-        grad_w = ce.t() @ x
+        # A record whose loss or gradient is not finite contributes zero (within the clip norm),
+        # never an error: whether training fails must not depend on the data.
+        ok = torch.isfinite(losses) & torch.isfinite(norms) & torch.isfinite(x).all(dim=1)
+        factor = torch.where(ok, (max_grad_norm / (norms + 1e-6)).clamp(max=1.0), torch.zeros_like(norms))
+        ce = torch.where(ok.unsqueeze(1), e, torch.zeros_like(e)) * factor.unsqueeze(1)
+        grad_w = ce.t() @ torch.where(ok.unsqueeze(1), x, torch.zeros_like(x))
         grad_b = ce.sum(dim=0) if layer.bias is not None else None
     return grad_w, grad_b, losses
 
+
+
+def _finite_mean(values: torch.Tensor) -> float:
+    """Mean of the finite values (for the local loss log only), 0 when there are none."""
+    finite = values[torch.isfinite(values)]
+    return float(finite.mean()) if len(finite) else 0.0
+
+
+def _zero_non_finite_samples(params: list[nn.Parameter], per_sample: torch.Tensor) -> None:
+    """Set to zero every per-sample gradient row of a record whose loss or gradient is not finite:
+    that record contributes nothing (within the clip norm), and training never fails because of
+    what a record holds (the server could otherwise test records through the failure)."""
+    bad = ~torch.isfinite(per_sample)
+    for p in params:
+        gs = getattr(p, "grad_sample", None)
+        if gs is not None and gs.shape[0] == bad.shape[0]:
+            bad |= ~torch.isfinite(gs.reshape(gs.shape[0], -1)).all(dim=1)
+    if bad.any():
+        for p in params:
+            gs = getattr(p, "grad_sample", None)
+            if gs is not None and gs.shape[0] == bad.shape[0]:
+                gs[bad] = 0.0
 
 
 def run_dp_sgd(
@@ -184,8 +209,11 @@ def run_dp_sgd(
     ``model`` is trained as given (its frozen parameters get no gradient); ``regularized_model`` is
     the model the regulariser's names refer to (defaults to ``model``). Each step's batch is drawn
     by ``randomness`` (see :mod:`secfedtl.privacy.randomness`); ``noise_generator`` is the client's
-    own noise generator (``randomness.noise_generator()``; ``None`` in ``secure_mode``). Raises
-    :class:`TrainingError` on a non-finite loss or parameter; the caller owns rollback.
+    own noise generator (``randomness.noise_generator()``; ``None`` in ``secure_mode``). A record
+    whose loss or per-sample gradient is not finite contributes zero to its step (never an error:
+    a failure that depends on a record would tell a server whether it is there). Raises
+    :class:`TrainingError` on non-finite parameters after training (possible only from public
+    inputs: huge global weights or learning rate); the caller owns rollback.
     ``audit`` (:class:`AuditHook`, empirical audits only; ``None`` changes nothing) adds gradient
     canaries in a block of their own and observes every noisy step (linear-head fast path only).
     """
@@ -242,15 +270,13 @@ def run_dp_sgd(
                     grad_w, grad_b, per_sample = _linear_ce_clipped_sum(
                         model, x.to(device), y.to(device), config.max_grad_norm  # type: ignore[arg-type]
                     )
-                    if not torch.isfinite(per_sample).all():
-                        raise TrainingError("non-finite loss during private training")
                     model.weight.summed_grad = grad_w  # type: ignore[union-attr]
                     if grad_b is not None:
                         model.bias.summed_grad = grad_b  # type: ignore[union-attr]
                     if audit is not None:
                         audit.parameter.summed_grad = audit.clipped_sum(  # type: ignore[attr-defined]
                             randomness, sample_rate, config.max_grad_norm)
-                    losses.append(float(per_sample.mean()) if len(per_sample) else 0.0)
+                    losses.append(_finite_mean(per_sample))
                     # Opacus adds the noise; divide by the fixed expected_batch_size as its
                     # scale_grad does (one accumulated iteration).
                     optimizer.add_noise()
@@ -278,8 +304,20 @@ def run_dp_sgd(
                         raise TrainingError(
                             f"loss_fn must return one loss per example, got shape {tuple(per_sample.shape)}"
                         )
-                    if not torch.isfinite(per_sample).all():
-                        raise TrainingError("non-finite loss during private training")
+                    if ghost and not torch.isfinite(per_sample).all():
+                        # Ghost clipping cannot set one record's gradient aside after the fact:
+                        # drop the records whose loss is not finite and run the batch again
+                        # (the same as a zero contribution from each of them).
+                        keep = torch.isfinite(per_sample.detach())
+                        optimizer.zero_grad(set_to_none=True)
+                        for module in gsm.modules():  # forget the first forward's activations
+                            if hasattr(module, "activations"):
+                                module.activations = []
+                        for p in params:
+                            if hasattr(p, "_forward_counter"):
+                                p._forward_counter = 0
+                        x, y = x[keep], y[keep]
+                        per_sample = loss_fn(gsm, x, y) if len(y) else per_sample.detach()[keep]
                     if ghost:
                         per_sample.sum().backward(retain_graph=True)
                         optimizer.zero_grad(set_to_none=True)
@@ -289,7 +327,8 @@ def run_dp_sgd(
                         gsm.enable_hooks()  # type: ignore[operator]
                     else:
                         per_sample.sum().backward()
-                    losses.append(float(per_sample.detach().mean()))
+                        _zero_non_finite_samples(params, per_sample.detach())
+                    losses.append(_finite_mean(per_sample.detach()))
                 if optimizer.pre_step():
                     if regularizer is not None:
                         regularizer.add_gradient(target)

@@ -70,6 +70,20 @@ def _check_features(features: object, dim: int | None = None) -> np.ndarray:
     return arr
 
 
+def _private_features(features: object, dim: int) -> np.ndarray:
+    """The private features as a ``(n, dim)`` float array, read inside the charged block: a row
+    that is not finite contributes zero (its count term stays, within the sensitivity), and no
+    rows give an empty array; neither is an error the server could see. A wrong number of
+    columns (a property of the pipeline, not of a record) still raises."""
+    try:
+        arr = np.asarray(features, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InputError("features must be a 2-D array of numbers") from exc
+    if arr.ndim != 2 or (arr.shape[0] and arr.shape[1] != dim):
+        raise InputError(f"features must be a 2-D array with {dim} columns, got shape {arr.shape}")
+    return np.where(np.isfinite(arr).all(axis=1, keepdims=True), arr, 0.0).reshape(-1, dim)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MeanMechanism:
     """The Gaussian mechanism one client runs on its ``(sum of clipped features, n * R)`` vector.
@@ -175,8 +189,10 @@ def private_feature_sum(*, features: np.ndarray, mechanism: MeanMechanism, guard
 
     Raises:
         PrivacyBudgetExceeded: the event would exceed the client's budget (nothing changed).
-        InputError: bad arguments (checked before the charge); bad features (checked after it:
-            nothing about the private features is read before the charge).
+        InputError: bad arguments (checked before the charge), or features that are not a 2-D
+            array of ``dim`` columns (checked after it: nothing about the private features is
+            read before the charge). Non-finite rows contribute zero and empty features give
+            zeros: no refusal depends on a record.
     """
     if not isinstance(mechanism, MeanMechanism):
         raise InputError("mechanism must be a MeanMechanism")
@@ -187,8 +203,8 @@ def private_feature_sum(*, features: np.ndarray, mechanism: MeanMechanism, guard
     # Charge first: the features (even their shape) are read only inside the charged block.
     with guard.charge(mechanism.event(), round=round, model_hash=model_hash, release="feature_mean",
                       randomness="csprng" if rng is None else "insecure_seeded", params=mechanism.ledger_fields()):
-        x = _check_features(features, mechanism.dim)
-        stats = clipped_feature_sum(x, row_clip=mechanism.row_clip)
+        x = _private_features(features, mechanism.dim)
+        stats = clipped_feature_sum(x, row_clip=mechanism.row_clip) if len(x) else np.zeros(mechanism.vector_length)
         return mechanism.release(stats, rng=rng)
 
 

@@ -25,9 +25,9 @@ training; see docs/privacy.md for why we do not split the noise between clients)
 Order of :func:`private_selection_statistics` (as for a training round): checks of the public
 arguments, then ``guard.charge(event)`` refuses (``PrivacyBudgetExceeded``) or writes the pending
 ledger entry, and only then is the private data read (even its length), the losses computed and
-the noise drawn. A failure found
-while computing (a non-finite loss) is raised *after* the charge: whether a private record makes a
-model's loss non-finite is itself information about the data, so that attempt stays counted.
+the noise drawn. A record whose loss is not finite counts as the clipped maximum, never as an
+error: whether a private record breaks a model is information about the data, and a failure
+would show it to the server.
 """
 
 from __future__ import annotations
@@ -190,12 +190,12 @@ def _check_candidates(candidates: Sequence[nn.Module]) -> list[nn.Module]:
     return list(candidates)
 
 
-def _check_data(data: Dataset) -> int:
+def _check_data(data: Dataset, *, allow_empty: bool = False) -> int:
     try:
         n = len(data)  # type: ignore[arg-type]
     except TypeError as exc:
         raise InputError("data must have a length") from exc
-    if n < 1:
+    if n < 1 and not allow_empty:
         raise InputError("cannot evaluate candidates on an empty dataset")
     return n
 
@@ -214,15 +214,19 @@ def clipped_loss_sums(
     ``loss_fn(model, inputs, targets)`` returns one loss per example (default: cross entropy of
     the logits). Every candidate runs in eval mode; its previous mode is restored.
 
+    A non-finite per-sample loss counts as ``loss_clip``; empty data gives zeros.
+
     Raises:
-        InputError: no candidates, empty data, a loss that is not one finite value per example
-            (NaN or inf, or a model whose output does not fit the targets).
+        InputError: no candidates, or a loss that is not one value per example (a model whose
+            output does not fit the targets).
         ConfigError: ``loss_clip`` is not a finite number > 0.
     """
     models = _check_candidates(candidates)
     clip = _positive_finite("loss_clip", loss_clip)
-    n = _check_data(data)
+    n = _check_data(data, allow_empty=True)
     sums = np.zeros(len(models) + 1, dtype=np.float64)
+    if n == 0:
+        return sums
     modes = [m.training for m in models]
     try:
         for m in models:
@@ -238,9 +242,11 @@ def clipped_loss_sums(
                 if not isinstance(losses, torch.Tensor) or losses.shape != (len(y),):
                     shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
                     raise InputError(f"candidate {k}: the loss must give one value per example, got {shape}")
-                if not torch.isfinite(losses).all():
-                    raise InputError(f"candidate {k} has a non-finite loss on this data")
-                sums[k] += float(losses.double().clamp(0.0, clip).sum())
+                # A non-finite loss counts as the largest clipped loss: whether some record breaks a
+                # candidate must not show as an error (the server would see it), and the sum's
+                # sensitivity stays loss_clip.
+                losses = torch.where(torch.isfinite(losses), losses.double(), torch.full_like(losses, clip, dtype=torch.float64))
+                sums[k] += float(losses.clamp(0.0, clip).sum())
     finally:
         for m, mode in zip(models, modes):
             m.train(mode)
@@ -268,8 +274,9 @@ def private_selection_statistics(
 
     Raises:
         PrivacyBudgetExceeded: the event would exceed the client's budget (nothing changed).
-        InputError: bad arguments (before the charge), or empty data or a non-finite loss (after
-            it: nothing about the data is read before the charge).
+        InputError: bad arguments (before the charge). Empty data and non-finite losses are not
+            errors (zeros, and the clipped maximum): a refusal that depends on the data would
+            tell the server something no charge covers.
     """
     if not isinstance(mechanism, SelectionMechanism):
         raise InputError("mechanism must be a SelectionMechanism")

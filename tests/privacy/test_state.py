@@ -146,3 +146,31 @@ def test_fingerprint_depends_on_every_byte():
     b[2, 1] += 1e-9
     assert data_fingerprint([a]) != data_fingerprint([b])
     assert data_fingerprint([a]) != data_fingerprint([a.astype(np.float32)])
+
+
+def test_audit_checks_the_ledger_against_its_state_anchor(tmp_path):
+    from secfedtl.cli import main as cli_main
+
+    state = open_state(tmp_path / "h1")
+    spend(state, rounds=3)
+    state.close()
+    ledger = tmp_path / "h1" / "ledger.jsonl"
+    assert cli_main(["audit", str(ledger)]) == 0
+    lines = ledger.read_bytes().splitlines(keepends=True)
+    ledger.write_bytes(b"".join(lines[:-2]))  # a valid, shorter chain: only the anchor shows the cut
+    assert cli_main(["audit", str(ledger)]) == 1
+
+
+def test_renaming_a_hospital_does_not_start_a_new_budget(tmp_path):
+    open_state(tmp_path / "h1").close()
+    with pytest.raises(ConfigError, match="already protected"):
+        open_state(tmp_path / "h1-renamed", client="h1-renamed")
+
+
+def test_deleting_files_cannot_lift_the_lock(tmp_path):
+    state = open_state(tmp_path / "h1")
+    for leftover in (tmp_path / "h1").glob("*.lock"):
+        leftover.unlink()
+    with pytest.raises(ConfigError, match="another job"):
+        open_state(tmp_path / "h1")
+    state.close()

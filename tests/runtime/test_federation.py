@@ -217,12 +217,13 @@ def test_metrics_and_audit_agree(tmp_path):
 
 
 def test_personalised_pooled_accuracy_is_over_the_same_test_rows(tmp_path):
-    from secfedtl.data import load_fed_heart_disease
+    from secfedtl.runtime.job import build_centres
 
-    metrics = run_job(small_config(privacy__personalise=True, job__rounds=1), tmp_path / "p", progress=False)
+    config = small_config(privacy__personalise=True, job__rounds=1)
+    metrics = run_job(config, tmp_path / "p", progress=False)
     final = metrics["simulation_only"]["final"]
     assert set(metrics["server"]["personalisation"].values()) == {"done"}
-    sizes = {n: len(c.y_test) for n, c in load_fed_heart_disease().items() if n in final["personalised_test_accuracy"]}
+    sizes = {n: len(c.y_test) for n, c in build_centres(config).items() if n in final["personalised_test_accuracy"]}
     correct = sum(round(final["personalised_test_accuracy"][n] * k) for n, k in sizes.items())
     assert final["personalised_pooled_test_accuracy"] == pytest.approx(correct / sum(sizes.values()))
     assert len(sizes) == 3

@@ -200,3 +200,35 @@ def test_neighbouring_datasets_differ_only_in_charged_outputs(tmp_path, monkeypa
     # A record added to or removed from the validation split (which nothing releases) leaves
     # the server's view unchanged.
     assert server_view(tmp_path, monkeypatch, change, f"{change}-val", split="validation") == base
+
+
+@pytest.mark.parametrize("weight", [1e30, 1e5])
+def test_adversarial_weights_give_the_same_status_with_or_without_a_record(tmp_path, monkeypatch, weight):
+    """A malicious server picks global weights so that one record's loss overflows (the review's
+    "failure oracle"). The reply must not depend on whether the record is there: weights beyond
+    the public bound are refused before anything is charged (whatever the data), and a record
+    whose loss is not finite contributes zero instead of failing the round."""
+    from secfedtl.runtime.job import build_client_node, build_source, open_hospital_state
+    from secfedtl.training import flatten_delta
+
+    statuses = {}
+    for change in ("none", "remove"):
+        with monkeypatch.context() as patch:
+            patch.setattr(job_mod, "build_centres", neighbour(change))
+            config = small_config()
+            source = build_source(config)
+            state = open_hospital_state(config, "hungary", source.centres, tmp_path / change)
+            node = build_client_node(config, "hungary", source, state).node
+            head = source.head
+            head["head.weight"][1, 3] = weight  # the logit of class 1 follows feature 3 alone
+            options = {"names": list(head), "frozen_hash": source.frozen_hash,
+                       "encoding": {"clip": 1.0, "bits": 32, "num_clients": 3, "max_weight": 1000}}
+            replies = []
+            for r in range(2):  # the job plans two releases (one round and personalisation)
+                request = wire.TaskRequest.with_weights(round=r, task="train", weights=flatten_delta(head),
+                                                        options=options)
+                replies.append(wire.decode(node.handle(wire.encode(request))[0]).status)
+            statuses[change] = replies
+            state.close()
+    assert statuses["none"] == statuses["remove"]
+    assert set(statuses["none"]) == ({"failed"} if weight > 1e6 else {"ready"})

@@ -100,16 +100,38 @@ def test_refused_budget_trains_nothing(refusing_guard):
     assert client.randomness._rng.bit_generator.state == rng_before  # no batch was drawn
 
 
-def test_non_finite_loss_leaves_model_unchanged(guard):
-    def exploding(model, x, y):
-        return cross_entropy_loss(model, x, y) * float("inf")
+def test_non_finite_update_leaves_model_unchanged(guard):
+    class Overflowing:  # public inputs that overflow (e.g. a huge learning rate)
+        def add_gradient(self, model):
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.fill_(float("inf"))
 
-    client = _client(guard, loss_fn=exploding)
+    client = _client(guard, regularizer=Overflowing())
     before = _snapshot(client.model)
     with pytest.raises(TrainingError):
         client.train_round(global_state=client.trainable_state(), round=2, model_hash="h")
     assert _bitwise_equal(_snapshot(client.model), before)
     assert len(guard.failed) == 1 and not guard.completed
+
+
+def test_a_record_that_breaks_the_loss_does_not_fail_the_round(guard):
+    def exploding(model, x, y):
+        return cross_entropy_loss(model, x, y) * float("inf")
+
+    client = _client(guard, loss_fn=exploding)
+    update = client.train_round(global_state=client.trainable_state(), round=2, model_hash="h")
+    assert all(torch.isfinite(d).all() for d in update.delta.values())  # noise only
+    assert len(guard.completed) == 1
+
+
+def test_global_weights_beyond_the_public_bound_are_refused_before_charging(guard):
+    client = _client(guard)
+    state = {k: v.clone() for k, v in client.trainable_state().items()}
+    state["fc.weight"][0, 0] = 1e7
+    with pytest.raises(InputError, match="bound"):
+        client.train_round(global_state=state, round=0, model_hash="h")
+    assert guard.pending == []
 
 
 @pytest.mark.parametrize(

@@ -147,12 +147,33 @@ def test_flat_and_ghost_clipping_agree():
     assert torch.allclose(results[0], results[1], atol=1e-5)
 
 
-def test_non_finite_loss_raises():
-    def nan_loss(model, x, y):
-        return cross_entropy_loss(model, x, y) * float("nan")
+@pytest.mark.parametrize(("clipping", "loss_fn"), [("flat", cross_entropy_loss), ("flat", _hooked_ce),
+                                                   ("ghost", cross_entropy_loss)])
+def test_a_record_with_a_non_finite_loss_contributes_nothing_and_fails_nothing(clipping, loss_fn):
+    """A server that chooses weights so that one record's loss overflows must not learn whether
+    the record is there from a failure: the record contributes zero, exactly as if it were absent."""
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 3), torch.randint(0, 2, (6,))
+    poisoned = x.clone()
+    poisoned[2] = float("inf")  # this record's logits, loss and gradient are not finite
+    cfg = _cfg(noise_multiplier=1e-9, max_grad_norm=0.5, clipping=clipping)
+    with_bad, without = _linear(), _linear()
+    _train(with_bad, TensorDataset(poisoned, y), cfg, sample_rate=1.0, loss_fn=loss_fn)
+    keep = torch.tensor([0, 1, 3, 4, 5])
+    _train(without, TensorDataset(x[keep], y[keep]), cfg, sample_rate=1.0, loss_fn=loss_fn)
+    assert all(torch.isfinite(p).all() for p in with_bad.parameters())
+    for a, b in zip(with_bad.parameters(), without.parameters()):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_non_finite_parameters_still_raise():
+    class Overflowing:  # a (data-independent) regulariser that drives the weights to infinity
+        def add_gradient(self, model):
+            for p in model.parameters():
+                p.grad.fill_(float("inf"))
 
     with pytest.raises(TrainingError, match="non-finite"):
-        _train(_linear(), _identical(5), _cfg(), sample_rate=1.0, loss_fn=nan_loss)
+        _train(_linear(), _identical(5), _cfg(noise_multiplier=1.0), sample_rate=1.0, regularizer=Overflowing())
 
 
 def test_loss_must_be_per_sample():

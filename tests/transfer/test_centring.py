@@ -98,16 +98,29 @@ def test_private_feature_sum_refuses_when_the_budget_is_spent_and_changes_nothin
     assert guard.budget.events == ()
 
 
-@pytest.mark.parametrize("features", [np.ones((3, 5)), np.ones(3), np.zeros((0, 2)), np.array([[np.nan, 1.0]])])
-def test_bad_features_are_refused_after_the_charge(tmp_path, features):
-    """Charge first: even the check of the private features runs inside the charged block, so a
-    refusal that depends on the data is counted (the attempt stays spent)."""
+@pytest.mark.parametrize("features", [np.ones((3, 5)), np.ones(3)])
+def test_features_of_the_wrong_shape_are_refused_after_the_charge(tmp_path, features):
+    """Charge first: even the check of the private features runs inside the charged block."""
     guard = make_guard(tmp_path)
     mech = MeanMechanism(dim=2, noise_multiplier=20.0)
     with pytest.raises(InputError):
         private_feature_sum(features=features, mechanism=mech, guard=guard, round=0, model_hash="h")
     assert guard.budget.events == (mech.event(),)
     assert [e["status"] for e in verify_ledger(tmp_path / "a.jsonl")] == ["pending"]
+
+
+def test_non_finite_rows_and_empty_features_are_released_not_refused(tmp_path):
+    """No refusal depends on a record: a non-finite row contributes zero (its count stays), and
+    empty features release zeros plus noise."""
+    mech = MeanMechanism(dim=2, noise_multiplier=20.0)
+    guard = make_guard(tmp_path, epsilon=5.0)
+    noise = np.random.default_rng(0).standard_normal(3) * mech.noise_std  # what rng=default_rng(0) adds
+    out = private_feature_sum(features=np.array([[0.6, 0.8], [np.nan, 1.0]]), mechanism=mech, guard=guard, round=0,
+                              model_hash="h", rng=np.random.default_rng(0))
+    np.testing.assert_allclose(out - noise, [0.6, 0.8, 2.0], atol=1e-9)
+    empty = private_feature_sum(features=np.zeros((0, 2)), mechanism=mech, guard=guard, round=1, model_hash="h",
+                                rng=np.random.default_rng(0))
+    np.testing.assert_allclose(empty - noise, [0.0, 0.0, 0.0], atol=1e-9)
 
 
 def test_bad_mechanisms_are_refused():
