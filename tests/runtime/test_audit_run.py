@@ -25,12 +25,13 @@ from secfedtl.runtime.job import JobConfig
 
 
 def small_job(epsilon: float = 1.0, rounds: int = 2, personalise: bool = False, hungary: int = 140,
-              l2sp: float = 0.05) -> JobConfig:
+              l2sp: float = 0.05, secagg_clip: float = 1.0) -> JobConfig:
     data = JobConfig.load(None).to_dict()
     data["job"].update(rounds=rounds, seed=3, workers=0, id="")
     data["privacy"].update(epsilon=epsilon, personalise=personalise, secure_mode=True, accountant="rdp")
     data["declared"]["records"] = {"hungary": hungary, "switzerland": 25, "va": 70}
     data["model"].update(kind="linear", source_epochs=60)
+    data["secagg"].update(clip=secagg_clip)
     data["training"].update(lr=0.2, expected_batch_size=16, max_grad_norm=1.0, epochs=2, l2sp=l2sp)
     return JobConfig.from_mapping(data)
 
@@ -77,10 +78,11 @@ def clipping_off(monkeypatch):
 # defect -> (apply, adversary, canaries, job settings). The server adversary's 16 input-space
 # canaries (one per feature of the head; it guesses the top and bottom 4) can prove at most 0.79 at
 # 95% confidence, so its job runs at epsilon 0.6, with 3 rounds (an included canary is then almost
-# surely sampled) and no L2-SP (whose pull towards the source would undo a canary's movement).
+# surely sampled), no L2-SP (whose pull towards the source would undo a canary's movement), and a
+# secure-aggregation clip of 100 per coordinate (1 would cap what an unclipped canary can move).
 # Predictable sampling matters where amplification does: that job declares 1400 records
 # (q = 16/1400, 175 steps a round), a legal public declaration.
-SERVER_JOB = {"epsilon": 0.6, "rounds": 3, "l2sp": 0.0}
+SERVER_JOB = {"epsilon": 0.6, "rounds": 3, "l2sp": 0.0, "secagg_clip": 100.0}
 DEFECTS = {
     "noise multiplier cut 10x": (noise_cut_10x, "whitebox", 400, {}),
     "sample rate recorded 10x smaller than used": (sample_rate_recorded_smaller, "whitebox", 400, {}),
@@ -93,7 +95,8 @@ DEFECTS = {
 def test_audit_catches_seeded_defect(defect, monkeypatch, tmp_path):
     apply, adversary, m, settings = DEFECTS[defect]
     apply(monkeypatch)
-    report = run_audit(small_job(**settings), tmp_path, canaries=m, client="hungary", adversary=adversary)
+    report = run_audit(small_job(**settings), tmp_path, canaries=m, client="hungary", adversary=adversary,
+                       scale=1000.0)
     print(defect, report["bound"]["epsilon_lower"], report["ledger_epsilon"])
     assert report["violation"], report["bound"]
     assert report["bound"]["epsilon_lower"] > report["ledger_epsilon"]
