@@ -77,12 +77,12 @@ def clipping_off(monkeypatch):
 
 # defect -> (apply, adversary, canaries, job settings). The server adversary's 16 input-space
 # canaries (one per feature of the head; it guesses the top and bottom 4) can prove at most 0.79 at
-# 95% confidence, so its job runs at epsilon 0.6, with 3 rounds (an included canary is then almost
-# surely sampled), no L2-SP (whose pull towards the source would undo a canary's movement), and a
-# secure-aggregation clip of 100 per coordinate (1 would cap what an unclipped canary can move).
+# 95% confidence, so its job runs at epsilon 0.6, with 4 rounds (an included canary then goes
+# unsampled with probability about e^-8), no L2-SP (whose pull towards the source would undo a
+# canary's movement), and a secure-aggregation clip of 100 per coordinate (1 would cap what an unclipped canary can move).
 # Predictable sampling matters where amplification does: that job declares 1400 records
 # (q = 16/1400, 175 steps a round), a legal public declaration.
-SERVER_JOB = {"epsilon": 0.6, "rounds": 3, "l2sp": 0.0, "secagg_clip": 100.0}
+SERVER_JOB = {"epsilon": 0.6, "rounds": 4, "l2sp": 0.0, "secagg_clip": 100.0}
 DEFECTS = {
     "noise multiplier cut 10x": (noise_cut_10x, "whitebox", 400, {}),
     "sample rate recorded 10x smaller than used": (sample_rate_recorded_smaller, "whitebox", 400, {}),
