@@ -169,6 +169,9 @@ class PrivateClient:
                 accountant=config.accountant,
             )
         self._head = head
+        #: empirical audits only (:mod:`secfedtl.runtime.audit_run`): a :class:`~secfedtl.training.dpsgd.AuditHook`
+        #: handed to every DP-SGD run; ``None`` (always, in a real job) changes nothing.
+        self.audit_hook: Any = None
         self._data: Dataset = train_data
         self._cached = False
         if cache_features:
@@ -282,6 +285,7 @@ class PrivateClient:
                     randomness=self.randomness,
                     noise_generator=self._noise_generator,
                     device=self._device,
+                    audit=self.audit_hook,
                 )
             except NotImplementedError as exc:  # Opacus: layer without per-sample gradients
                 raise TrainingError(f"Opacus cannot train this model privately: {exc}") from exc

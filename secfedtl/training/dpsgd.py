@@ -44,7 +44,7 @@ from secfedtl.privacy.randomness import Randomness
 from secfedtl.training.config import DPTrainingConfig
 from secfedtl.transfer.distillation import cross_entropy_loss
 
-__all__ = ["PerSampleLoss", "secure_gaussian", "run_dp_sgd"]
+__all__ = ["AuditHook", "PerSampleLoss", "secure_gaussian", "run_dp_sgd"]
 
 
 class PerSampleLoss(Protocol):
@@ -57,6 +57,23 @@ class GradientRegularizer(Protocol):
     """A data-independent term whose gradient is added after noise (e.g. :class:`L2SP`)."""
 
     def add_gradient(self, model: nn.Module) -> None: ...
+
+
+class AuditHook(Protocol):
+    """An empirical audit's view into DP-SGD (:mod:`secfedtl.runtime.audit_run`; never set in a real job).
+
+    ``parameter`` is an extra block of coordinates that the optimizer noises and steps like every
+    trained parameter, and that no real record's gradient touches: the audit's gradient (Dirac)
+    canaries live there. Each step, :meth:`clipped_sum` returns the sum of the canaries sampled in
+    that step (each of norm at most ``clip_norm``), added to the clipped sum before the noise;
+    :meth:`observe` then receives the noisy sums of every trained parameter and of the block (what
+    a white-box adversary sees), before normalisation."""
+
+    parameter: torch.Tensor
+
+    def clipped_sum(self, randomness: Randomness, sample_rate: float, clip_norm: float) -> torch.Tensor: ...
+
+    def observe(self, noisy_sums: list[torch.Tensor]) -> None: ...
 
 
 def secure_gaussian(shape: torch.Size | tuple[int, ...], *, std: float, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
@@ -185,6 +202,7 @@ def run_dp_sgd(
     randomness: Randomness,
     noise_generator: torch.Generator | None = None,
     device: str = "cpu",
+    audit: AuditHook | None = None,
 ) -> list[float]:
     """Run ``steps`` DP-SGD steps on ``model`` in place and return the mean loss of each step.
 
@@ -196,6 +214,8 @@ def run_dp_sgd(
     a failure that depends on a record would tell a server whether it is there). Raises
     :class:`TrainingError` on non-finite parameters after training (possible only from public
     inputs: huge global weights or learning rate); the caller owns rollback.
+    ``audit`` (:class:`AuditHook`, empirical audits only; ``None`` changes nothing) adds gradient
+    canaries in a block of their own and observes every noisy step (linear-head fast path only).
     """
     if not isinstance(randomness, Randomness):
         raise ConfigError("randomness must be a secfedtl.privacy.randomness.Randomness")
@@ -205,9 +225,13 @@ def run_dp_sgd(
     if not params:
         raise ConfigError("the model has no trainable parameters")
     n = len(data)  # type: ignore[arg-type]
-    inner = _inner_optimizer(config, params)
     ghost = config.clipping == "ghost"
     fast = _is_linear_ce_fast_path(model, data, loss_fn, config)
+    if audit is not None:
+        if not fast:
+            raise ConfigError("the white-box audit hook supports the linear head on cached features only")
+        params = params + [audit.parameter]
+    inner = _inner_optimizer(config, params)
     common = dict(
         noise_multiplier=noise_multiplier,
         max_grad_norm=config.max_grad_norm,
@@ -249,10 +273,15 @@ def run_dp_sgd(
                     model.weight.summed_grad = grad_w  # type: ignore[union-attr]
                     if grad_b is not None:
                         model.bias.summed_grad = grad_b  # type: ignore[union-attr]
+                    if audit is not None:
+                        audit.parameter.summed_grad = audit.clipped_sum(  # type: ignore[attr-defined]
+                            randomness, sample_rate, config.max_grad_norm)
                     losses.append(_finite_mean(per_sample))
                     # Opacus adds the noise; divide by the fixed expected_batch_size as its
                     # scale_grad does (one accumulated iteration).
                     optimizer.add_noise()
+                    if audit is not None:
+                        audit.observe([p.grad.detach().clone() for p in params])  # type: ignore[union-attr]
                     for p in params:
                         p.grad /= config.expected_batch_size
                     if regularizer is not None:

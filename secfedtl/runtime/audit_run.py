@@ -1,0 +1,344 @@
+"""`secfedtl audit-run JOB.toml`: an empirical lower bound on one hospital's epsilon, in one run.
+
+The auditor inserts ``M`` canaries into one hospital's private training, each included
+independently with probability 1/2 by a coin drawn from ``os.urandom`` and kept by the auditor,
+runs the job otherwise unchanged on a throwaway privacy state, scores every canary from what the
+chosen adversary sees, and turns the guesses into a lower bound on epsilon at 95% confidence
+(:mod:`secfedtl.privacy.empirical`, Steinke, Nasr and Jagielski 2023). The report puts it next
+to the epsilon the hospital's ledger certifies; a lower bound above it is a **violation** (exit
+status 4): the implementation does not deliver what the ledger claims.
+
+Adversaries (``--adversary``), each stated in the report:
+
+* ``whitebox`` (default): sees every noisy DP-SGD step of the hospital (the noisy sum of clipped
+  gradients, before normalisation) and every public value (the ledger's mechanisms, the job seed,
+  the hospital's other records). Canaries are **gradient (Dirac) canaries**: canary ``j`` is a
+  gradient of norm ``max_grad_norm`` on a coordinate of its own, in a block of coordinates that the
+  DP optimizer noises like every trained parameter and that no real record touches (so it does not
+  change the model). Each included canary is Poisson-sampled every step with the hospital's sample
+  rate, from the hospital's own :class:`~secfedtl.privacy.randomness.Randomness`. Scores: the
+  likelihood ratio of "sampled with the ledger's rate, noised with the ledger's noise multiplier"
+  against "absent"; and, for each public seed the job has, the score of an adversary that predicts
+  the sampling from that seed (a run whose sampling follows a public value loses its subsampling
+  amplification; the secure one draws from ``os.urandom`` and those scores are noise). The bound
+  is the best of these scorers, at 95% confidence split over them (Bonferroni).
+* ``server``: sees only what the server receives: the global model after every round (the decoded
+  secure sums) and public values. Canaries are **input-space canaries**: out-of-distribution,
+  mislabelled records (``x = +-scale * e_i`` on feature ``i``, labelled against the public
+  source model), added to the hospital's
+  training rows when included. Score: the largest one-round increase of the global model's margin
+  for the canary's label on the canary (the source model is round 0). The server does
+  not see personalisation, so its bound is compared with an epsilon that covers more than it sees.
+
+What a lower bound means and does not mean: docs/privacy.md, "Empirical auditing".
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from secfedtl.errors import ConfigError
+from secfedtl.privacy.empirical import EmpiricalBound, audit_scores
+from secfedtl.privacy.ledger import read_verified_ledger, spent_events
+from secfedtl.privacy.accountants import compute_epsilon
+from secfedtl.privacy.randomness import Randomness
+
+__all__ = ["GradientCanaries", "VIOLATION_EXIT", "draw_coins", "run_audit"]
+
+#: Exit status of ``secfedtl audit-run`` when the lower bound is above the ledger's epsilon.
+VIOLATION_EXIT = 4
+ADVERSARIES = ("whitebox", "server")
+
+
+def draw_coins(m: int) -> np.ndarray:
+    """``m`` fair coins from ``os.urandom`` (the auditor's secret: never seeded)."""
+    raw = np.frombuffer(os.urandom(m), dtype=np.uint8)
+    return (raw & 1).astype(bool)
+
+
+class GradientCanaries:
+    """Dirac gradient canaries for the white-box audit (:class:`secfedtl.training.dpsgd.AuditHook`).
+
+    ``parameter`` is the canaries' own block of ``m`` coordinates; each step the hook samples the
+    canary slots with the step's sample rate from the hospital's randomness (every slot, so the
+    draw does not depend on the coins), adds ``clip_norm`` on the coordinate of every sampled
+    *included* canary, and records the noisy block the optimizer produced."""
+
+    def __init__(self, included: np.ndarray) -> None:
+        self._included = np.asarray(included, dtype=bool)
+        self.parameter = torch.zeros(len(self._included), requires_grad=True)
+        self.observed: list[np.ndarray] = []
+        self.data_sizes: list[int] = []
+
+    def clipped_sum(self, randomness: Randomness, sample_rate: float, clip_norm: float) -> torch.Tensor:
+        chosen = randomness.poisson_indices(len(self._included), sample_rate)
+        g = torch.zeros(len(self._included))
+        g[torch.from_numpy(chosen[self._included[chosen]])] = float(clip_norm)
+        return g
+
+    def observe(self, noisy_sums: list[torch.Tensor]) -> None:
+        self.observed.append(noisy_sums[-1].detach().cpu().numpy().astype(np.float64).copy())
+
+
+def _public_steps(ledger_path: Path, client: str, job_id: str) -> list[tuple[float, float]]:
+    """``(sample_rate, noise_multiplier)`` of every DP-SGD step this job charged to ``client``, in
+    order, as the ledger records them (what the adversary knows)."""
+    entries, _ = read_verified_ledger(ledger_path)
+    steps: list[tuple[float, float]] = []
+    pending = [e for e in entries if e.get("status") == "pending" and e.get("client") == client
+               and e.get("job_id") == job_id and e.get("release") in ("dpsgd_update", "local_model")]
+    for e in pending:
+        steps += [(float(e["sample_rate"]), float(e["noise_multiplier"]))] * int(e["steps"])
+    return steps
+
+
+def whitebox_scores(observed: np.ndarray, public: list[tuple[float, float]], clip_norm: float) -> np.ndarray:
+    """Per canary, the log likelihood ratio over every observed step of "included: sampled with
+    rate q, shifted by clip_norm, noise sigma * clip_norm" against "absent" (q, sigma from the
+    ledger). ``observed`` has shape (steps, m)."""
+    n = min(len(observed), len(public))
+    x = observed[:n] / clip_norm
+    q = np.array([p[0] for p in public[:n]])[:, None]
+    sigma = np.array([p[1] for p in public[:n]])[:, None]
+    z = (x - 0.5) / sigma**2
+    with np.errstate(divide="ignore"):
+        per_step = np.logaddexp(np.log1p(-np.minimum(q, 1.0)), np.log(q) + z)
+    return per_step.sum(axis=0)
+
+
+def predicted_sampling_scores(observed: np.ndarray, *, seed: int, data_size: int, sample_rate: float,
+                              clip_norm: float) -> np.ndarray:
+    """The score of an adversary who predicts the Poisson sampling from a public ``seed`` (as if
+    the hospital's randomness were ``Randomness.insecure_seeded(seed)``): the sum of the canary's
+    coordinate over the steps it predicts the canary was sampled in."""
+    rnd = Randomness.insecure_seeded(seed)
+    m = observed.shape[1]
+    scores = np.zeros(m)
+    for row in observed:
+        rnd.poisson_indices(data_size, sample_rate)  # the hospital's own records, then the canaries
+        chosen = rnd.poisson_indices(m, sample_rate)
+        scores[chosen] += row[chosen] / clip_norm - 0.5
+    return scores
+
+
+def input_canaries(num: int, num_features: int, *, scale: float, source: torch.nn.Module) -> tuple[np.ndarray, np.ndarray]:
+    """``num`` out-of-distribution, mislabelled records, public (only their coins are secret):
+    canary ``j`` is ``+-scale`` (sign from ``os.urandom``) on feature ``j mod num_features`` and 0
+    elsewhere, labelled with the class the public source model does *not* predict for it."""
+    signs = np.where(draw_coins(num), 1.0, -1.0)
+    x = np.zeros((num, num_features), dtype=np.float32)
+    x[np.arange(num), np.arange(num) % num_features] = scale * signs
+    with torch.no_grad():
+        predicted = source(torch.as_tensor(x)).argmax(dim=1).numpy()
+    return x, (1 - predicted).astype(np.int64)
+
+
+def _margins(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        logits = model(torch.as_tensor(x)).double().numpy()
+    own = logits[np.arange(len(y)), y]
+    other = logits[np.arange(len(y)), 1 - y]
+    return own - other
+
+
+def _plot(scores: np.ndarray, included: np.ndarray, report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bins = np.histogram_bin_edges(scores, bins=min(60, max(10, len(scores) // 20)))
+    ax.hist(scores[~included], bins=bins, alpha=0.6, label=f"out ({int((~included).sum())})")
+    ax.hist(scores[included], bins=bins, alpha=0.6, label=f"in ({int(included.sum())})")
+    b = report["bound"]
+    ax.set_title(f"{report['client']}, {report['adversary']} adversary: eps >= {b['epsilon_lower']:.3f} "
+                 f"(95%) vs ledger {report['ledger_epsilon']:.3f}", fontsize=9)
+    ax.set_xlabel(f"canary score ({report['scorer']})")
+    ax.set_ylabel("canaries")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_audit(config: Any, out: Path, *, canaries: int = 1000, client: str | None = None,
+              adversary: str = "whitebox", scale: float = 100.0, baseline: bool = False,
+              progress: bool = False) -> dict[str, Any]:
+    """Run the job once with ``canaries`` canaries in ``client``'s training (default: its first
+    hospital), on a throwaway privacy state in ``out/privacy-state``; write ``out/audit.json`` and
+    ``out/audit.png``; return the report. ``baseline`` also runs the job without canaries (another
+    throwaway state) to report the audit's extra time and the canaries' accuracy cost."""
+    from secfedtl.runtime.job import build_job, job_id, prepare_run, run_federation
+
+    if adversary not in ADVERSARIES:
+        raise ConfigError(f"adversary must be one of {ADVERSARIES}")
+    if canaries < 2:
+        raise ConfigError("need at least 2 canaries")
+    name = client or config["job"]["clients"][0]
+    if name not in config["job"]["clients"]:
+        raise ConfigError(f"{name!r} is not one of the job's clients {config['job']['clients']}")
+    if (out / "privacy-state").exists():
+        raise ConfigError(f"{out} holds an earlier audit (its throwaway privacy state would continue): "
+                          "use another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    included = draw_coins(canaries)
+    pc = None
+    t0, c0 = time.perf_counter(), time.process_time()
+    cfg = prepare_run(config, out / "job", resume=False)
+    job = build_job(cfg, out / "job", workers=0, state_dir=out / "privacy-state")
+    try:
+        hospital = job.hospitals[name]
+        pc = hospital.client
+        clip = float(cfg["training"]["max_grad_norm"])
+        k = cfg["job"]["clients"].index(name)
+        hook: GradientCanaries | None = None
+        if adversary == "whitebox":
+            hook = GradientCanaries(included)
+            pc.audit_hook = hook
+            data_size = len(pc._data)  # type: ignore[arg-type]
+        else:
+            x_c, y_c = input_canaries(canaries, job.source.centres[name].x_train.shape[1], scale=scale,
+                                      source=job.source.model)
+            backbone = job.source.model.backbone
+            with torch.no_grad():
+                f_c = backbone(torch.as_tensor(x_c)).float()
+            data = pc._data
+            assert isinstance(data, TensorDataset)
+            inc = torch.from_numpy(included)
+            pc._data = TensorDataset(torch.cat([data.tensors[0], f_c[inc]]),
+                                     torch.cat([data.tensors[1], torch.as_tensor(y_c)[inc]]))
+            # The server's view: the global model after every round (the decoded secure sums).
+            snapshots = [job.federation.global_params.copy()]
+            server_round = job.federation.run_round
+
+            def observed_round() -> Any:
+                report = server_round()
+                snapshots.append(job.federation.global_params.copy())
+                return report
+
+            job.federation.run_round = observed_round  # type: ignore[method-assign]
+        metrics = run_federation(cfg, job.source, job.federation, out / "job", progress=progress,
+                                 experimenter=job.experimenter())
+        ledger_path = job.states[name].ledger.path
+        jid = job_id(cfg)
+        scorers: dict[str, np.ndarray] = {}
+        if hook is not None:
+            observed = np.stack(hook.observed) if hook.observed else np.zeros((0, canaries))
+            public = _public_steps(ledger_path, name, jid)
+            scorers["likelihood ratio (ledger q, sigma)"] = whitebox_scores(observed, public, clip)
+            seeds = sorted({cfg["job"]["seed"], cfg["job"]["seed"] * 1000 + k})
+            for s in seeds:
+                scorers[f"sampling predicted from public seed {s}"] = predicted_sampling_scores(
+                    observed, seed=s, data_size=data_size, sample_rate=public[0][0] if public else 0.0,
+                    clip_norm=clip)
+            steps_seen = int(len(observed))
+        else:
+            margins = np.stack([_margins(job.model_with(p), x_c, y_c) for p in snapshots])
+            # The L2-SP pull towards the source undoes an early round's movement later, so the
+            # score is the largest one-round increase, not the change over the whole job.
+            scorers["largest one-round increase of the global model's margin on the canary"] = (
+                np.diff(margins, axis=0).max(axis=0))
+            steps_seen = len(metrics["server"]["rounds"])
+        delta = float(cfg["privacy"]["delta"])
+        confidence = 1 - 0.05 / len(scorers)
+        # The server's few canaries cannot pay for a search over k: it guesses the top and bottom
+        # quarter, fixed up front. The white-box audit searches the public grid (Bonferroni).
+        k_fixed = max(1, canaries // 4) if adversary == "server" else None
+        results = {s: audit_scores(v, included, delta=delta, confidence=confidence, k=k_fixed)
+                   for s, v in scorers.items()}
+        best_name = max(results, key=lambda s: results[s].epsilon_lower)
+        bound: EmpiricalBound = results[best_name]
+        entries, _ = read_verified_ledger(ledger_path)
+        events = [ev for _, ev, _ in spent_events(entries).get(name, [])]
+        eps_ledger = compute_epsilon(events, delta, accountant=cfg["privacy"]["accountant"]) if events else 0.0
+        eps_prv = compute_epsilon(events, delta, accountant="prv") if events else 0.0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    finally:
+        if pc is not None:
+            pc.audit_hook = None
+        job.close()
+    sim = metrics.get("simulation_only", {}).get("final", {})
+    report: dict[str, Any] = {
+        "client": name, "adversary": adversary,
+        "adversary_sees": ("every noisy DP-SGD step of the hospital (noisy clipped-gradient sums) and public values"
+                           if adversary == "whitebox" else
+                           "the global model after every round (decoded secure sums) and public values"),
+        "canary_kind": "gradient (Dirac)" if adversary == "whitebox" else f"input-space (out-of-distribution, +-{scale:g} on one feature, mislabelled)",
+        "canaries": canaries, "canaries_in": int(included.sum()), "coins": "os.urandom (secret to the auditor)",
+        "confidence": 0.95, "scorer": best_name,
+        "bound": bound.to_dict(),
+        "per_scorer": {s: r.epsilon_lower for s, r in results.items()},
+        "ledger_epsilon": eps_ledger, "ledger_accountant": cfg["privacy"]["accountant"],
+        "ledger_epsilon_prv": eps_prv, "delta": delta, "ledger": os.fspath(ledger_path),
+        "violation": bool(bound.epsilon_lower > eps_ledger),
+        "ratio": (bound.epsilon_lower / eps_ledger) if eps_ledger > 0 else None,
+        "steps_or_rounds_observed": steps_seen,
+        "job_id": jid, "wall_seconds": wall, "cpu_seconds": cpu,
+        "pooled_test_accuracy": sim.get("pooled_test_accuracy"),
+        "scores": {"in": scorers[best_name][included].tolist(), "out": scorers[best_name][~included].tolist()},
+    }
+    if baseline:
+        t1, c1 = time.perf_counter(), time.process_time()
+        from secfedtl.runtime.job import run_job
+
+        base_cfg = prepare_run(config, out / "baseline", resume=False)
+        base = run_job(base_cfg, out / "baseline", progress=False, workers=0, state_dir=out / "baseline-privacy-state")
+        report["baseline"] = {"wall_seconds": time.perf_counter() - t1, "cpu_seconds": time.process_time() - c1,
+                              "pooled_test_accuracy": base["simulation_only"]["final"]["pooled_test_accuracy"]}
+    (out / "audit.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    _plot(scorers[best_name], included, report, out / "audit.png")
+    return report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, help="job TOML file (schema: docs/config.md)")
+    parser.add_argument("--canaries", type=int, default=None, metavar="M",
+                        help="number of canaries (default: 1000 white-box, 16 server)")
+    parser.add_argument("--client", default=None, help="the hospital to audit (default: the job's first)")
+    parser.add_argument("--adversary", choices=ADVERSARIES, default="whitebox")
+    parser.add_argument("--out", type=Path, default=Path("runs/audit"), help="output directory (audit.json, audit.png)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="the job's public seed (overrides [job] seed); the canary coins are never seeded")
+    parser.add_argument("--baseline", action="store_true",
+                        help="also run the job without canaries: extra time and accuracy cost of the audit")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def main(args: argparse.Namespace) -> int:
+    from secfedtl.runtime.job import JobConfig
+
+    config = JobConfig.load(args.config)
+    if args.seed is not None:
+        data = config.to_dict()
+        data["job"]["seed"] = args.seed
+        config = JobConfig.from_mapping(data)
+    m = args.canaries if args.canaries is not None else (1000 if args.adversary == "whitebox" else 16)
+    report = run_audit(config, args.out, canaries=m, client=args.client, adversary=args.adversary,
+                       baseline=args.baseline, progress=not args.no_progress)
+    b = report["bound"]
+    print(f"{report['client']}: {report['adversary']} adversary, {report['canaries']} {report['canary_kind']} canaries "
+          f"({report['canaries_in']} in)")
+    print(f"  empirical lower bound: epsilon >= {b['epsilon_lower']:.4f} at 95% confidence "
+          f"(k+ = k- = {b['k_plus']}: {b['correct']}/{b['guesses']} right; scorer: {report['scorer']})")
+    print(f"  ledger epsilon ({report['ledger_accountant']}): {report['ledger_epsilon']:.4f} "
+          f"(prv {report['ledger_epsilon_prv']:.4f}), delta {report['delta']:g}")
+    if "baseline" in report:
+        print(f"  time {report['wall_seconds']:.1f} s vs {report['baseline']['wall_seconds']:.1f} s without canaries; "
+              f"pooled test accuracy {report['pooled_test_accuracy']:.3f} vs {report['baseline']['pooled_test_accuracy']:.3f}")
+    print(f"wrote {args.out / 'audit.json'}, {args.out / 'audit.png'}")
+    if report["violation"]:
+        print("VIOLATION: the empirical lower bound is above the ledger's epsilon", file=sys.stderr)
+        return VIOLATION_EXIT
+    return 0

@@ -1,0 +1,113 @@
+"""One-run empirical lower bound (Steinke, Nasr, Jagielski 2023): hand cases and properties."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from scipy.stats import binom
+
+from secfedtl.errors import InputError
+from secfedtl.privacy.empirical import (audit_scores, epsilon_lower_bound, guess_counts, k_grid,
+                                        one_run_p_value)
+
+
+def test_all_correct_pure_dp_is_hand_computable():
+    # delta = 0, r guesses all right: p = q^r, so the bound solves q^r = alpha, eps = logit(q).
+    q = 0.05 ** (1 / 10)
+    expected = math.log(q / (1 - q))  # 1.05187...
+    got = epsilon_lower_bound(num_canaries=10, guesses=10, correct=10, delta=0.0, significance=0.05)
+    assert expected - 1e-3 <= got <= expected
+    assert one_run_p_value(num_canaries=10, guesses=10, correct=10, epsilon=expected, delta=0.0) == pytest.approx(0.05)
+
+
+def test_p_value_is_the_binomial_tail_plus_the_delta_term():
+    m, r, v, eps, delta = 100, 20, 15, 1.0, 1e-3
+    q = math.exp(eps) / (1 + math.exp(eps))
+    beta = binom.sf(v - 1, r, q)
+    alpha = max((binom.sf(v - i - 1, r, q) - beta) / i for i in range(1, v + 1))
+    expected = beta + 2 * m * delta * alpha
+    assert one_run_p_value(num_canaries=m, guesses=r, correct=v, epsilon=eps, delta=delta) == pytest.approx(expected)
+    # the delta term only ever adds
+    assert expected > beta
+
+
+def test_chance_level_guessing_gives_no_bound():
+    assert epsilon_lower_bound(num_canaries=100, guesses=100, correct=50, delta=1e-5) == 0.0
+    assert epsilon_lower_bound(num_canaries=100, guesses=10, correct=0, delta=1e-5) == 0.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(r=st.integers(1, 200), frac=st.floats(0, 1), eps=st.floats(0, 8), delta=st.sampled_from([0.0, 1e-6, 1e-3]))
+def test_p_value_monotone(r, frac, eps, delta):
+    v = int(frac * r)
+    m = 2 * r
+    p = one_run_p_value(num_canaries=m, guesses=r, correct=v, epsilon=eps, delta=delta)
+    assert 0 <= p <= 1
+    # more privacy loss allowed -> the observation is less surprising
+    assert one_run_p_value(num_canaries=m, guesses=r, correct=v, epsilon=eps + 0.5, delta=delta) >= p - 1e-12
+    # more correct guesses -> more surprising
+    if v < r:
+        assert one_run_p_value(num_canaries=m, guesses=r, correct=v + 1, epsilon=eps, delta=delta) <= p + 1e-12
+
+
+@settings(max_examples=40, deadline=None)
+@given(r=st.integers(2, 300), frac=st.floats(0.5, 1))
+def test_bound_monotone_in_correct_and_confidence(r, frac):
+    v = int(frac * r)
+    b = epsilon_lower_bound(num_canaries=r, guesses=r, correct=v, delta=1e-5)
+    if v < r:
+        assert epsilon_lower_bound(num_canaries=r, guesses=r, correct=v + 1, delta=1e-5) >= b
+    assert epsilon_lower_bound(num_canaries=r, guesses=r, correct=v, delta=1e-5, significance=0.01) <= b
+    assert epsilon_lower_bound(num_canaries=r, guesses=r, correct=v, delta=1e-2) <= b
+
+
+def test_the_bound_is_a_rejection_at_its_level():
+    b = epsilon_lower_bound(num_canaries=1000, guesses=200, correct=180, delta=1e-5)
+    assert b > 1
+    assert one_run_p_value(num_canaries=1000, guesses=200, correct=180, epsilon=b, delta=1e-5) < 0.05
+    assert one_run_p_value(num_canaries=1000, guesses=200, correct=180, epsilon=b + 1e-3, delta=1e-5) >= 0.05
+
+
+def test_guess_counts():
+    scores = [0.1, 0.9, 0.5, 0.3, 0.8]
+    inc = [False, True, False, True, True]
+    # top 2: idx 1 (in), 4 (in); bottom 1: idx 0 (out)
+    assert guess_counts(scores, inc, k_plus=2, k_minus=1) == (3, 3)
+    # bottom 2: idx 0 (out), 3 (in) -> one wrong
+    assert guess_counts(scores, inc, k_plus=0, k_minus=2) == (2, 1)
+    with pytest.raises(InputError):
+        guess_counts(scores, inc, k_plus=3, k_minus=3)
+    with pytest.raises(InputError):
+        guess_counts([0.1, float("nan")], [True, False], k_plus=1, k_minus=0)
+
+
+def test_k_grid_depends_on_m_only_and_fits():
+    for m in (2, 10, 16, 100, 1000):
+        g = k_grid(m)
+        assert g and all(1 <= k and 2 * k <= m for k in g)
+        assert list(g) == sorted(set(g))
+
+
+def test_audit_scores_false_alarm_rate_below_level_under_the_null():
+    # Scores independent of the coins (an epsilon = 0 mechanism): any positive bound is a false
+    # alarm; at 95% confidence they must be rare. 200 trials with a fixed seed.
+    rng = np.random.default_rng(1)
+    alarms = 0
+    for _ in range(200):
+        inc = rng.random(200) < 0.5
+        if audit_scores(rng.normal(size=200), inc, delta=1e-5).epsilon_lower > 0:
+            alarms += 1
+    assert alarms <= 20  # expected <= 10 at level 0.05
+
+
+def test_audit_scores_detects_a_perfect_separation():
+    inc = np.array([True, False] * 500)
+    res = audit_scores(inc.astype(float), inc, delta=1e-5)
+    assert res.epsilon_lower > 5  # 1000 right guesses
+    assert res.correct == res.guesses
+    # a fixed k: no Bonferroni split, so at least as high for that k
+    fixed = audit_scores(inc.astype(float), inc, delta=1e-5, k=res.k_plus)
+    assert fixed.epsilon_lower >= res.epsilon_lower
