@@ -34,11 +34,7 @@ def main(args: argparse.Namespace) -> int:
     from secfedtl.runtime.audit_run import run_audit
     from secfedtl.runtime.job import JobConfig
 
-    config = JobConfig.load(args.config)
-    if args.epsilon is not None:
-        data = config.to_dict()
-        data["privacy"]["epsilon"] = args.epsilon
-        config = JobConfig.from_mapping(data)
+    config = JobConfig.load(args.config).updated({("privacy", "epsilon"): args.epsilon})
     rows: list[dict[str, Any]] = []
     for i in range(args.runs):
         with tempfile.TemporaryDirectory() as tmp:

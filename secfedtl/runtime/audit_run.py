@@ -319,11 +319,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from secfedtl.runtime.job import JobConfig
 
-    config = JobConfig.load(args.config)
-    if args.seed is not None:
-        data = config.to_dict()
-        data["job"]["seed"] = args.seed
-        config = JobConfig.from_mapping(data)
+    config = JobConfig.load(args.config).updated({("job", "seed"): args.seed})
     m = args.canaries if args.canaries is not None else (1000 if args.adversary == "whitebox" else 16)
     report = run_audit(config, args.out, canaries=m, client=args.client, adversary=args.adversary,
                        baseline=args.baseline, progress=not args.no_progress)

@@ -23,12 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    data = JobConfig.load(None).to_dict()
-    for section, key, value in (("job", "rounds", args.rounds), ("privacy", "epsilon", args.epsilon),
-                                ("privacy", "delta", args.delta), ("job", "seed", args.seed)):
-        if value is not None:
-            data[section][key] = value
-    config = JobConfig.from_mapping(data)
+    config = JobConfig.load(None).updated({("job", "rounds"): args.rounds, ("privacy", "epsilon"): args.epsilon,
+                                           ("privacy", "delta"): args.delta, ("job", "seed"): args.seed})
     if args.state_dir is None:
         args.state_dir = (args.resume if args.resume is not None else args.out) / "privacy-state"
         print(f"demo: throwaway privacy state in {args.state_dir} (real jobs keep it across runs)")

@@ -30,6 +30,7 @@ import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -179,6 +180,15 @@ class JobConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy(self.sections)
+
+    def updated(self, changes: Mapping[tuple[str, str], Any]) -> JobConfig:
+        """A validated copy with ``{(section, key): value}`` set; ``None`` values are left out
+        (command-line overrides that were not given)."""
+        data = self.to_dict()
+        for (section, key), value in changes.items():
+            if value is not None:
+                data.setdefault(section, {})[key] = value
+        return JobConfig.from_mapping(data)
 
     def to_toml(self) -> str:
         """The configuration as a job file that :meth:`load` reads back to the same sections."""
