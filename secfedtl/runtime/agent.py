@@ -393,7 +393,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--colluders", type=int, default=0,
                         help="clients assumed to collude with an active server; sessions must tolerate them")
     parser.add_argument("--max-sessions", type=int, default=None,
-                        help="refuse secure-aggregation sessions beyond this many (default: no limit)")
+                        help="refuse secure-aggregation sessions beyond this many (default: the job's rounds)")
+    parser.add_argument("--max-tasks", type=int, default=None,
+                        help="refuse tasks beyond this many; each may charge the budget when it arrives (default: "
+                             "what the job plans: its rounds, plus one with personalisation)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for local training")
     parser.add_argument("--node-name", default=None,
                         help="answer to this name instead of the hospital's (tests: a second node from one "
@@ -408,8 +411,13 @@ def main(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(max(1, args.threads))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    policy = NodePolicy(min_parties=args.min_parties, colluders=args.colluders, max_sessions=args.max_sessions)
-    agent = build_hospital_agent(JobConfig.load(args.config), args.hospital, args.out, args.socket,
+    config = JobConfig.load(args.config)
+    rounds = config["job"]["rounds"]
+    planned = rounds + int(config["privacy"]["personalise"])
+    policy = NodePolicy(min_parties=args.min_parties, colluders=args.colluders,
+                        max_sessions=rounds if args.max_sessions is None else args.max_sessions,
+                        max_tasks=planned if args.max_tasks is None else args.max_tasks)
+    agent = build_hospital_agent(config, args.hospital, args.out, args.socket,
                                  key=args.key, roster=args.roster, policy=policy, node_name=args.node_name,
                                  state_dir=args.state_dir)
     agent.open()

@@ -673,7 +673,9 @@ def build_job(config: JobConfig, out: Path, *, resume: bool = False, workers: in
     workers = config["job"]["workers"] if workers is None else workers
     # One process plays every hospital: per-run signing keys, and every node pins the roster.
     roster, identities = Roster.generate(config["job"]["clients"])
-    policy = NodePolicy(max_sessions=config["job"]["rounds"])  # one secure session per training round
+    # one secure session per training round; no more tasks (each may charge) than the job plans
+    planned_tasks = config["job"]["rounds"] + int(config["privacy"]["personalise"])
+    policy = NodePolicy(max_sessions=config["job"]["rounds"], max_tasks=planned_tasks)
     root = state_root(state_dir)
     states: dict[str, PrivacyState] = {}
     try:

@@ -51,6 +51,7 @@ from secfedtl.errors import (
     ConfigError,
     PrivacyBudgetExceeded,
     RemoteProtocolError,
+    PolicyError,
     ReplayError,
     SecFedTLError,
     TooFewSurvivorsError,
@@ -339,6 +340,9 @@ class ClientNode:
         if request.task not in self._repeatable:
             if key in self._answered:  # before anything is touched: the node's state stays as it is
                 raise ReplayError(f"task {request.task!r} of round {request.round} was already answered")
+            limit = self._policy.max_tasks
+            if limit is not None and len(self._answered) >= limit:
+                raise PolicyError(f"this node already ran {len(self._answered)} tasks, its policy's maximum")
             self._answered.add(key)
         self._forget()
         self._round, self._silent = request.round, False

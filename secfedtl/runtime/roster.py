@@ -161,6 +161,11 @@ class NodePolicy:
     * ``min_threshold``, ``min_degree``: optional floors on the Shamir threshold ``t`` and the
       graph degree ``k`` (``min_degree = num_clients - 1`` asks for the complete graph).
     * ``max_sessions``: the most sessions the node joins in its lifetime (one job), or ``None``.
+    * ``max_tasks``: the most tasks (other than repeatable ones) the node runs in its lifetime (one
+      job), or ``None``. Every task may charge the budget when its request arrives, before any
+      session: a job that plans ``r`` rounds and a personalisation sets ``r + 1``, so a server can
+      never make the node charge more releases than the job plans (the budget guard bounds the
+      epsilon anyway; this bounds how the server can spend it).
     """
 
     min_parties: int | None = None
@@ -168,9 +173,10 @@ class NodePolicy:
     min_threshold: int | None = None
     min_degree: int | None = None
     max_sessions: int | None = None
+    max_tasks: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("min_parties", "min_threshold", "min_degree", "max_sessions"):
+        for name in ("min_parties", "min_threshold", "min_degree", "max_sessions", "max_tasks"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(f"{name} must be a positive integer or None, got {value!r}")

@@ -393,3 +393,32 @@ def test_the_node_command_refuses_a_key_the_roster_does_not_pin(short_dir):
                            "--key", str(short_dir / "keys" / "va.key"), "--roster", str(roster_path)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "ConfigError" in done.stderr
+
+
+def test_the_server_cannot_make_a_node_charge_more_tasks_than_its_job_plans(tmp_path):
+    """Budget drain (red-team review): train requests charge when they arrive, before any session.
+    A heart-job node runs at most the job's planned tasks (rounds + personalisation), whatever
+    round numbers the server invents; the next one is refused before anything is charged."""
+    from secfedtl.runtime.job import JobConfig, build_job
+    from secfedtl.training import flatten_delta
+
+    data = JobConfig.load(None).to_dict()
+    data["job"]["rounds"], data["job"]["id"], data["model"]["source_epochs"] = 2, "drain", 40
+    config = JobConfig.from_mapping(data)
+    job = build_job(config, tmp_path / "out", state_dir=tmp_path / "state")
+    try:
+        node, guard = job.nodes["va"], job.guards["va"]
+        head = job.source.head
+        options = {**job.federation.task_options(),
+                   "encoding": {"clip": 1.0, "bits": 32, "num_clients": 3, "max_weight": 1000}}
+        statuses = []
+        for r in (0, 5, 9, 17):  # invented round numbers
+            request = wire.TaskRequest.with_weights(round=r, task="train", weights=flatten_delta(head), options=options)
+            try:
+                statuses.append(wire.decode(node.handle(wire.encode(request))[0]).status)
+            except PolicyError:
+                statuses.append("refused by policy")
+        assert statuses == ["ready", "ready", "ready", "refused by policy"]  # 2 rounds + personalisation
+        assert len(guard.budget.events) == 3
+    finally:
+        job.close()
