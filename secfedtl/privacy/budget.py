@@ -270,6 +270,15 @@ class BudgetGuard:
         """The ledger charges are recorded in."""
         return self._ledger
 
+    def already_charged(self, *, round: int, release: str) -> bool:  # noqa: A002
+        """Whether this client's ledger already holds a ``release`` charged in ``round`` of this
+        guard's job (``False`` when the guard has no job id). A node refuses such a request again,
+        even after a restart: the ledger, not the process, remembers what was answered."""
+        if not self._job_id:
+            return False
+        return any(e["status"] == "pending" and e["client"] == self._client and e.get("job_id") == self._job_id
+                   and e["round"] == round and e.get("release") == release for e in self._ledger.entries)
+
     @contextlib.contextmanager
     def charge(
         self,

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from secfedtl.errors import ConfigError, InputError, TrainingError
+from secfedtl.errors import ConfigError, InputError, ReplayError, TrainingError
 from secfedtl.training.config import DPTrainingConfig
 from secfedtl.privacy.randomness import Randomness
 from secfedtl.training.dpsgd import GradientRegularizer, PerSampleLoss, run_dp_sgd
@@ -260,6 +260,9 @@ class PrivateClient:
         if not isinstance(model_hash, str) or not model_hash:
             raise InputError("model_hash must be a non-empty string")
         self._check_global_state(global_state)
+        already = getattr(self._guard, "already_charged", None)
+        if already is not None and already(round=round, release=release):
+            raise ReplayError(f"round {round} of this job was already charged ({release}); not training it again")
         event = self.make_event()
         with self._guard.charge(event, round=round, model_hash=model_hash, release=release,
                                 randomness=self.randomness.label, params=self.mechanism_params()):

@@ -422,3 +422,27 @@ def test_the_server_cannot_make_a_node_charge_more_tasks_than_its_job_plans(tmp_
         assert len(guard.budget.events) == 3
     finally:
         job.close()
+
+
+def test_a_replay_after_a_restart_is_refused_by_the_ledger(tmp_path):
+    """The node's memory of answered tasks is lost on a restart; its ledger is not: a rebuilt node
+    of the same job refuses a round its ledger already charged, before training or charging."""
+    from secfedtl.runtime.job import JobConfig, build_job
+    from secfedtl.training import flatten_delta
+
+    data = JobConfig.load(None).to_dict()
+    data["job"]["rounds"], data["job"]["id"], data["model"]["source_epochs"] = 2, "restart", 40
+    config = JobConfig.from_mapping(data)
+    replies = []
+    for attempt in range(2):  # the same job, built twice (a restarted process)
+        job = build_job(config, tmp_path / f"out{attempt}", state_dir=tmp_path / "state")
+        try:
+            options = {**job.federation.task_options(),
+                       "encoding": {"clip": 1.0, "bits": 32, "num_clients": 3, "max_weight": 1000}}
+            request = wire.TaskRequest.with_weights(round=0, task="train", weights=flatten_delta(job.source.head),
+                                                    options=options)
+            replies.append(wire.decode(job.nodes["hungary"].handle(wire.encode(request))[0]).status)
+            events = len(job.guards["hungary"].budget.events)
+        finally:
+            job.close()
+    assert replies == ["ready", "failed"] and events == 1  # charged once, whatever the restart
