@@ -220,17 +220,11 @@ def audit_ledger(
 def _check_state_anchor(path: str | os.PathLike[str]) -> None:
     """A ledger inside a hospital's privacy state must continue the anchor in the ``state.json``
     next to it (a ledger cut short would otherwise still verify as a shorter chain)."""
-    state = Path(path).parent / "state.json"
-    if not state.is_file():
-        return
-    try:
-        saved = json.loads(state.read_text(encoding="utf-8"))
-        anchor = (int(saved["ledger"]["size"]), str(saved["ledger"]["head_hash"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        return  # not a privacy state: nothing to compare with
-    if saved.get("kind") != "secfedtl.privacy_state":
-        return
-    check_anchor(Path(path).read_bytes(), anchor, where=f"ledger {os.fspath(path)!r}")
+    from secfedtl.privacy.state import PrivacyState
+
+    anchor = PrivacyState.anchor_of(path)
+    if anchor is not None:
+        check_anchor(Path(path).read_bytes(), anchor, where=f"ledger {os.fspath(path)!r}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

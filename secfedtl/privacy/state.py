@@ -84,8 +84,9 @@ class PrivacyState:
     """One data holder's ledger and budget (see the module docstring). Use :meth:`open`."""
 
     def __init__(self, *, directory: Path, client: str, budget: PrivacyBudget, ledger: Ledger,
-                 fingerprints: list[str], lock_fd: int) -> None:
+                 fingerprint: str, fingerprints: list[str], lock_fd: int) -> None:
         self.directory = directory
+        self._fingerprint = fingerprint
         self.client = client
         self.budget = budget
         self.ledger = ledger
@@ -132,7 +133,7 @@ class PrivacyState:
                 anchor = (0, GENESIS_HASH)
                 fingerprints = []
             state = cls(directory=root, client=client, budget=budget, ledger=None,  # type: ignore[arg-type]
-                        fingerprints=fingerprints, lock_fd=lock_fd)
+                        fingerprint=fingerprint, fingerprints=fingerprints, lock_fd=lock_fd)
             ledger = Ledger(ledger_path, anchor=anchor, on_append=state._anchor)
             state.ledger = ledger
             state.budget = PrivacyBudget.from_ledger(ledger.entries, client, epsilon=epsilon, delta=delta,
@@ -140,7 +141,6 @@ class PrivacyState:
             if fingerprint not in fingerprints:
                 fingerprints.append(fingerprint)
             state._anchor(ledger.size, ledger.head_hash)
-            state._fingerprint = fingerprint
             return state
         except BaseException:
             os.close(lock_fd)
@@ -196,6 +196,19 @@ class PrivacyState:
             "kind": _KIND, "version": STATE_VERSION, "client": self.client, "epsilon": self.budget.epsilon,
             "delta": self.budget.delta, "accountant": self.budget.accountant_name,
             "ledger": {"size": size, "head_hash": head}, "fingerprints": self.fingerprints})
+
+    @classmethod
+    def anchor_of(cls, ledger_path: str | os.PathLike[str]) -> tuple[int, str] | None:
+        """The anchor ``(size, head hash)`` in the ``state.json`` next to a ledger, or ``None``
+        when the ledger is not inside a readable privacy state."""
+        path = Path(ledger_path).parent / "state.json"
+        if not path.is_file():
+            return None
+        try:
+            saved = cls._read(path)
+            return int(saved["ledger"]["size"]), str(saved["ledger"]["head_hash"])
+        except (LedgerError, KeyError, TypeError, ValueError):
+            return None
 
     @property
     def fingerprint(self) -> str:

@@ -649,14 +649,16 @@ class Experimenter:
             out[name] = {"status": "done", **report} if report else {"status": "no report"}
         return out
 
-    def epsilon(self) -> dict[str, float]:
-        """Each hospital's spent epsilon, recomputed from its verified ledger (its own accountant)."""
+    def epsilon(self, accountant: str | None = None) -> dict[str, float]:
+        """Each hospital's spent epsilon, recomputed from its verified ledger (by ``accountant``,
+        default the job's own)."""
         priv = self.job.config["privacy"]
         eps: dict[str, float] = {}
         for name, state in self.job.states.items():
             entries, _ = read_verified_ledger(state.ledger.path)
             events = [ev for _, ev, _ in spent_events(entries).get(name, [])]
-            eps[name] = compute_epsilon(events, priv["delta"], accountant=priv["accountant"]) if events else 0.0
+            eps[name] = compute_epsilon(events, priv["delta"], accountant=accountant or priv["accountant"]) \
+                if events else 0.0
         return eps
 
 
@@ -826,11 +828,7 @@ def run_federation(config: JobConfig, source: Source, federation: Federation, ou
         if personal:
             deployed = {n: personalised[n] if n in personal else final[n] for n in final}
             _, personal_pooled = _pooled(deployed, "test")
-        eps = experimenter.epsilon()
-        spent = {n: [ev for _, ev, _ in spent_events(read_verified_ledger(s.ledger.path)[0]).get(n, [])]
-                 for n, s in experimenter.job.states.items()}
-        eps_prv = {n: compute_epsilon(ev, config["privacy"]["delta"], accountant="prv") if ev else 0.0
-                   for n, ev in spent.items()}
+        eps, eps_prv = experimenter.epsilon(), experimenter.epsilon("prv")
         sim["note"] = ("computed by the experimenter of this simulation, who holds every hospital's data, "
                        "outside the protocol: never sent to the server")
         sim["final"] = {"pooled_test_accuracy": federated_pooled, "per_client_test_accuracy": federated_acc,
