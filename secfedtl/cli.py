@@ -15,14 +15,14 @@ from secfedtl.errors import SecFedTLError
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("secfedtl.runtime.demo", "run the bundled heart-disease federated transfer job"),
-    "run": ("secfedtl.runtime.job", "run a job described by a TOML config"),
+    "demo": ("secfedtl.jobs.demo", "run the bundled heart-disease federated transfer job"),
+    "run": ("secfedtl.jobs.run", "run a job described by a TOML config"),
     "audit": ("secfedtl.privacy.audit", "verify a privacy ledger and recompute every epsilon"),
     "audit-run": ("secfedtl.runtime.audit_run",
                   "empirical lower bound on a hospital's epsilon from one run with canaries (exit 4: above the ledger)"),
     "node": ("secfedtl.runtime.agent", "serve one hospital's node to its Flower SuperNode (a local agent)"),
     "flower": ("secfedtl.runtime.deploy", "run a job on Flower on this machine (local deployment or simulation)"),
-    "keys": ("secfedtl.runtime.roster", "create a signing key pair, build or show the federation's roster"),
+    "keys": ("secfedtl.federated.roster", "create a signing key pair, build or show the federation's roster"),
 }
 BENCHES: dict[str, tuple[str, str]] = {
     "secagg": ("secfedtl.bench.secagg", "time each secure-aggregation phase"),

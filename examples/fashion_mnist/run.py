@@ -49,11 +49,11 @@ from secfedtl.privacy.audit import audit_ledger  # noqa: E402
 from secfedtl.privacy.budget import BudgetGuard  # noqa: E402
 from secfedtl.privacy.ledger import read_verified_ledger, spent_events  # noqa: E402
 from secfedtl.privacy.state import PrivacyState, data_fingerprint  # noqa: E402
-from secfedtl.runtime.federation import Federation  # noqa: E402
-from secfedtl.runtime.node import ClientNode, TrainTask  # noqa: E402
+from secfedtl.federated.federation import Federation  # noqa: E402
+from secfedtl.federated.node import ClientNode, TrainTask  # noqa: E402
 from secfedtl.runtime.pool import LocalPool  # noqa: E402
-from secfedtl.runtime.report import plot_epsilon_per_round  # noqa: E402
-from secfedtl.runtime.roster import Roster  # noqa: E402
+from secfedtl.reporting.plots import plot_epsilon_per_round  # noqa: E402
+from secfedtl.federated.roster import Roster  # noqa: E402
 from secfedtl.training import DPTrainingConfig, PrivateClient, evaluate, flatten_delta, unflatten_delta  # noqa: E402
 from secfedtl.transfer import cache_features, split_head, state_hash  # noqa: E402
 

@@ -92,15 +92,15 @@ def main() -> None:
     if args.summarise:
         runs = list(args.summarise)
     else:
-        from secfedtl.runtime.job import JobConfig, run_job
+        from secfedtl.jobs.heart import HeartConfig, run_job
 
         runs = []
         for seed in args.seeds:
-            data = JobConfig.load(args.config).to_dict()
+            data = HeartConfig.load(args.config).to_dict()
             data["job"]["seed"] = seed
             out = args.out / f"seed-{seed}"
             shutil.rmtree(out, ignore_errors=True)
-            run_job(JobConfig.from_mapping(data), out, progress=False, state_dir=out / "privacy-state")
+            run_job(HeartConfig.from_mapping(data), out, progress=False, state_dir=out / "privacy-state")
             runs.append(out)
     rows = []
     for run in runs:

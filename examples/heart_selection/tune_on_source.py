@@ -75,7 +75,7 @@ import torch
 
 from secfedtl.data import load_fed_heart_disease, split_key, standardize
 from secfedtl.data.heart import Center
-from secfedtl.runtime.job import JobConfig, build_job
+from secfedtl.jobs.heart import HeartConfig, build_job
 
 #: The pseudo-hospitals: name -> the real hospital's declared record count (heart.toml).
 PSEUDO = {"pseudo_hungary": ("hungary", 140), "pseudo_switzerland": ("switzerland", 25), "pseudo_va": ("va", 70)}
@@ -162,8 +162,8 @@ def _is_validation(x_row: np.ndarray, y_row: Any, fraction: float, key: bytes) -
     return int.from_bytes(digest[:8], "big") < int(fraction * (1 << 64))
 
 
-def config_for(settings: dict[str, dict[str, Any]], repeat: int) -> JobConfig:
-    data = JobConfig.load(None).to_dict()
+def config_for(settings: dict[str, dict[str, Any]], repeat: int) -> HeartConfig:
+    data = HeartConfig.load(None).to_dict()
     for section, values in settings.items():
         data[section].update(values)
     data.pop("selection", None)
@@ -171,7 +171,7 @@ def config_for(settings: dict[str, dict[str, Any]], repeat: int) -> JobConfig:
     data["declared"] = {"records": {name: count for name, (_, count) in PSEUDO.items()}}
     # Public data: reproducible batches and noise (the mechanism is the same; see the docstring).
     data["privacy"].update(secure_mode=False, insecure_reproducible=True)
-    return JobConfig.from_mapping(data)
+    return HeartConfig.from_mapping(data)
 
 
 def pooled(infos: dict[str, dict[str, Any]]) -> float:

@@ -61,12 +61,12 @@ from secfedtl.privacy.budget import BudgetGuard
 from secfedtl.privacy.events import PoissonGaussianEvent
 from secfedtl.privacy.ledger import read_verified_ledger, spent_events
 from secfedtl.privacy.state import PrivacyState, data_fingerprint
-from secfedtl.runtime.centring import FeatureMeanTask, secure_feature_mean
-from secfedtl.runtime.federation import Federation, RoundReport
-from secfedtl.runtime.node import ClientNode, TrainTask
+from secfedtl.federated.centring import FeatureMeanTask, secure_feature_mean
+from secfedtl.federated.federation import Federation, RoundReport
+from secfedtl.federated.node import ClientNode, TrainTask
 from secfedtl.runtime.pool import LocalPool
-from secfedtl.runtime.report import plot_epsilon_per_round
-from secfedtl.runtime.roster import Roster
+from secfedtl.reporting.plots import plot_epsilon_per_round
+from secfedtl.federated.roster import Roster
 from secfedtl.training import DPTrainingConfig, PrivateClient, evaluate, flatten_delta, unflatten_delta
 from secfedtl.transfer.caching import cached_features
 from secfedtl.transfer.centring import CentreScale, MeanMechanism

@@ -32,9 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from secfedtl.runtime.audit_run import run_audit
-    from secfedtl.runtime.job import JobConfig
+    from secfedtl.jobs.heart import HeartConfig
 
-    config = JobConfig.load(args.config).updated({("privacy", "epsilon"): args.epsilon})
+    config = HeartConfig.load(args.config).updated({("privacy", "epsilon"): args.epsilon})
     rows: list[dict[str, Any]] = []
     for i in range(args.runs):
         with tempfile.TemporaryDirectory() as tmp:

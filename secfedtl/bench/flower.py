@@ -42,13 +42,13 @@ def _per_round(rounds: list[dict[str, Any]]) -> list[dict[str, float]]:
 
 def run_bench(config_path: Path | None, rounds: int, out: Path, *, simulation: bool = False) -> dict[str, Any]:
     from secfedtl.runtime.deploy import run_local
-    from secfedtl.runtime.job import JobConfig, run_job
+    from secfedtl.jobs.heart import HeartConfig, run_job
 
-    data = JobConfig.load(config_path).to_dict()
+    data = HeartConfig.load(config_path).to_dict()
     data["job"]["rounds"] = rounds
     data["job"]["workers"] = 0
     data["privacy"]["personalise"] = False
-    config = JobConfig.from_mapping(data)
+    config = HeartConfig.from_mapping(data)
     out.mkdir(parents=True, exist_ok=True)
     job = out / "job.toml"
     job.write_text(config.to_toml(), encoding="utf-8")

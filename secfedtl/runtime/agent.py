@@ -1,4 +1,4 @@
-"""A node agent: one hospital's :class:`~secfedtl.runtime.node.ClientNode`, alive for the whole
+"""A node agent: one hospital's :class:`~secfedtl.federated.node.ClientNode`, alive for the whole
 run, answering batches of wire messages on a local Unix socket.
 
 Why it exists: a Flower SuperNode starts a fresh ``flwr-clientapp`` process for every message
@@ -46,7 +46,7 @@ from secfedtl.errors import ConfigError, DecodeError
 from secfedtl.runtime.batch import pack_batch, unpack_batch
 
 if TYPE_CHECKING:  # pragma: no cover
-    from secfedtl.runtime.node import ClientNode
+    from secfedtl.federated.node import ClientNode
 
 log = logging.getLogger(__name__)
 
@@ -197,11 +197,11 @@ class NodeAgent:
         """The response payload to one request (raises :class:`DecodeError` for bad batches)."""
         if op == OP_HELLO:
             return self.node.name.encode("utf-8")
-        from secfedtl.runtime.pool import _deliver
+        from secfedtl.federated.pool import deliver
 
         seq, items = unpack_batch(payload)
         mine = [blob for name, blob in items if name == self.node.name]
-        replies = _deliver(self.node, mine) if mine else []
+        replies = deliver(self.node, mine) if mine else []
         return pack_batch(seq, [(self.node.name, r) for r in replies or []])
 
     def serve_forever(self) -> None:
@@ -347,18 +347,23 @@ class NodeAgent:
 
 def build_hospital_agent(config: Any, name: str, out: Path, socket_path: Path, *, key: Path, roster: Path,
                          policy: Any = None, node_name: str | None = None,
-                         state_dir: Path | None = None) -> NodeAgent:
-    """The agent of hospital ``name`` of a job: its privacy state (ledger, budget and local
-    reports, kept across jobs) in ``state_dir/name`` (the node's own setting; default
-    :func:`~secfedtl.runtime.job.default_state_root`, never the job file or ``out``), its signing
+                         state_dir: Path | None = None, job: Any = None) -> NodeAgent:
+    """The agent of hospital ``name`` of a job: ``job`` (a
+    :class:`~secfedtl.federated.job.FederatedJob` this node's operator installed; default the
+    bundled heart job) loads the hospital's data on this machine and builds the source model;
+    its privacy state (ledger, budget and local reports, kept across jobs) is in
+    ``state_dir/name`` (the node's own setting; default
+    :func:`~secfedtl.federated.job.default_state_root`, never the job file or ``out``), its signing
     key from the file ``key`` (0600) and the federation's roster from ``roster``
-    (:mod:`secfedtl.runtime.roster`), pinned in the node with ``policy``. ``node_name`` (default
+    (:mod:`secfedtl.federated.roster`), pinned in the node with ``policy``. ``node_name`` (default
     ``name``) is the name the node answers to (tests run a second node from one hospital's data
     under another name); the key's roster name must be the node's name. The agent holds the
     state's lock until it stops."""
-    from secfedtl.runtime.job import build_client_node, build_source, open_hospital_state, state_root
-    from secfedtl.runtime.roster import Roster, load_signing_key
+    from secfedtl.federated import job as _job
+    from secfedtl.federated.roster import Roster, load_signing_key
 
+    job = _job.load_job() if job is None else job
+    config = job.check(config)
     if "selection" in config.sections:
         raise ConfigError("[selection] runs with the in-process runners only; name the chosen source in [model]")
     key_name, identity = load_signing_key(key)
@@ -366,10 +371,16 @@ def build_hospital_agent(config: Any, name: str, out: Path, socket_path: Path, *
     answer_as = name if node_name is None else node_name
     if key_name != answer_as or pinned.parties.get(answer_as) != identity.public:
         raise ConfigError(f"{key} is {key_name!r}'s key; the roster pins another key (or none) for {answer_as!r}")
+    data = job.load_data(config, name)
+    source = job.build_source(config)
     out.mkdir(parents=True, exist_ok=True)
-    source = build_source(config)
-    state = open_hospital_state(config, name, source.centres, state_root(state_dir))
-    hospital = build_client_node(config, name, source, state, identity=identity, roster=pinned, policy=policy)
+    state = _job.open_hospital_state(config, name, data, _job.state_root(state_dir))
+    try:
+        hospital = _job.build_client_node(job, config, name, source, data, state, identity=identity, roster=pinned,
+                                          policy=policy)
+    except BaseException:
+        state.close()
+        raise
     hospital.node.name = answer_as
     return NodeAgent(hospital.node, socket_path)
 
@@ -378,6 +389,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", type=Path, nargs="?", default=None,
                         help="job TOML file (default: the bundled heart job)")
     parser.add_argument("--hospital", required=True, help="which of the job's clients this node is")
+    parser.add_argument("--job", default=None, metavar="MODULE:ATTR",
+                        help="the FederatedJob this node runs, from this machine's own installation (default: the "
+                             "bundled heart job, secfedtl.jobs.heart:HEART); the server can never choose it")
     parser.add_argument("--out", type=Path, required=True, help="this node's working directory")
     parser.add_argument("--state-dir", type=Path, default=None,
                         help="where this hospital's privacy state (ledger, budget, local reports) is kept across "
@@ -406,12 +420,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from secfedtl.runtime.job import JobConfig
-    from secfedtl.runtime.roster import NodePolicy
+    from secfedtl.federated.job import load_job
+    from secfedtl.federated.roster import NodePolicy
 
+    job = load_job(args.job)
+    config = job.load_config(args.config)
     torch.set_num_threads(max(1, args.threads))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = JobConfig.load(args.config)
     rounds = config["job"]["rounds"]
     planned = rounds + int(config["privacy"]["personalise"])
     policy = NodePolicy(min_parties=args.min_parties, colluders=args.colluders,
@@ -419,7 +434,7 @@ def main(args: argparse.Namespace) -> int:
                         max_tasks=planned if args.max_tasks is None else args.max_tasks)
     agent = build_hospital_agent(config, args.hospital, args.out, args.socket,
                                  key=args.key, roster=args.roster, policy=policy, node_name=args.node_name,
-                                 state_dir=args.state_dir)
+                                 state_dir=args.state_dir, job=job)
     agent.open()
 
     def _stop(signum: int, frame: Any) -> None:

@@ -180,7 +180,7 @@ def run_audit(config: Any, out: Path, *, canaries: int = 1000, client: str | Non
     hospital), on a throwaway privacy state in ``out/privacy-state``; write ``out/audit.json`` and
     ``out/audit.png``; return the report. ``baseline`` also runs the job without canaries (another
     throwaway state) to report the audit's extra time and the canaries' accuracy cost."""
-    from secfedtl.runtime.job import build_job, job_id, prepare_run, run_federation
+    from secfedtl.jobs.heart import build_job, job_id, prepare_run, run_federation
 
     if adversary not in ADVERSARIES:
         raise ConfigError(f"adversary must be one of {ADVERSARIES}")
@@ -291,7 +291,7 @@ def run_audit(config: Any, out: Path, *, canaries: int = 1000, client: str | Non
     }
     if baseline:
         t1, c1 = time.perf_counter(), time.process_time()
-        from secfedtl.runtime.job import run_job
+        from secfedtl.jobs.heart import run_job
 
         base_cfg = prepare_run(config, out / "baseline", resume=False)
         base = run_job(base_cfg, out / "baseline", progress=False, workers=0, state_dir=out / "baseline-privacy-state")
@@ -317,9 +317,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from secfedtl.runtime.job import JobConfig
+    from secfedtl.jobs.heart import HeartConfig
 
-    config = JobConfig.load(args.config).updated({("job", "seed"): args.seed})
+    config = HeartConfig.load(args.config).updated({("job", "seed"): args.seed})
     m = args.canaries if args.canaries is not None else (1000 if args.adversary == "whitebox" else 16)
     report = run_audit(config, args.out, canaries=m, client=args.client, adversary=args.adversary,
                        baseline=args.baseline, progress=not args.no_progress)

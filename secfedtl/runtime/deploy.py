@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from secfedtl.errors import ConfigError, SecFedTLError
-from secfedtl.runtime.roster import write_simulated_keys
+from secfedtl.federated.roster import write_simulated_keys
 
 APP_NAME = "secfedtl-flower"
 #: The Flower app (FAB) of secfedtl: its pyproject.toml names the components and run config.
@@ -57,7 +57,8 @@ serverapp = "secfedtl.runtime.flower:server_app"
 clientapp = "secfedtl.runtime.flower:client_app"
 
 [tool.flwr.app.config]
-job = ""                   # job TOML on the server machine ("" = the bundled heart job)
+job = ""                   # job TOML on the server machine ("" = the job's bundled default)
+job-code = ""              # MODULE:ATTR of the FederatedJob installed on the server ("" = secfedtl.jobs.heart:HEART)
 roster = ""                # the federation's roster on the server machine (secfedtl keys roster); required
 out = "runs/flower"        # the server's output directory
 phase-timeout = 300.0      # seconds a phase waits for replies; a node silent longer is a dropout
@@ -178,6 +179,9 @@ class LocalFlower:
     hospitals: Sequence[str]
     root: Path
     simulation: bool = False
+    #: ``MODULE:ATTR`` of the job every agent (and the server) runs (None: the bundled heart job);
+    #: each agent is started with it on its own command line, as a hospital's operator would
+    job_code: str | None = None
     #: node name -> hospital whose data it serves, for nodes not named after their hospital (tests)
     twins: Mapping[str, str] = field(default_factory=dict)
     app: Path | None = None
@@ -204,6 +208,7 @@ class LocalFlower:
     def start_agents(self, outs: Mapping[str, Path], *, timeout: float = 300.0) -> None:
         for name in self.hospitals:
             argv = [sys.executable, "-m", "secfedtl.cli", "node", *([str(self.job)] if self.job else []),
+                    *(["--job", self.job_code] if self.job_code else []),
                     "--hospital", self.twins.get(name, name), "--node-name", name,
                     "--out", str(outs[name]), "--socket", str(self.socket_of(name)),
                     "--key", str(self.keys / f"{name}.key"), "--roster", str(self.roster),
@@ -279,24 +284,27 @@ def wait_for_server(out: Path, *, timeout: float, procs: Processes | None = None
 
 
 def run_local(job: Path | None, out: Path, *, simulation: bool, phase_timeout: float = 120.0,
-              timeout: float = 3600.0) -> dict[str, Any]:
-    """Run a whole job on a local Flower deployment (or simulation); return its metrics."""
-    from secfedtl.runtime.job import JobConfig
+              timeout: float = 3600.0, job_code: str | None = None) -> dict[str, Any]:
+    """Run a whole job on a local Flower deployment (or simulation); return its metrics.
+    ``job`` is the job file, ``job_code`` the ``MODULE:ATTR`` of its
+    :class:`~secfedtl.federated.job.FederatedJob` (default: the bundled heart job), importable by
+    this Python on this machine (it plays the server and every hospital)."""
+    from secfedtl.federated.job import load_job
 
     for tool in ("flower-superlink", "flower-supernode", "flwr"):
         flower_tool(tool)  # before anything starts: a clear error without the extra
-    config = JobConfig.load(job)
+    config = load_job(job_code).load_config(job)
     hospitals = list(config["job"]["clients"])
     out.mkdir(parents=True, exist_ok=True)
     with LocalFlower(job=job.resolve() if job else None, hospitals=hospitals, root=out / "processes",
-                     simulation=simulation) as fl:
+                     simulation=simulation, job_code=job_code) as fl:
         fl.start_agents({h: out / "hospitals" / h for h in hospitals})
         fl.start_superlink()
         if not simulation:
             for h in hospitals:
                 fl.start_supernode(h)
         server_out = out / "server"
-        fl.run({"job": str(job.resolve()) if job else "", "out": str(server_out.resolve()),
+        fl.run({"job": str(job.resolve()) if job else "", "job-code": job_code or "", "out": str(server_out.resolve()),
                 "phase-timeout": phase_timeout, "agent-dir": str(fl.sockets) if simulation else ""})
         wait_for_server(server_out, timeout=timeout, procs=fl.processes)
     return json.loads((server_out / "metrics.json").read_text(encoding="utf-8"))
@@ -311,14 +319,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/flower"),
                         help="output: server/ (metrics), hospitals/<name>/privacy/ (each hospital's privacy state), "
                              "processes/ (logs)")
+    parser.add_argument("--job", default=None, metavar="MODULE:ATTR",
+                        help="the FederatedJob to run (default: the bundled heart job, secfedtl.jobs.heart:HEART)")
     parser.add_argument("--phase-timeout", type=float, default=120.0,
                         help="seconds a phase waits for a hospital before counting it as a dropout")
 
 
 def main(args: argparse.Namespace) -> int:
-    from secfedtl.runtime.job import print_summary
+    from secfedtl.reporting.summary import print_summary
 
-    metrics = run_local(args.config, args.out, simulation=args.mode == "simulate", phase_timeout=args.phase_timeout)
+    metrics = run_local(args.config, args.out, simulation=args.mode == "simulate", phase_timeout=args.phase_timeout,
+                        job_code=args.job)
     print_summary(metrics)
     print(f"wrote {args.out / 'server' / 'metrics.json'}; each hospital's ledger and local reports: "
           f"{args.out / 'hospitals'}/<name>/privacy/<name>/")

@@ -1,7 +1,7 @@
 """secfedtl on Flower (optional extra ``secfedtl[flower]``, Flower 1.41 Message API).
 
 * :data:`server_app` (a Flower ``ServerApp``) runs the same server loop as ``secfedtl run``
-  (:class:`~secfedtl.runtime.federation.Federation`) over a :class:`FlowerPool`: every exchange
+  (:class:`~secfedtl.federated.federation.Federation`) over a :class:`FlowerPool`: every exchange
   of the loop (the task, each secure-aggregation phase, every evaluation query) is one Flower
   message round, ``grid.push_messages`` then ``grid.pull_messages`` until every reply is in or
   the phase timeout passes. A node whose reply is missing, late, an Error, or malformed is
@@ -14,7 +14,7 @@
 
 Each Flower message carries one :class:`~flwr.app.ConfigRecord` under the key ``"secfedtl"``:
 ``op`` (``"hello"`` or ``"exchange"``) and, for an exchange, ``batch``: bytes of
-:mod:`secfedtl.runtime.batch` around messages of :mod:`secfedtl.runtime.wire`
+:mod:`secfedtl.runtime.batch` around messages of :mod:`secfedtl.federated.wire`
 (both versioned; decoders raise only ``DecodeError``). Flower's own SecAgg+ mod is not used:
 secfedtl's secure aggregation runs inside these bytes.
 
@@ -28,8 +28,11 @@ node ``partition-id`` k at ``<agent-dir>/partition-k.sock`` (run config ``agent-
 :mod:`secfedtl.runtime.deploy` starts those agents.
 
 Run config of the app (``flwr run ... --run-config``): ``job`` (path of the job TOML on the
-server machine; empty: the bundled heart job), ``roster`` (path of the federation's roster on
-the server machine, :mod:`secfedtl.runtime.roster`; required: the server names each session
+server machine; empty: the job's bundled default), ``job-code`` (``MODULE:ATTR`` of the
+:class:`~secfedtl.federated.job.FederatedJob` installed on the server machine; empty: the bundled
+heart job; the relays ignore it: each hospital's agent runs the job its own operator configured
+with ``secfedtl node --job``), ``roster`` (path of the federation's roster on
+the server machine, :mod:`secfedtl.federated.roster`; required: the server names each session
 party's signing key from it, and every hospital checks them against its own copy), ``out`` (the
 server's output directory),
 ``phase-timeout`` and ``discovery-timeout`` (seconds), ``poll-interval`` (seconds between pulls),
@@ -61,7 +64,7 @@ log = logging.getLogger(__name__)
 RECORD = "secfedtl"
 MESSAGE_TYPE = "query.secfedtl"
 #: The app's run-config keys and their defaults (also in the app's pyproject.toml).
-RUN_CONFIG: dict[str, Any] = {"job": "", "roster": "", "out": "runs/flower", "phase-timeout": 300.0,
+RUN_CONFIG: dict[str, Any] = {"job": "", "job-code": "", "roster": "", "out": "runs/flower", "phase-timeout": 300.0,
                               "discovery-timeout": 300.0, "poll-interval": 0.2, "agent-dir": "",
                               "record-view": False}
 
@@ -287,8 +290,9 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], *, clients: Sequence[s
     (metrics.json, rounds.json, checkpoint.json, report.png; the ledgers stay at the hospitals),
     plus ``progress.jsonl`` (one line per exchange) and ``status.json``. ``clients`` (default:
     the job's) are the node names to federate (tests add a second node for one hospital's data)."""
-    from secfedtl.runtime.job import JobConfig, build_server, build_source, run_federation
-    from secfedtl.runtime.roster import Roster
+    from secfedtl.federated.job import build_server, load_job
+    from secfedtl.federated.roster import Roster
+    from secfedtl.federated.run import run_federation
 
     t_start = time.perf_counter()
     settings = _settings(run_config)
@@ -296,7 +300,8 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], *, clients: Sequence[s
     out.mkdir(parents=True, exist_ok=True)
     _status(out, "starting")
     try:
-        config = JobConfig.load(settings["job"] or None)
+        job = load_job(settings["job-code"] or None)
+        config = job.load_config(settings["job"] or None)
         clients = list(config["job"]["clients"] if clients is None else clients)
         if not settings["roster"]:
             raise ConfigError("run config 'roster' is required: the federation's roster file (secfedtl keys roster)")
@@ -304,7 +309,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], *, clients: Sequence[s
         if "selection" in config.sections:
             raise ConfigError("[selection] (DP source-model selection) runs with the in-process runners only; "
                               "over Flower, name the chosen source in [model]")
-        source = build_source(config)
+        source = job.build_source(config)
         _status(out, "discovering")
         nodes = discover(grid, clients, timeout=settings["discovery-timeout"],
                          poll_interval=settings["poll-interval"])

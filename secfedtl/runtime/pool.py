@@ -1,9 +1,9 @@
 """Client pools: how a server's messages reach client nodes and their replies come back.
 
 A pool has one method that matters, :meth:`ClientPool.exchange`: deliver each client its
-messages (bytes of :mod:`secfedtl.runtime.wire`) and return the replies of those that answered.
+messages (bytes of :mod:`secfedtl.federated.wire`) and return the replies of those that answered.
 A client absent from the result was silent: crashed, timed out, unreachable or refusing. The
-server loop (:class:`~secfedtl.runtime.federation.Federation`) treats every such client as a
+server loop (:class:`~secfedtl.federated.federation.Federation`) treats every such client as a
 dropout, whatever the pool.
 
 * :class:`LocalPool`: the nodes live in this process and answer one after the other.
@@ -18,37 +18,14 @@ import logging
 import multiprocessing
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
-from secfedtl.errors import ConfigError, DecodeError, SecFedTLError
+from secfedtl.errors import ConfigError, DecodeError
+from secfedtl.federated.node import ClientNode
+from secfedtl.federated.pool import ClientPool, deliver
 from secfedtl.runtime.batch import pack_batch, unpack_batch
-from secfedtl.runtime.node import ClientNode
 
 log = logging.getLogger(__name__)
-
-
-@runtime_checkable
-class ClientPool(Protocol):
-    """What a server needs from a transport (see the module docstring)."""
-
-    @property
-    def names(self) -> Sequence[str]: ...
-
-    def exchange(self, requests: Mapping[str, Sequence[bytes]], *, phase: str) -> dict[str, list[bytes]]: ...
-
-    def close(self) -> None: ...
-
-
-def _deliver(node: ClientNode, blobs: Sequence[bytes]) -> list[bytes] | None:
-    """A node's replies to its messages; None when it fell silent (it broke off with an error)."""
-    replies: list[bytes] = []
-    for blob in blobs:
-        try:
-            replies.extend(node.handle(blob))
-        except SecFedTLError as exc:  # the node refuses the message: to the server it is silent
-            log.info("node %s refused a message: %s", node.name, type(exc).__name__)
-            return None
-    return replies
 
 
 class LocalPool:
@@ -75,7 +52,7 @@ class LocalPool:
         out: dict[str, list[bytes]] = {}
         for name, blobs in requests.items():
             node = self._nodes.get(name)
-            replies = None if node is None else _deliver(node, blobs)
+            replies = None if node is None else deliver(node, blobs)
             if replies:
                 out[name] = replies
         return out
@@ -107,7 +84,7 @@ def _worker_main(conn: Any, nodes: dict[str, ClientNode], threads: int) -> None:
         replies: list[tuple[str, bytes]] = []
         for name, blobs in by_name.items():
             node = nodes.get(name)
-            answer = None if node is None else _deliver(node, blobs)
+            answer = None if node is None else deliver(node, blobs)
             replies += [(name, r) for r in answer or []]
         conn.send_bytes(_pack(seq, replies))
 

@@ -1,7 +1,7 @@
 """One secure-aggregation round, driven through a phase table: the only round loop there is.
 
 :func:`secfedtl.secagg.simulate`, the test harness (:mod:`secfedtl.testing.harness`) and the
-production server (:meth:`secfedtl.runtime.federation.Federation.secure_round`, over every
+production server (:meth:`secfedtl.federated.federation.Federation.secure_round`, over every
 client pool) all run :class:`RoundDriver`; they differ only in the *exchange* function they
 hand it, which moves one phase's messages to the parties and brings back their replies. So the
 tests exercise the loop that runs in production.

@@ -1,7 +1,7 @@
 """What a server receives, field by field: a harness for checking that nothing a data holder
 sends is unaccounted (docs/privacy.md, "What leaves a hospital").
 
-:func:`classify` takes one client-to-server message (bytes of :mod:`secfedtl.runtime.wire`) and
+:func:`classify` takes one client-to-server message (bytes of :mod:`secfedtl.federated.wire`) and
 says what each of its fields is: a masked payload, protocol key material, or a status from a
 fixed, data-free set. Anything else raises :class:`AssertionError`: a message that carried a
 value computed from private data in the clear would fail here. The suite runs it over every byte
@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from secfedtl.runtime import wire
+from secfedtl.federated import wire
 from secfedtl.secagg import codec
 from secfedtl.secagg import messages as m
 

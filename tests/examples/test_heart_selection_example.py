@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from secfedtl.data import load_fed_heart_disease, record_split, split_key
-from secfedtl.runtime.job import JobConfig
+from secfedtl.jobs.heart import HeartConfig
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "heart_selection"
 
@@ -36,8 +36,8 @@ def _rows(x: np.ndarray) -> set[bytes]:
 
 
 def test_selection_toml_parses_and_matches_the_defaults_outside_selection() -> None:
-    selection = JobConfig.load(EXAMPLE / "selection.toml")
-    default = JobConfig.load(None)
+    selection = HeartConfig.load(EXAMPLE / "selection.toml")
+    default = HeartConfig.load(None)
     assert "selection" in selection.sections and "selection" not in default.sections
     assert selection["declared"] == default["declared"]
     for section in ("job", "privacy", "model", "training", "server", "secagg"):
@@ -46,7 +46,7 @@ def test_selection_toml_parses_and_matches_the_defaults_outside_selection() -> N
 
 def test_bundled_defaults_are_the_public_tuning_result() -> None:
     chosen = json.loads((EXAMPLE / "tune_on_source.json").read_text(encoding="utf-8"))["chosen"]
-    default = JobConfig.load(None)
+    default = HeartConfig.load(None)
     for section, values in chosen.items():
         for key, value in values.items():
             assert default[section][key] == value, (section, key)

@@ -26,15 +26,15 @@ from secfedtl.crypto import primitives as cp
 from secfedtl.errors import DecodeError, PolicyError, ReplayError, UnknownPartyError
 from secfedtl.privacy.budget import BudgetGuard, PrivacyBudget
 from secfedtl.privacy.ledger import Ledger
-from secfedtl.runtime import wire
+from secfedtl.federated import wire
 from secfedtl.runtime.agent import AGENT_MAGIC, AGENT_VERSION, OP_EXCHANGE, AgentClient, NodeAgent
 from secfedtl.runtime.batch import pack_batch, unpack_batch
-from secfedtl.runtime.centring import FeatureMeanTask
+from secfedtl.federated.centring import FeatureMeanTask
 from secfedtl.runtime.deploy import wait_for
-from secfedtl.runtime.federation import Federation
-from secfedtl.runtime.node import ClientNode, TaskOutput
+from secfedtl.federated.federation import Federation
+from secfedtl.federated.node import ClientNode, TaskOutput
 from secfedtl.runtime.pool import LocalPool
-from secfedtl.runtime.roster import NodePolicy, Roster, write_simulated_keys
+from secfedtl.federated.roster import NodePolicy, Roster, write_simulated_keys
 from secfedtl.secagg import codec
 from secfedtl.secagg import messages as m
 from secfedtl.secagg.config import SecAggConfig
@@ -100,7 +100,7 @@ def test_isolation_with_sybils_reads_the_victims_vector_when_the_node_trusts_the
 
 
 def test_isolation_with_sybils_is_refused_by_a_node_that_pins_the_roster(caplog):
-    caplog.set_level(logging.INFO, logger="secfedtl.runtime.pool")
+    caplog.set_level(logging.INFO, logger="secfedtl.federated.pool")
     fed, victim = _sybil_federation(victim_roster_is_the_servers=False)
     out = secure(fed)
     assert out.status == "failed" and out.total is None
@@ -237,7 +237,7 @@ def test_max_sessions_per_job():
 
 
 def test_a_replayed_train_request_is_refused_before_the_budget_is_charged(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="secfedtl.runtime.pool")
+    caplog.set_level(logging.INFO, logger="secfedtl.federated.pool")
     ledger = Ledger(tmp_path / "ledger.jsonl")
     roster, keys = Roster.generate(HOSPITALS)
     mechanism = MeanMechanism(dim=3, noise_multiplier=5.0)
@@ -399,16 +399,16 @@ def test_the_server_cannot_make_a_node_charge_more_tasks_than_its_job_plans(tmp_
     """Budget drain (red-team review): train requests charge when they arrive, before any session.
     A heart-job node runs at most the job's planned tasks (rounds + personalisation), whatever
     round numbers the server invents; the next one is refused before anything is charged."""
-    from secfedtl.runtime.job import JobConfig, build_job
+    from secfedtl.jobs.heart import HeartConfig, build_job
     from secfedtl.training import flatten_delta
 
-    data = JobConfig.load(None).to_dict()
+    data = HeartConfig.load(None).to_dict()
     data["job"]["rounds"], data["job"]["id"], data["model"]["source_epochs"] = 2, "drain", 40
-    config = JobConfig.from_mapping(data)
+    config = HeartConfig.from_mapping(data)
     job = build_job(config, tmp_path / "out", state_dir=tmp_path / "state")
     try:
         node, guard = job.nodes["va"], job.guards["va"]
-        head = job.source.head
+        head = job.source.head_state
         options = {**job.federation.task_options(),
                    "encoding": {"clip": 1.0, "bits": 32, "num_clients": 3, "max_weight": 1000}}
         statuses = []
@@ -427,19 +427,19 @@ def test_the_server_cannot_make_a_node_charge_more_tasks_than_its_job_plans(tmp_
 def test_a_replay_after_a_restart_is_refused_by_the_ledger(tmp_path):
     """The node's memory of answered tasks is lost on a restart; its ledger is not: a rebuilt node
     of the same job refuses a round its ledger already charged, before training or charging."""
-    from secfedtl.runtime.job import JobConfig, build_job
+    from secfedtl.jobs.heart import HeartConfig, build_job
     from secfedtl.training import flatten_delta
 
-    data = JobConfig.load(None).to_dict()
+    data = HeartConfig.load(None).to_dict()
     data["job"]["rounds"], data["job"]["id"], data["model"]["source_epochs"] = 2, "restart", 40
-    config = JobConfig.from_mapping(data)
+    config = HeartConfig.from_mapping(data)
     replies = []
     for attempt in range(2):  # the same job, built twice (a restarted process)
         job = build_job(config, tmp_path / f"out{attempt}", state_dir=tmp_path / "state")
         try:
             options = {**job.federation.task_options(),
                        "encoding": {"clip": 1.0, "bits": 32, "num_clients": 3, "max_weight": 1000}}
-            request = wire.TaskRequest.with_weights(round=0, task="train", weights=flatten_delta(job.source.head),
+            request = wire.TaskRequest.with_weights(round=0, task="train", weights=flatten_delta(job.source.head_state),
                                                     options=options)
             replies.append(wire.decode(job.nodes["hungary"].handle(wire.encode(request))[0]).status)
             events = len(job.guards["hungary"].budget.events)

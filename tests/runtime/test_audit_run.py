@@ -15,25 +15,25 @@ import json
 import numpy as np
 import pytest
 
-import secfedtl.runtime.job as jobmod
+import secfedtl.federated.job as jobmod
 import secfedtl.training.client as clientmod
 import secfedtl.training.dpsgd as dpsgd
 from secfedtl.cli import main as cli_main
 from secfedtl.privacy.randomness import Randomness
 from secfedtl.runtime.audit_run import VIOLATION_EXIT, run_audit
-from secfedtl.runtime.job import JobConfig
+from secfedtl.jobs.heart import HeartConfig
 
 
 def small_job(epsilon: float = 1.0, rounds: int = 2, personalise: bool = False, hungary: int = 140,
-              l2sp: float = 0.05, secagg_clip: float = 1.0) -> JobConfig:
-    data = JobConfig.load(None).to_dict()
+              l2sp: float = 0.05, secagg_clip: float = 1.0) -> HeartConfig:
+    data = HeartConfig.load(None).to_dict()
     data["job"].update(rounds=rounds, seed=3, workers=0, id="")
     data["privacy"].update(epsilon=epsilon, personalise=personalise, secure_mode=True, accountant="rdp")
     data["declared"]["records"] = {"hungary": hungary, "switzerland": 25, "va": 70}
     data["model"].update(kind="linear", source_epochs=60)
     data["secagg"].update(clip=secagg_clip)
     data["training"].update(lr=0.2, expected_batch_size=16, max_grad_norm=1.0, epochs=2, l2sp=l2sp)
-    return JobConfig.from_mapping(data)
+    return HeartConfig.from_mapping(data)
 
 
 def _wrap_run_dp_sgd(monkeypatch, change):
@@ -60,8 +60,8 @@ def sampling_from_public_seed(monkeypatch):
     # insecure mode does), while the ledger still says "csprng".
     real = jobmod.build_client_node
 
-    def defective(config, name, source, state, **kw):
-        h = real(config, name, source, state, **kw)
+    def defective(job, config, name, source, data, state, **kw):
+        h = real(job, config, name, source, data, state, **kw)
         s = config["job"]["seed"] * 1000 + config["job"]["clients"].index(name)
         seeded = Randomness.insecure_seeded(s)
         h.client.randomness = dataclasses.replace(seeded, label="csprng", secure_noise=h.client.randomness.secure_noise)

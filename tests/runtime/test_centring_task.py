@@ -1,4 +1,4 @@
-"""Tests for secfedtl.runtime.centring: the DP feature-mean task over secure aggregation."""
+"""Tests for secfedtl.federated.centring: the DP feature-mean task over secure aggregation."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from secfedtl.aggregation import make_server_optimizer
 from secfedtl.errors import AggregationError
 from secfedtl.privacy.budget import BudgetGuard, PrivacyBudget
 from secfedtl.privacy.ledger import Ledger, spent_events
-from secfedtl.runtime import wire
-from secfedtl.runtime.centring import FeatureMeanTask, secure_feature_mean
-from secfedtl.runtime.federation import Federation
-from secfedtl.runtime.node import ClientNode
+from secfedtl.federated import wire
+from secfedtl.federated.centring import FeatureMeanTask, secure_feature_mean
+from secfedtl.federated.federation import Federation
+from secfedtl.federated.node import ClientNode
 from secfedtl.runtime.pool import LocalPool
-from secfedtl.runtime.roster import Roster
+from secfedtl.federated.roster import Roster
 from secfedtl.transfer.centring import MeanMechanism
 
 DELTA = 1e-5

@@ -20,10 +20,10 @@ from secfedtl.privacy.events import event_from_dict
 import torch
 
 from secfedtl.privacy.ledger import Ledger
-from secfedtl.runtime import federation as fed_mod
-from secfedtl.runtime import wire
-from secfedtl.runtime.job import (
-    JobConfig,
+from secfedtl.federated import federation as fed_mod
+from secfedtl.federated import wire
+from secfedtl.jobs.heart import (
+    HeartConfig,
     build_client_node,
     build_job,
     build_server,
@@ -32,7 +32,7 @@ from secfedtl.runtime.job import (
     run_job,
 )
 from secfedtl.runtime.pool import LocalPool, ProcessPool
-from secfedtl.runtime.roster import Roster
+from secfedtl.federated.roster import Roster
 from secfedtl.secagg import codec
 from secfedtl.secagg import messages as m
 from secfedtl.training import flatten_delta
@@ -40,8 +40,8 @@ from secfedtl.training import flatten_delta
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def small_config(**overrides: object) -> JobConfig:
-    data = JobConfig.load(None).to_dict()
+def small_config(**overrides: object) -> HeartConfig:
+    data = HeartConfig.load(None).to_dict()
     data["job"]["rounds"] = 2
     data["privacy"]["personalise"] = False
     data["model"]["source_epochs"] = 60
@@ -49,7 +49,7 @@ def small_config(**overrides: object) -> JobConfig:
     for dotted, value in overrides.items():
         section, key = dotted.split("__")
         data[section][key] = value
-    return JobConfig.from_mapping(data)
+    return HeartConfig.from_mapping(data)
 
 
 def test_server_never_holds_an_individual_update_and_aggregate_is_the_weighted_mean(tmp_path, monkeypatch):
@@ -224,7 +224,7 @@ def test_metrics_and_audit_agree(tmp_path):
 
 
 def test_personalised_pooled_accuracy_is_over_the_same_test_rows(tmp_path):
-    from secfedtl.runtime.job import build_centres
+    from secfedtl.jobs.heart import build_centres
 
     config = small_config(privacy__personalise=True, job__rounds=1)
     metrics = run_job(config, tmp_path / "p", progress=False)
@@ -287,7 +287,7 @@ def test_a_config_round_trips_through_its_toml(tmp_path):
     config = small_config(job__rounds=4)
     path = tmp_path / "job.toml"
     path.write_text(config.to_toml(), encoding="utf-8")
-    assert JobConfig.load(path).to_dict() == config.to_dict()
+    assert HeartConfig.load(path).to_dict() == config.to_dict()
 
 
 def test_a_missing_job_file_is_one_clear_error(tmp_path, capsys):

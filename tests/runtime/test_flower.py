@@ -32,14 +32,14 @@ pytest.importorskip("flwr")
 
 from secfedtl.privacy.audit import audit_ledger  # noqa: E402
 from secfedtl.runtime.deploy import APP_PYPROJECT, LocalFlower, read_status, wait_for, wait_for_server  # noqa: E402
-from secfedtl.runtime.job import (  # noqa: E402
-    JobConfig,
+from secfedtl.jobs.heart import (  # noqa: E402
+    HeartConfig,
     build_client_node,
     build_server,
     build_source,
     open_hospital_state,
 )
-from secfedtl.runtime.roster import Roster  # noqa: E402
+from secfedtl.federated.roster import Roster  # noqa: E402
 from secfedtl.runtime.pool import LocalPool  # noqa: E402
 from secfedtl.testing.server_view import classify, read_recorded_view  # noqa: E402
 
@@ -66,7 +66,7 @@ def main(grid, context):
 
 
 def _config() -> dict:
-    data = JobConfig.load(None).to_dict()
+    data = HeartConfig.load(None).to_dict()
     data["job"]["rounds"] = ROUNDS
     data["privacy"]["personalise"] = False
     data["privacy"]["secure_mode"] = False
@@ -76,7 +76,7 @@ def _config() -> dict:
 
 
 def _write_toml(data: dict, path: Path) -> None:
-    path.write_text(JobConfig.from_mapping(data).to_toml(), encoding="utf-8")
+    path.write_text(HeartConfig.from_mapping(data).to_toml(), encoding="utf-8")
 
 
 def _started(progress: Path, phase: str, occurrence: int) -> bool:
@@ -86,7 +86,7 @@ def _started(progress: Path, phase: str, occurrence: int) -> bool:
     return sum(1 for x in lines if x["phase"] == f"{phase}:start") >= occurrence
 
 
-def _in_process(config: JobConfig, out: Path) -> list[dict]:
+def _in_process(config: HeartConfig, out: Path) -> list[dict]:
     """The same four nodes in process (LocalPool), the same seeds: the reference rounds."""
     source = build_source(config)
     roster, keys = Roster.generate([*config["job"]["clients"], TWIN])
@@ -108,7 +108,7 @@ def test_heart_job_on_flower_matches_in_process_and_survives_a_killed_supernode(
     data = _config()
     job = tmp_path / "job.toml"
     _write_toml(data, job)
-    config = JobConfig.from_mapping(data)
+    config = HeartConfig.from_mapping(data)
     nodes = [*config["job"]["clients"], TWIN]
     server_out = tmp_path / "server"
     app = tmp_path / "app"
@@ -180,13 +180,13 @@ def test_the_same_job_on_flowers_simulation_engine_gives_the_in_process_weights(
     pytest.importorskip("ray")
     from secfedtl.aggregation.optimizers import decode_vector
     from secfedtl.runtime.deploy import run_local
-    from secfedtl.runtime.job import run_job
+    from secfedtl.jobs.heart import run_job
 
     data = _config()
     data["job"]["rounds"] = 2
     job = tmp_path / "job.toml"
     _write_toml(data, job)
-    config = JobConfig.from_mapping(data)
+    config = HeartConfig.from_mapping(data)
     simulated = run_local(job, tmp_path / "sim", simulation=True, phase_timeout=PHASE_TIMEOUT, timeout=900)
     reference = run_job(config, tmp_path / "in-process", progress=False)
     assert [r["status"] for r in simulated["server"]["rounds"]] == ["ok", "ok"]

@@ -20,7 +20,7 @@ from secfedtl.errors import ConfigError, RemoteProtocolError  # noqa: E402
 from secfedtl.runtime.agent import NodeAgent  # noqa: E402
 from secfedtl.runtime.batch import pack_batch  # noqa: E402
 from secfedtl.runtime.flower import RECORD, FlowerPool, agent_path, discover, relay  # noqa: E402
-from secfedtl.runtime.pool import ClientPool  # noqa: E402
+from secfedtl.federated.pool import ClientPool  # noqa: E402
 
 Handler = Callable[[Message], "Message | None"]
 

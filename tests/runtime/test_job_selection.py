@@ -11,9 +11,9 @@ import pytest
 from secfedtl.errors import ConfigError
 from secfedtl.privacy.accountants import compute_epsilon
 from secfedtl.privacy.ledger import Ledger, read_verified_ledger, spent_events
-from secfedtl.runtime import wire
-from secfedtl.runtime.job import (
-    JobConfig,
+from secfedtl.federated import wire
+from secfedtl.jobs.heart import (
+    HeartConfig,
     build_job,
     build_selection_node,
     build_source,
@@ -23,14 +23,14 @@ from secfedtl.runtime.job import (
     selection_mechanism,
     selection_options,
 )
-from secfedtl.runtime.roster import Roster
+from secfedtl.federated.roster import Roster
 from secfedtl.transfer.models import state_hash
 
 CANDIDATES = [{"kind": "mlp", "hidden": 8}, {"kind": "linear", "weight_decay": 0.1}]
 
 
-def config_with(selection: dict | None = None, **overrides: object) -> JobConfig:
-    data = JobConfig.load(None).to_dict()
+def config_with(selection: dict | None = None, **overrides: object) -> HeartConfig:
+    data = HeartConfig.load(None).to_dict()
     data["job"]["rounds"] = 1
     data["privacy"]["personalise"] = False
     data["model"]["source_epochs"] = 40
@@ -40,7 +40,7 @@ def config_with(selection: dict | None = None, **overrides: object) -> JobConfig
     for dotted, value in overrides.items():
         section, key = dotted.split("__")
         data[section][key] = value
-    return JobConfig.from_mapping(data)
+    return HeartConfig.from_mapping(data)
 
 
 def selection(**changes: object) -> dict:
@@ -56,7 +56,7 @@ def test_selection_section_is_optional_and_completed_from_model():
     cfg = config_with(selection(), **model)
     assert cfg.source_specs() == [{"kind": "mlp", "hidden": 8, "weight_decay": 0.1},
                                   {"kind": "linear", "hidden": 0, "weight_decay": 0.1}]
-    assert JobConfig.from_mapping(cfg.to_dict()).source_specs() == cfg.source_specs()  # config.json round trip
+    assert HeartConfig.from_mapping(cfg.to_dict()).source_specs() == cfg.source_specs()  # config.json round trip
 
 
 @pytest.mark.parametrize(
@@ -149,7 +149,7 @@ def test_planned_prior_events_only_with_selection():
     assert planned_prior_events(cfg) == [selection_mechanism(cfg).event()]
 
 
-def _select_request(cfg: JobConfig, sources, round: int = 0, **option_changes) -> bytes:
+def _select_request(cfg: HeartConfig, sources, round: int = 0, **option_changes) -> bytes:
     mech = selection_mechanism(cfg)
     options = {"candidates": [state_hash(c.model) for c in sources], "mechanism": selection_options(mech),
                "encoding": {"clip": 5000.0, "bits": 32, "num_clients": 3, "max_weight": 1}, **option_changes}

@@ -29,11 +29,11 @@ from secfedtl.aggregation import make_server_optimizer
 from secfedtl.crypto import primitives as cp
 from secfedtl.crypto import shamir
 from secfedtl.errors import DecodeError
-from secfedtl.runtime import federation as fed_mod
-from secfedtl.runtime import wire
-from secfedtl.runtime.roster import NodePolicy, Roster
-from secfedtl.runtime.federation import Federation
-from secfedtl.runtime.node import ClientNode, TaskOutput, TrainTask
+from secfedtl.federated import federation as fed_mod
+from secfedtl.federated import wire
+from secfedtl.federated.roster import NodePolicy, Roster
+from secfedtl.federated.federation import Federation
+from secfedtl.federated.node import ClientNode, TaskOutput, TrainTask
 from secfedtl.runtime.pool import LocalPool
 from secfedtl.secagg import codec
 from secfedtl.secagg import messages as m

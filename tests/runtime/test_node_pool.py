@@ -12,11 +12,11 @@ import pytest
 
 from secfedtl.aggregation import make_server_optimizer
 from secfedtl.errors import ConfigError, DecodeError, PrivacyBudgetExceeded, RemoteProtocolError
-from secfedtl.runtime import wire
-from secfedtl.runtime.federation import Federation
-from secfedtl.runtime.node import ClientNode, TaskOutput
+from secfedtl.federated import wire
+from secfedtl.federated.federation import Federation
+from secfedtl.federated.node import ClientNode, TaskOutput
 from secfedtl.runtime.pool import LocalPool, ProcessPool, _pack, _unpack
-from secfedtl.runtime.roster import NodePolicy, Roster
+from secfedtl.federated.roster import NodePolicy, Roster
 
 LENGTH = 6
 ROSTER, KEYS = Roster.generate([f"c{i}" for i in range(8)] + ["slow"])

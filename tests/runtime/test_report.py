@@ -5,7 +5,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from secfedtl.runtime.report import plot_epsilon_per_round  # noqa: E402
+from secfedtl.reporting.plots import plot_epsilon_per_round  # noqa: E402
 
 
 def test_epsilon_panel_one_line_per_client_budget_and_accountant_label():

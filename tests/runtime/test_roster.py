@@ -1,4 +1,4 @@
-"""secfedtl.runtime.roster: key and roster files, the node policy, and `secfedtl keys`."""
+"""secfedtl.federated.roster: key and roster files, the node policy, and `secfedtl keys`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from secfedtl.cli import main as cli
 from secfedtl.crypto.primitives import SigningKey
 from secfedtl.errors import ConfigError, PolicyError
-from secfedtl.runtime.roster import (
+from secfedtl.federated.roster import (
     NodePolicy,
     Roster,
     fingerprint,
@@ -127,7 +127,7 @@ def test_simulated_keys_for_one_machine(tmp_path):
 
 
 def test_a_node_refuses_a_key_outside_the_roster_or_an_impossible_policy():
-    from secfedtl.runtime.node import ClientNode
+    from secfedtl.federated.node import ClientNode
 
     roster, keys = Roster.generate(["a", "b", "c"])
     tasks = {"train": lambda request, digest: None}

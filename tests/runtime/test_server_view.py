@@ -31,20 +31,20 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from secfedtl.crypto import primitives as cp
 from secfedtl.crypto import shamir
 from secfedtl.data import in_validation, split_key
-from secfedtl.runtime import job as job_mod
-from secfedtl.runtime import wire
-from secfedtl.runtime.job import JobConfig, run_job
+from secfedtl.jobs import heart as job_mod
+from secfedtl.federated import wire
+from secfedtl.jobs.heart import HeartConfig, run_job
 from secfedtl.runtime.pool import LocalPool, ProcessPool
 from secfedtl.testing.server_view import classify
 
 HOSPITALS = ("hungary", "switzerland", "va")
-def small_config(**privacy: Any) -> JobConfig:
-    data = JobConfig.load(None).to_dict()
+def small_config(**privacy: Any) -> HeartConfig:
+    data = HeartConfig.load(None).to_dict()
     data["job"]["rounds"] = 1
     data["job"]["id"] = "server-view"
     data["model"]["source_epochs"] = 40
     data["privacy"].update(privacy)
-    return JobConfig.from_mapping(data)
+    return HeartConfig.from_mapping(data)
 
 
 def record_views(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, str, bytes]]:
@@ -142,17 +142,17 @@ def fix_all_randomness(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(shamir, "secrets", DetSecrets)
 
 
-def _in_fit(config: JobConfig, x: np.ndarray, y: int) -> bool:
+def _in_fit(config: HeartConfig, x: np.ndarray, y: int) -> bool:
     job = config["job"]
     return not in_validation(x, y, job["validation_fraction"], split_key(job["seed"]))
 
 
-def neighbour(change: str, split: str = "fit") -> Callable[[JobConfig], dict[str, Any]]:
+def neighbour(change: str, split: str = "fit") -> Callable[[HeartConfig], dict[str, Any]]:
     """The job's centres, with Hungary's training data changed by one record that lands in
     ``split`` (record-stable splits: only that record moves)."""
     real = job_mod.build_centres
 
-    def centres(config: JobConfig) -> dict[str, Any]:
+    def centres(config: HeartConfig) -> dict[str, Any]:
         out = real(config)
         if change == "none":
             return out
@@ -208,8 +208,8 @@ def test_adversarial_weights_give_the_same_status_with_or_without_a_record(tmp_p
     "failure oracle"). The reply must not depend on whether the record is there: weights beyond
     the public bound are refused before anything is charged (whatever the data), and a record
     whose loss is not finite contributes zero instead of failing the round."""
-    from secfedtl.runtime.job import build_client_node, build_source, open_hospital_state
-    from secfedtl.runtime.roster import Roster
+    from secfedtl.jobs.heart import build_client_node, build_source, open_hospital_state
+    from secfedtl.federated.roster import Roster
     from secfedtl.training import flatten_delta
 
     statuses = {}
@@ -221,7 +221,7 @@ def test_adversarial_weights_give_the_same_status_with_or_without_a_record(tmp_p
             state = open_hospital_state(config, "hungary", source.centres, tmp_path / change)
             roster, keys = Roster.generate(list(HOSPITALS))
             node = build_client_node(config, "hungary", source, state, identity=keys["hungary"], roster=roster).node
-            head = source.head
+            head = source.head_state
             head["head.weight"][1, 3] = weight  # the logit of class 1 follows feature 3 alone
             options = {"names": list(head), "frozen_hash": source.frozen_hash,
                        "encoding": {"clip": 1.0, "bits": 32, "num_clients": 3, "max_weight": 1000}}

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from secfedtl.errors import DecodeError, InputError
-from secfedtl.runtime import wire
+from secfedtl.federated import wire
 from secfedtl.secagg.config import SecAggConfig
 from secfedtl.secagg.session import SessionParams
 

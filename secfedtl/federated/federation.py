@@ -1,13 +1,13 @@
 """The server side of federated transfer learning: secure aggregation and FedAvg over a pool.
 
 The server holds no client objects: everything it says to a client, and everything it hears
-back, is bytes of :mod:`secfedtl.runtime.wire`, moved by a
-:class:`~secfedtl.runtime.pool.ClientPool` (in process, forked workers, or Flower). One
+back, is bytes of :mod:`secfedtl.federated.wire`, moved by a
+:class:`~secfedtl.federated.pool.ClientPool` (in process, forked workers, or Flower). One
 training round (:meth:`Federation.run_round`) is a *secure round* of the ``"train"`` task
 (:meth:`Federation.secure_round`), in phases, each one exchange on the pool:
 
 1. ``task``: the server samples a cohort and sends each client the same
-   :class:`~secfedtl.runtime.wire.TaskRequest` (global trainable weights, the announced
+   :class:`~secfedtl.federated.wire.TaskRequest` (global trainable weights, the announced
    fixed-point encoding). Each client computes the SHA-256 of the request it received; that
    digest is the ledger's ``model_hash`` and the secure-aggregation ``context``, so a server
    that sends different models (or options) to different clients makes their keys disagree and
@@ -43,9 +43,9 @@ from secfedtl._atomic import atomic_write
 from secfedtl.aggregation import ServerOptimizer
 from secfedtl.aggregation.optimizers import decode_vector, encode_vector
 from secfedtl.errors import ConfigError, DecodeError
-from secfedtl.runtime import wire
-from secfedtl.runtime.pool import ClientPool
-from secfedtl.runtime.roster import Roster
+from secfedtl.federated import wire
+from secfedtl.federated.pool import ClientPool
+from secfedtl.federated.roster import Roster
 from secfedtl.secagg import codec
 from secfedtl.secagg.config import SecAggConfig, active_threshold
 from secfedtl.secagg.driver import Phase, drive

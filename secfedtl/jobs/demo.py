@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from secfedtl.runtime.job import JobConfig, _add_common, _run_cli
+from secfedtl.jobs.heart import HEART, HeartConfig
+from secfedtl.jobs.run import add_common, run_cli
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_common(parser)
+    add_common(parser, job=False)
     parser.set_defaults(out=Path("runs/demo"))
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--epsilon", type=float, default=None, help="per-hospital budget (default 1.0)")
@@ -23,9 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    config = JobConfig.load(None).updated({("job", "rounds"): args.rounds, ("privacy", "epsilon"): args.epsilon,
+    config = HeartConfig.load(None).updated({("job", "rounds"): args.rounds, ("privacy", "epsilon"): args.epsilon,
                                            ("privacy", "delta"): args.delta, ("job", "seed"): args.seed})
     if args.state_dir is None:
         args.state_dir = (args.resume if args.resume is not None else args.out) / "privacy-state"
         print(f"demo: throwaway privacy state in {args.state_dir} (real jobs keep it across runs)")
-    return _run_cli(config, args)
+    return run_cli(HEART, config, args)

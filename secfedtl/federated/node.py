@@ -2,23 +2,23 @@
 
 A node holds one data holder's private objects (its :class:`~secfedtl.training.PrivateClient`,
 budget guard, ledger, data) and a table of named *tasks*. It answers the messages of
-:mod:`secfedtl.runtime.wire`:
+:mod:`secfedtl.federated.wire`:
 
-* :class:`~secfedtl.runtime.wire.TaskRequest`: verify and run the named task. A *secure* task
+* :class:`~secfedtl.federated.wire.TaskRequest`: verify and run the named task. A *secure* task
   (``"train"``, ``"select"``) returns a vector and a weight; the node clips and encodes it into
   the field right away (under the encoding the request announces), keeps it in memory and
   replies ``"ready"``. A *local* task (``"evaluate"``, ``"personalise"``) keeps its results at
   the node (its own local report, :class:`LocalReports`) and the node replies ``"done"``. A task
   refused for budget reasons replies ``"refused"``; one that fails replies ``"failed"`` (the
   server treats it as a dropout).
-* :class:`~secfedtl.runtime.wire.Join`: check the session parameters against the request this
+* :class:`~secfedtl.federated.wire.Join`: check the session parameters against the request this
   node ran (same round, its own digest of the request as the session context, the announced
   encoding), check every party against the node's pinned roster (each key in the roster, this
   node's own key at its own index) and the parameters against its policy
-  (:class:`~secfedtl.runtime.roster.NodePolicy`), then start an authenticated
+  (:class:`~secfedtl.federated.roster.NodePolicy`), then start an authenticated
   :class:`~secfedtl.secagg.ClientSession` with the kept field vector: every advert and
   survivor-list signature is checked against the pinned keys.
-* :class:`~secfedtl.runtime.wire.SecAggFrame`: one secure-aggregation step.
+* :class:`~secfedtl.federated.wire.SecAggFrame`: one secure-aggregation step.
 
 What leaves a node: masked vectors (whose decoded content is the output of a mechanism charged
 in its ledger before it ran, or a declared public value such as its FedAvg weight), and a reply
@@ -57,8 +57,8 @@ from secfedtl.errors import (
     TooFewSurvivorsError,
     UnknownPartyError,
 )
-from secfedtl.runtime import wire
-from secfedtl.runtime.roster import NodePolicy, Roster
+from secfedtl.federated import wire
+from secfedtl.federated.roster import NodePolicy, Roster
 from secfedtl.secagg import codec
 from secfedtl.secagg.client import ClientSession
 from secfedtl.secagg.simulate import PHASES, REPLY_PHASE
@@ -157,10 +157,15 @@ def _model_with(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Modul
     return work
 
 
-def _accuracy(model: nn.Module, datasets: Mapping[str, Dataset]) -> dict[str, Any]:
+#: A job's metric: ``metric(model, dataset)`` -> an :class:`~secfedtl.training.evaluate.Evaluation`
+#: (its ``accuracy`` is the score reported, higher is better; default :func:`~secfedtl.training.evaluate`).
+Metric = Callable[[nn.Module, Dataset], Any]
+
+
+def _accuracy(model: nn.Module, datasets: Mapping[str, Dataset], metric: Metric = evaluate) -> dict[str, Any]:
     acc, samples = {}, {}
     for split, data in datasets.items():
-        ev = evaluate(model, data)
+        ev = metric(model, data)
         acc[split], samples[split] = ev.accuracy, ev.num_samples
     return {"accuracy": acc, "samples": samples}
 
@@ -199,14 +204,16 @@ class _LocalTask:
     ``TrainTask``'s request check)."""
 
     def __init__(self, client: PrivateClient, datasets: Mapping[str, Dataset], *,
-                 train: TrainTask | None = None, reports: LocalReports | None = None) -> None:
+                 train: TrainTask | None = None, reports: LocalReports | None = None,
+                 metric: Metric = evaluate) -> None:
         self._client = client
         self._datasets = dict(datasets)
+        self._metric = metric
         self._train = train or TrainTask(client)
         self.reports = reports if reports is not None else LocalReports()
 
     def _report(self, request: wire.TaskRequest, model: nn.Module) -> TaskOutput:
-        info = _accuracy(model, self._datasets)
+        info = _accuracy(model, self._datasets, self._metric)
         info["epsilon"] = self._client._guard.budget.spent_epsilon  # noqa: SLF001
         self.reports.write(request.task, request.round, info)
         return TaskOutput()
@@ -234,13 +241,15 @@ class PersonaliseTask(_LocalTask):
 
 
 def standard_tasks(client: PrivateClient, evaluation: Mapping[str, Dataset], *,
-                   frozen_hash: str | None = None, reports: LocalReports | None = None) -> dict[str, Task]:
-    """``train``, ``evaluate`` and ``personalise`` for one private client (the last two report
-    into ``reports``, at the client)."""
+                   frozen_hash: str | None = None, reports: LocalReports | None = None,
+                   metric: Metric = evaluate) -> dict[str, Task]:
+    """``train``, ``evaluate`` and ``personalise`` for one private client (the last two score
+    with ``metric`` and report into ``reports``, at the client)."""
     train = TrainTask(client, frozen_hash=frozen_hash)
     reports = reports if reports is not None else LocalReports()
-    return {"train": train, "evaluate": EvaluateTask(client, evaluation, train=train, reports=reports),
-            "personalise": PersonaliseTask(client, evaluation, train=train, reports=reports)}
+    local = dict(train=train, reports=reports, metric=metric)
+    return {"train": train, "evaluate": EvaluateTask(client, evaluation, **local),
+            "personalise": PersonaliseTask(client, evaluation, **local)}
 
 
 def encoding_from_options(options: Mapping[str, Any]) -> FixedPointEncoding:
@@ -260,7 +269,7 @@ class ClientNode:
 
     ``tasks`` maps task names to callables; ``identity`` is this node's long-term Ed25519
     signing key, ``roster`` the federation's pinned public keys (``identity``'s among them) and
-    ``policy`` what sessions it accepts (default :class:`~secfedtl.runtime.roster.NodePolicy()`);
+    ``policy`` what sessions it accepts (default :class:`~secfedtl.federated.roster.NodePolicy()`);
     ``seed`` seeds the (public, non-secret) stochastic rounding of the encoding; ``faults`` maps
     a round to a fault from :data:`FAULTS`; ``min_cohort`` is the fewest parties this node agrees
     to aggregate with (the policy may ask more); ``repeatable_tasks`` may be asked more than once
@@ -314,7 +323,7 @@ class ClientNode:
         return sorted(self._tasks)
 
     def handle(self, blob: bytes) -> list[bytes]:
-        """Answer one message (bytes of :mod:`~secfedtl.runtime.wire`) with zero or more replies."""
+        """Answer one message (bytes of :mod:`~secfedtl.federated.wire`) with zero or more replies."""
         message = wire.decode(blob)
         if isinstance(message, wire.TaskRequest):
             return [wire.encode(reply) for reply in self._on_task(message)]

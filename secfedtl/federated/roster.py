@@ -4,7 +4,7 @@ aggregates with.
 A :class:`Roster` pins the long-term Ed25519 signing public key of every hospital of the
 federation (and, optionally, the server's). Every node holds it, with its own signing key and a
 :class:`NodePolicy`; every secure-aggregation session the server proposes names, for each session
-index, the public key of the party at that index (:class:`~secfedtl.runtime.wire.Join`), and a
+index, the public key of the party at that index (:class:`~secfedtl.federated.wire.Join`), and a
 node refuses the session unless every key is in its roster, its own key is at its own index, and
 the parameters meet its policy. Key adverts and survivor lists are then signed and checked
 against the pinned keys, so a server can neither invent parties (sybils) nor substitute keys.

@@ -11,7 +11,7 @@ in-process pool, forked worker processes, or Flower:
 * :class:`Join` (server -> client): join this round's secure aggregation as party ``index``
   under these public session parameters, with ``parties``: the long-term Ed25519 public key of
   the party at every session index, which each node checks against its pinned roster
-  (:mod:`secfedtl.runtime.roster`). Sessions are always authenticated: kind 3, the
+  (:mod:`secfedtl.federated.roster`). Sessions are always authenticated: kind 3, the
   unauthenticated Join of earlier versions, is retired and refused;
 * :class:`SecAggFrame` (both ways): one secure-aggregation message, as bytes of
   :mod:`secfedtl.secagg.codec`.

@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 
 from secfedtl.errors import AggregationError, InputError, RemoteProtocolError
-from secfedtl.runtime import wire
-from secfedtl.runtime.federation import Federation
-from secfedtl.runtime.node import TaskOutput
+from secfedtl.federated import wire
+from secfedtl.federated.federation import Federation
+from secfedtl.federated.node import TaskOutput
 from secfedtl.transfer.centring import MeanMechanism, noisy_mean, private_feature_sum
 
 __all__ = ["FeatureMeanTask", "secure_feature_mean"]

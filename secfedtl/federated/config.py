@@ -1,0 +1,221 @@
+"""The public hyperparameters of a federated job: the job TOML (schema: docs/config.md).
+
+:class:`JobConfig` checks the sections every federated transfer job shares (``[job]``,
+``[privacy]``, ``[declared]``, ``[training]``, ``[server]``, ``[secagg]``, the optional
+``[selection]``) and keeps ``[model]``, the job's own model settings, as an open table. A job
+with a fixed ``[model]`` schema subclasses it (:class:`secfedtl.jobs.heart.HeartConfig`) and sets
+:attr:`JobConfig.MODEL_SCHEMA`. Everything here is public: it travels to every machine of the
+federation as the same file, and the job id is a hash of it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import sys
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, ClassVar
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+from secfedtl.errors import ConfigError
+
+__all__ = ["JobConfig"]
+
+_SECTIONS: dict[str, dict[str, type]] = {
+    "job": {"dataset": str, "source": str, "clients": list, "rounds": int, "seed": int,
+            "validation_fraction": float, "workers": int, "id": str},
+    "privacy": {"epsilon": float, "delta": float, "accountant": str, "personalise": bool, "secure_mode": bool,
+                "insecure_reproducible": bool},
+    "declared": {"records": dict},
+    "model": {},  # the job's own (MODEL_SCHEMA); an open table by default
+    "training": {"lr": float, "expected_batch_size": int, "max_grad_norm": float, "epochs": int,
+                 "l2sp": float, "optimizer": str},
+    "server": {"optimizer": str, "lr": float},
+    "secagg": {"clip": float, "bits": int, "max_samples": int},
+    "selection": {"candidates": list, "epsilon": float, "loss_clip": float},
+}
+#: Keys that may be left out, with their defaults (added after version 1 of the schema).
+_OPTIONAL: dict[str, dict[str, Any]] = {"job": {"workers": 0, "id": "", "validation_fraction": 0.2},
+                                       "privacy": {"secure_mode": True, "insecure_reproducible": False,
+                                                   "personalise": False},
+                                       "training": {"l2sp": 0.0, "optimizer": "sgd", "epochs": 1},
+                                       "server": {"optimizer": "fedavg", "lr": 1.0},
+                                       "secagg": {"bits": 32}}
+
+
+def _typed(value: Any, kind: type, where: str) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
+        raise ConfigError(f"{where} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+@dataclass(kw_only=True)
+class JobConfig:
+    """A validated job configuration (sections and keys of docs/config.md)."""
+
+    #: The ``[model]`` keys and their types; ``None``: an open table (any TOML values).
+    MODEL_SCHEMA: ClassVar[dict[str, type] | None] = None
+    #: ``[model]`` keys that may be left out, with their defaults.
+    MODEL_OPTIONAL: ClassVar[dict[str, Any]] = {}
+    #: The ``[job] dataset`` names this job accepts (empty: any).
+    DATASETS: ClassVar[tuple[str, ...]] = ()
+    #: ``(package, file)`` of the job file :meth:`load` reads when given no path.
+    DEFAULT_FILE: ClassVar[tuple[str, str] | None] = None
+
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> dict[str, Any]:
+        return self.sections[key]
+
+    # -- hooks of a job with its own [model] schema --------------------------------------------
+
+    @classmethod
+    def check_model(cls, model: dict[str, Any]) -> None:
+        """Raise :class:`ConfigError` for a ``[model]`` section this job cannot build."""
+
+    @classmethod
+    def candidate_spec(cls, value: Any, model: dict[str, Any], k: int) -> dict[str, Any]:
+        """One ``[selection] candidates`` entry, validated (default: any table)."""
+        if not isinstance(value, dict):
+            raise ConfigError(f"[selection] candidates[{k}] must be a table")
+        return dict(value)
+
+    def source_specs(self) -> list[dict[str, Any]]:
+        """The source-model candidates: ``[selection] candidates``, else the ``[model]`` section."""
+        if "selection" in self.sections:
+            return copy.deepcopy(self.sections["selection"]["candidates"])
+        return [copy.deepcopy(self.sections.get("model", {}))]
+
+    # -- reading and writing -------------------------------------------------------------------
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> JobConfig:
+        unknown = set(data) - set(_SECTIONS)
+        if unknown:
+            raise ConfigError(f"unknown config sections {sorted(unknown)}")
+        sections: dict[str, dict[str, Any]] = {}
+        for name, schema in _SECTIONS.items():
+            if name == "selection" and name not in data:
+                continue
+            raw = data.get(name, {})
+            if not isinstance(raw, Mapping):
+                raise ConfigError(f"[{name}] must be a table")
+            if name == "model":
+                sections[name] = cls._model_section(raw)
+                continue
+            given = {**_OPTIONAL.get(name, {}), **dict(raw)}
+            extra = set(given) - set(schema)
+            missing = set(schema) - set(given)
+            if extra or missing:
+                raise ConfigError(f"[{name}]: unknown keys {sorted(extra)}, missing keys {sorted(missing)}")
+            sections[name] = {key: _typed(given[key], kind, f"[{name}] {key}") for key, kind in schema.items()}
+        cls._check(sections)
+        return cls(sections=sections)
+
+    @classmethod
+    def _model_section(cls, raw: Mapping[str, Any]) -> dict[str, Any]:
+        if cls.MODEL_SCHEMA is None:
+            return copy.deepcopy(dict(raw))
+        given = {**cls.MODEL_OPTIONAL, **dict(raw)}
+        extra, missing = set(given) - set(cls.MODEL_SCHEMA), set(cls.MODEL_SCHEMA) - set(given)
+        if extra or missing:
+            raise ConfigError(f"[model]: unknown keys {sorted(extra)}, missing keys {sorted(missing)}")
+        return {key: _typed(given[key], kind, f"[model] {key}") for key, kind in cls.MODEL_SCHEMA.items()}
+
+    @classmethod
+    def _check(cls, sections: dict[str, dict[str, Any]]) -> None:
+        job = sections["job"]
+        if cls.DATASETS and job["dataset"] not in cls.DATASETS:
+            raise ConfigError(f"this job's dataset must be one of {list(cls.DATASETS)}, got {job['dataset']!r}")
+        if job["rounds"] < 1:
+            raise ConfigError("rounds must be >= 1")
+        if job["workers"] < 0:
+            raise ConfigError("workers must be >= 0 (0: clients run in this process, one after the other)")
+        if not 0 < job["validation_fraction"] < 0.5:
+            raise ConfigError("validation_fraction must be in (0, 0.5)")
+        clients = job["clients"]
+        if (len(clients) < 3 or job["source"] in clients or len(set(clients)) != len(clients)
+                or not all(isinstance(c, str) and c for c in clients)):
+            raise ConfigError("at least 3 private clients (distinct names), and the source is not one of them")
+        if not sections["privacy"]["epsilon"] > 0 or not 0 < sections["privacy"]["delta"] < 1:
+            raise ConfigError("epsilon must be > 0 and delta in (0, 1)")
+        model = sections["model"]
+        cls.check_model(model)
+        if "selection" in sections:
+            sel = sections["selection"]
+            if not sel["candidates"]:
+                raise ConfigError("[selection] candidates must list at least one source model")
+            sel["candidates"] = [cls.candidate_spec(c, model, k) for k, c in enumerate(sel["candidates"])]
+            if not 0 < sel["epsilon"] < sections["privacy"]["epsilon"]:
+                raise ConfigError("[selection] epsilon must be > 0 and below the [privacy] epsilon it is part of")
+            if not (math.isfinite(sel["loss_clip"]) and sel["loss_clip"] > 0):
+                raise ConfigError("[selection] loss_clip must be a finite number > 0")
+        records = sections["declared"]["records"]
+        if set(records) != set(clients):
+            raise ConfigError("[declared] records must give every client's declared public record count, "
+                              f"for exactly {sorted(clients)}")
+        for name, count in records.items():
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise ConfigError(f"[declared] records.{name} must be a positive integer, got {count!r}")
+        if sections["privacy"]["insecure_reproducible"]:
+            if sections["privacy"]["secure_mode"]:
+                raise ConfigError("insecure_reproducible needs secure_mode = false (tests only)")
+            warnings.warn("privacy.insecure_reproducible: Poisson batches and DP noise follow the job seed and are "
+                          "predictable; the ledger marks every entry insecure_seeded and `secfedtl audit` "
+                          "certifies none of them. For reproducibility tests only, never for real data",
+                          stacklevel=3)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str] | None = None) -> JobConfig:
+        """Read and check a job file (``None``: this job's bundled default, if it has one)."""
+        if path is None:
+            if cls.DEFAULT_FILE is None:
+                raise ConfigError("no job file given, and this job has no bundled default")
+            package, name = cls.DEFAULT_FILE
+            text = resources.files(package).joinpath(name).read_text(encoding="utf-8")
+        else:
+            try:
+                text = Path(path).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"cannot read job file {os.fspath(path)!r}: "
+                                  f"{exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}") from exc
+        try:
+            return cls.from_mapping(tomllib.loads(text))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"invalid TOML: {exc}") from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(self.sections)
+
+    def updated(self, changes: Mapping[tuple[str, str], Any]) -> JobConfig:
+        """A validated copy with ``{(section, key): value}`` set; ``None`` values are left out
+        (command-line overrides that were not given)."""
+        data = self.to_dict()
+        for (section, key), value in changes.items():
+            if value is not None:
+                data.setdefault(section, {})[key] = value
+        return type(self).from_mapping(data)
+
+    def to_toml(self) -> str:
+        """The configuration as a job file that :meth:`load` reads back to the same sections."""
+        def value(v: Any) -> str:
+            if isinstance(v, dict):
+                return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
+            if isinstance(v, list):
+                return "[" + ", ".join(value(x) for x in v) + "]"
+            return json.dumps(v)
+
+        return "".join(f"[{name}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in section.items()) + "\n"
+                       for name, section in self.sections.items())

@@ -1,0 +1,461 @@
+"""Describe a federated transfer job once; run it in process, in worker processes, behind a
+node agent or on Flower without changing it.
+
+A :class:`FederatedJob` is three functions and a config class:
+
+* ``source(config, spec) -> SourceModel``: the public source/transfer model, built the same way
+  on the server and on every hospital (its whole-model hash is checked in every task): a torch
+  module whose ``head`` submodule is trained and the rest frozen, and whether the frozen part's
+  features may be cached. ``spec`` is one of :meth:`JobConfig.source_specs` (the ``[model]``
+  section, or a ``[selection]`` candidate);
+* ``data(config, name) -> HospitalData``: one hospital's own data (a torch ``Dataset`` to train
+  on, the splits it evaluates on locally), loaded by the hospital's own code on its own machine.
+  The server never calls it;
+* ``metric(model, dataset)``: the score a hospital computes locally (default: accuracy);
+* ``config_type``: the :class:`~secfedtl.federated.config.JobConfig` (sub)class of its job file,
+  the public hyperparameters (budget, declared counts, rounds, secure-aggregation settings).
+
+What a server sends a node never names code: a node runs the job its own operator installed and
+configured (``secfedtl node --job MODULE:ATTR``, :func:`load_job`), on the job file its operator
+holds; the job id (a hash of that file unless it names one) and the source model's hash are in
+every request the node checks. This module builds the pieces from a description: a hospital's
+node (:func:`build_client_node`), the server (:func:`build_server`) and DP source selection
+(:func:`select_source`); :mod:`secfedtl.federated.run` runs the rounds;
+:mod:`secfedtl.runtime.local` puts them together in one process.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import importlib
+import json
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+from secfedtl.aggregation import make_server_optimizer
+from secfedtl.crypto.primitives import SigningKey
+from secfedtl.errors import AccountingError, ConfigError, RemoteProtocolError
+from secfedtl.federated import wire
+from secfedtl.federated.config import JobConfig
+from secfedtl.federated.federation import Federation
+from secfedtl.federated.node import ClientNode, LocalReports, Metric, TaskOutput, standard_tasks
+from secfedtl.federated.pool import ClientPool
+from secfedtl.federated.roster import NodePolicy, Roster
+from secfedtl.privacy.accountants import calibrate_noise_multiplier
+from secfedtl.privacy.budget import BudgetGuard
+from secfedtl.privacy.events import PoissonGaussianEvent
+from secfedtl.privacy.randomness import Randomness
+from secfedtl.privacy.state import PrivacyState, data_fingerprint
+from secfedtl.training import DPTrainingConfig, PrivateClient, evaluate, flatten_delta, unflatten_delta
+from secfedtl.transfer.freezing import HeadOnly
+from secfedtl.transfer.models import state_hash
+from secfedtl.transfer.regularizers import L2SP
+from secfedtl.transfer.selection import SelectionMechanism, private_selection_statistics, select_candidate
+
+__all__ = ["FederatedJob", "Hospital", "HospitalData", "SourceModel", "build_client_node", "build_selection_node",
+           "DEFAULT_JOB", "build_server", "declaration", "default_state_root", "job_id", "load_job", "node_policy",
+           "open_hospital_state", "planned_prior_events", "select_source", "selection_mechanism", "state_root"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceModel:
+    """The public source/transfer model of a job: ``model`` with its submodule ``head`` trainable
+    and everything else frozen (:class:`~secfedtl.transfer.freezing.HeadOnly` is applied when it
+    is built). ``cache_features``: the frozen part is deterministic, so each hospital may compute
+    its features once and train the head on them. ``info``: public facts about how it was built
+    (recorded in metrics.json)."""
+
+    model: nn.Module
+    head: str = "head"
+    cache_features: bool = True
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, nn.Module):
+            raise ConfigError(f"a source model must be a torch nn.Module, not {type(self.model).__name__}")
+        HeadOnly(head=self.head).apply(self.model)
+
+    @property
+    def head_state(self) -> dict[str, torch.Tensor]:
+        """The trainable parameters (the global model the federation averages), by name."""
+        return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    @property
+    def frozen_hash(self) -> str:
+        """Hash of the whole source model; clients refuse tasks announcing another one."""
+        return state_hash(self.model)
+
+    def with_params(self, params: np.ndarray) -> nn.Module:
+        """A copy of the model with ``params`` (a flat vector) as its trainable weights."""
+        model = copy.deepcopy(self.model)
+        named = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in unflatten_delta(params, self.head_state).items():
+                named[name].copy_(value)
+        return model
+
+
+@dataclass(frozen=True, kw_only=True)
+class HospitalData:
+    """One hospital's data, as its own code loads it on its own machine: ``train`` (a torch
+    ``Dataset`` of ``(input, label)``; DP-SGD trains on it), ``evaluation`` (named splits, scored
+    locally with the job's metric; a ``"validation"`` split is what DP source selection scores
+    candidates on) and ``fingerprint`` (what the hospital's privacy state is bound to: default, a
+    hash of every tensor of ``train`` and ``evaluation``)."""
+
+    train: Dataset
+    evaluation: Mapping[str, Dataset] = field(default_factory=dict)
+    fingerprint: str = ""
+
+    def __post_init__(self) -> None:
+        try:
+            size = len(self.train)  # type: ignore[arg-type]
+        except TypeError as exc:
+            raise ConfigError("HospitalData.train must be a torch Dataset with a length") from exc
+        if size < 1:
+            raise ConfigError("HospitalData.train is empty")
+        if not self.fingerprint:
+            object.__setattr__(self, "fingerprint", data_fingerprint(_tensors(self.train, *self.evaluation.values())))
+
+    @classmethod
+    def from_tensors(cls, x: Any, y: Any, *, evaluation: Mapping[str, tuple[Any, Any]] | None = None) -> HospitalData:
+        """From arrays or tensors: inputs ``x`` (float32) and integer labels ``y``; ``evaluation``
+        maps split names to ``(x, y)``."""
+        return cls(train=tensor_dataset(x, y),
+                   evaluation={k: tensor_dataset(*xy) for k, xy in (evaluation or {}).items()})
+
+
+def tensor_dataset(x: Any, y: Any) -> TensorDataset:
+    """A ``TensorDataset`` of float32 inputs and int64 labels from arrays or tensors."""
+    return TensorDataset(torch.tensor(np.asarray(x), dtype=torch.float32),
+                         torch.tensor(np.asarray(y), dtype=torch.long))
+
+
+def _tensors(*datasets: Dataset) -> list[Any]:
+    out: list[Any] = []
+    for data in datasets:
+        if isinstance(data, TensorDataset):
+            out.extend(data.tensors)
+        else:  # any other Dataset: every item, in order
+            for k in range(len(data)):  # type: ignore[arg-type]
+                out.extend(t for t in data[k] if hasattr(t, "shape") or isinstance(t, (int, float)))
+    return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class FederatedJob:
+    """A federated transfer job (see the module docstring)."""
+
+    name: str
+    source: Callable[[JobConfig, Mapping[str, Any]], SourceModel]
+    data: Callable[[JobConfig, str], HospitalData]
+    metric: Metric = evaluate
+    config_type: type[JobConfig] = JobConfig
+
+    def load_config(self, path: str | os.PathLike[str] | None = None) -> JobConfig:
+        return self.config_type.load(path)
+
+    def check(self, config: JobConfig) -> JobConfig:
+        """``config`` as this job's config class (re-validated if it is another class)."""
+        if isinstance(config, self.config_type):
+            return config
+        return self.config_type.from_mapping(config.to_dict())
+
+    def build_source(self, config: JobConfig, spec: Mapping[str, Any] | None = None) -> SourceModel:
+        source = self.source(config, config.source_specs()[0] if spec is None else spec)
+        if not isinstance(source, SourceModel):
+            raise ConfigError(f"job {self.name!r}: source() must return a SourceModel, not {type(source).__name__}")
+        return source
+
+    def load_data(self, config: JobConfig, name: str) -> HospitalData:
+        if name not in config["job"]["clients"]:
+            raise ConfigError(f"{name!r} is not one of the job's clients {config['job']['clients']}")
+        data = self.data(config, name)
+        if not isinstance(data, HospitalData):
+            raise ConfigError(f"job {self.name!r}: data() must return a HospitalData, not {type(data).__name__}")
+        return data
+
+
+#: The job a node, a server or `secfedtl run` runs unless its operator names another.
+DEFAULT_JOB = "secfedtl.jobs.heart:HEART"
+
+
+def load_job(ref: str | None = None) -> FederatedJob:
+    """The job ``MODULE:ATTR`` names, imported from this machine's own installation. Only a node's
+    or server's *own* configuration (command line, node config) may name one, never a message.
+    ``None``: :data:`DEFAULT_JOB`."""
+    ref = DEFAULT_JOB if ref is None or ref == "" else ref
+    module, sep, attr = ref.partition(":")
+    if not sep or not module or not attr:
+        raise ConfigError(f"a job is named MODULE:ATTR (e.g. secfedtl.jobs.heart:HEART), got {ref!r}")
+    try:
+        job = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"cannot load the job {ref!r}: {exc}") from exc
+    if not isinstance(job, FederatedJob):
+        raise ConfigError(f"{ref!r} is a {type(job).__name__}, not a FederatedJob")
+    return job
+
+
+# -- public identifiers and node-local settings ------------------------------------------------
+
+
+def job_id(config: JobConfig) -> str:
+    """The job's public identifier: ``[job] id``, else a hash of the resolved configuration (so
+    every node of a deployment that reads the same job file agrees on it). `secfedtl run` gives
+    each new run a random id, kept in its config.json for ``--resume``."""
+    given = config["job"]["id"]
+    if given:
+        return given
+    canonical = json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":")).encode("utf-8")
+    return "cfg-" + hashlib.sha256(canonical).hexdigest()[:24]
+
+
+def default_state_root() -> Path:
+    """Where hospitals' privacy states live unless the node's own ``--state-dir`` says otherwise:
+    ``$SECFEDTL_STATE_DIR``, else ``~/.local/share/secfedtl/privacy``. This is node-local
+    configuration: a job file cannot set it (a job could otherwise point a hospital at a fresh
+    state with a new budget)."""
+    env = os.environ.get("SECFEDTL_STATE_DIR")
+    return Path(env) if env else Path.home() / ".local" / "share" / "secfedtl" / "privacy"
+
+
+def state_root(override: Path | None = None) -> Path:
+    return override if override is not None else default_state_root()
+
+
+def node_policy(config: JobConfig, **kwargs: Any) -> NodePolicy:
+    """What a node of this job accepts: one secure session per training round, and no more tasks
+    (each may charge) than the job plans (its rounds, plus one with personalisation)."""
+    rounds = config["job"]["rounds"]
+    planned = rounds + int(config["privacy"]["personalise"])
+    return NodePolicy(**{"max_sessions": rounds, "max_tasks": planned, **kwargs})
+
+
+def open_hospital_state(config: JobConfig, name: str, data: HospitalData, root: Path) -> PrivacyState:
+    """Hospital ``name``'s persistent privacy state in ``root/name``, for the budget of the job's
+    ``[privacy]`` section, fingerprinted with ``data.fingerprint``."""
+    priv = config["privacy"]
+    return PrivacyState.open(root / name, client=name, epsilon=priv["epsilon"], delta=priv["delta"],
+                             accountant=priv["accountant"], fingerprint=data.fingerprint)
+
+
+def declaration(config: JobConfig, name: str) -> dict[str, Any]:
+    """What hospital ``name`` declares public about itself (recorded in every ledger entry)."""
+    return {"records": config["declared"]["records"][name], "participation": True}
+
+
+# -- a hospital's node ---------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class Hospital:
+    """One private client's objects (they stay at that client)."""
+
+    name: str
+    node: ClientNode
+    client: PrivateClient
+    guard: BudgetGuard
+    evaluation: dict[str, Dataset]
+    reports: LocalReports
+
+
+def _node_seed(config: JobConfig, name: str) -> int:
+    return config["job"]["seed"] * 1000 + config["job"]["clients"].index(name)
+
+
+def build_client_node(job: FederatedJob, config: JobConfig, name: str, source: SourceModel, data: HospitalData,
+                      state: PrivacyState, *, identity: SigningKey, roster: Roster,
+                      policy: NodePolicy | None = None, job_ref: str | None = None) -> Hospital:
+    """The node of one private hospital: its budget guard (on its persistent ``state``) and DP
+    client on ``data.train``, with the ``train``, ``evaluate`` and ``personalise`` tasks (the last
+    two score ``data.evaluation`` with the job's metric and report locally, into
+    ``state.directory/reports/<job id>``), its signing key ``identity`` and the federation's
+    ``roster`` pinned (with ``policy``). ``job_ref`` overrides the job id (tests).
+
+    Every mechanism parameter comes from public configuration: the sample rate is
+    ``expected_batch_size / [declared] records``, the steps and noise follow from it, and the
+    noise is calibrated so that what the hospital spent in other jobs, the selection event (if
+    any) and every planned round of this job stay within its budget."""
+    priv, tcfg = config["privacy"], config["training"]
+    jid = job_id(config) if job_ref is None else job_ref
+    guard = state.guard(job_id=jid, declaration=declaration(config, name))
+    planned = config["job"]["rounds"] + (1 if priv["personalise"] else 0)
+    dp = DPTrainingConfig(lr=tcfg["lr"], expected_batch_size=tcfg["expected_batch_size"],
+                          max_grad_norm=tcfg["max_grad_norm"], epochs=tcfg["epochs"],
+                          optimizer=tcfg["optimizer"], target_epsilon=priv["epsilon"],
+                          target_delta=priv["delta"], planned_rounds=planned, device="auto",
+                          secure_mode=priv["secure_mode"], accountant=priv["accountant"],
+                          public_dataset_size=config["declared"]["records"][name])
+    dp = _calibrated_after(dp, state.events_before(jid) + planned_prior_events(config))
+    seed = _node_seed(config, name)
+    randomness = (Randomness.insecure_seeded(seed) if priv["insecure_reproducible"]
+                  else Randomness.secure(secure_mode=priv["secure_mode"]))
+    client = PrivateClient(client_id=name, model=source.model, train_data=data.train, config=dp, guard=guard,
+                           regularizer=L2SP(strength=tcfg["l2sp"], source=source.head_state),
+                           head=source.head, cache_features=source.cache_features, randomness=randomness)
+    evaluation = dict(data.evaluation)
+    reports = LocalReports(state.directory / "reports" / jid)
+    node = ClientNode(name=name, tasks=standard_tasks(client, evaluation, frozen_hash=source.frozen_hash,
+                                                      reports=reports, metric=job.metric),
+                      seed=seed, identity=identity, roster=roster, policy=policy)
+    return Hospital(name=name, node=node, client=client, guard=guard, evaluation=evaluation, reports=reports)
+
+
+def _calibrated_after(dp: DPTrainingConfig, prior: list[PoissonGaussianEvent]) -> DPTrainingConfig:
+    """``dp`` with its noise multiplier calibrated so that ``prior`` plus ``planned_rounds`` rounds
+    reach at most ``target_epsilon`` (by the config's accountant), from public values only."""
+    assert dp.target_epsilon is not None and dp.target_delta is not None and dp.planned_rounds is not None
+    rate = dp.sample_rate
+    try:
+        sigma = calibrate_noise_multiplier(target_epsilon=dp.target_epsilon, target_delta=dp.target_delta,
+                                           sample_rate=rate, steps=dp.planned_rounds * dp.local_steps(),
+                                           accountant=dp.accountant, prior_events=prior)
+    except AccountingError as exc:
+        raise ConfigError(f"no training noise fits what is left of the budget ({len(prior)} earlier "
+                          f"releases): {exc}") from exc
+    return dataclasses.replace(dp, noise_multiplier=sigma, target_epsilon=None, target_delta=None,
+                               planned_rounds=None)
+
+
+# -- the server ------------------------------------------------------------------------------------
+
+
+def build_server(config: JobConfig, source: SourceModel, pool: ClientPool, roster: Roster) -> Federation:
+    """The server side: global model (the source head), optimizer and secure-aggregation settings;
+    ``roster`` holds the clients' signing public keys."""
+    head = source.head_state
+    return Federation(
+        pool=pool, roster=roster, names=list(head), global_params=flatten_delta(head), frozen_hash=source.frozen_hash,
+        optimizer=make_server_optimizer(config["server"]["optimizer"], server_lr=config["server"]["lr"]),
+        clip=config["secagg"]["clip"], bits=config["secagg"]["bits"], max_samples=config["secagg"]["max_samples"],
+        seed=config["job"]["seed"])
+
+
+# -- DP source selection ([selection]) -------------------------------------------------------------
+
+
+def selection_mechanism(config: JobConfig) -> SelectionMechanism:
+    """The Gaussian mechanism every hospital runs for source selection (``[selection]``), calibrated
+    on its own to the selection's epsilon (RDP, the budget's delta)."""
+    sel, priv = config["selection"], config["privacy"]
+    try:
+        return SelectionMechanism.calibrate(num_candidates=len(sel["candidates"]), loss_clip=sel["loss_clip"],
+                                            target_epsilon=sel["epsilon"], target_delta=priv["delta"])
+    except AccountingError as exc:
+        raise ConfigError(f"[selection] epsilon {sel['epsilon']} cannot be met: {exc}") from exc
+
+
+def planned_prior_events(config: JobConfig) -> list[PoissonGaussianEvent]:
+    """What every hospital spends before training (public, from the config alone, so a resumed
+    run calibrates the same training noise): the selection event, if there is a selection."""
+    return [selection_mechanism(config).event()] if "selection" in config.sections else []
+
+
+def selection_options(mechanism: SelectionMechanism) -> dict[str, Any]:
+    return {"num_candidates": mechanism.num_candidates, "loss_clip": mechanism.loss_clip,
+            "noise_multiplier": mechanism.noise_multiplier}
+
+
+class SelectTask:
+    """The ``"select"`` task of DP source-model selection (:mod:`secfedtl.transfer.selection`):
+    the hospital's noisy ``(clipped loss sum per candidate, count)`` on its validation split,
+    charged to its budget (ledger entry first); contributes that vector with weight 1. A request
+    naming other candidates (by hash) or another mechanism is refused."""
+
+    def __init__(self, *, candidates: list[nn.Module], data: Dataset, mechanism: SelectionMechanism,
+                 guard: BudgetGuard, rng: np.random.Generator | None = None) -> None:
+        self._candidates = candidates
+        self._hashes = [state_hash(m) for m in candidates]
+        self._data = data
+        self._mechanism = mechanism
+        self._guard = guard
+        self._rng = rng
+
+    def __call__(self, request: wire.TaskRequest, digest: str) -> TaskOutput:
+        opts = request.options
+        candidates = opts.get("candidates", [])  # server-chosen JSON: compare, never convert
+        if not isinstance(candidates, list) or candidates != self._hashes:
+            raise RemoteProtocolError("the request names other source-model candidates")
+        if opts.get("mechanism") != selection_options(self._mechanism):
+            raise RemoteProtocolError("the request announces another selection mechanism")
+        vector = private_selection_statistics(candidates=self._candidates, data=self._data,
+                                              mechanism=self._mechanism, guard=self._guard,
+                                              round=request.round, model_hash=digest, rng=self._rng)
+        return TaskOutput(vector=vector, weight=1)
+
+
+def build_selection_node(config: JobConfig, name: str, candidates: Sequence[SourceModel], data: HospitalData,
+                         state: PrivacyState, *, identity: SigningKey, roster: Roster,
+                         job_ref: str | None = None) -> ClientNode:
+    """One hospital's node for source selection: the ``select`` task on its ``validation`` split
+    (selection noise from ``os.urandom``, whatever ``secure_mode`` says: it is one small draw)."""
+    if "validation" not in data.evaluation:
+        raise ConfigError(f"{name}: DP source selection scores the candidates on a 'validation' split; "
+                          "this hospital's data has none")
+    jid = job_id(config) if job_ref is None else job_ref
+    guard = state.guard(job_id=jid, declaration=declaration(config, name))
+    task = SelectTask(candidates=[c.model for c in candidates], data=data.evaluation["validation"],
+                      mechanism=selection_mechanism(config), guard=guard)
+    return ClientNode(name=name, tasks={"select": task}, seed=_node_seed(config, name), identity=identity,
+                      roster=roster)
+
+
+def select_source(config: JobConfig, out: Path, candidates: Sequence[SourceModel], pool: ClientPool,
+                  roster: Roster) -> dict[str, Any]:
+    """Run DP source selection over ``pool`` (the hospitals' selection nodes: one secure round of
+    the ``select`` task) and return the record written to ``out/selection.json``. If the secure
+    round fails, the first candidate is kept and the record says why. Closes ``pool``."""
+    mechanism = selection_mechanism(config)
+    max_samples = config["secagg"]["max_samples"]
+    # The server of this one round has no model: secure_round only needs a pool and the encoding.
+    server = Federation(pool=pool, roster=roster, names=["selection"], global_params=np.zeros(1),
+                        optimizer=make_server_optimizer("fedavg", server_lr=1.0), bits=config["secagg"]["bits"],
+                        max_samples=max_samples, seed=config["job"]["seed"])
+    # Every coordinate of a hospital's vector is at most max_samples * C plus noise; clipping the
+    # noisy vector to a public bound is post-processing.
+    clip = max_samples * mechanism.loss_clip + 10.0 * mechanism.loss_noise_std
+    try:
+        outcome = server.secure_round("select", round=0, cohort=sorted(pool.names),
+                                      vector_length=mechanism.vector_length, clip=clip, max_weight=1,
+                                      weights=np.zeros(0),
+                                      options={"candidates": [state_hash(c.model) for c in candidates],
+                                               "mechanism": selection_options(mechanism)})
+    finally:
+        pool.close()
+    record: dict[str, Any] = {
+        "candidates": config.source_specs(), "status": outcome.status, "reason": outcome.reason,
+        "included": list(outcome.included), "refused": list(outcome.refused),
+        "epsilon": config["selection"]["epsilon"], "loss_clip": mechanism.loss_clip,
+        "noise_multiplier": mechanism.noise_multiplier, "sensitivity": mechanism.sensitivity,
+        "source_validation_loss": [c.info.get("validation_loss") for c in candidates]}
+    if outcome.status == "ok" and outcome.total is not None:
+        result = select_candidate(outcome.total, num_candidates=mechanism.num_candidates)
+        record.update(result.to_dict())
+        record["aggregate_noise_std"] = mechanism.loss_noise_std * math.sqrt(len(outcome.included))
+    else:
+        record.update(index=0, noisy_loss_sums=None, noisy_count=None, mean_losses=None)
+    (out / "selection.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
+    return record
+
+
+def saved_selection(config: JobConfig, out: Path) -> dict[str, Any] | None:
+    """The selection record of an earlier run in ``out`` (``--resume``), if any."""
+    path = out / "selection.json"
+    if not path.exists():
+        return None
+    saved: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    if saved.get("candidates") != config.source_specs():
+        raise ConfigError(f"{path} was written for other candidates")
+    return saved
