@@ -253,7 +253,7 @@ def test_resume_after_kill_counts_everything(tmp_path):
     """SIGKILL a demo mid-run, resume it: all rounds done, and every ledger entry the killed
     process began is still counted (about 20 s, so it runs in CI with the rest)."""
     out = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "secfedtl.cli", "demo", "--out", str(out), "--rounds", "4", "--no-progress"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
