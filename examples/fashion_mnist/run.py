@@ -4,6 +4,12 @@ Fashion-MNIST, 10 clients with Dirichlet(0.5) label skew, epsilon = 3 per client
 Set up with ``examples/fashion_mnist/setup.sh``, then from the repository root:
 
     .venv/bin/python examples/fashion_mnist/run.py --out runs/fashion_mnist
+    .venv/bin/python examples/fashion_mnist/run.py --out runs/fashion_mnist_flower --flower simulate
+
+The job is :data:`fashion_job.FASHION`, a :class:`~secfedtl.federated.job.FederatedJob` (the same
+description the heart job uses): in process by default; ``--flower local|simulate`` runs the same
+job on a local Flower deployment (SuperLink, a node agent per client running
+``secfedtl node --job fashion_job:FASHION``, the secfedtl ServerApp).
 
 Each client caches the frozen source layers' output once and trains a new linear head with
 DP-SGD. Every mechanism parameter is public: each client declares a public record count (its fit
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import sys
 import time
@@ -37,25 +44,21 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # source_model.py beside this file
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # source_model.py and fashion_job.py beside this file
 
-from source_model import FashionNet, load_mnist_cnn, to_inputs  # noqa: E402
+from fashion_job import FASHION, FashionConfig, client_names, load_data, splits  # noqa: E402
+from source_model import to_inputs  # noqa: E402
 
-from secfedtl.aggregation import make_server_optimizer  # noqa: E402
-from secfedtl.data.fashion_mnist import CLASS_NAMES, client_splits, load_fashion_mnist  # noqa: E402
-from secfedtl.errors import AccountingError, ConfigError  # noqa: E402
-from secfedtl.privacy.accountants import calibrate_noise_multiplier, compute_epsilon  # noqa: E402
+from secfedtl.aggregation.optimizers import decode_vector  # noqa: E402
+from secfedtl.data.fashion_mnist import CLASS_NAMES  # noqa: E402
+from secfedtl.errors import ConfigError, SecFedTLError  # noqa: E402
+from secfedtl.privacy.accountants import compute_epsilon  # noqa: E402
 from secfedtl.privacy.audit import audit_ledger  # noqa: E402
-from secfedtl.privacy.budget import BudgetGuard  # noqa: E402
 from secfedtl.privacy.ledger import read_verified_ledger, spent_events  # noqa: E402
-from secfedtl.privacy.state import PrivacyState, data_fingerprint  # noqa: E402
-from secfedtl.federated.federation import Federation  # noqa: E402
-from secfedtl.federated.node import ClientNode, TrainTask  # noqa: E402
-from secfedtl.runtime.pool import LocalPool  # noqa: E402
 from secfedtl.reporting.plots import plot_epsilon_per_round  # noqa: E402
-from secfedtl.federated.roster import Roster  # noqa: E402
-from secfedtl.training import DPTrainingConfig, PrivateClient, evaluate, flatten_delta, unflatten_delta  # noqa: E402
-from secfedtl.transfer import cache_features, split_head, state_hash  # noqa: E402
+from secfedtl.training import evaluate  # noqa: E402
+from secfedtl.transfer import cache_features, split_head  # noqa: E402
 
 DELTA = 1e-5
 ACCOUNTANT = "rdp"
@@ -94,10 +97,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="accept IDX files other than the published release (e.g. your own data in that format)")
     p.add_argument("--weights", type=Path, default=None, help="source weights (default: digit-recognizer-py's)")
     p.add_argument("--no-reference", action="store_true", help="skip the non-private reference head")
-    args = p.parse_args(argv)
+    p.add_argument("--flower", choices=("local", "simulate"), default=None,
+                   help="run on a local Flower deployment (local: SuperLink + one SuperNode per client; simulate: "
+                        "Flower's simulation engine) instead of in this process")
+    p.add_argument("--phase-timeout", type=float, default=300.0, help="with --flower: seconds a phase waits")
+    return p.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse bad settings before any folder is created or any progress bar starts."""
+    if not (math.isfinite(args.epsilon) and args.epsilon > 0):
+        raise ConfigError(f"--epsilon must be a number > 0, got {args.epsilon:g}")
+    if args.rounds < 1 or args.clients < 3 or args.epochs < 1 or args.batch_size < 1:
+        raise ConfigError("--rounds, --epochs and --batch-size must be >= 1, and --clients >= 3")
     if args.declared_grid < 1:
-        p.error("--declared-grid must be >= 1")
-    return args
+        raise ConfigError("--declared-grid must be >= 1")
+    if not (math.isfinite(args.alpha) and args.alpha > 0):
+        raise ConfigError(f"--alpha must be a number > 0, got {args.alpha:g}")
+    if args.data_dir is not None and not args.data_dir.is_dir():
+        raise ConfigError(f"--data-dir {args.data_dir}: no such folder")
+    if args.weights is not None and not args.weights.is_file():
+        raise ConfigError(f"--weights {args.weights}: no such file")
 
 
 def declared_records(fit_size: int, grid: int) -> int:
@@ -108,42 +128,23 @@ def declared_records(fit_size: int, grid: int) -> int:
     return max(grid, grid * round(fit_size / grid))
 
 
-def calibrated_noise(config: DPTrainingConfig, *, rounds: int, prior: list[Any], client: str,
-                     state: PrivacyState) -> float:
-    """The noise multiplier for ``rounds`` rounds of ``config`` after what the client's privacy
-    state already spent in other jobs (``prior``), from public values only."""
-    assert config.target_epsilon is not None and config.target_delta is not None
-    try:
-        return calibrate_noise_multiplier(target_epsilon=config.target_epsilon, target_delta=config.target_delta,
-                                          sample_rate=config.sample_rate, steps=rounds * config.local_steps(),
-                                          accountant=config.accountant, prior_events=prior)
-    except AccountingError as exc:
-        spent = compute_epsilon(prior, config.target_delta, accountant=config.accountant) if prior else 0.0
-        raise ConfigError(
-            f"{client}'s privacy state in {state.directory} has already spent epsilon {spent:.3f} of its budget "
-            f"{config.target_epsilon:g} in earlier jobs: no training noise fits what is left ({exc}). A new job "
-            "on the same data continues its budget; use another --out (or --state-dir) for fresh simulated clients"
-        ) from exc
-
-
-def make_federation(clients: dict[str, PrivateClient], model: nn.Module, *, server: str, server_lr: float,
-                    server_momentum: float | None, max_samples: int, seed: int) -> Federation:
-    """The one place this example builds the federation: a node per private client with only its
-    ``train`` task (the server never asks a client to evaluate: accuracy is the simulation's
-    experimenter's, computed outside the protocol), an in-process pool, and the server (secure
-    aggregation + optimizer). ``clip`` bounds each coordinate of a client's head delta (they stay
-    far below 10 here); ``max_samples`` bounds the declared weights."""
-    frozen_hash = state_hash(model)  # the public source model; a node refuses a request for another
-    roster, keys = Roster.generate(clients)  # one process plays every client: per-run signing keys
-    nodes = {name: ClientNode(name=name, tasks={"train": TrainTask(client, frozen_hash=frozen_hash)},
-                              seed=seed * 1000 + k,  # the node's seed drives only the public rounding
-                              identity=keys[name], roster=roster)
-             for k, (name, client) in enumerate(clients.items())}
-    head = next(iter(clients.values())).trainable_state()
-    momentum = {"momentum": server_momentum} if server == "fedavgm" and server_momentum is not None else {}
-    return Federation(pool=LocalPool(nodes), roster=roster, names=list(head), global_params=flatten_delta(head),
-                      frozen_hash=frozen_hash, optimizer=make_server_optimizer(server, server_lr=server_lr, **momentum),
-                      clip=10.0, bits=32, max_samples=max_samples, seed=seed)
+def job_config(args: argparse.Namespace, declared: dict[str, int], job_id: str) -> FashionConfig:
+    """The job file of this run: every setting public (the declared counts included)."""
+    server: dict[str, Any] = {"optimizer": args.server, "lr": args.server_lr}
+    if args.server == "fedavgm" and args.server_momentum is not None:
+        server["momentum"] = args.server_momentum
+    return FashionConfig.from_mapping({
+        "job": {"dataset": "fashion_mnist", "source": "mnist", "clients": list(declared), "rounds": args.rounds,
+                "seed": args.seed, "id": job_id},
+        "privacy": {"epsilon": args.epsilon, "delta": DELTA, "accountant": ACCOUNTANT},
+        "declared": {"records": declared},
+        "model": {"num_conv": args.num_conv, "feature_scale": args.feature_scale, "alpha": args.alpha},
+        "training": {"lr": args.lr, "expected_batch_size": args.batch_size, "max_grad_norm": args.max_grad_norm,
+                     "epochs": args.epochs},
+        "server": server,
+        # each coordinate of a head delta stays far below 10; the weights are the declared counts
+        "secagg": {"clip": 10.0, "max_samples": max(declared.values())},
+    })
 
 
 def head_accuracy(head: nn.Module, data: TensorDataset) -> float:
@@ -171,59 +172,101 @@ def reference_head(fit: TensorDataset, val: TensorDataset, *, seed: int, max_epo
     return {"head": head, "validation_accuracy": best[0], "epochs": best[1]}
 
 
+def _node_settings(args: argparse.Namespace) -> None:
+    """Each node's own settings (this process plays every client's operator): where its data and
+    the source weights are. Read by fashion_job.py, in this process and in the node agents."""
+    for key, value in (("FASHION_MNIST_DIR", args.data_dir), ("FASHION_MNIST_WEIGHTS", args.weights)):
+        if value is not None:
+            os.environ[key] = str(Path(value).resolve())
+    if args.skip_checksums:
+        os.environ["FASHION_MNIST_SKIP_CHECKSUMS"] = "1"
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.perf_counter()
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    state_dir: Path = args.state_dir if args.state_dir is not None else out / "privacy-state"
-    job_id = "fashion_mnist-" + uuid.uuid4().hex  # public; every ledger entry of this run carries it
+    check_args(args)
+    _node_settings(args)
     timings: dict[str, float] = {}
     torch.manual_seed(args.seed)
-
     t0 = time.perf_counter()
-    data = load_fashion_mnist(args.data_dir, **({"checksums": None} if args.skip_checksums else {}))
-    splits = client_splits(data.x_train, data.y_train, num_clients=args.clients, alpha=args.alpha, seed=args.seed)
-    model = FashionNet(load_mnist_cnn(args.weights), num_conv=args.num_conv, feature_scale=args.feature_scale)
+    data = load_data()  # a clear error (no data, bad files) before anything is created
+    names = client_names(args.clients)
+    shares = splits(job_config(args, dict.fromkeys(names, 1), "probe"))
+    # The operators' public declarations, fixed before any training (the experimenter plays them).
+    declared = {n: declared_records(len(s.y_fit), args.declared_grid) for n, s in zip(names, shares)}
+    job_id = "fashion_mnist-" + uuid.uuid4().hex  # public; every ledger entry of this run carries it
+    config = job_config(args, declared, job_id)
+    source = FASHION.build_source(config)  # the source weights load (or fail) before anything is created
     timings["load"] = time.perf_counter() - t0
 
-    # The operators' public declarations, fixed before any training (the experimenter plays them).
-    declared = {f"client{k:02d}": declared_records(len(s.y_fit), args.declared_grid) for k, s in enumerate(splits)}
-    states: dict[str, PrivacyState] = {}
-    try:
-        clients: dict[str, PrivateClient] = {}
-        guards: dict[str, BudgetGuard] = {}
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    if args.state_dir is None and args.flower is None:
+        print(f"fashion_mnist: throwaway privacy states in {out / 'privacy-state'} "
+              "(real clients keep theirs across jobs)", file=sys.stderr)
+    t0 = time.perf_counter()
+    backbone, _ = split_head(source.model, "head")
+    backbone.eval()
+
+    def features(x: np.ndarray, y: np.ndarray) -> TensorDataset:
+        return cache_features(backbone, TensorDataset(to_inputs(x), torch.from_numpy(y)), batch_size=1024)
+
+    # The experimenter's evaluation data (outside the protocol): the public test split and the
+    # clients' validation rows pooled, as features of the same frozen layers: each round scores
+    # only the head.
+    test = features(data.x_test, data.y_test)
+    val = features(np.concatenate([s.x_val for s in shares]), np.concatenate([s.y_val for s in shares]))
+    timings["eval_features"] = time.perf_counter() - t0
+    head = copy.deepcopy(source.model.head)
+
+    def head_with(params: np.ndarray) -> nn.Module:
+        model = source.with_params(params)
+        return model.head
+
+    def round_metrics(params: np.ndarray) -> dict[str, float]:
+        h = head_with(params)
+        return {"public_test_accuracy": head_accuracy(h, test), "pooled_validation_accuracy": head_accuracy(h, val)}
+
+    t0 = time.perf_counter()
+    if args.flower is None:
+        metrics, ledgers, mechanism, params = _in_process(args, config, out, round_metrics)
+    else:
+        metrics, ledgers, mechanism, params = _on_flower(args, config, out, round_metrics)
+    timings["federated_training"] = time.perf_counter() - t0
+    head = head_with(params)
+    spent = {n: [ev for _, ev, _ in spent_events(read_verified_ledger(p)[0]).get(n, [])] for n, p in ledgers.items()}
+    audits = {n: audit_ledger(p) for n, p in ledgers.items()}
+    sim = metrics.setdefault("simulation_only", {"rounds": []})
+    sim.update({
+        "note": "computed by the experimenter of this simulation, who holds every client's data and the test "
+                "split, outside the protocol: never sent to the server",
+        "client_sizes": {n: len(s.y_fit) for n, s in zip(names, shares)},
+        "client_validation_sizes": {n: len(s.y_val) for n, s in zip(names, shares)},
+        "client_label_counts": {n: np.bincount(s.y_fit, minlength=10).tolist() for n, s in zip(names, shares)},
+        "ledgers": {n: os.fspath(p) for n, p in ledgers.items()},
+        "audit": {n: {"certified": a.certified, "epsilon": a.clients[0].epsilon if a.clients else 0.0,
+                      "lines": a.lines, "head_hash": a.head_hash} for n, a in audits.items()},
+    })
+    sim["final"] = {**sim.get("final", {}), "test_accuracy": head_accuracy(head, test),
+                    "validation_accuracy": head_accuracy(head, val),
+                    "per_class_test_accuracy": dict(zip(CLASS_NAMES, _per_class_accuracy(head, test))),
+                    "epsilon": {n: compute_epsilon(ev, DELTA, accountant="rdp") for n, ev in spent.items()},
+                    "epsilon_prv": {n: compute_epsilon(ev, DELTA, accountant="prv") for n, ev in spent.items()}}
+    metrics.update({
+        "example": "fashion_mnist", "transport": args.flower or "in process",
+        "command": " ".join(["python", "examples/fashion_mnist/run.py", *sys.argv[1:]]),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "job_id": job_id, "delta": DELTA, "accountant": ACCOUNTANT,
+        "num_features": int(val.tensors[0].shape[1]), "declared_records": declared, "mechanism": mechanism,
+    })
+    if not args.no_reference:
         t0 = time.perf_counter()
-        bar = _progress(args.clients, "caching client features", not args.no_progress)
-        for k, split in enumerate(splits):
-            name = f"client{k:02d}"
-            states[name] = PrivacyState.open(
-                state_dir / name, client=name, epsilon=args.epsilon, delta=DELTA, accountant=ACCOUNTANT,
-                fingerprint=data_fingerprint([split.x_fit, split.y_fit, split.x_val, split.y_val]))
-            guards[name] = states[name].guard(job_id=job_id,
-                                              declaration={"records": declared[name], "participation": True})
-            target = DPTrainingConfig(lr=args.lr, expected_batch_size=args.batch_size,
-                                      max_grad_norm=args.max_grad_norm, epochs=args.epochs,
-                                      target_epsilon=args.epsilon, target_delta=DELTA, planned_rounds=args.rounds,
-                                      device="auto", accountant=ACCOUNTANT, public_dataset_size=declared[name])
-            earlier = states[name].events_before(job_id)
-            if earlier:
-                print(f"{name}: its privacy state already spent epsilon "
-                      f"{compute_epsilon(earlier, DELTA, accountant=ACCOUNTANT):.3f} of {args.epsilon:g} in earlier jobs; "
-                      "this job's noise is calibrated for what is left", file=sys.stderr)
-            sigma = calibrated_noise(target, rounds=args.rounds, prior=earlier, client=name, state=states[name])
-            config = DPTrainingConfig(lr=args.lr, expected_batch_size=args.batch_size, max_grad_norm=args.max_grad_norm,
-                                      epochs=args.epochs, noise_multiplier=sigma, device="auto",
-                                      accountant=ACCOUNTANT, public_dataset_size=declared[name])
-            train = TensorDataset(to_inputs(split.x_fit), torch.from_numpy(split.y_fit))
-            clients[name] = PrivateClient(client_id=name, model=model, train_data=train, config=config,
-                                          guard=guards[name], head="head", cache_features=True)
-            bar.update(1)
-        bar.close()
-        timings["client_setup"] = time.perf_counter() - t0
-        metrics = _train(args, data, splits, model, clients, guards, states, declared, job_id, state_dir, timings)
-    finally:
-        for state in states.values():
-            state.close()
+        fit = features(np.concatenate([s.x_fit for s in shares]), np.concatenate([s.y_fit for s in shares]))
+        ref = reference_head(fit, val, seed=args.seed)
+        sim["non_private_reference"] = {"validation_accuracy": ref["validation_accuracy"], "epochs": ref["epochs"],
+                                        "test_accuracy": head_accuracy(ref["head"], test)}
+        timings["reference"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
     metrics["wall_seconds"] = timings
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
@@ -231,100 +274,51 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return metrics
 
 
-def _train(args: argparse.Namespace, data: Any, splits: list[Any], model: nn.Module, clients: dict[str, PrivateClient],
-           guards: dict[str, BudgetGuard], states: dict[str, PrivacyState], declared: dict[str, int], job_id: str,
-           state_dir: Path, timings: dict[str, float]) -> dict[str, Any]:
-    # The experimenter's evaluation data: the public test split, and (simulation only) the
-    # clients' validation rows pooled. Features computed once with the same frozen layers, so
-    # each round evaluates only the head. None of this reaches the server.
-    t0 = time.perf_counter()
-    backbone, _ = split_head(model, "head")
-    backbone.eval()
+def _in_process(args: argparse.Namespace, config: FashionConfig, out: Path, round_metrics: Any) -> tuple[Any, ...]:
+    from secfedtl.federated.run import run_federation
+    from secfedtl.runtime.local import build_job
 
-    def features(x: np.ndarray, y: np.ndarray) -> TensorDataset:
-        return cache_features(backbone, TensorDataset(to_inputs(x), torch.from_numpy(y)), batch_size=1024)
+    state_dir: Path = args.state_dir if args.state_dir is not None else out / "privacy-state"
+    run_dir = out / "runs" / config["job"]["id"]
+    local = build_job(FASHION, config, run_dir, workers=0, state_dir=state_dir)
+    try:
+        for name, state in local.states.items():
+            earlier = state.events_before(config["job"]["id"])
+            if earlier:
+                print(f"{name}: its privacy state already spent epsilon "
+                      f"{compute_epsilon(earlier, DELTA, accountant=ACCOUNTANT):.3f} of {args.epsilon:g} in earlier "
+                      "jobs; this job's noise is calibrated for what is left", file=sys.stderr)
+        metrics = run_federation(config, local.source, local.federation, run_dir, progress=not args.no_progress,
+                                 experimenter=local.experimenter(), round_metrics=round_metrics)
+        clients = local.clients
+        mechanism = {"note": "public: functions of the settings and the declared counts only",
+                     "sample_rate": {n: c.sample_rate for n, c in clients.items()},
+                     "noise_multiplier": {n: c.noise_multiplier for n, c in clients.items()},
+                     "local_steps": {n: c.local_steps for n, c in clients.items()}}
+        metrics["device"] = next(iter(clients.values())).config.resolve_device()
+        metrics["privacy_state"] = {"directory": os.fspath(state_dir),
+                                    "note": "a throwaway folder for this example unless --state-dir was given; a "
+                                            "real client keeps its state across jobs, and a second job on it "
+                                            "continues its budget"}
+        return metrics, {n: s.ledger.path for n, s in local.states.items()}, mechanism, local.federation.global_params
+    finally:
+        local.close()
 
-    val = features(np.concatenate([s.x_val for s in splits]), np.concatenate([s.y_val for s in splits]))
-    test = features(data.x_test, data.y_test)
-    timings["eval_features"] = time.perf_counter() - t0
 
-    federation = make_federation(clients, model, server=args.server, server_lr=args.server_lr,
-                                 server_momentum=args.server_momentum, max_samples=max(declared.values()),
-                                 seed=args.seed)
-    template = next(iter(clients.values())).trainable_state()
-    head = copy.deepcopy(model.head)
-    server_rows: list[dict[str, Any]] = []
-    sim_rows: list[dict[str, Any]] = []
-    bar = _progress(args.rounds, "federated rounds", not args.no_progress)
-    t0 = time.perf_counter()
-    for _ in range(args.rounds):
-        report = federation.run_round()
-        server_rows.append(report.to_dict())
-        state = unflatten_delta(federation.global_params, template)
-        head.load_state_dict({k.removeprefix("head."): v for k, v in state.items()})
-        eps = {n: g.budget.spent_epsilon for n, g in guards.items()}
-        sim_rows.append({"round": report.round, "validation_accuracy": head_accuracy(head, val),
-                         "test_accuracy": head_accuracy(head, test), "epsilon": eps})
-        bar.update(1)
-        bar.set_postfix(val=f"{sim_rows[-1]['validation_accuracy']:.3f}", eps=f"{max(eps.values()):.2f}",
-                        status=report.status)
-    bar.close()
-    timings["federated_training"] = time.perf_counter() - t0
+def _on_flower(args: argparse.Namespace, config: FashionConfig, out: Path, round_metrics: Any) -> tuple[Any, ...]:
+    from secfedtl.runtime.deploy import run_local
 
-    # Each client's spent epsilon, recomputed from its verified ledger, and `secfedtl audit` on it.
-    ledgers = {n: s.ledger.path for n, s in states.items()}
-    spent = {n: [ev for _, ev, _ in spent_events(read_verified_ledger(p)[0]).get(n, [])] for n, p in ledgers.items()}
-    final_eps = {n: compute_epsilon(ev, DELTA, accountant="rdp") for n, ev in spent.items()}
-    final_eps_prv = {n: compute_epsilon(ev, DELTA, accountant="prv") for n, ev in spent.items()}
-    audits = {n: audit_ledger(p) for n, p in ledgers.items()}
-    per_class = _per_class_accuracy(head, test)
-    first = next(iter(clients.values()))
-    metrics: dict[str, Any] = {
-        "example": "fashion_mnist",
-        "command": " ".join(["python", "examples/fashion_mnist/run.py", *sys.argv[1:]]),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "job_id": job_id,
-        "delta": DELTA,
-        "accountant": ACCOUNTANT,
-        "device": first.config.resolve_device(),
-        "num_features": int(val.tensors[0].shape[1]),
-        "privacy_state": {"directory": os.fspath(state_dir),
-                          "note": "a throwaway folder for this example unless --state-dir was given; a real "
-                                  "client keeps its state across jobs, and a second job on it continues its budget"},
-        "declared_records": declared,
-        "mechanism": {"note": "public: functions of the settings and the declared counts only",
-                      "sample_rate": {n: c.sample_rate for n, c in clients.items()},
-                      "noise_multiplier": {n: c.noise_multiplier for n, c in clients.items()},
-                      "local_steps": {n: c.local_steps for n, c in clients.items()}},
-        "server": {"note": "everything the server received: round outcomes over masked sums (total_weight is the "
-                           "sum of declared counts; times are the server's own clock)",
-                   "rounds": server_rows},
-        "simulation_only": {
-            "note": "computed by the experimenter of this simulation, who holds every client's data and the test "
-                    "split, outside the protocol: never sent to the server",
-            "client_sizes": {f"client{k:02d}": len(s.y_fit) for k, s in enumerate(splits)},
-            "client_validation_sizes": {f"client{k:02d}": len(s.y_val) for k, s in enumerate(splits)},
-            "client_label_counts": {f"client{k:02d}": np.bincount(s.y_fit, minlength=10).tolist()
-                                    for k, s in enumerate(splits)},
-            "rounds": sim_rows,
-            "final": {"test_accuracy": sim_rows[-1]["test_accuracy"],
-                      "validation_accuracy": sim_rows[-1]["validation_accuracy"],
-                      "per_class_test_accuracy": dict(zip(CLASS_NAMES, per_class)),
-                      "epsilon": final_eps, "epsilon_prv": final_eps_prv},
-            "ledgers": {n: os.fspath(p) for n, p in ledgers.items()},
-            "audit": {n: {"certified": a.certified, "epsilon": a.clients[0].epsilon if a.clients else 0.0,
-                          "lines": a.lines, "head_hash": a.head_hash} for n, a in audits.items()},
-        },
-    }
-    if not args.no_reference:
-        t0 = time.perf_counter()
-        fit = features(np.concatenate([s.x_fit for s in splits]), np.concatenate([s.y_fit for s in splits]))
-        ref = reference_head(fit, val, seed=args.seed)
-        metrics["simulation_only"]["non_private_reference"] = {
-            "validation_accuracy": ref["validation_accuracy"], "epochs": ref["epochs"],
-            "test_accuracy": head_accuracy(ref["head"], test)}
-        timings["reference"] = time.perf_counter() - t0
-    return metrics
+    job_file = out / "job.toml"
+    job_file.write_text(config.to_toml(), encoding="utf-8")
+    metrics = run_local(job_file, out / "flower", simulation=args.flower == "simulate",
+                        phase_timeout=args.phase_timeout, job_code="fashion_job:FASHION")
+    checkpoint = json.loads((out / "flower" / "server" / "checkpoint.json").read_text(encoding="utf-8"))
+    params = decode_vector(checkpoint["global_params"])
+    ledgers = {n: out / "flower" / "hospitals" / n / "privacy" / n / "ledger.jsonl" for n in config["job"]["clients"]}
+    metrics["simulation_only"] = {"rounds": []}  # the server kept no global model per round
+    metrics["privacy_state"] = {"directory": os.fspath(out / "flower" / "hospitals"),
+                                "note": "each node agent's own state folder (<client>/privacy/<client>)"}
+    return metrics, ledgers, {"note": "at the hospitals: see each ledger's entries"}, params
 
 
 @torch.no_grad()
@@ -332,12 +326,6 @@ def _per_class_accuracy(head: nn.Module, data: TensorDataset) -> list[float]:
     x, y = data.tensors
     pred = head(x.to(next(head.parameters()).device)).argmax(dim=1).cpu()
     return [float((pred[y == c] == c).float().mean()) for c in range(len(CLASS_NAMES))]
-
-
-def _progress(total: int, desc: str, enabled: bool) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="step" if "cach" in desc else "round", disable=not enabled, file=sys.stderr)
 
 
 def _plot(metrics: dict[str, Any], path: Path) -> None:
@@ -351,8 +339,12 @@ def _plot(metrics: dict[str, Any], path: Path) -> None:
     xs = [r["round"] + 1 for r in rows]
     ticks = xs if len(xs) <= 15 else [x for x in xs if x == 1 or x % 5 == 0]
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.2))
-    ax1.plot(xs, [r["test_accuracy"] for r in rows], marker="o", label="federated, DP (test)")
-    ax1.plot(xs, [r["validation_accuracy"] for r in rows], marker=".", linestyle=":", label="federated, DP (validation)")
+    if rows:
+        ax1.plot(xs, [r["public_test_accuracy"] for r in rows], marker="o", label="federated, DP (test)")
+        ax1.plot(xs, [r["pooled_validation_accuracy"] for r in rows], marker=".", linestyle=":",
+                 label="federated, DP (validation)")
+    else:  # on Flower the server keeps no global model per round: the final one only
+        ax1.axhline(sim["final"]["test_accuracy"], color="C0", label="federated, DP (test, final)")
     if "non_private_reference" in sim:
         ax1.axhline(sim["non_private_reference"]["test_accuracy"], color="grey", linestyle="--",
                     label="non-private central head (test)")
@@ -382,15 +374,16 @@ def _plot(metrics: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.state_dir is None:
-        print(f"fashion_mnist: throwaway privacy states in {args.out / 'privacy-state'} "
-              "(real clients keep theirs across jobs)", file=sys.stderr)
-    metrics = run(args)
+    try:
+        metrics = run(args)
+    except SecFedTLError as exc:
+        print(f"run.py: error: {exc}", file=sys.stderr)
+        return 2
     sim = metrics["simulation_only"]
     final = sim["final"]
     print(f"\n(simulation only: computed outside the protocol by whoever holds every dataset)\n"
           f"federated DP test accuracy {final['test_accuracy']:.4f} "
-          f"(validation {final['validation_accuracy']:.4f}) after {args.rounds} rounds; "
+          f"(validation {final['validation_accuracy']:.4f}) after {args.rounds} rounds ({metrics['transport']}); "
           f"epsilon spent max {max(final['epsilon'].values()):.3f} (RDP), "
           f"{max(final['epsilon_prv'].values()):.3f} (PRV) of {args.epsilon:g} at delta {DELTA:g}")
     if "non_private_reference" in sim:
@@ -398,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"non-private central head on the same features: test {ref['test_accuracy']:.4f}")
     certified = all(a["certified"] for a in sim["audit"].values())
     print(f"ledgers ({'all certified' if certified else 'NOT ALL CERTIFIED'} by secfedtl audit): "
-          f"{metrics['privacy_state']['directory']}/<client>/ledger.jsonl")
+          f"{metrics['privacy_state']['directory']}")
     print(f"{metrics['wall_seconds']['total']:.0f} s; wrote {args.out / 'metrics.json'}, {args.out / 'report.png'}")
     return 0
 

@@ -51,6 +51,8 @@ _OPTIONAL: dict[str, dict[str, Any]] = {"job": {"workers": 0, "id": "", "validat
                                        "training": {"l2sp": 0.0, "optimizer": "sgd", "epochs": 1},
                                        "server": {"optimizer": "fedavg", "lr": 1.0},
                                        "secagg": {"bits": 32}}
+#: Keys that may be left out and then stay out (no default is written into the config).
+_MAY_OMIT: dict[str, dict[str, type]] = {"server": {"momentum": float}}
 
 
 def _typed(value: Any, kind: type, where: str) -> Any:
@@ -116,6 +118,7 @@ class JobConfig:
                 sections[name] = cls._model_section(raw)
                 continue
             given = {**_OPTIONAL.get(name, {}), **dict(raw)}
+            schema = {**schema, **{k: t for k, t in _MAY_OMIT.get(name, {}).items() if k in given}}
             extra = set(given) - set(schema)
             missing = set(schema) - set(given)
             if extra or missing:

@@ -336,9 +336,11 @@ def build_server(config: JobConfig, source: SourceModel, pool: ClientPool, roste
     """The server side: global model (the source head), optimizer and secure-aggregation settings;
     ``roster`` holds the clients' signing public keys."""
     head = source.head_state
+    server = config["server"]
+    momentum = {"momentum": server["momentum"]} if "momentum" in server else {}
     return Federation(
         pool=pool, roster=roster, names=list(head), global_params=flatten_delta(head), frozen_hash=source.frozen_hash,
-        optimizer=make_server_optimizer(config["server"]["optimizer"], server_lr=config["server"]["lr"]),
+        optimizer=make_server_optimizer(server["optimizer"], server_lr=server["lr"], **momentum),
         clip=config["secagg"]["clip"], bits=config["secagg"]["bits"], max_samples=config["secagg"]["max_samples"],
         seed=config["job"]["seed"])
 

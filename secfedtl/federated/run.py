@@ -17,7 +17,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,7 +108,8 @@ def _pooled(infos: dict[str, dict[str, Any]], split: str) -> tuple[dict[str, flo
 def run_federation(config: JobConfig, source: SourceModel, federation: Federation, out: Path, *,
                    t_start: float | None = None, progress: bool = True,
                    selection: dict[str, Any] | None = None,
-                   experimenter: Experimenter | None = None) -> dict[str, Any]:
+                   experimenter: Experimenter | None = None,
+                   round_metrics: Callable[[np.ndarray], Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """The server's part of a job, whatever pool ``federation`` talks through: every round, then
     personalisation at the hospitals; writes config.json, rounds.json, checkpoint.json,
     metrics.json and report.png into ``out``.
@@ -116,7 +117,9 @@ def run_federation(config: JobConfig, source: SourceModel, federation: Federatio
     What the server receives is only round outcomes (``server`` in metrics.json). In a simulation
     the ``experimenter`` (who holds every dataset) adds each hospital's exact score and spent
     epsilon, computed outside the protocol (``simulation_only``); without one (Flower, a real
-    deployment) each hospital reads its own local report and audits its own ledger."""
+    deployment) each hospital reads its own local report and audits its own ledger.
+    ``round_metrics`` (simulations only) scores the global weights on the experimenter's own data
+    after each round (e.g. a public test set); its columns join the round's simulation row."""
     t_start = time.perf_counter() if t_start is None else t_start
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2), encoding="utf-8")
     rounds = config["job"]["rounds"]
@@ -128,7 +131,8 @@ def run_federation(config: JobConfig, source: SourceModel, federation: Federatio
     sim: dict[str, Any] = {}
     if experimenter is not None:
         source_acc, source_pooled = _pooled(experimenter.accuracy(initial), "test")
-        sim["source"] = {"test_accuracy": source_acc, "pooled_test_accuracy": source_pooled}
+        sim["source"] = {"test_accuracy": source_acc, "pooled_test_accuracy": source_pooled,
+                         **(round_metrics(initial) if round_metrics is not None else {})}
 
     def on_round(report: RoundReport) -> None:
         round_rows.append(report.to_dict())
@@ -141,7 +145,8 @@ def run_federation(config: JobConfig, source: SourceModel, federation: Federatio
             eps = experimenter.epsilon()
             sim_rows.append({"round": report.round, "test_accuracy": per, "pooled_test_accuracy": pooled,
                              "validation_accuracy": val_per, "pooled_validation_accuracy": val_pooled,
-                             "epsilon": eps})
+                             "epsilon": eps,
+                             **(round_metrics(federation.global_params) if round_metrics is not None else {})})
             (out / "simulation_rounds.json").write_text(json.dumps(sim_rows, indent=2), encoding="utf-8")
             postfix.update(acc=f"{pooled:.3f}", eps=f"{max(eps.values(), default=0.0):.2f}")
         bar.update(1)

@@ -113,7 +113,7 @@ def test_declared_records_are_a_round_figure_of_the_fit_size() -> None:
     assert run.declared_records(87, 10) == 90
 
 
-def test_run_end_to_end_on_synthetic_data(tmp_path: Path) -> None:
+def test_run_end_to_end_on_synthetic_data(tmp_path: Path, capsys, monkeypatch) -> None:
     from secfedtl.privacy.audit import audit_ledger
     from secfedtl.privacy.ledger import entry_view
 
@@ -127,8 +127,11 @@ def test_run_end_to_end_on_synthetic_data(tmp_path: Path) -> None:
     argv = ["--rounds", "2", "--clients", "3", "--alpha", "1.0", "--epsilon", "3", "--out", str(out),
             "--no-progress", "--data-dir", str(data), "--weights", str(tmp_path / "w.pth"),
             "--batch-size", "32", "--lr", "5", "--epochs", "1", "--declared-grid", "10"]
-    with pytest.raises(DataError, match="SHA-256"):  # synthetic files are not the published ones
-        run.main(argv)
+    for key in ("FASHION_MNIST_DIR", "FASHION_MNIST_WEIGHTS", "FASHION_MNIST_SKIP_CHECKSUMS", "PYTHONPATH"):
+        monkeypatch.delenv(key, raising=False)  # the script sets them for its nodes; undone after the test
+    assert run.main(argv) == 2  # synthetic files are not the published ones: one line, no traceback
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "SHA-256" in err[0] and not out.exists()
     argv.append("--skip-checksums")
     assert run.main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -177,34 +180,83 @@ def test_run_end_to_end_on_synthetic_data(tmp_path: Path) -> None:
         assert sim["final"]["epsilon"][name] < report.clients[0].epsilon <= 3.0
 
 
-def test_the_server_never_hears_an_evaluation(tmp_path: Path) -> None:
-    """The example's nodes answer only ``train``: asking one to evaluate gets a data-free failure."""
-    from torch.utils.data import TensorDataset
+def _tiny_job(tmp_path: Path, monkeypatch, *, rounds: int = 2):
+    """The example's FederatedJob on synthetic IDX files, and a job file for it."""
+    fashion_job = _load("fashion_job")
+    data = tmp_path / "data"
+    data.mkdir()
+    _synthetic_data(data)
+    torch.manual_seed(0)
+    torch.save(source_model.MnistCNN().state_dict(), tmp_path / "w.pth")
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(data))
+    monkeypatch.setenv("FASHION_MNIST_WEIGHTS", str(tmp_path / "w.pth"))
+    monkeypatch.setenv("FASHION_MNIST_SKIP_CHECKSUMS", "1")
+    names = fashion_job.client_names(3)
+    config = fashion_job.FashionConfig.from_mapping({
+        "job": {"dataset": "fashion_mnist", "source": "mnist", "clients": names, "rounds": rounds, "seed": 0},
+        "privacy": {"epsilon": 3.0, "delta": 1e-5, "accountant": "rdp"},
+        "declared": {"records": dict.fromkeys(names, 80)},
+        "model": {"alpha": 1.0},
+        "training": {"lr": 5.0, "expected_batch_size": 32, "max_grad_norm": 1.0},
+        "secagg": {"clip": 10.0, "max_samples": 80}})
+    return fashion_job, config
 
-    from secfedtl.privacy.state import PrivacyState
-    from secfedtl.training import DPTrainingConfig, PrivateClient
 
-    run = _load("run")
-    model = source_model.FashionNet(source_model.MnistCNN())
-    x = source_model.to_inputs(np.random.default_rng(2).integers(0, 256, (40, 28, 28), dtype=np.uint8))
-    clients, states = {}, []
-    for k in range(3):
-        state = PrivacyState.open(tmp_path / f"c{k}", client=f"c{k}", epsilon=3.0, delta=1e-5, accountant="rdp",
-                                  fingerprint=f"{k:064d}")  # three clients, three datasets
-        states.append(state)
-        config = DPTrainingConfig(lr=1.0, expected_batch_size=8, max_grad_norm=1.0, epochs=1, noise_multiplier=5.0,
-                                  device="cpu", public_dataset_size=40)
-        clients[f"c{k}"] = PrivateClient(client_id=f"c{k}", model=model, config=config,
-                                         train_data=TensorDataset(x, torch.arange(40) % 10),
-                                         guard=state.guard(job_id="j", declaration={"records": 40}),
-                                         head="head", cache_features=True)
-    federation = run.make_federation(clients, model, server="fedavg", server_lr=1.0, server_momentum=None,
-                                     max_samples=40, seed=0)
+def test_the_server_never_hears_an_evaluation(tmp_path: Path, monkeypatch) -> None:
+    """The job's nodes keep what they evaluate: the server hears a bare status, never a score."""
+    from secfedtl.runtime.local import build_job
+
+    fashion_job, config = _tiny_job(tmp_path, monkeypatch)
+    local = build_job(fashion_job.FASHION, config, tmp_path / "out", state_dir=tmp_path / "state")
     try:
-        answers = federation.query("evaluate", round=0)
-        assert {n: a["status"] for n, a in answers.items()} == {n: "failed" for n in clients}
-        assert all(set(a) <= {"status", "reason"} for a in answers.values())
-        assert federation.run_round().status == "ok"
+        answers = local.federation.query("evaluate", round=0)
+        assert {n: a["status"] for n, a in answers.items()} == dict.fromkeys(config["job"]["clients"], "done")
+        assert all(set(a) == {"status"} for a in answers.values())
+        assert local.federation.run_round().status == "ok"
+        for name, hospital in local.hospitals.items():  # the score stayed at the client
+            assert 0.0 <= hospital.reports.read("evaluate", 0)["accuracy"]["validation"] <= 1.0
     finally:
-        for state in states:
-            state.close()
+        local.close()
+
+
+def test_the_example_is_a_federated_job_run_in_process(tmp_path: Path, monkeypatch) -> None:
+    """The same description `secfedtl node --job fashion_job:FASHION` runs, through the generic
+    in-process runner: every round ok, every ledger certified, epsilon within the budget."""
+    from secfedtl.privacy.audit import audit_ledger
+    from secfedtl.runtime.local import run_job
+
+    fashion_job, config = _tiny_job(tmp_path, monkeypatch)
+    metrics = run_job(fashion_job.FASHION, config, tmp_path / "out", state_dir=tmp_path / "state", progress=False)
+    assert [r["status"] for r in metrics["server"]["rounds"]] == ["ok", "ok"]
+    final = metrics["simulation_only"]["final"]
+    assert all(0 < e <= 3.0 for e in final["epsilon"].values())
+    for name in config["job"]["clients"]:
+        assert audit_ledger(tmp_path / "state" / name / "ledger.jsonl").certified
+
+
+def test_user_errors_are_one_line_before_anything_is_created(tmp_path: Path, capsys) -> None:
+    run = _load("run")
+    out = tmp_path / "out"
+    for extra, words in ((["--epsilon", "0"], "--epsilon"), (["--epsilon", "-1"], "--epsilon"),
+                         (["--data-dir", str(tmp_path / "nowhere")], "--data-dir")):
+        assert run.main(["--out", str(out), "--no-progress", *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], err
+        assert not out.exists()
+
+
+@pytest.mark.flower
+def test_the_example_runs_on_flower(tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("flwr")
+    from secfedtl.runtime.deploy import run_local
+
+    fashion_job, config = _tiny_job(tmp_path, monkeypatch)
+    monkeypatch.setenv("PYTHONPATH", ":".join(filter(None, [str(EXAMPLE), *sys.path])))
+    job_file = tmp_path / "job.toml"
+    job_file.write_text(config.to_toml(), encoding="utf-8")
+    metrics = run_local(job_file, tmp_path / "flower", simulation=True, phase_timeout=120.0,
+                        job_code="fashion_job:FASHION", timeout=900)
+    assert [r["status"] for r in metrics["server"]["rounds"]] == ["ok", "ok"]
+    for name in config["job"]["clients"]:
+        ledger = tmp_path / "flower" / "hospitals" / name / "privacy" / name / "ledger.jsonl"
+        assert len(verify_ledger(ledger)) == 4  # a pending and a complete entry per round

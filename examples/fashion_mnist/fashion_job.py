@@ -1,0 +1,87 @@
+"""The Fashion-MNIST example as a :class:`~secfedtl.federated.job.FederatedJob`: an MNIST CNN
+(digit-recognizer-py's weights) transferred to Fashion-MNIST; each client caches the frozen conv
+blocks' features once and trains a new linear head with DP-SGD.
+
+``run.py`` runs it in process or on Flower; a node agent runs it with
+``secfedtl node JOB.toml --job fashion_job:FASHION ...`` (this folder on ``PYTHONPATH``).
+
+Public settings (the job file): ``[model]`` ``num_conv`` (frozen conv blocks below the head),
+``feature_scale`` (norm of every feature vector), ``alpha`` (the simulation's Dirichlet label
+skew: which share of Fashion-MNIST's training split each simulated client holds). Each node's
+own settings (never in the job file, never from the server): ``FASHION_MNIST_DIR`` (the IDX
+files; default Debian's dataset-fashion-mnist), ``FASHION_MNIST_WEIGHTS`` (the source weights;
+default digit-recognizer-py's), ``FASHION_MNIST_SKIP_CHECKSUMS=1`` (accept IDX files other than
+the published release).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, ClassVar
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # source_model.py beside this file
+
+from source_model import FashionNet, load_mnist_cnn, to_inputs  # noqa: E402
+
+from secfedtl.data.fashion_mnist import FashionMNIST, client_splits, load_fashion_mnist  # noqa: E402
+from secfedtl.errors import ConfigError  # noqa: E402
+from secfedtl.federated import FederatedJob, HospitalData, JobConfig, SourceModel  # noqa: E402
+from secfedtl.federated.job import tensor_dataset  # noqa: E402
+from secfedtl.privacy.state import data_fingerprint  # noqa: E402
+
+
+class FashionConfig(JobConfig):
+    MODEL_SCHEMA: ClassVar[dict[str, type] | None] = {"num_conv": int, "feature_scale": float, "alpha": float}
+    MODEL_OPTIONAL: ClassVar[dict[str, Any]] = {"num_conv": 2, "feature_scale": 3.0, "alpha": 0.5}
+    DATASETS: ClassVar[tuple[str, ...]] = ("fashion_mnist",)
+
+    @classmethod
+    def check_model(cls, model: dict[str, Any]) -> None:
+        if model["num_conv"] not in (1, 2, 3):
+            raise ConfigError("[model] num_conv must be 1, 2 or 3")
+        for key in ("feature_scale", "alpha"):
+            if not (math.isfinite(model[key]) and model[key] > 0):
+                raise ConfigError(f"[model] {key} must be a finite number > 0")
+
+
+def client_names(count: int) -> list[str]:
+    return [f"client{k:02d}" for k in range(count)]
+
+
+@functools.lru_cache(maxsize=2)
+def _dataset(root: str | None, checksums: bool) -> FashionMNIST:
+    return load_fashion_mnist(root, **({} if checksums else {"checksums": None}))
+
+
+def load_data() -> FashionMNIST:
+    """Fashion-MNIST from this machine's own settings (see the module docstring)."""
+    root = os.environ.get("FASHION_MNIST_DIR") or None
+    return _dataset(root, os.environ.get("FASHION_MNIST_SKIP_CHECKSUMS", "") != "1")
+
+
+def splits(config: JobConfig) -> list[Any]:
+    """Every simulated client's share (the public partition seed and alpha decide who holds what)."""
+    data = load_data()
+    return client_splits(data.x_train, data.y_train, num_clients=len(config["job"]["clients"]),
+                         alpha=config["model"]["alpha"], seed=config["job"]["seed"])
+
+
+def source(config: JobConfig, spec: Any) -> SourceModel:
+    weights = os.environ.get("FASHION_MNIST_WEIGHTS") or None
+    model = FashionNet(load_mnist_cnn(weights), num_conv=spec["num_conv"], feature_scale=spec["feature_scale"])
+    return SourceModel(model=model, head="head", cache_features=True,
+                       info={"num_conv": spec["num_conv"], "feature_scale": spec["feature_scale"]})
+
+
+def hospital_data(config: JobConfig, name: str) -> HospitalData:
+    split = splits(config)[config["job"]["clients"].index(name)]
+    return HospitalData(train=tensor_dataset(to_inputs(split.x_fit), split.y_fit),
+                        evaluation={"validation": tensor_dataset(to_inputs(split.x_val), split.y_val)},
+                        fingerprint=data_fingerprint([split.x_fit, split.y_fit, split.x_val, split.y_val]))
+
+
+FASHION = FederatedJob(name="fashion_mnist", source=source, data=hospital_data, config_type=FashionConfig)
