@@ -54,7 +54,7 @@ from torch.utils.data import TensorDataset
 
 from secfedtl.aggregation import make_server_optimizer
 from secfedtl.data.radiology import RadiologyData, TextSplit, load_radiology_reports
-from secfedtl.errors import AccountingError, ConfigError
+from secfedtl.errors import AccountingError, ConfigError, SecFedTLError
 from secfedtl.privacy.accountants import calibrate_noise_multiplier, compute_epsilon
 from secfedtl.privacy.audit import audit_ledger
 from secfedtl.privacy.budget import BudgetGuard
@@ -130,13 +130,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.epochs = 1 if unfrozen else 5
     if args.max_length is None:
         args.max_length = 128 if unfrozen else 256
-    if args.rounds < 1 or args.epochs < 1 or args.batch_size < 1 or args.declared_grid < 1:
-        p.error("--rounds, --epochs, --batch-size and --declared-grid must be >= 1")
-    if not 0 <= args.centre_epsilon < args.epsilon or args.feature_scale <= 0:
-        p.error("--centre-epsilon must be in [0, --epsilon) and --feature-scale > 0")
     if unfrozen:  # the unfrozen block trains on token-level outputs: no embedding to centre
         args.centre_epsilon, args.feature_scale = 0.0, 1.0
     return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse bad settings, naming the flag at fault, before any folder is created or any
+    progress bar starts (raises :class:`ConfigError`)."""
+    if not (math.isfinite(args.epsilon) and args.epsilon > 0):
+        raise ConfigError(f"--epsilon must be a number > 0, got {args.epsilon:g}")
+    if not 0 < args.delta < 1:
+        raise ConfigError(f"--delta must be in (0, 1), got {args.delta:g}")
+    for flag in ("rounds", "epochs", "batch_size", "declared_grid", "max_length"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if not (math.isfinite(args.centre_epsilon) and 0 <= args.centre_epsilon < args.epsilon):
+        raise ConfigError(f"--centre-epsilon ({args.centre_epsilon:g}) is part of the budget: it must be >= 0 and "
+                          f"below --epsilon ({args.epsilon:g})")
+    if not (math.isfinite(args.feature_scale) and args.feature_scale > 0):
+        raise ConfigError(f"--feature-scale must be a number > 0, got {args.feature_scale:g}")
+    if args.archive is not None and not args.archive.is_file():
+        raise ConfigError(f"--archive {args.archive}: no such file")
 
 
 # --- features --------------------------------------------------------------------------------
@@ -572,10 +587,15 @@ def print_summary(metrics: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.state_dir is None:
-        print(f"radiology: throwaway privacy states in {args.out / 'privacy-state'} "
-              "(real hospitals keep theirs across jobs)", file=sys.stderr)
-    metrics = run(args)
+    try:
+        check_args(args)
+        if args.state_dir is None:
+            print(f"radiology: throwaway privacy states in {args.out / 'privacy-state'} "
+                  "(real hospitals keep theirs across jobs)", file=sys.stderr)
+        metrics = run(args)
+    except SecFedTLError as exc:
+        print(f"run.py: error: {exc}", file=sys.stderr)
+        return 2
     print_summary(metrics)
     print(f"wrote {args.out / 'metrics.json'}, {args.out / 'report.png'}")
     return 0

@@ -133,3 +133,16 @@ def test_a_second_job_continues_the_hospitals_budgets(tmp_path: Path) -> None:
         run.train_federated(data, features, None, "digest", _args(tmp_path / "out"))
     for name in SIZES:  # the refused job charged nothing
         assert len(audit_ledger(first["ledgers"][name]).clients[0].releases) == 2
+
+
+@pytest.mark.parametrize("extra,flag", [(["--epsilon", "0"], "--epsilon"), (["--epsilon", "-1"], "--epsilon"),
+                                        (["--centre-epsilon", "2"], "--centre-epsilon"),
+                                        (["--archive", "nowhere.tgz"], "--archive")])
+def test_user_errors_name_the_flag_at_fault_in_one_line(tmp_path: Path, capsys, extra, flag) -> None:
+    """Bad settings are one line naming the flag the user set (``--epsilon 0`` used to blame
+    ``--centre-epsilon``, which the user never set), exit 2, and nothing is created."""
+    out = tmp_path / "out"
+    assert run.main(["--out", str(out), "--no-progress", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("run.py: error: " + flag), err
+    assert not out.exists()
