@@ -61,7 +61,8 @@ from secfedtl.privacy.budget import BudgetGuard
 from secfedtl.privacy.events import PoissonGaussianEvent
 from secfedtl.privacy.ledger import read_verified_ledger, spent_events
 from secfedtl.privacy.state import PrivacyState, data_fingerprint
-from secfedtl.federated.centring import FeatureMeanTask, secure_feature_mean
+from secfedtl.federated.centring import secure_feature_mean
+from secfedtl.federated.statistic import FeatureMean, StatisticTask
 from secfedtl.federated.federation import Federation, RoundReport
 from secfedtl.federated.node import ClientNode, TrainTask
 from secfedtl.runtime.pool import LocalPool
@@ -294,7 +295,7 @@ def dp_centre(data: RadiologyData, features: dict[str, np.ndarray], guards: dict
         roster, keys = Roster.generate(data.hospitals)  # one process plays every hospital: per-run keys
         for k, (name, hospital) in enumerate(data.hospitals.items()):
             x_tr, _ = _split_arrays(features, hospital.train)
-            task = FeatureMeanTask(features=x_tr, mechanism=mechanism, guard=guards[name])
+            task = StatisticTask(FeatureMean(mechanism), data=x_tr, guard=guards[name])
             nodes[name] = ClientNode(name=name, tasks={"mean": task}, seed=args.seed * 1000 + k, identity=keys[name],
                                      roster=roster)
         pool = LocalPool(nodes)

@@ -1,9 +1,7 @@
-"""The ``"mean"`` task: DP centring of frozen features (:mod:`secfedtl.transfer.centring`) as
-one secure-aggregation round.
-
-Client side, :class:`FeatureMeanTask`: the hospital's noisy ``(clipped feature sum, count)``,
-charged to its budget (ledger entry first), contributed with weight 1. Server side,
-:func:`secure_feature_mean`: one secure round of that task, then the noisy mean.
+"""DP centring of frozen features (:mod:`secfedtl.transfer.centring`) as one secure round of the
+``"mean"`` statistic (:class:`~secfedtl.federated.statistic.FeatureMean`): the server's side,
+:func:`secure_feature_mean`, returns the noisy mean. A hospital's side is a
+:class:`~secfedtl.federated.statistic.StatisticTask` on its own (training) features.
 """
 
 from __future__ import annotations
@@ -12,32 +10,12 @@ from typing import Any
 
 import numpy as np
 
-from secfedtl.errors import AggregationError, InputError, RemoteProtocolError
-from secfedtl.federated import wire
+from secfedtl.errors import AggregationError, InputError
 from secfedtl.federated.federation import Federation
-from secfedtl.federated.node import TaskOutput
-from secfedtl.transfer.centring import MeanMechanism, noisy_mean, private_feature_sum
+from secfedtl.federated.statistic import FeatureMean, secure_statistic
+from secfedtl.transfer.centring import MeanMechanism, noisy_mean
 
-__all__ = ["FeatureMeanTask", "secure_feature_mean"]
-
-
-class FeatureMeanTask:
-    """The ``"mean"`` task on the client's own (training) features. A request announcing another
-    mechanism is refused, so the server cannot ask for less noise than the client calibrated."""
-
-    def __init__(self, *, features: np.ndarray, mechanism: MeanMechanism, guard: Any,
-                 rng: np.random.Generator | None = None) -> None:
-        self._features = features
-        self._mechanism = mechanism
-        self._guard = guard
-        self._rng = rng
-
-    def __call__(self, request: wire.TaskRequest, digest: str) -> TaskOutput:
-        if request.options.get("mechanism") != self._mechanism.options():
-            raise RemoteProtocolError("the request announces another feature-mean mechanism")
-        vector = private_feature_sum(features=self._features, mechanism=self._mechanism, guard=self._guard,
-                                     round=request.round, model_hash=digest, rng=self._rng)
-        return TaskOutput(vector=vector, weight=1)
+__all__ = ["secure_feature_mean"]
 
 
 def secure_feature_mean(server: Federation, mechanism: MeanMechanism, *, round: int,  # noqa: A002
@@ -52,10 +30,7 @@ def secure_feature_mean(server: Federation, mechanism: MeanMechanism, *, round: 
     Raises:
         AggregationError: the secure round failed, or its noisy count is too small for a mean.
     """
-    clip = max_samples * mechanism.row_clip + 10.0 * mechanism.noise_std
-    outcome = server.secure_round("mean", round=round, cohort=sorted(server.pool.names),
-                                  vector_length=mechanism.vector_length, clip=clip, max_weight=1,
-                                  weights=np.zeros(0), options={"mechanism": mechanism.options()})
+    outcome = secure_statistic(server, FeatureMean(mechanism), round=round, max_samples=max_samples)
     record = {"status": outcome.status, "reason": outcome.reason, "included": list(outcome.included),
               "refused": list(outcome.refused), "noise_multiplier": mechanism.noise_multiplier,
               "sensitivity": mechanism.sensitivity, "row_clip": mechanism.row_clip}

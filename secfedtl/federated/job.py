@@ -45,13 +45,13 @@ from torch.utils.data import Dataset, TensorDataset
 
 from secfedtl.aggregation import make_server_optimizer
 from secfedtl.crypto.primitives import SigningKey
-from secfedtl.errors import AccountingError, ConfigError, RemoteProtocolError
-from secfedtl.federated import wire
+from secfedtl.errors import AccountingError, ConfigError
 from secfedtl.federated.config import JobConfig
 from secfedtl.federated.federation import Federation
-from secfedtl.federated.node import ClientNode, LocalReports, Metric, TaskOutput, standard_tasks
+from secfedtl.federated.node import ClientNode, LocalReports, Metric, standard_tasks
 from secfedtl.federated.pool import ClientPool
 from secfedtl.federated.roster import NodePolicy, Roster
+from secfedtl.federated.statistic import CandidateLosses, StatisticTask, secure_statistic, selection_options
 from secfedtl.privacy.accountants import calibrate_noise_multiplier
 from secfedtl.privacy.budget import BudgetGuard
 from secfedtl.privacy.events import PoissonGaussianEvent
@@ -61,11 +61,11 @@ from secfedtl.training import DPTrainingConfig, PrivateClient, evaluate, flatten
 from secfedtl.transfer.freezing import HeadOnly
 from secfedtl.transfer.models import state_hash
 from secfedtl.transfer.regularizers import L2SP
-from secfedtl.transfer.selection import SelectionMechanism, private_selection_statistics, select_candidate
+from secfedtl.transfer.selection import SelectionMechanism, select_candidate
 
 __all__ = ["FederatedJob", "Hospital", "HospitalData", "SourceModel", "build_client_node", "build_selection_node",
            "DEFAULT_JOB", "build_server", "declaration", "default_state_root", "job_id", "load_job", "node_policy",
-           "open_hospital_state", "planned_prior_events", "select_source", "selection_mechanism", "state_root"]
+           "open_hospital_state", "planned_prior_events", "select_source", "selection_mechanism", "selection_options", "state_root"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -365,39 +365,6 @@ def planned_prior_events(config: JobConfig) -> list[PoissonGaussianEvent]:
     return [selection_mechanism(config).event()] if "selection" in config.sections else []
 
 
-def selection_options(mechanism: SelectionMechanism) -> dict[str, Any]:
-    return {"num_candidates": mechanism.num_candidates, "loss_clip": mechanism.loss_clip,
-            "noise_multiplier": mechanism.noise_multiplier}
-
-
-class SelectTask:
-    """The ``"select"`` task of DP source-model selection (:mod:`secfedtl.transfer.selection`):
-    the hospital's noisy ``(clipped loss sum per candidate, count)`` on its validation split,
-    charged to its budget (ledger entry first); contributes that vector with weight 1. A request
-    naming other candidates (by hash) or another mechanism is refused."""
-
-    def __init__(self, *, candidates: list[nn.Module], data: Dataset, mechanism: SelectionMechanism,
-                 guard: BudgetGuard, rng: np.random.Generator | None = None) -> None:
-        self._candidates = candidates
-        self._hashes = [state_hash(m) for m in candidates]
-        self._data = data
-        self._mechanism = mechanism
-        self._guard = guard
-        self._rng = rng
-
-    def __call__(self, request: wire.TaskRequest, digest: str) -> TaskOutput:
-        opts = request.options
-        candidates = opts.get("candidates", [])  # server-chosen JSON: compare, never convert
-        if not isinstance(candidates, list) or candidates != self._hashes:
-            raise RemoteProtocolError("the request names other source-model candidates")
-        if opts.get("mechanism") != selection_options(self._mechanism):
-            raise RemoteProtocolError("the request announces another selection mechanism")
-        vector = private_selection_statistics(candidates=self._candidates, data=self._data,
-                                              mechanism=self._mechanism, guard=self._guard,
-                                              round=request.round, model_hash=digest, rng=self._rng)
-        return TaskOutput(vector=vector, weight=1)
-
-
 def build_selection_node(config: JobConfig, name: str, candidates: Sequence[SourceModel], data: HospitalData,
                          state: PrivacyState, *, identity: SigningKey, roster: Roster,
                          job_ref: str | None = None) -> ClientNode:
@@ -408,9 +375,9 @@ def build_selection_node(config: JobConfig, name: str, candidates: Sequence[Sour
                           "this hospital's data has none")
     jid = job_id(config) if job_ref is None else job_ref
     guard = state.guard(job_id=jid, declaration=declaration(config, name))
-    task = SelectTask(candidates=[c.model for c in candidates], data=data.evaluation["validation"],
-                      mechanism=selection_mechanism(config), guard=guard)
-    return ClientNode(name=name, tasks={"select": task}, seed=_node_seed(config, name), identity=identity,
+    statistic = CandidateLosses(selection_mechanism(config), [c.model for c in candidates])
+    task = StatisticTask(statistic, data=data.evaluation["validation"], guard=guard)
+    return ClientNode(name=name, tasks={statistic.task: task}, seed=_node_seed(config, name), identity=identity,
                       roster=roster)
 
 
@@ -427,13 +394,9 @@ def select_source(config: JobConfig, out: Path, candidates: Sequence[SourceModel
                         max_samples=max_samples, seed=config["job"]["seed"])
     # Every coordinate of a hospital's vector is at most max_samples * C plus noise; clipping the
     # noisy vector to a public bound is post-processing.
-    clip = max_samples * mechanism.loss_clip + 10.0 * mechanism.loss_noise_std
     try:
-        outcome = server.secure_round("select", round=0, cohort=sorted(pool.names),
-                                      vector_length=mechanism.vector_length, clip=clip, max_weight=1,
-                                      weights=np.zeros(0),
-                                      options={"candidates": [state_hash(c.model) for c in candidates],
-                                               "mechanism": selection_options(mechanism)})
+        outcome = secure_statistic(server, CandidateLosses(mechanism, [c.model for c in candidates]), round=0,
+                                   max_samples=max_samples)
     finally:
         pool.close()
     record: dict[str, Any] = {

@@ -29,7 +29,7 @@ from secfedtl.privacy.ledger import Ledger
 from secfedtl.federated import wire
 from secfedtl.runtime.agent import AGENT_MAGIC, AGENT_VERSION, OP_EXCHANGE, AgentClient, NodeAgent
 from secfedtl.runtime.batch import pack_batch, unpack_batch
-from secfedtl.federated.centring import FeatureMeanTask
+from secfedtl.federated.statistic import FeatureMean, StatisticTask
 from secfedtl.runtime.deploy import wait_for
 from secfedtl.federated.federation import Federation
 from secfedtl.federated.node import ClientNode, TaskOutput
@@ -244,8 +244,8 @@ def test_a_replayed_train_request_is_refused_before_the_budget_is_charged(tmp_pa
     rng = np.random.default_rng(0)
     guards = {n: BudgetGuard(client=n, budget=PrivacyBudget(epsilon=10.0, delta=1e-5), ledger=ledger)
               for n in HOSPITALS}
-    nodes = {n: ClientNode(name=n, identity=keys[n], roster=roster, tasks={"mean": FeatureMeanTask(
-        features=rng.standard_normal((30, 3)) / 2, mechanism=mechanism, guard=guards[n])}) for n in HOSPITALS}
+    nodes = {n: ClientNode(name=n, identity=keys[n], roster=roster, tasks={"mean": StatisticTask(
+        FeatureMean(mechanism), data=rng.standard_normal((30, 3)) / 2, guard=guards[n])}) for n in HOSPITALS}
     pool = LocalPool(nodes)
     sent: list[bytes] = []
     real = pool.exchange

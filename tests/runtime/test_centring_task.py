@@ -10,7 +10,8 @@ from secfedtl.errors import AggregationError
 from secfedtl.privacy.budget import BudgetGuard, PrivacyBudget
 from secfedtl.privacy.ledger import Ledger, spent_events
 from secfedtl.federated import wire
-from secfedtl.federated.centring import FeatureMeanTask, secure_feature_mean
+from secfedtl.federated.centring import secure_feature_mean
+from secfedtl.federated.statistic import FeatureMean, StatisticTask
 from secfedtl.federated.federation import Federation
 from secfedtl.federated.node import ClientNode
 from secfedtl.runtime.pool import LocalPool
@@ -27,7 +28,7 @@ def _federation(tmp_path, parts, mechanism, *, epsilon=1.0):
     for k, x in enumerate(parts):
         name = f"c{k}"
         guard = BudgetGuard(client=name, budget=PrivacyBudget(epsilon=epsilon, delta=DELTA), ledger=ledger)
-        task = FeatureMeanTask(features=x, mechanism=mechanism, guard=guard)
+        task = StatisticTask(FeatureMean(mechanism), data=x, guard=guard)
         nodes[name] = ClientNode(name=name, tasks={"mean": task}, seed=k, identity=keys[name], roster=roster)
     server = Federation(pool=LocalPool(nodes), roster=roster, names=["mean"], global_params=np.zeros(1),
                         optimizer=make_server_optimizer("fedavg", server_lr=1.0), bits=32, max_samples=1000, seed=0)
@@ -60,8 +61,8 @@ def test_a_request_for_another_mechanism_is_refused_before_spending(tmp_path):
     mech = MeanMechanism(dim=3, noise_multiplier=5.0)
     guard = BudgetGuard(client="a", budget=PrivacyBudget(epsilon=1.0, delta=DELTA), ledger=Ledger(tmp_path / "l.jsonl"))
     roster, keys = Roster.generate(["a", "b", "c"])
-    node = ClientNode(name="a", tasks={"mean": FeatureMeanTask(features=_unit_rows(rng, 10, np.ones(3)),
-                                                               mechanism=mech, guard=guard)},
+    node = ClientNode(name="a", tasks={"mean": StatisticTask(FeatureMean(mech), data=_unit_rows(rng, 10, np.ones(3)),
+                                                             guard=guard)},
                       identity=keys["a"], roster=roster)
     encoding = {"clip": 2000.0, "bits": 32, "num_clients": 3, "max_weight": 1}
     cheaper = {**mech.options(), "noise_multiplier": 0.5}
