@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from secfedtl.jobs.heart import HEART, HeartConfig
 from secfedtl.jobs.run import add_common, run_cli
 
 
@@ -24,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from secfedtl.jobs.heart import HEART, HeartConfig
+
     config = HeartConfig.load(None).updated({("job", "rounds"): args.rounds, ("privacy", "epsilon"): args.epsilon,
                                            ("privacy", "delta"): args.delta, ("job", "seed"): args.seed})
     if args.state_dir is None:

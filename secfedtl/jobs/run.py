@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from secfedtl.federated.config import JobConfig
-from secfedtl.federated.job import FederatedJob, load_job
-from secfedtl.reporting.summary import print_summary
-from secfedtl.runtime.local import run_job
+if TYPE_CHECKING:  # pragma: no cover - the job machinery imports torch: only when a job runs
+    from secfedtl.federated.config import JobConfig
+    from secfedtl.federated.job import FederatedJob
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,11 +35,16 @@ def add_common(parser: argparse.ArgumentParser, *, job: bool = True) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from secfedtl.federated.job import load_job
+
     job = load_job(args.job)
     return run_cli(job, job.load_config(args.config), args)
 
 
 def run_cli(job: FederatedJob, config: JobConfig, args: argparse.Namespace) -> int:
+    from secfedtl.reporting.summary import print_summary
+    from secfedtl.runtime.local import run_job
+
     out = args.resume if args.resume is not None else args.out
     metrics = run_job(job, config, out, resume=args.resume is not None, progress=not args.no_progress,
                       workers=args.workers, state_dir=args.state_dir)
