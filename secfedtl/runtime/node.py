@@ -61,7 +61,7 @@ from secfedtl.runtime import wire
 from secfedtl.runtime.roster import NodePolicy, Roster
 from secfedtl.secagg import codec
 from secfedtl.secagg.client import ClientSession
-from secfedtl.secagg.simulate import PHASES, REPLY_PHASE
+from secfedtl.secagg.driver import PHASES, REPLY_PHASE
 from secfedtl.training import PrivateClient, evaluate, flatten_delta, unflatten_delta
 
 #: Faults a node can be told to simulate, per round: ``"train"`` (crash while training, after the
