@@ -88,17 +88,18 @@ def decode_vector(text: object, *, length: int | None = None) -> np.ndarray:
 
 
 def _check_hyper(name: str, value: object, *, low: float, high: float | None = None,
-                 low_open: bool = False, high_open: bool = True) -> float:
+                 low_open: bool = False) -> float:
+    """``value`` as a float in ``[low, high)`` (``(low, high)`` with ``low_open``; no upper bound
+    when ``high`` is None), else :class:`ConfigError`."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise ConfigError(f"{name} must be a number, got {type(value).__name__}")
     v = float(value)
     ok = math.isfinite(v) and (v > low if low_open else v >= low)
     if high is not None:
-        ok = ok and (v < high if high_open else v <= high)
+        ok = ok and v < high
     if not ok:
         lo = "(" if low_open else "["
-        hi = ")" if high_open else "]"
-        raise ConfigError(f"{name} must lie in {lo}{low}, {high if high is not None else 'inf'}{hi}, got {value!r}")
+        raise ConfigError(f"{name} must lie in {lo}{low}, {high if high is not None else 'inf'}), got {value!r}")
     return v
 
 

@@ -60,7 +60,8 @@ from secfedtl.runtime.node import ClientNode, LocalReports, TaskOutput, standard
 from secfedtl.runtime.pool import ClientPool, LocalPool, ProcessPool
 from secfedtl.runtime.roster import NodePolicy, Roster
 from secfedtl.runtime.report import plot_epsilon_per_round
-from secfedtl.training import DPTrainingConfig, PrivateClient, evaluate, flatten_delta, unflatten_delta
+from secfedtl.training import (DPTrainingConfig, PrivateClient, evaluate, flatten_delta, model_with_params,
+                               unflatten_delta)
 from secfedtl.transfer.freezing import HeadOnly
 from secfedtl.transfer.models import state_hash
 from secfedtl.transfer.regularizers import L2SP
@@ -601,15 +602,7 @@ class HeartJob:
 
     def model_with(self, params: np.ndarray) -> HeartNet:
         """The source model with ``params`` as its trainable weights."""
-        model = copy.deepcopy(self.source.model)
-        named = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in unflatten_delta(params, self.source.head).items():
-                named[name].copy_(value)
-        return model
-
-    def global_model(self) -> HeartNet:
-        return self.model_with(self.federation.global_params)
+        return model_with_params(self.source.model, unflatten_delta(params, self.source.head))  # type: ignore[return-value]
 
     def experimenter(self) -> Experimenter:
         """The simulation's view of every hospital's evaluation data (outside the protocol)."""

@@ -31,7 +31,7 @@ from secfedtl.errors import ConfigError, InputError, ReplayError, TrainingError
 from secfedtl.training.config import DPTrainingConfig
 from secfedtl.privacy.randomness import Randomness
 from secfedtl.training.dpsgd import GradientRegularizer, PerSampleLoss, run_dp_sgd
-from secfedtl.training.update import ClientUpdate
+from secfedtl.training.update import ClientUpdate, model_with_params
 from secfedtl.transfer.batchnorm import prepare_for_dp
 from secfedtl.transfer.caching import cache_features, check_frozen_deterministic, split_head
 from secfedtl.transfer.distillation import cross_entropy_loss
@@ -266,11 +266,8 @@ class PrivateClient:
         event = self.make_event()
         with self._guard.charge(event, round=round, model_hash=model_hash, release=release,
                                 randomness=self.randomness.label, params=self.mechanism_params()):
-            work = copy.deepcopy(self._model)
+            work = model_with_params(self._model, {n: global_state[n] for n in self._trainable})
             params = dict(work.named_parameters())
-            with torch.no_grad():
-                for name in self._trainable:
-                    params[name].copy_(global_state[name])
             work.to(self._device)
             start = {n: params[n].detach().clone() for n in self._trainable}
             trained = work.get_submodule(self._head) if self._cached and self._head else work

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from secfedtl.errors import InputError
 
-__all__ = ["ClientUpdate", "flatten_delta", "unflatten_delta", "delta_names"]
+__all__ = ["ClientUpdate", "flatten_delta", "unflatten_delta", "delta_names", "model_with_params"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,3 +82,18 @@ def unflatten_delta(vector: np.ndarray, like: Mapping[str, torch.Tensor]) -> dic
         out[name] = chunk.reshape(ref.shape).to(dtype=ref.dtype)
         offset += size
     return out
+
+
+def model_with_params(model: nn.Module, params: Mapping[str, torch.Tensor]) -> nn.Module:
+    """A deep copy of ``model`` with ``params`` (parameter name to tensor) copied into its
+    parameters; ``model`` itself is not changed. Raises :class:`InputError` for a name that is
+    not one of the model's parameters."""
+    work = copy.deepcopy(model)
+    named = dict(work.named_parameters())
+    unknown = sorted(set(params) - set(named))
+    if unknown:
+        raise InputError(f"the model has no parameters {unknown}")
+    with torch.no_grad():
+        for name, value in params.items():
+            named[name].copy_(value)
+    return work

@@ -17,9 +17,6 @@ import pytest
 from secfedtl.privacy.accountants import compute_epsilon
 from secfedtl.privacy.audit import audit_ledger
 from secfedtl.privacy.events import event_from_dict
-import torch
-
-from secfedtl.privacy.ledger import Ledger
 from secfedtl.runtime import federation as fed_mod
 from secfedtl.runtime import wire
 from secfedtl.runtime.job import (
