@@ -206,10 +206,7 @@ class ServerOptimizer(ABC):
             raise InputError(
                 f"this optimiser holds state for {self._dim} parameters, got {params.shape[0]}"
             )
-        with np.errstate(over="ignore"):
-            delta = summed / total
-        if not np.isfinite(delta).all():
-            raise AggregationError("weighted_sum / total_weight overflowed")
+        delta = average_update(summed, total)
         buffers = {
             key: (self._buffers[key].copy() if key in self._buffers else self._initial_buffer(key, params.shape[0]))
             for key in self._buffer_names

@@ -68,9 +68,3 @@ def add_masks(out: np.ndarray, seeds: Sequence[tuple[bytes, int]]) -> np.ndarray
                 np.subtract(segment, ks, out=segment)
     return out
 
-
-def expand_mask(seed: bytes, length: int, dtype: type = np.uint32) -> np.ndarray:
-    """The mask ``PRG(seed)`` of ``length`` words, as a new array."""
-    out = np.zeros(length, dtype=dtype)
-    return add_masks(out, [(seed, 1)])
-
