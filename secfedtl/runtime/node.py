@@ -62,7 +62,7 @@ from secfedtl.runtime.roster import NodePolicy, Roster
 from secfedtl.secagg import codec
 from secfedtl.secagg.client import ClientSession
 from secfedtl.secagg.driver import PHASES, REPLY_PHASE
-from secfedtl.training import PrivateClient, evaluate, flatten_delta, model_with_params, unflatten_delta
+from secfedtl.training import PrivateClient, evaluate, flatten_params, model_with_params, unflatten_params
 
 #: Faults a node can be told to simulate, per round: ``"train"`` (crash while training, after the
 #: budget was charged) or a protocol phase from :data:`secfedtl.secagg.PHASES` (silent from there).
@@ -91,7 +91,7 @@ class _SimulatedCrash(Exception):
 
 class TrainTask:
     """The ``"train"`` task: DP fine-tuning of the client's trainable parameters from the global
-    weights; contributes ``(delta, num_samples)``. ``frozen_hash`` (optional) is the hash of the
+    weights; contributes ``(model update, weight)``. ``frozen_hash`` (optional) is the hash of the
     frozen part of the model; a request announcing another one is refused, because averaging
     heads trained on different backbones is meaningless."""
 
@@ -107,12 +107,12 @@ class TrainTask:
             raise RemoteProtocolError("the request trains other parameters than this client's model")
         if self._frozen_hash is not None and opts.get("frozen_hash") != self._frozen_hash:
             raise RemoteProtocolError("the request is for another source model (frozen weights differ)")
-        return unflatten_delta(request.weights(), self._template)
+        return unflatten_params(request.weights(), self._template)
 
     def __call__(self, request: wire.TaskRequest, digest: str) -> TaskOutput:
         state = self.check(request)
         update = self._client.train_round(global_state=state, round=request.round, model_hash=digest)
-        return TaskOutput(vector=flatten_delta(update.delta), weight=update.weight)
+        return TaskOutput(vector=flatten_params(update.model_update), weight=update.weight)
 
     def crash(self, request: wire.TaskRequest, digest: str) -> TaskOutput:
         """Fault injection: charge the budget (the ledger entry is written), then fail inside

@@ -1,7 +1,7 @@
 """Secure-aggregation parameters and the rule that picks them.
 
 Parameter rule (derived in docs/protocol.md). Each client shares its secrets with its ``k``
-graph neighbours using a ``t``-of-``k`` Shamir scheme. For ``n`` clients, a dropout rate ``delta``,
+graph neighbours using a ``t``-of-``k`` Shamir scheme. For ``n`` clients, a ``dropout_rate``,
 a corrupt fraction ``gamma`` and a number ``c`` of clients that may collude with an *active*
 server:
 
@@ -18,13 +18,13 @@ server:
   ``P[Bin(k, gamma) >= t]``, summed over the ``n`` clients, is at most ``2**-security_bits``
   (default 40); ``t > k / 2`` always;
 * **correctness**: the chance that some client keeps fewer than ``t`` live neighbours,
-  ``n * P[Bin(k, 1 - delta) < t]``, is at most ``2**-correctness_bits`` (default 20).
+  ``n * P[Bin(k, 1 - dropout_rate) < t]``, is at most ``2**-correctness_bits`` (default 20).
 
 :meth:`SecAggConfig.recommended` picks the smallest even ``k < n - 1`` and the smallest ``t``
 that meet all three (``c`` defaults to ``floor(gamma * n)``, every corrupt client a colluder).
 When no sparse graph meets them it uses the complete graph with worst-case counts instead of
 probabilities: ``t >= max(k / 2 + 1, floor(gamma * n) + 1, ceil((k + c + 1) / 2))`` and
-``k - ceil(delta * n) >= t``. A hand-written config is checked against the hard rules
+``k - ceil(dropout_rate * n) >= t``. A hand-written config is checked against the hard rules
 (``k/2 < t <= k``, no wrap-around, ``3 <= n <= MAX_CLIENTS``).
 
 ``MAX_CLIENTS`` bounds the work one session description can cause: a decoder refuses a larger

@@ -8,7 +8,7 @@ Order of a round (:meth:`PrivateClient.train_round`):
    :class:`~secfedtl.errors.PrivacyBudgetExceeded` *before* anything runs, so a refused round
    trains nothing and leaves the model bitwise unchanged;
 4. inside the block, train a copy of the model with DP-SGD (:func:`~secfedtl.training.dpsgd.run_dp_sgd`);
-5. only when training succeeded are the new weights copied into the client's model and the delta
+5. only when training succeeded are the new weights copied into the client's model and the update
    (``new - global``, trainable parameters only) returned. A failure (e.g. non-finite loss ->
    :class:`~secfedtl.errors.TrainingError`) leaves the model as it was.
 
@@ -210,7 +210,7 @@ class PrivateClient:
 
     @property
     def trainable_names(self) -> list[str]:
-        """Names of the trained parameters; the keys of ``global_state`` and of every delta."""
+        """Names of the trained parameters; the keys of ``global_state`` and of every model update."""
         return list(self._trainable)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -289,12 +289,12 @@ class PrivateClient:
                 )
             except NotImplementedError as exc:  # Opacus: layer without per-sample gradients
                 raise TrainingError(f"Opacus cannot train this model privately: {exc}") from exc
-            delta = {n: (params[n].detach() - start[n]).to("cpu") for n in self._trainable}
-            if not all(torch.isfinite(d).all() for d in delta.values()):
+            model_update = {n: (params[n].detach() - start[n]).to("cpu") for n in self._trainable}
+            if not all(torch.isfinite(d).all() for d in model_update.values()):
                 raise TrainingError("non-finite update")
         work.to("cpu")
         own = dict(self._model.named_parameters())
         with torch.no_grad():
             for name in self._trainable:
                 own[name].copy_(params[name].detach().to(own[name].device))
-        return ClientUpdate(delta=delta, weight=self.weight, event=event)
+        return ClientUpdate(model_update=model_update, weight=self.weight, event=event)
