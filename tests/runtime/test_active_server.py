@@ -197,7 +197,7 @@ def _ready_node(policy: NodePolicy, n_roster: int = 60):
     assert wire.decode(reply).status == "ready"
 
     def join(*, n: int = 50, k: int | None = None, t: int = 26, index: int = 0, parties=None) -> bytes:
-        cfg = SecAggConfig(num_clients=n, threshold=t, neighbors=k, clip=1.0, bits=32, max_weight=1,
+        cfg = SecAggConfig(num_clients=n, threshold=t, neighbours=k, clip=1.0, bits=32, max_weight=1,
                            authenticated=True, scale=node._encoding.scale)  # noqa: SLF001 - as announced
         params = SessionParams(config=cfg, session_id=os.urandom(16), round=0, vector_length=LENGTH + 1,
                                context=bytes.fromhex(wire.request_digest(request)))

@@ -95,12 +95,12 @@ def test_the_lazy_graph_answers_like_the_whole_graph_in_any_order(g, data):
             lazy[bad]  # type: ignore[index]
 
 
-@pytest.mark.parametrize("neighbors", [None, 34])
-def test_describing_the_largest_session_builds_no_graph(neighbors):
+@pytest.mark.parametrize("neighbours", [None, 34])
+def test_describing_the_largest_session_builds_no_graph(neighbours):
     """A session's parameters (what a decoder builds from a Join) hold no n-sized structure until
     a party asks for its own neighbours, and then only that party's."""
-    cfg = SecAggConfig(num_clients=MAX_CLIENTS, threshold=MAX_CLIENTS // 2 + 1 if neighbors is None else 20,
-                       neighbors=neighbors, bits=64)
+    cfg = SecAggConfig(num_clients=MAX_CLIENTS, threshold=MAX_CLIENTS // 2 + 1 if neighbours is None else 20,
+                       neighbours=neighbours, bits=64)
     params = SessionParams(config=cfg, session_id=bytes(16), round=0, vector_length=1)
     graph = params.neighbours
     assert graph._cache == {} and graph._order is None  # noqa: SLF001 - nothing built yet
