@@ -388,4 +388,4 @@ def test_distillation_teacher_follows_the_student_to_cuda(guard):
     client = _client(guard, model=model, loss_fn=DistillationLoss(teacher=teacher, alpha=0.5, temperature=2.0),
                       config=_cfg(device="cuda"))
     update = client.train_round(global_state=client.trainable_state(), round=0, model_hash="h")
-    assert all(torch.isfinite(d).all() for d in update.delta.values())
+    assert all(torch.isfinite(d).all() for d in update.model_update.values())
