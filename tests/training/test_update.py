@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from secfedtl.errors import InputError
-from secfedtl.training.update import ClientUpdate, flatten_params, param_names, unflatten_params
+from secfedtl.training.update import ClientUpdate, flatten_params, model_with_params, param_names, unflatten_params
 
 names = st.text(alphabet="abcdefgh.", min_size=1, max_size=8)
 shapes = st.lists(st.integers(1, 4), min_size=0, max_size=3).map(tuple)
@@ -65,3 +65,13 @@ def test_client_update_validates_and_copies():
         ClientUpdate(model_update={"w": t}, weight=0, event=None)
     with pytest.raises(TypeError):
         ClientUpdate({"w": t}, 3, None)  # type: ignore[misc]
+
+
+def test_model_with_params_copies_into_a_copy_and_refuses_unknown_names():
+    model = torch.nn.Linear(2, 1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    work = model_with_params(model, {"bias": torch.tensor([5.0])})
+    assert torch.equal(work.bias, torch.tensor([5.0])) and torch.equal(work.weight, before["weight"])
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # the original is untouched
+    with pytest.raises(InputError):
+        model_with_params(model, {"not_a_parameter": torch.zeros(1)})
