@@ -142,7 +142,7 @@ def job_config(args: argparse.Namespace, declared: dict[str, int], job_id: str) 
         "training": {"lr": args.lr, "expected_batch_size": args.batch_size, "max_grad_norm": args.max_grad_norm,
                      "epochs": args.epochs},
         "server": server,
-        # each coordinate of a head delta stays far below 10; the weights are the declared counts
+        # each coordinate of a head update stays far below 10; the weights are the declared counts
         "secagg": {"clip": 10.0, "max_samples": max(declared.values())},
     })
 

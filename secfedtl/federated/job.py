@@ -57,7 +57,8 @@ from secfedtl.privacy.budget import BudgetGuard
 from secfedtl.privacy.events import PoissonGaussianEvent
 from secfedtl.privacy.randomness import Randomness
 from secfedtl.privacy.state import PrivacyState, data_fingerprint
-from secfedtl.training import DPTrainingConfig, PrivateClient, evaluate, flatten_delta, unflatten_delta
+from secfedtl.training import (DPTrainingConfig, PrivateClient, evaluate, flatten_params, model_with_params,
+                               unflatten_params)
 from secfedtl.transfer.freezing import HeadOnly
 from secfedtl.transfer.models import state_hash
 from secfedtl.transfer.regularizers import L2SP
@@ -98,12 +99,7 @@ class SourceModel:
 
     def with_params(self, params: np.ndarray) -> nn.Module:
         """A copy of the model with ``params`` (a flat vector) as its trainable weights."""
-        model = copy.deepcopy(self.model)
-        named = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in unflatten_delta(params, self.head_state).items():
-                named[name].copy_(value)
-        return model
+        return model_with_params(self.model, unflatten_params(params, self.head_state))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -339,7 +335,7 @@ def build_server(config: JobConfig, source: SourceModel, pool: ClientPool, roste
     server = config["server"]
     momentum = {"momentum": server["momentum"]} if "momentum" in server else {}
     return Federation(
-        pool=pool, roster=roster, names=list(head), global_params=flatten_delta(head), frozen_hash=source.frozen_hash,
+        pool=pool, roster=roster, names=list(head), global_params=flatten_params(head), frozen_hash=source.frozen_hash,
         optimizer=make_server_optimizer(server["optimizer"], server_lr=server["lr"], **momentum),
         clip=config["secagg"]["clip"], bits=config["secagg"]["bits"], max_samples=config["secagg"]["max_samples"],
         seed=config["job"]["seed"])

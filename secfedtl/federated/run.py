@@ -33,7 +33,7 @@ from secfedtl.privacy.accountants import compute_epsilon
 from secfedtl.privacy.ledger import read_verified_ledger, spent_events
 from secfedtl.privacy.state import PrivacyState
 from secfedtl.reporting.plots import plot_job_report
-from secfedtl.training import evaluate, flatten_delta
+from secfedtl.training import evaluate, flatten_params
 
 __all__ = ["Experimenter", "prepare_run", "run_federation"]
 
@@ -126,7 +126,7 @@ def run_federation(config: JobConfig, source: SourceModel, federation: Federatio
     round_rows: list[dict[str, Any]] = [r for r in _saved_rows(out) if r["round"] < federation.rounds_done]
     sim_rows: list[dict[str, Any]] = [r for r in _saved_rows(out, "simulation_rounds.json")
                                       if r["round"] < federation.rounds_done]
-    initial = flatten_delta(source.head_state)
+    initial = flatten_params(source.head_state)
     bar = _progress(rounds, federation.rounds_done, progress)
     sim: dict[str, Any] = {}
     if experimenter is not None:

@@ -72,9 +72,6 @@ class LocalJob:
         """The source model with ``params`` as its trainable weights."""
         return self.source.with_params(params)
 
-    def global_model(self) -> nn.Module:
-        return self.model_with(self.federation.global_params)
-
     def experimenter(self) -> Experimenter:
         """The simulation's view of every hospital's evaluation data (outside the protocol)."""
         return Experimenter(config=self.config, source=self.source, hospitals=self.hospitals, states=self.states,
