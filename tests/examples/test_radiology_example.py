@@ -211,6 +211,7 @@ def test_the_radiology_job_runs_on_flower(tmp_path: Path, monkeypatch) -> None:
         "_DATA = _synthetic(SIZES)", "radiology_job.reports_and_features = lambda config: _DATA",
         "RADIOLOGY = radiology_job.RADIOLOGY", ""]), encoding="utf-8")
     monkeypatch.setenv("PYTHONPATH", ":".join(filter(None, [str(tmp_path), *sys.path])))
+    monkeypatch.syspath_prepend(str(tmp_path))  # run_local reads the job file through the job here too
     config = _job_config(_load_job())
     (tmp_path / "job.toml").write_text(config.to_toml(), encoding="utf-8")
     metrics = run_local(tmp_path / "job.toml", tmp_path / "flower", simulation=True, phase_timeout=120.0,
