@@ -1,0 +1,120 @@
+"""Distributed DP: each hospital adds a share of the noise; secure aggregation reveals only the sum.
+
+The pieces, for one distributed DP-SGD step (docs/privacy.md, "Distributed noise"):
+
+* :class:`CollusionPolicy` -- what a hospital assumes about the others: at least
+  ``min_survivors`` roster parties' inputs are in every sum it contributes to (it refuses to help
+  unmask a smaller one), and at most ``colluders`` of them collude with the server. The noise of the
+  remaining ``honest_parties = min_survivors - colluders`` is what the guarantee counts.
+* :func:`calibrate_distributed` -- the :class:`~secfedtl.privacy.events.PoissonSkellamEvent` with the
+  smallest per-party noise share meeting a target epsilon, for a given encoding and policy: the
+  ledger records exactly this event.
+* :func:`noisy_share` -- one hospital's field vector for one step: encode its sampled examples
+  (:class:`~secfedtl.encoding.distributed.DistributedEncoding`), add its Skellam share
+  (:func:`~secfedtl.privacy.discrete_noise.skellam_noise`), wrap. It refuses an event that does
+  not describe this encoding, so what is charged is what runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from secfedtl.crypto.stream import KeyStream
+from secfedtl.encoding.distributed import DistributedEncoding
+from secfedtl.errors import ConfigError, TooFewSurvivorsError
+from secfedtl.privacy.accountants import calibrate_skellam_share
+from secfedtl.privacy.discrete_noise import skellam_noise
+from secfedtl.privacy.events import DpEvent, PoissonSkellamEvent
+
+__all__ = ["CollusionPolicy", "calibrate_distributed", "noisy_share"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CollusionPolicy:
+    """A hospital's worst case: ``min_survivors`` parties in every sum, ``colluders`` of them
+    possibly colluding with the server.
+
+    Raises:
+        ConfigError: not ints, ``min_survivors < 1``, ``colluders < 0``, or no honest party left.
+    """
+
+    min_survivors: int
+    colluders: int
+
+    def __post_init__(self) -> None:
+        for name in ("min_survivors", "colluders"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name} must be an int, got {value!r}")
+        if self.min_survivors < 1 or self.colluders < 0:
+            raise ConfigError("min_survivors must be >= 1 and colluders >= 0")
+        if self.honest_parties < 1:
+            raise ConfigError(
+                f"min_survivors {self.min_survivors} minus colluders {self.colluders} leaves no honest party's "
+                "noise: distributed DP cannot protect anyone under this policy")
+
+    @property
+    def honest_parties(self) -> int:
+        """Parties whose noise the guarantee counts: ``min_survivors - colluders``."""
+        return self.min_survivors - self.colluders
+
+    def check_survivors(self, included: int) -> None:
+        """Refuse (never under-noise) a sum with fewer than ``min_survivors`` parties' inputs.
+
+        Raises:
+            TooFewSurvivorsError: ``included < min_survivors``.
+        """
+        if isinstance(included, bool) or not isinstance(included, int):
+            raise ConfigError(f"included must be an int, got {included!r}")
+        if included < self.min_survivors:
+            raise TooFewSurvivorsError(
+                f"only {included} parties' inputs would be in the sum; this hospital's noise share assumes at "
+                f"least {self.min_survivors} (of which {self.colluders} may collude): refusing the round")
+
+
+def calibrate_distributed(*, encoding: DistributedEncoding, policy: CollusionPolicy, target_epsilon: float,
+                          target_delta: float, sample_rate: float, steps: int, tolerance: float = 0.01,
+                          prior_events: Iterable[DpEvent] = ()) -> PoissonSkellamEvent:
+    """The event to charge and run: per-party noise share for ``target_epsilon`` after
+    ``prior_events``, counting only ``policy.honest_parties`` parties' noise (see
+    :func:`secfedtl.privacy.accountants.calibrate_skellam_share`)."""
+    if not isinstance(encoding, DistributedEncoding) or not isinstance(policy, CollusionPolicy):
+        raise ConfigError("calibrate_distributed needs a DistributedEncoding and a CollusionPolicy")
+    return calibrate_skellam_share(
+        target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=sample_rate, steps=steps,
+        honest_parties=policy.honest_parties, l2_bound=encoding.l2_bound, l1_bound=encoding.l1_bound,
+        dimension=encoding.padded_dimension, scale=float(encoding.scale), bits=encoding.bits,
+        tolerance=tolerance, prior_events=prior_events)
+
+
+def _check_event_matches(encoding: DistributedEncoding, event: PoissonSkellamEvent) -> None:
+    mismatches = [
+        name for name, ours in (("l2_bound", encoding.l2_bound), ("l1_bound", encoding.l1_bound),
+                                ("dimension", encoding.padded_dimension), ("scale", float(encoding.scale)),
+                                ("bits", encoding.bits))
+        if getattr(event, name) != ours
+    ]
+    if mismatches:
+        raise ConfigError(f"the event does not describe this encoding ({', '.join(mismatches)} differ): "
+                          "what is charged must be what runs")
+
+
+def noisy_share(encoding: DistributedEncoding, gradients: np.ndarray, *, event: PoissonSkellamEvent,
+                rotation_seed: bytes, stream: KeyStream) -> np.ndarray:
+    """One hospital's field vector for one step: the integer sum of its sampled, clipped, rotated,
+    rounded examples (``gradients``: one row per example of its Poisson batch) plus
+    ``Sk(event.share_variance / 2)`` per coordinate, modulo ``2**bits``.
+
+    Raises:
+        ConfigError: ``event`` does not describe ``encoding``.
+        EncodingError / InputError: bad gradients or stream.
+    """
+    if not isinstance(event, PoissonSkellamEvent):
+        raise ConfigError(f"event must be a PoissonSkellamEvent, got {type(event).__name__}")
+    _check_event_matches(encoding, event)
+    total = encoding.encode_examples(gradients, rotation_seed=rotation_seed, stream=stream)
+    total += skellam_noise(encoding.padded_dimension, mu=event.share_variance / 2.0, stream=stream)
+    return encoding.wrap(total)
