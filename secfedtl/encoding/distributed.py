@@ -247,11 +247,8 @@ class DistributedEncoding:
         field = np.asarray(field_sum)
         if field.ndim != 1 or field.size != self.padded_dimension or field.dtype != self.dtype:
             raise EncodingError(f"field sums are {self.dtype.__name__} vectors of length {self.padded_dimension}")
-        words = field.astype(np.uint64) & np.uint64(self.modulus - 1 if self.bits < 64 else (1 << 64) - 1)
-        signed = words.view(np.int64).copy() if self.bits == 64 else words.astype(np.int64)
-        if self.bits < 64:
-            signed[signed >= (1 << (self.bits - 1))] -= self.modulus
-        return signed
+        shift = np.uint64(64 - self.bits)  # sign-extend the low ``bits`` bits (any word beyond is dropped)
+        return (field.astype(np.uint64) << shift).view(np.int64) >> shift.astype(np.int64)
 
     def decode_sum(self, field_sum: np.ndarray, *, rotation_seed: bytes) -> np.ndarray:
         """The noisy sum of clipped gradients (float64, ``dimension`` long) from the hospitals'

@@ -9,6 +9,9 @@ The pieces, for one distributed DP-SGD step (docs/privacy.md, "Distributed noise
 * :func:`calibrate_distributed` -- the :class:`~secfedtl.privacy.events.PoissonSkellamEvent` with the
   smallest per-party noise share meeting a target epsilon, for a given encoding and policy: the
   ledger records exactly this event.
+* :func:`plan_distributed` -- both at once: the encoding (bit width given, scale by the rule of
+  :func:`~secfedtl.encoding.distributed.plan_encoding`) and the calibrated event, consistent with
+  each other (the plan's wrap bound assumes at least the noise the event adds).
 * :func:`noisy_share` -- one hospital's field vector for one step: encode its sampled examples
   (:class:`~secfedtl.encoding.distributed.DistributedEncoding`), add its Skellam share
   (:func:`~secfedtl.privacy.discrete_noise.skellam_noise`), wrap. It refuses an event that does
@@ -23,13 +26,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from secfedtl.crypto.stream import KeyStream
-from secfedtl.encoding.distributed import DistributedEncoding
+from secfedtl.encoding.distributed import DEFAULT_ROUNDING_BETA, DistributedEncoding, EncodingPlan, plan_encoding
 from secfedtl.errors import ConfigError, TooFewSurvivorsError
 from secfedtl.privacy.accountants import calibrate_skellam_share
 from secfedtl.privacy.discrete_noise import skellam_noise
 from secfedtl.privacy.events import DpEvent, PoissonSkellamEvent
 
-__all__ = ["CollusionPolicy", "calibrate_distributed", "noisy_share"]
+__all__ = ["CollusionPolicy", "calibrate_distributed", "noisy_share", "plan_distributed"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -88,6 +91,49 @@ def calibrate_distributed(*, encoding: DistributedEncoding, policy: CollusionPol
         honest_parties=policy.honest_parties, l2_bound=encoding.l2_bound, l1_bound=encoding.l1_bound,
         dimension=encoding.padded_dimension, scale=float(encoding.scale), bits=encoding.bits,
         tolerance=tolerance, prior_events=prior_events)
+
+
+def plan_distributed(*, dimension: int, clip_norm: float, bits: int, policy: CollusionPolicy, num_parties: int,
+                     max_batch: int, target_epsilon: float, target_delta: float, sample_rate: float, steps: int,
+                     wrap_probability: float = 1e-6, rotate: bool = True,
+                     rounding_beta: float = DEFAULT_ROUNDING_BETA,
+                     prior_events: Iterable[DpEvent] = ()) -> tuple[EncodingPlan, PoissonSkellamEvent]:
+    """The encoding for ``bits`` and the event to charge, consistent with each other.
+
+    The scale depends on the noise (it must fit in the field) and the noise on the scale (through
+    the inflated norm bound), so: calibrate at a provisional encoding, plan the encoding for that
+    noise multiplier (total honest noise std over ``l2_bound``), recalibrate for the planned
+    encoding, and repeat with a larger multiplier until the event's noise is no more than the plan
+    assumed (it converges in one or two rounds: the multiplier hardly depends on the scale once
+    ``scale * clip_norm`` dwarfs ``sqrt(dimension)``).
+
+    Raises:
+        ConfigError: the bit width cannot hold the noise, or invalid arguments.
+        AccountingError: the target epsilon cannot be met.
+    """
+    if not isinstance(policy, CollusionPolicy):
+        raise ConfigError("policy must be a CollusionPolicy")
+    prior = list(prior_events)
+    common = dict(dimension=dimension, clip_norm=clip_norm, num_parties=num_parties,
+                  honest_parties=policy.honest_parties, max_batch=max_batch, bits=bits,
+                  wrap_probability=wrap_probability, rotate=rotate, rounding_beta=rounding_beta)
+    calibrate = dict(policy=policy, target_epsilon=target_epsilon, target_delta=target_delta,
+                     sample_rate=sample_rate, steps=steps, prior_events=prior)
+    provisional = plan_encoding(noise_multiplier=1.0, **common)  # type: ignore[arg-type]
+    event = calibrate_distributed(encoding=provisional.encoding, **calibrate)  # type: ignore[arg-type]
+    multiplier = _multiplier(event)
+    for _ in range(8):
+        plan = plan_encoding(noise_multiplier=multiplier * 1.001, **common)  # type: ignore[arg-type]
+        event = calibrate_distributed(encoding=plan.encoding, **calibrate)  # type: ignore[arg-type]
+        if _multiplier(event) <= plan.noise_multiplier:
+            return plan, event
+        multiplier = _multiplier(event)
+    raise ConfigError("the encoding plan and the noise calibration did not agree after 8 rounds")
+
+
+def _multiplier(event: PoissonSkellamEvent) -> float:
+    """Honest parties' total noise standard deviation over the sensitivity."""
+    return (2.0 * event.total_mu) ** 0.5 / event.l2_bound
 
 
 def _check_event_matches(encoding: DistributedEncoding, event: PoissonSkellamEvent) -> None:
