@@ -110,5 +110,5 @@ def test_randomness_hands_out_key_streams_with_its_label() -> None:
     secure = Randomness.secure()
     assert secure.key_stream().label == "csprng" and secure.key_stream().read(16) != secure.key_stream().read(16)
     a, b = Randomness.insecure_seeded(5), Randomness.insecure_seeded(5)
-    assert a.key_stream().label == "insecure_seeded"
+    assert a.key_stream().label == b.key_stream().label == "insecure_seeded"
     assert [a.key_stream().read(8) for _ in range(3)] == [b.key_stream().read(8) for _ in range(3)]
