@@ -84,6 +84,10 @@ class KeyStream:
         """``count`` independent uniform 64-bit words (a fresh, writable ``uint64`` array)."""
         return np.frombuffer(bytearray(self.read(8 * int(count))), dtype="<u8").astype(np.uint64, copy=False)
 
+    def uint32(self, count: int) -> np.ndarray:
+        """``count`` independent uniform 32-bit words (a fresh, writable ``uint32`` array)."""
+        return np.frombuffer(bytearray(self.read(4 * int(count))), dtype="<u4").astype(np.uint32, copy=False)
+
     def uniform(self, count: int) -> np.ndarray:
         """``count`` independent uniforms on the grid ``{k / 2**53 : 0 <= k < 2**53}`` (float64,
         in ``[0, 1)``, exact: every value is a multiple of ``2**-53``)."""
