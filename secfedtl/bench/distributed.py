@@ -139,7 +139,8 @@ def _plot(result: dict, path: str) -> None:
     ax.axhline(0.01, color="grey", linestyle="--", linewidth=1, label="1% overhead")
     ax.set_xlabel("bits per coordinate")
     ax.set_ylabel("noise std overhead vs central DP (ratio - 1)")
-    ax.set_title("Distributed DP encoding: 10 parties (1 colluder), 512 examples/step, wrap prob <= 1e-6")
+    ax.set_title("Distributed DP encoding overhead\n10 parties (1 colluder), 512 examples per step, wrap probability <= 1e-6",
+                 fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -33,6 +33,14 @@ def test_table_matches_the_skellam_pmf(mu: float) -> None:
     assert sampler_tv_bound(mu) < 2.0**-100
 
 
+def test_the_documented_allowance_holds_for_every_allowed_mu() -> None:
+    """docs/privacy.md: below 2**-106 per coordinate for any mu the sampler accepts."""
+    from secfedtl.privacy.discrete_noise import MAX_SKELLAM_MU
+
+    assert sampler_tv_bound(MAX_SKELLAM_MU) < 2.0**-106
+    assert sampler_tv_bound(1e-9) < sampler_tv_bound(1.0) < sampler_tv_bound(MAX_SKELLAM_MU)
+
+
 def goodness_of_fit(samples: np.ndarray, mu: float, min_expected: float = 20.0) -> float:
     """Chi-square p-value of ``samples`` against Sk(mu), bins merged until each expects enough."""
     lo, hi = int(samples.min()), int(samples.max())
