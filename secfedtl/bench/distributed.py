@@ -56,14 +56,15 @@ def bench_sampler(dimension: int, mus: list[float], repeats: int) -> list[dict]:
     return rows
 
 
-def bench_encoding(dimension: int, batch: int, repeats: int) -> dict:
+def bench_encoding(dimension: int, batch: int, repeats: int, rotate: bool = True) -> dict:
     from secfedtl.crypto.stream import KeyStream
     from secfedtl.encoding.distributed import DistributedEncoding
 
-    enc = DistributedEncoding(dimension=dimension, clip_norm=1.0, scale=1000.0, bits=20)
+    enc = DistributedEncoding(dimension=dimension, clip_norm=1.0, scale=1000.0, bits=20 if rotate else 32,
+                              rotate=rotate)
     grads = np.random.default_rng(0).normal(size=(batch, dimension)).astype(np.float32)
     seconds = _best_of(lambda: enc.encode_examples(grads, rotation_seed=b"bench", stream=KeyStream.fresh()), repeats)
-    return {"dimension": dimension, "padded": enc.padded_dimension, "batch": batch, "encode_s": seconds,
+    return {"dimension": dimension, "padded": enc.padded_dimension, "rotate": rotate, "batch": batch, "encode_s": seconds,
             "examples_per_s": batch / seconds}
 
 
@@ -87,7 +88,9 @@ def bench_bits(dimensions: list[int], parties: list[int], max_batch: int, collud
                               "overhead": plan.encoding_overhead})
             curves.append({"dimension": d, "parties": n, "honest": honest, "curve": curve})
             plan = choose_bits(max_overhead=0.01, **kwargs)
+            unrotated = choose_bits(max_overhead=0.01, **{**kwargs, "rotate": False})
             chosen.append({"dimension": d, "parties": n, "honest": honest, "bits": plan.encoding.bits,
+                           "bits_without_rotation": unrotated.encoding.bits,
                            "scale": plan.encoding.scale, "overhead": plan.encoding_overhead,
                            "wrap_probability_bound": plan.wrap_probability,
                            "dropout_noise_factor": math.sqrt(n / honest)})
@@ -117,7 +120,7 @@ def run_benchmark(*, dimension: int = 10**6, repeats: int = 3) -> dict:
     return {
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
         "sampler": bench_sampler(dimension, [50.0, 1.0e4, 1.0e6], repeats),
-        "encoding": [bench_encoding(d, 64, repeats) for d in (10**4, 10**5)],
+        "encoding": [bench_encoding(d, 64, repeats, rotate) for d in (10**4, 10**5) for rotate in (True, False)],
         "bits": bench_bits([10**4, 10**5, 10**6], [3, 10, 100], max_batch=512, colluders=1),
         "accounting": bench_accounting(),
     }
