@@ -58,6 +58,7 @@ __all__ = [
     "inflated_l2_bound",
     "plan_encoding",
     "rotation_signs",
+    "step_rotation_seed",
 ]
 
 #: Conditional rounding's failure-probability parameter: TFF's default ``exp(-0.5)``. It only
@@ -69,6 +70,19 @@ _CHUNK_ELEMENTS = 1 << 22
 
 def _padded(dimension: int) -> int:
     return 1 << max(0, (dimension - 1).bit_length())
+
+
+def step_rotation_seed(*, job_seed: int, job_id: str, round: int, step: int) -> bytes:  # noqa: A002
+    """The public rotation seed of one DP step, derived from public job values only: SHA-256 of
+    a length-prefixed encoding of ``(job_seed, job_id, round, step)``. Every hospital computes it
+    itself (so a server cannot pick the rotation), and the server computes the same to decode."""
+    for name, value in (("job_seed", job_seed), ("round", round), ("step", step)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise EncodingError(f"{name} must be a non-negative int, got {value!r}")
+    if not isinstance(job_id, str):
+        raise EncodingError("job_id must be a string")
+    parts = [str(job_seed).encode(), job_id.encode("utf-8"), str(round).encode(), str(step).encode()]
+    return hashlib.sha256(b"".join(len(p).to_bytes(4, "big") + p for p in parts)).digest()
 
 
 def rotation_signs(padded_dimension: int, seed: bytes) -> np.ndarray:

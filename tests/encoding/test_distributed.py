@@ -18,6 +18,7 @@ from secfedtl.encoding.distributed import (
     inflated_l2_bound,
     plan_encoding,
     rotation_signs,
+    step_rotation_seed,
 )
 from secfedtl.errors import ConfigError, EncodingError
 
@@ -204,3 +205,16 @@ def test_inflated_bound_formula() -> None:
     c, d, beta = 1000.0, 4096, math.exp(-0.5)
     assert inflated_l2_bound(c, d, beta) == pytest.approx(math.sqrt(c * c + d / 4 + 1.0 * (c + 32.0)))
     assert inflated_l2_bound(1000.0, 4, 1e-10) == pytest.approx(1000.0 + 2.0)  # the deterministic cap binds
+
+
+def test_step_rotation_seed_depends_on_every_public_value() -> None:
+    base = dict(job_seed=7, job_id="job-a", round=2, step=5)
+    seed = step_rotation_seed(**base)
+    assert seed == step_rotation_seed(**base) and len(seed) == 32
+    for change in (dict(job_seed=8), dict(job_id="job-b"), dict(round=3), dict(step=6), dict(job_id="job-a2", round=2)):
+        assert step_rotation_seed(**{**base, **change}) != seed
+    # length prefixes: no two tuples share an encoding
+    assert step_rotation_seed(job_seed=1, job_id="1", round=1, step=1) != step_rotation_seed(
+        job_seed=11, job_id="", round=1, step=1)
+    with pytest.raises(EncodingError):
+        step_rotation_seed(**{**base, "step": -1})
