@@ -59,6 +59,28 @@ class CollusionPolicy:
                 f"min_survivors {self.min_survivors} minus colluders {self.colluders} leaves no honest party's "
                 "noise: distributed DP cannot protect anyone under this policy")
 
+    @classmethod
+    def for_secagg(cls, config: object, *, colluders: int) -> CollusionPolicy:
+        """The policy a secure aggregation configuration supports: ``min_survivors`` is the
+        configuration's (its clients already refuse to unmask a smaller sum), and ``colluders``
+        may not exceed what the protocol tolerates against an active server (``2t - k - 1``),
+        since the guarantee assumes secure aggregation holds against them.
+
+        Raises:
+            ConfigError: ``config`` is not a SecAggConfig, or it tolerates fewer colluders.
+        """
+        from secfedtl.secagg.config import SecAggConfig  # noqa: PLC0415
+
+        if not isinstance(config, SecAggConfig):
+            raise ConfigError(f"config must be a SecAggConfig, got {type(config).__name__}")
+        if isinstance(colluders, bool) or not isinstance(colluders, int):
+            raise ConfigError(f"colluders must be an int, got {colluders!r}")
+        if colluders > max(0, config.tolerated_colluders):
+            raise ConfigError(
+                f"this secure aggregation (degree {config.degree}, threshold {config.threshold}) tolerates "
+                f"{max(0, config.tolerated_colluders)} colluders against an active server, not {colluders}")
+        return cls(min_survivors=config.min_survivors, colluders=colluders)  # type: ignore[arg-type]
+
     @property
     def honest_parties(self) -> int:
         """Parties whose noise the guarantee counts: ``min_survivors - colluders``."""

@@ -112,3 +112,15 @@ def test_randomness_hands_out_key_streams_with_its_label() -> None:
     a, b = Randomness.insecure_seeded(5), Randomness.insecure_seeded(5)
     assert a.key_stream().label == b.key_stream().label == "insecure_seeded"
     assert [a.key_stream().read(8) for _ in range(3)] == [b.key_stream().read(8) for _ in range(3)]
+
+
+def test_policy_from_a_secure_aggregation_configuration() -> None:
+    from secfedtl.secagg.config import SecAggConfig
+
+    config = SecAggConfig(num_clients=10, threshold=8, min_survivors=9)  # complete graph: 2t - k - 1 = 6
+    policy = CollusionPolicy.for_secagg(config, colluders=2)
+    assert (policy.min_survivors, policy.colluders, policy.honest_parties) == (9, 2, 7)
+    with pytest.raises(ConfigError):
+        CollusionPolicy.for_secagg(config, colluders=7)
+    with pytest.raises(ConfigError):
+        CollusionPolicy.for_secagg(object(), colluders=0)
