@@ -239,7 +239,11 @@ class DistributedEncoding:
             pending = pending[~ok]
         fallbacks = int(pending.size)
         if fallbacks:
-            out[pending] = np.trunc(scaled[pending]).astype(np.int64)
+            toward_zero = np.trunc(scaled[pending]).astype(np.int64)
+            # |trunc(y)| <= |y| <= clip * scale <= l2_bound up to float rounding of y; check exactly
+            # anyway, and send a zero vector (always within the bound) should rounding ever exceed it
+            toward_zero[np.einsum("ij,ij->i", toward_zero, toward_zero) > bound_sq] = 0
+            out[pending] = toward_zero
         return out, fallbacks
 
     def encode_examples(self, gradients: np.ndarray, *, rotation_seed: bytes, stream: KeyStream) -> np.ndarray:
