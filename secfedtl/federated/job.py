@@ -26,7 +26,6 @@ node (:func:`build_client_node`), the server (:func:`build_server`) and DP sourc
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import importlib
