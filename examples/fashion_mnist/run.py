@@ -171,7 +171,9 @@ def reference_head(fit: TensorDataset, val: TensorDataset, *, seed: int, max_epo
     return {"head": head, "validation_accuracy": best[0], "epochs": best[1]}
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, *, on_clients: Any = None) -> dict[str, Any]:
+    """The example; ``on_clients(clients, states, job_id)``, if given, is called once every client
+    is set up and before the first round (``audit.py`` installs its canaries there)."""
     t_start = time.perf_counter()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -220,6 +222,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             bar.update(1)
         bar.close()
         timings["client_setup"] = time.perf_counter() - t0
+        if on_clients is not None:
+            on_clients(clients, states, job_id)
         metrics = _train(args, data, splits, model, clients, guards, states, declared, job_id, state_dir, timings)
     finally:
         for state in states.values():

@@ -49,12 +49,12 @@ import torch
 from torch.utils.data import TensorDataset
 
 from secfedtl.errors import ConfigError
-from secfedtl.privacy.empirical import EmpiricalBound, audit_scores
+from secfedtl.privacy.empirical import EmpiricalBound, GDPBound, audit_scores, audit_scores_gdp, gdp_mu_for_epsilon
 from secfedtl.privacy.ledger import read_verified_ledger, spent_events
 from secfedtl.privacy.accountants import compute_epsilon
 from secfedtl.privacy.randomness import Randomness
 
-__all__ = ["GradientCanaries", "VIOLATION_EXIT", "draw_coins", "run_audit"]
+__all__ = ["GradientCanaries", "VIOLATION_EXIT", "analyse", "draw_coins", "public_steps", "run_audit", "whitebox_scores"]
 
 #: Exit status of ``secfedtl audit-run`` when the lower bound is above the ledger's epsilon.
 VIOLATION_EXIT = 4
@@ -91,7 +91,7 @@ class GradientCanaries:
         self.observed.append(noisy_sums[-1].detach().cpu().numpy().astype(np.float64).copy())
 
 
-def _public_steps(ledger_path: Path, client: str, job_id: str) -> list[tuple[float, float]]:
+def public_steps(ledger_path: Path, client: str, job_id: str) -> list[tuple[float, float]]:
     """``(sample_rate, noise_multiplier)`` of every DP-SGD step this job charged to ``client``, in
     order, as the ledger records them (what the adversary knows)."""
     entries, _ = read_verified_ledger(ledger_path)
@@ -152,6 +152,20 @@ def _margins(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> np.ndarray
     return own - other
 
 
+def analyse(scorers: dict[str, np.ndarray], included: np.ndarray, *, delta: float, k: int | None = None,
+            confidence: float = 0.95) -> tuple[str, EmpiricalBound, dict[str, EmpiricalBound], str, GDPBound,
+                                                dict[str, GDPBound]]:
+    """Both one-run bounds for every scorer, at ``confidence`` split over the scorers (Bonferroni):
+    ``(best scorer, its (epsilon, delta) bound, every scorer's, best f-DP scorer, its Gaussian
+    f-DP bound, every scorer's)``."""
+    each = 1 - (1 - confidence) / len(scorers)
+    results = {s: audit_scores(v, included, delta=delta, confidence=each, k=k) for s, v in scorers.items()}
+    best_name = max(results, key=lambda s: results[s].epsilon_lower)
+    gdp_results = {s: audit_scores_gdp(v, included, delta=delta, confidence=each, k=k) for s, v in scorers.items()}
+    gdp_name = max(gdp_results, key=lambda s: gdp_results[s].mu_lower)
+    return best_name, results[best_name], results, gdp_name, gdp_results[gdp_name], gdp_results
+
+
 def _plot(scores: np.ndarray, included: np.ndarray, report: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -163,8 +177,10 @@ def _plot(scores: np.ndarray, included: np.ndarray, report: dict[str, Any], path
     ax.hist(scores[~included], bins=bins, alpha=0.6, label=f"out ({int((~included).sum())})")
     ax.hist(scores[included], bins=bins, alpha=0.6, label=f"in ({int(included.sum())})")
     b = report["bound"]
-    ax.set_title(f"{report['client']}, {report['adversary']} adversary: eps >= {b['epsilon_lower']:.3f} "
-                 f"(95%) vs ledger {report['ledger_epsilon']:.3f}", fontsize=9)
+    g = report["fdp_gaussian"]
+    ax.set_title(f"{report['client']}, {report['adversary']} adversary (95%): eps >= {b['epsilon_lower']:.3f} "
+                 f"[(eps, delta) test]; not {g['mu_lower']:.3f}-GDP (eps {g['epsilon_lower']:.3f}) [f-DP]; "
+                 f"ledger {report['ledger_epsilon']:.3f}", fontsize=8)
     ax.set_xlabel(f"canary score ({report['scorer']})")
     ax.set_ylabel("canaries")
     ax.legend()
@@ -236,7 +252,7 @@ def run_audit(config: Any, out: Path, *, canaries: int = 1000, client: str | Non
         scorers: dict[str, np.ndarray] = {}
         if hook is not None:
             observed = np.stack(hook.observed) if hook.observed else np.zeros((0, canaries))
-            public = _public_steps(ledger_path, name, jid)
+            public = public_steps(ledger_path, name, jid)
             scorers["likelihood ratio (ledger q, sigma)"] = whitebox_scores(observed, public, clip)
             seeds = sorted({cfg["job"]["seed"], cfg["job"]["seed"] * 1000 + k})
             for s in seeds:
@@ -252,14 +268,10 @@ def run_audit(config: Any, out: Path, *, canaries: int = 1000, client: str | Non
                 np.diff(margins, axis=0).max(axis=0))
             steps_seen = len(metrics["server"]["rounds"])
         delta = float(cfg["privacy"]["delta"])
-        confidence = 1 - 0.05 / len(scorers)
         # The server's few canaries cannot pay for a search over k: it guesses the top and bottom
         # quarter, fixed up front. The white-box audit searches the public grid (Bonferroni).
         k_fixed = max(1, canaries // 4) if adversary == "server" else None
-        results = {s: audit_scores(v, included, delta=delta, confidence=confidence, k=k_fixed)
-                   for s, v in scorers.items()}
-        best_name = max(results, key=lambda s: results[s].epsilon_lower)
-        bound: EmpiricalBound = results[best_name]
+        best_name, bound, results, gdp_name, gdp, gdp_results = analyse(scorers, included, delta=delta, k=k_fixed)
         entries, _ = read_verified_ledger(ledger_path)
         events = [ev for _, ev, _ in spent_events(entries).get(name, [])]
         eps_ledger = compute_epsilon(events, delta, accountant=cfg["privacy"]["accountant"]) if events else 0.0
@@ -280,6 +292,13 @@ def run_audit(config: Any, out: Path, *, canaries: int = 1000, client: str | Non
         "confidence": 0.95, "scorer": best_name,
         "bound": bound.to_dict(),
         "per_scorer": {s: r.epsilon_lower for s, r in results.items()},
+        # Mahloujifar et al.: the run is not mu_lower-GDP; epsilon_lower is what a mu_lower-GDP
+        # mechanism has at delta (a bound on the run's epsilon only if its trade-off curve is
+        # Gaussian), so it is reported next to the ledger, not used for the violation.
+        "fdp_gaussian": {**gdp.to_dict(), "scorer": gdp_name,
+                         "ledger_mu": gdp_mu_for_epsilon(eps_ledger, delta),
+                         "ratio": (gdp.epsilon_lower / eps_ledger) if eps_ledger > 0 else None,
+                         "per_scorer": {s: r.mu_lower for s, r in gdp_results.items()}},
         "ledger_epsilon": eps_ledger, "ledger_accountant": cfg["privacy"]["accountant"],
         "ledger_epsilon_prv": eps_prv, "delta": delta, "ledger": os.fspath(ledger_path),
         "violation": bool(bound.epsilon_lower > eps_ledger),
@@ -327,7 +346,11 @@ def main(args: argparse.Namespace) -> int:
     print(f"{report['client']}: {report['adversary']} adversary, {report['canaries']} {report['canary_kind']} canaries "
           f"({report['canaries_in']} in)")
     print(f"  empirical lower bound: epsilon >= {b['epsilon_lower']:.4f} at 95% confidence "
-          f"(k+ = k- = {b['k_plus']}: {b['correct']}/{b['guesses']} right; scorer: {report['scorer']})")
+          f"(k+ = {b['k_plus']}, k- = {b['k_minus']}: {b['correct']}/{b['guesses']} right; scorer: {report['scorer']})")
+    g = report["fdp_gaussian"]
+    print(f"  f-DP (Gaussian) bound: not {g['mu_lower']:.4f}-GDP at 95% confidence, which is epsilon {g['epsilon_lower']:.4f} "
+          f"at delta {report['delta']:g} for a Gaussian trade-off curve (k+ = {g['k_plus']}, k- = {g['k_minus']}: "
+          f"{g['correct']}/{g['guesses']} right; the ledger's epsilon is mu {g['ledger_mu']:.4f})")
     print(f"  ledger epsilon ({report['ledger_accountant']}): {report['ledger_epsilon']:.4f} "
           f"(prv {report['ledger_epsilon_prv']:.4f}), delta {report['delta']:g}")
     if "baseline" in report:
