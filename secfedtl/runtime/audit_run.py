@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import sys
@@ -58,7 +59,9 @@ __all__ = ["GradientCanaries", "VIOLATION_EXIT", "analyse", "draw_coins", "publi
 
 #: Exit status of ``secfedtl audit-run`` when the lower bound is above the ledger's epsilon.
 VIOLATION_EXIT = 4
-ADVERSARIES = ("whitebox", "server")
+ADVERSARIES = ("whitebox", "server", "server-replicas")
+#: Where a replica hospital's canary record goes: its training (fit) rows, or its held-out test rows.
+REPLICA_KINDS = ("fit", "test")
 
 
 def draw_coins(m: int) -> np.ndarray:
@@ -164,6 +167,175 @@ def analyse(scorers: dict[str, np.ndarray], included: np.ndarray, *, delta: floa
     gdp_results = {s: audit_scores_gdp(v, included, delta=delta, confidence=each, k=k) for s, v in scorers.items()}
     gdp_name = max(gdp_results, key=lambda s: gdp_results[s].mu_lower)
     return best_name, results[best_name], results, gdp_name, gdp_results[gdp_name], gdp_results
+
+
+def _replica_canary(kind: str, num_features: int, *, validation_fraction: float, key: bytes) -> tuple[np.ndarray, int]:
+    """The public canary record of a replica kind: ``+-5`` on one feature, 0 elsewhere, label 1;
+    a ``fit`` canary is one the job's public split key sends to the fit rows."""
+    from secfedtl.data import in_validation
+
+    for j in range(4 * num_features):
+        x = np.zeros(num_features, dtype=np.float64)
+        x[j % num_features] = 5.0 if (j // num_features) % 2 == 0 else -5.0
+        x = x.astype(np.float32)
+        if kind == "test" or not in_validation(x, 1, validation_fraction, key):
+            return x, 1
+    raise ConfigError("no canary record lands in the fit rows")  # pragma: no cover (probability ~ 0.1^52)
+
+
+def _clear_view(replies: list[bytes]) -> list[Any]:
+    """What a server reads from a node's replies without any key: task replies' status and info in
+    full, and only the kind of every secure-aggregation frame (their payloads are masked or
+    fresh key material, different in every run)."""
+    from secfedtl.runtime import wire
+    from secfedtl.secagg import codec
+
+    view: list[Any] = []
+    for blob in replies:
+        msg = wire.decode(blob)
+        if isinstance(msg, wire.TaskReply):
+            view.append(("reply", msg.status, json.dumps(dict(msg.info), sort_keys=True)))
+        else:
+            view.append(("frame", type(codec.decode(msg.data)).__name__))
+    return view
+
+
+def run_replica_audit(config: Any, out: Path, *, canaries: int = 32, client: str | None = None,
+                      progress: bool = False) -> dict[str, Any]:
+    """The server adversary against everything a hospital sends outside the masked sums.
+
+    One canary record per hospital, in ``canaries`` replicas of ``client`` (same rows, same
+    declaration, each its own node, privacy state and ledger), in one run of the job on those
+    replicas: replica ``i``'s canary is a training record for even ``i`` and a held-out test
+    record for odd ``i`` (public), present when its secret coin says so. Four more replicas with
+    publicly known canaries (in and out, of each kind) are the adversary's references; it may
+    know every record but the canaries' coins, so it may hold such twins. The server runs the
+    job's training rounds and then spends the nodes' last planned task on an ``evaluate``
+    request. Its score for replica ``i``: +1 when the clear part of everything ``i`` sent (task
+    replies' status and info; which secure-aggregation frames) equals the known-in reference's of
+    the same kind, -1 when it equals the known-out one's, 0 otherwise. A correct pipeline sends
+    the same data-free replies whatever the rows, so every score is 0 and no bound follows; a
+    pipeline that puts anything computed from the rows in the clear (a count, an evaluation
+    answer) splits the replicas by their coins."""
+    from secfedtl.data import in_validation, split_key
+    from secfedtl.runtime.job import build_centres, build_job, job_id
+
+    if canaries < 4:
+        raise ConfigError("need at least 4 replica canaries")
+    name = client or config["job"]["clients"][0]
+    if name not in config["job"]["clients"]:
+        raise ConfigError(f"{name!r} is not one of the job's clients {config['job']['clients']}")
+    if (out / "privacy-state").exists():
+        raise ConfigError(f"{out} holds an earlier audit (its throwaway privacy state would continue): "
+                          "use another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    included = draw_coins(canaries)
+    centres = build_centres(config)
+    base = centres[name]
+    jcfg = config["job"]
+    canary = {k: _replica_canary(k, base.x_train.shape[1], validation_fraction=jcfg["validation_fraction"],
+                                 key=split_key(jcfg["seed"])) for k in REPLICA_KINDS}
+
+    fit_key = split_key(jcfg["seed"])
+
+    def with_canary(kind: str, present: bool, index: int) -> Any:
+        # Every replica also gets a public filler row of its own in its fit rows, so that no two
+        # hold the same data (a privacy state refuses data another hospital name protects).
+        filler = np.zeros(base.x_train.shape[1], dtype=np.float32)
+        j = 0
+        while True:
+            filler[0] = np.float32(1e-3 * (index + 1) + 1e-6 * j)
+            if not in_validation(filler, 0, jcfg["validation_fraction"], fit_key):
+                break
+            j += 1
+        c = dataclasses.replace(base, x_train=np.concatenate([base.x_train, filler[None]]),
+                                y_train=np.concatenate([base.y_train, np.array([0], dtype=base.y_train.dtype)]))
+        if not present:
+            return c
+        x, y = canary[kind]
+        if kind == "fit":
+            return dataclasses.replace(c, x_train=np.concatenate([c.x_train, x[None]]),
+                                       y_train=np.concatenate([c.y_train, np.array([y], dtype=c.y_train.dtype)]))
+        return dataclasses.replace(c, x_test=np.concatenate([c.x_test, x[None]]),
+                                   y_test=np.concatenate([c.y_test, np.array([y], dtype=c.y_test.dtype)]))
+
+    kinds = [REPLICA_KINDS[i % 2] for i in range(canaries)]
+    names = [f"{name}-r{i:03d}" for i in range(canaries)]
+    refs = {(k, present): f"{name}-{'in' if present else 'out'}-{k}" for k in REPLICA_KINDS for present in (True, False)}
+    replica_centres = {jcfg["source"]: centres[jcfg["source"]]}
+    replica_centres.update({n: with_canary(k, bool(b), i) for i, (n, k, b) in enumerate(zip(names, kinds, included))})
+    replica_centres.update({n: with_canary(k, present, canaries + i) for i, ((k, present), n) in enumerate(refs.items())})
+    all_names = names + list(refs.values())
+    declared = config["declared"]["records"][name]
+    cfg = config.updated({("job", "clients"): all_names, ("job", "id"): "audit-" + os.urandom(8).hex(),
+                          ("declared", "records"): dict.fromkeys(all_names, declared),
+                          ("privacy", "personalise"): True})
+    t0, c0 = time.perf_counter(), time.process_time()
+    job = build_job(cfg, out / "job", workers=0, state_dir=out / "privacy-state", centres=replica_centres)
+    try:
+        pool = job.federation.pool
+        views: dict[str, list[Any]] = {n: [] for n in all_names}
+        exchange = pool.exchange
+
+        def recorded(requests: dict[str, list[bytes]], *, phase: str) -> dict[str, list[bytes]]:
+            replies = exchange(requests, phase=phase)
+            for n, blobs in replies.items():
+                views[n].extend(_clear_view(blobs))
+            return replies
+
+        pool.exchange = recorded  # type: ignore[method-assign]
+        rounds = cfg["job"]["rounds"]
+        for _ in tqdm_range(rounds, progress, "training rounds (replicas)"):
+            job.federation.run_round()
+        job.federation.query("evaluate", round=rounds)
+        scores = np.array([float(views[n] == views[refs[(k, True)]]) - float(views[n] == views[refs[(k, False)]])
+                           for n, k in zip(names, kinds)])
+        delta = float(cfg["privacy"]["delta"])
+        eps_ledger = 0.0
+        for n in all_names:
+            entries, _ = read_verified_ledger(job.states[n].ledger.path)
+            events = [ev for _, ev, _ in spent_events(entries).get(n, [])]
+            if events:
+                eps_ledger = max(eps_ledger, compute_epsilon(events, delta, accountant=cfg["privacy"]["accountant"]))
+        jid = job_id(cfg)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    finally:
+        job.close()
+    k_fixed = max(1, canaries // 4)
+    scorer = "clear replies equal to the known-in (+1) or known-out (-1) twin of the same canary kind"
+    best_name, bound, _, _, gdp, _ = analyse({scorer: scores}, included, delta=delta, k=k_fixed)
+    differing = sorted({repr(v) for n in names for v in views[n]} - {repr(v) for v in views[refs[("fit", False)]]})
+    report: dict[str, Any] = {
+        "client": name, "adversary": "server-replicas",
+        "adversary_sees": ("everything each replica sent the server outside the masked sums (task replies' status "
+                           "and info; the kind of each secure-aggregation frame), after the job's training rounds "
+                           "and one evaluate request; every public value and every record but the canaries' coins"),
+        "canary_kind": "one record per replica hospital (even: a training row, odd: a held-out test row)",
+        "canaries": canaries, "canaries_in": int(included.sum()), "coins": "os.urandom (secret to the auditor)",
+        "confidence": 0.95, "scorer": best_name, "bound": bound.to_dict(),
+        "fdp_gaussian": {**gdp.to_dict(), "ledger_mu": gdp_mu_for_epsilon(eps_ledger, delta),
+                         "ratio": (gdp.epsilon_lower / eps_ledger) if eps_ledger > 0 else None},
+        "per_scorer": {best_name: bound.epsilon_lower},
+        "ledger_epsilon": eps_ledger, "ledger_accountant": cfg["privacy"]["accountant"], "ledger_epsilon_prv": None,
+        "delta": delta, "ledger": "max over the replicas' ledgers",
+        "violation": bool(bound.epsilon_lower > eps_ledger),
+        "ratio": (bound.epsilon_lower / eps_ledger) if eps_ledger > 0 else None,
+        "steps_or_rounds_observed": rounds, "job_id": jid, "wall_seconds": wall, "cpu_seconds": cpu,
+        "pooled_test_accuracy": None,
+        "clear_values_not_in_the_known_out_view": differing[:20],
+        "scores": {"in": scores[included].tolist(), "out": scores[~included].tolist()},
+    }
+    (out / "audit.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    _plot(scores, included, report, out / "audit.png")
+    return report
+
+
+def tqdm_range(n: int, progress: bool, desc: str) -> Any:
+    if not progress:
+        return range(n)
+    from tqdm import tqdm
+
+    return tqdm(range(n), desc=desc)
 
 
 def _plot(scores: np.ndarray, included: np.ndarray, report: dict[str, Any], path: Path) -> None:
@@ -324,7 +496,7 @@ def run_audit(config: Any, out: Path, *, canaries: int = 1000, client: str | Non
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", type=Path, help="job TOML file (schema: docs/config.md)")
     parser.add_argument("--canaries", type=int, default=None, metavar="M",
-                        help="number of canaries (default: 1000 white-box, 16 server)")
+                        help="number of canaries (default: 1000 white-box, 16 server, 32 server-replicas)")
     parser.add_argument("--client", default=None, help="the hospital to audit (default: the job's first)")
     parser.add_argument("--adversary", choices=ADVERSARIES, default="whitebox")
     parser.add_argument("--out", type=Path, default=Path("runs/audit"), help="output directory (audit.json, audit.png)")
@@ -339,9 +511,12 @@ def main(args: argparse.Namespace) -> int:
     from secfedtl.runtime.job import JobConfig
 
     config = JobConfig.load(args.config).updated({("job", "seed"): args.seed})
-    m = args.canaries if args.canaries is not None else (1000 if args.adversary == "whitebox" else 16)
-    report = run_audit(config, args.out, canaries=m, client=args.client, adversary=args.adversary,
-                       baseline=args.baseline, progress=not args.no_progress)
+    m = args.canaries if args.canaries is not None else {"whitebox": 1000, "server": 16, "server-replicas": 32}[args.adversary]
+    if args.adversary == "server-replicas":
+        report = run_replica_audit(config, args.out, canaries=m, client=args.client, progress=not args.no_progress)
+    else:
+        report = run_audit(config, args.out, canaries=m, client=args.client, adversary=args.adversary,
+                           baseline=args.baseline, progress=not args.no_progress)
     b = report["bound"]
     print(f"{report['client']}: {report['adversary']} adversary, {report['canaries']} {report['canary_kind']} canaries "
           f"({report['canaries_in']} in)")
@@ -351,8 +526,9 @@ def main(args: argparse.Namespace) -> int:
     print(f"  f-DP (Gaussian) bound: not {g['mu_lower']:.4f}-GDP at 95% confidence, which is epsilon {g['epsilon_lower']:.4f} "
           f"at delta {report['delta']:g} for a Gaussian trade-off curve (k+ = {g['k_plus']}, k- = {g['k_minus']}: "
           f"{g['correct']}/{g['guesses']} right; the ledger's epsilon is mu {g['ledger_mu']:.4f})")
-    print(f"  ledger epsilon ({report['ledger_accountant']}): {report['ledger_epsilon']:.4f} "
-          f"(prv {report['ledger_epsilon_prv']:.4f}), delta {report['delta']:g}")
+    prv = report["ledger_epsilon_prv"]
+    print(f"  ledger epsilon ({report['ledger_accountant']}): {report['ledger_epsilon']:.4f}"
+          + (f" (prv {prv:.4f})" if prv is not None else "") + f", delta {report['delta']:g}")
     if "baseline" in report:
         print(f"  time {report['wall_seconds']:.1f} s vs {report['baseline']['wall_seconds']:.1f} s without canaries; "
               f"pooled test accuracy {report['pooled_test_accuracy']:.3f} vs {report['baseline']['pooled_test_accuracy']:.3f}")
