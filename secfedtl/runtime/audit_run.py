@@ -3,10 +3,14 @@
 The auditor inserts ``M`` canaries into one hospital's private training, each included
 independently with probability 1/2 by a coin drawn from ``os.urandom`` and kept by the auditor,
 runs the job otherwise unchanged on a throwaway privacy state, scores every canary from what the
-chosen adversary sees, and turns the guesses into a lower bound on epsilon at 95% confidence
-(:mod:`secfedtl.privacy.empirical`, Steinke, Nasr and Jagielski 2023). The report puts it next
-to the epsilon the hospital's ledger certifies; a lower bound above it is a **violation** (exit
-status 4): the implementation does not deliver what the ledger claims.
+chosen adversary sees, and turns the guesses into two lower bounds at 95% confidence
+(:mod:`secfedtl.privacy.empirical`): the (epsilon, delta) bound of Steinke, Nasr and Jagielski
+(2023), and the f-DP (Gaussian) bound of Mahloujifar, Melis and Chaudhuri (2025) with the
+epsilon a Gaussian mechanism of that ``mu`` has at the ledger's delta. The report puts both next
+to the epsilon the hospital's ledger certifies; an (epsilon, delta) lower bound above it is a
+**violation** (exit status 4): the implementation does not deliver what the ledger claims. (The
+f-DP number is a bound on epsilon only for a Gaussian-shaped privacy curve, so it is reported,
+never a violation.)
 
 Adversaries (``--adversary``), each stated in the report:
 
@@ -29,6 +33,9 @@ Adversaries (``--adversary``), each stated in the report:
   training rows when included. Score: the largest one-round increase of the global model's margin
   for the canary's label on the canary (the source model is round 0). The server does
   not see personalisation, so its bound is compared with an epsilon that covers more than it sees.
+* ``server-replicas`` (:func:`run_replica_audit`): the server reading everything hospitals send
+  outside the masked sums (task replies' status and info), one canary record in each of ``M``
+  replicas of the hospital; catches any value computed from the rows and sent in the clear.
 
 What a lower bound means and does not mean: docs/privacy.md, "Empirical auditing".
 """
