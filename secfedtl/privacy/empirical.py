@@ -32,10 +32,12 @@ accurate as randomized response on every guess, which a Gaussian mechanism is no
 instead whether the run can be ``mu``-GDP (the trade-off curve of a Gaussian mechanism with
 sensitivity over noise ``mu``). Our derivation of their bound, as implemented by
 :func:`gdp_rejects`: let ``C`` be the number of right guesses and ``p_j = P[C = j]``. For canary
-``i``, given the other coins, "guess i made and right and C >= t" is a test of canary ``i``'s coin
-computed from the output and the other coins, and so is "guess i made and wrong and C >= t - 1";
-``mu``-GDP bounds the first probability by ``B(second)``, ``B(x) = Phi(Phi^-1(x) + mu)`` (concave,
-so it survives averaging over the ``m`` canaries). Summing over canaries, for every ``t >= 1``
+``i`` and fixed other coins, the events "guess ``i`` is +1 (or -1) and at least ``t - 1`` of the
+other guesses are right" are computed from the output and the other coins, so ``mu``-GDP bounds
+the probability of each under one value of coin ``i`` by ``B`` of its probability under the other,
+``B(x) = Phi(Phi^-1(x) + mu)``; as ``B`` is concave, averaging over the two coin values gives
+``P[guess i right and C >= t] <= B(P[guess i wrong and C >= t - 1])``, and averaging over the ``m``
+canaries keeps it. So, for every ``t >= 1``
 
     (1/m) sum_{j >= t-1} (k - j) p_j  >=  B^-1( (1/m) sum_{j >= t} j p_j ),
 

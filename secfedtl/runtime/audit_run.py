@@ -424,6 +424,7 @@ def run_audit(config: Any, out: Path, *, canaries: int = 1000, client: str | Non
             job.federation.run_round = observed_round  # type: ignore[method-assign]
         metrics = run_federation(cfg, job.source, job.federation, out / "job", progress=progress,
                                  experimenter=job.experimenter())
+        job_cpu = time.process_time() - c0  # the job with its canaries, before any scoring
         ledger_path = job.states[name].ledger.path
         jid = job_id(cfg)
         scorers: dict[str, np.ndarray] = {}
@@ -481,7 +482,7 @@ def run_audit(config: Any, out: Path, *, canaries: int = 1000, client: str | Non
         "violation": bool(bound.epsilon_lower > eps_ledger),
         "ratio": (bound.epsilon_lower / eps_ledger) if eps_ledger > 0 else None,
         "steps_or_rounds_observed": steps_seen,
-        "job_id": jid, "wall_seconds": wall, "cpu_seconds": cpu,
+        "job_id": jid, "wall_seconds": wall, "cpu_seconds": cpu, "job_cpu_seconds": job_cpu,
         "pooled_test_accuracy": sim.get("pooled_test_accuracy"),
         "scores": {"in": scorers[best_name][included].tolist(), "out": scorers[best_name][~included].tolist()},
     }
