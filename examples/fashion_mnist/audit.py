@@ -31,8 +31,8 @@ import run as example  # noqa: E402
 from secfedtl.privacy.accountants import compute_epsilon  # noqa: E402
 from secfedtl.privacy.empirical import gdp_mu_for_epsilon  # noqa: E402
 from secfedtl.privacy.ledger import read_verified_ledger, spent_events  # noqa: E402
-from secfedtl.runtime.audit_run import (VIOLATION_EXIT, GradientCanaries, _plot, analyse, draw_coins,  # noqa: E402
-                                        public_steps, whitebox_scores)
+from secfedtl.runtime.audit_run import (VIOLATION_EXIT, GradientCanaries, analyse, draw_coins,  # noqa: E402
+                                        plot_report, public_steps, whitebox_scores)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         "scores": {"in": scorers[name][included].tolist(), "out": scorers[name][~included].tolist()},
     }
     (args.out / "audit.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    _plot(scorers[name], included, report, args.out / "audit.png")
+    plot_report(scorers[name], included, report, args.out / "audit.png")
     print(f"{client}: white-box, {canaries} gradient canaries, {len(observed)} steps (q {steps[0][0]:.4f}, "
           f"sigma {steps[0][1]:.4f})")
     print(f"  (epsilon, delta) test: epsilon >= {bound.epsilon_lower:.4f}; f-DP (Gaussian): not {gdp.mu_lower:.4f}-GDP "

@@ -61,7 +61,8 @@ from secfedtl.privacy.ledger import read_verified_ledger, spent_events
 from secfedtl.privacy.accountants import compute_epsilon
 from secfedtl.privacy.randomness import Randomness
 
-__all__ = ["GradientCanaries", "VIOLATION_EXIT", "analyse", "draw_coins", "public_steps", "run_audit", "whitebox_scores"]
+__all__ = ["GradientCanaries", "VIOLATION_EXIT", "analyse", "draw_coins", "plot_report", "public_steps", "run_audit",
+           "run_replica_audit", "whitebox_scores"]
 
 #: Exit status of ``secfedtl audit-run`` when the lower bound is above the ledger's epsilon.
 VIOLATION_EXIT = 4
@@ -214,9 +215,9 @@ def run_replica_audit(config: Any, out: Path, *, canaries: int = 32, client: str
     replicas: replica ``i``'s canary is a training record for even ``i`` and a held-out test
     record for odd ``i`` (public), present when its secret coin says so. Four more replicas with
     publicly known canaries (in and out, of each kind) are the adversary's references; it may
-    know every record but the canaries' coins, so it may hold such twins. The server runs the
-    job's training rounds and then spends the nodes' last planned task on an ``evaluate``
-    request. Its score for replica ``i``: +1 when the clear part of everything ``i`` sent (task
+    know every record but the canaries' coins, so it may hold such twins. The replicas' job plans
+    personalisation (``[privacy] personalise = true``); the server runs the training rounds and
+    spends that last task slot on an ``evaluate`` request. Its score for replica ``i``: +1 when the clear part of everything ``i`` sent (task
     replies' status and info; which secure-aggregation frames) equals the known-in reference's of
     the same kind, -1 when it equals the known-out one's, 0 otherwise. A correct pipeline sends
     the same data-free replies whatever the rows, so every score is 0 and no bound follows; a
@@ -331,7 +332,7 @@ def run_replica_audit(config: Any, out: Path, *, canaries: int = 32, client: str
         "scores": {"in": scores[included].tolist(), "out": scores[~included].tolist()},
     }
     (out / "audit.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    _plot(scores, included, report, out / "audit.png")
+    plot_report(scores, included, report, out / "audit.png")
     return report
 
 
@@ -343,7 +344,7 @@ def tqdm_range(n: int, progress: bool, desc: str) -> Any:
     return tqdm(range(n), desc=desc)
 
 
-def _plot(scores: np.ndarray, included: np.ndarray, report: dict[str, Any], path: Path) -> None:
+def plot_report(scores: np.ndarray, included: np.ndarray, report: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -495,7 +496,7 @@ def run_audit(config: Any, out: Path, *, canaries: int = 1000, client: str | Non
         report["baseline"] = {"wall_seconds": time.perf_counter() - t1, "cpu_seconds": time.process_time() - c1,
                               "pooled_test_accuracy": base["simulation_only"]["final"]["pooled_test_accuracy"]}
     (out / "audit.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    _plot(scorers[best_name], included, report, out / "audit.png")
+    plot_report(scorers[best_name], included, report, out / "audit.png")
     return report
 
 
