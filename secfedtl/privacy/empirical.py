@@ -339,7 +339,7 @@ class GDPBound:
     k_minus: int
     guesses: int
     correct: int
-    per_k: tuple[tuple[int, int, int, int, float], ...]  #: (k_plus, k_minus, guesses, correct, mu bound; nan: below the best, not searched)
+    per_k: tuple[tuple[int, int, int, int, float | None], ...]  #: (k_plus, k_minus, guesses, correct, mu bound; None: below the best, not searched)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -363,7 +363,7 @@ def audit_scores_gdp(scores: Sequence[float], included: Sequence[bool], *, delta
     for kp, km in grid:
         r, c = guess_counts(scores, included, k_plus=kp, k_minus=km)
         if best[0] > 0 and not gdp_rejects(num_canaries=m, guesses=r, correct=c, mu=best[0], significance=significance):
-            per_k.append((kp, km, r, c, float("nan")))  # cannot beat the best so far (monotone in mu)
+            per_k.append((kp, km, r, c, None))  # cannot beat the best so far (monotone in mu)
             continue
         mu = gdp_lower_bound(num_canaries=m, guesses=r, correct=c, significance=significance)
         per_k.append((kp, km, r, c, mu))
