@@ -17,6 +17,7 @@ new job (or a new ``--out``) on the same hospital continues its budget.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -30,7 +31,7 @@ import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -46,9 +47,10 @@ else:  # pragma: no cover - Python 3.10
 from secfedtl.aggregation import make_server_optimizer
 from secfedtl.crypto.primitives import SigningKey
 from secfedtl.data import load_fed_heart_disease, record_split, split_key, standardize, validation_split
-from secfedtl.data.heart import TRAIN_FRACTION
+from secfedtl.data.heart import CENTER_NAMES, TRAIN_FRACTION
+from secfedtl.encoding.fixed_point import FixedPointEncoding
 from secfedtl.errors import AccountingError, ConfigError, RemoteProtocolError
-from secfedtl.privacy.accountants import calibrate_noise_multiplier, compute_epsilon
+from secfedtl.privacy.accountants import ACCOUNTANTS, calibrate_noise_multiplier, compute_epsilon
 from secfedtl.privacy.budget import BudgetGuard
 from secfedtl.privacy.events import PoissonGaussianEvent
 from secfedtl.privacy.ledger import read_verified_ledger, spent_events
@@ -134,7 +136,8 @@ class JobConfig:
         if len(job["clients"]) < 3 or job["source"] in job["clients"]:
             raise ConfigError("at least 3 private clients, and the source is not one of them")
         if not sections["privacy"]["epsilon"] > 0 or not 0 < sections["privacy"]["delta"] < 1:
-            raise ConfigError("epsilon must be > 0 and delta in (0, 1)")
+            raise ConfigError("[privacy] epsilon must be > 0 and delta in (0, 1), got epsilon "
+                              f"{sections['privacy']['epsilon']!r}, delta {sections['privacy']['delta']!r}")
         model = sections["model"]
         _check_source_spec({"kind": model["kind"], "hidden": model["hidden"],
                             "weight_decay": model["source_weight_decay"]}, "[model]")
@@ -154,6 +157,7 @@ class JobConfig:
         for name, count in records.items():
             if isinstance(count, bool) or not isinstance(count, int) or count < 1:
                 raise ConfigError(f"[declared] records.{name} must be a positive integer, got {count!r}")
+        _check_components(sections)
         if sections["privacy"]["insecure_reproducible"]:
             if sections["privacy"]["secure_mode"]:
                 raise ConfigError("insecure_reproducible needs secure_mode = false (tests only)")
@@ -218,6 +222,40 @@ def _check_source_spec(spec: dict[str, Any], where: str) -> None:
         raise ConfigError(f"{where}: an mlp needs hidden >= 1")
     if not (math.isfinite(spec["weight_decay"]) and spec["weight_decay"] >= 0):
         raise ConfigError(f"{where}: weight_decay must be a finite number >= 0")
+
+
+def _check_components(sections: dict[str, dict[str, Any]]) -> None:
+    """Build what the job builds from each section, with the same validators, before any folder,
+    privacy state or data is touched: a bad value is a :class:`ConfigError` here, not after the
+    source model trained."""
+    job, priv, tcfg, scfg = sections["job"], sections["privacy"], sections["training"], sections["secagg"]
+    if priv["accountant"] not in ACCOUNTANTS:
+        raise ConfigError(f"[privacy] accountant must be one of {sorted(ACCOUNTANTS)}, got {priv['accountant']!r}")
+    with _section("server"):
+        make_server_optimizer(sections["server"]["optimizer"], server_lr=sections["server"]["lr"])
+    with _section("training"):
+        for records in sections["declared"]["records"].values():
+            DPTrainingConfig(lr=tcfg["lr"], expected_batch_size=tcfg["expected_batch_size"],
+                             max_grad_norm=tcfg["max_grad_norm"], epochs=tcfg["epochs"], optimizer=tcfg["optimizer"],
+                             target_epsilon=priv["epsilon"], target_delta=priv["delta"], planned_rounds=job["rounds"],
+                             secure_mode=priv["secure_mode"], accountant=priv["accountant"],
+                             public_dataset_size=records)
+        if not (math.isfinite(tcfg["l2sp"]) and tcfg["l2sp"] >= 0):
+            raise ConfigError(f"l2sp must be a finite number >= 0, got {tcfg['l2sp']!r}")
+    with _section("secagg"):
+        if scfg["max_samples"] < 1:
+            raise ConfigError(f"max_samples must be >= 1, got {scfg['max_samples']!r}")
+        FixedPointEncoding(clip=scfg["clip"], bits=scfg["bits"], num_clients=len(job["clients"]),
+                           max_weight=scfg["max_samples"])
+
+
+@contextlib.contextmanager
+def _section(name: str) -> Iterator[None]:
+    """Prefix a :class:`ConfigError` raised inside with the config section it is about."""
+    try:
+        yield
+    except ConfigError as exc:
+        raise ConfigError(f"[{name}] {exc}") from exc
 
 
 def _candidate_spec(value: Any, model: dict[str, Any], k: int) -> dict[str, Any]:
@@ -669,6 +707,7 @@ def build_job(config: JobConfig, out: Path, *, resume: bool = False, workers: in
     ``job.workers``) > 0 runs the nodes in that many forked worker processes; 0 runs them in this
     process, one after the other. ``centres`` (default :func:`build_centres`: the bundled UCI
     centres) runs the same job on other data, keyed by the config's source and client names."""
+    centres = build_centres(config) if centres is None else centres  # a bad centre name: before any folder
     out.mkdir(parents=True, exist_ok=True)
     if not resume and (out / "checkpoint.json").exists():
         raise ConfigError(f"{out} holds a run: use --resume to continue it, or another --out")
@@ -681,7 +720,6 @@ def build_job(config: JobConfig, out: Path, *, resume: bool = False, workers: in
     root = state_root(state_dir)
     states: dict[str, PrivacyState] = {}
     try:
-        centres = build_centres(config) if centres is None else centres
         for name in config["job"]["clients"]:
             states[name] = open_hospital_state(config, name, centres, root)
         selection: dict[str, Any] | None = None
@@ -713,6 +751,10 @@ def build_centres(config: JobConfig) -> dict[str, Any]:
     decides (FLamby's test share, ``1 - TRAIN_FRACTION``), so adding or removing a patient moves
     only that patient (FLamby's own split is a seeded shuffle, where one added row moves about 15
     others between train and test). The public source centre keeps FLamby's split."""
+    unknown = sorted({config["job"]["source"], *config["job"]["clients"]} - set(CENTER_NAMES))
+    if unknown:
+        raise ConfigError(f"[job] not centres of {config['job']['dataset']}: {unknown}; "
+                          f"choose among {list(CENTER_NAMES)}")
     centres, _ = standardize(load_fed_heart_disease(), stats_from=config["job"]["source"])
     key = split_key(config["job"]["seed"], "test")
     for name in config["job"]["clients"]:
@@ -736,7 +778,7 @@ def prepare_run(config: JobConfig, out: Path, *, resume: bool) -> JobConfig:
     if resume:
         saved = out / "config.json"
         if not saved.exists():
-            raise ConfigError(f"nothing to resume in {out}")
+            raise ConfigError(f"nothing to resume in {os.fspath(out)!r} (no config.json there)")
         return JobConfig.from_mapping(json.loads(saved.read_text(encoding="utf-8")))
     data = config.to_dict()
     if not data["job"]["id"]:
@@ -912,31 +954,27 @@ def print_summary(metrics: dict[str, Any]) -> None:
           f"{metrics['wall_seconds']:.1f} s")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", type=Path, help="job TOML file (schema: docs/config.md)")
-    _add_common(parser)
-
-
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("runs/job"), help="output directory")
-    parser.add_argument("--resume", type=Path, default=None, metavar="DIR",
-                        help="continue the run in DIR from its last completed round")
-    parser.add_argument("--workers", type=int, default=None, metavar="N",
-                        help="run the clients in N forked worker processes (default: the config's job.workers; "
-                             "0: in this process, one after the other)")
-    parser.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
-                        help="where the hospitals' privacy states (ledgers, budgets) live, kept across jobs; "
-                             "default $SECFEDTL_STATE_DIR, else ~/.local/share/secfedtl/privacy")
-    parser.add_argument("--no-progress", action="store_true")
+def _check_folder(path: Path, option: str) -> None:
+    """Before anything is created: ``path`` is a folder or can become one."""
+    for parent in (path, *path.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{option} {os.fspath(path)!r}: {os.fspath(parent)!r} is a file, not a folder")
+            return
 
 
 def main(args: argparse.Namespace) -> int:
+    """`secfedtl run CONFIG` (arguments: :mod:`secfedtl.cli`)."""
     config = JobConfig.load(args.config)
     return _run_cli(config, args)
 
 
 def _run_cli(config: JobConfig, args: argparse.Namespace) -> int:
+    """Run the job as `secfedtl run`/`demo` asked (arguments: :mod:`secfedtl.cli`)."""
     out = args.resume if args.resume is not None else args.out
+    _check_folder(out, "--resume" if args.resume is not None else "--out")
+    if args.state_dir is not None:
+        _check_folder(args.state_dir, "--state-dir")
     metrics = run_job(config, out, resume=args.resume is not None, progress=not args.no_progress,
                       workers=args.workers, state_dir=args.state_dir)
     print_summary(metrics)
