@@ -819,7 +819,8 @@ def run_federation(config: JobConfig, source: Source, federation: Federation, ou
     sim_rows: list[dict[str, Any]] = [r for r in _saved_rows(out, "simulation_rounds.json")
                                       if r["round"] < federation.rounds_done]
     initial = flatten_delta(source.head)
-    bar = _progress(rounds, federation.rounds_done, progress)
+    # the personalisation round is a step of the bar: it spends epsilon too
+    bar = _progress(rounds + int(config["privacy"]["personalise"]), federation.rounds_done, progress)
     sim: dict[str, Any] = {}
     if experimenter is not None:
         source_acc, source_pooled = _pooled(experimenter.accuracy(initial), "test")
@@ -838,18 +839,24 @@ def run_federation(config: JobConfig, source: Source, federation: Federation, ou
                              "validation_accuracy": val_per, "pooled_validation_accuracy": val_pooled,
                              "epsilon": eps})
             (out / "simulation_rounds.json").write_text(json.dumps(sim_rows, indent=2), encoding="utf-8")
-            postfix.update(acc=f"{pooled:.3f}", eps=f"{max(eps.values(), default=0.0):.2f}")
+            postfix.update(acc=f"{pooled:.3f}", eps=f"{max(eps.values(), default=0.0):.3f}")
         bar.update(1)
         bar.set_postfix(**postfix)
 
     federation.run(rounds, checkpoint=out / "checkpoint.json", on_round=on_round)
-    bar.close()
     personalise: dict[str, Any] = {}
     if config["privacy"]["personalise"]:
         # The hospitals fine-tune locally and keep the model and its evaluation; the server
         # hears only "done", "refused" (budget) or nothing.
+        bar.set_description("personalisation")
         answers = federation.query("personalise", round=rounds)
         personalise = {n: answers.get(n, {}).get("status", "silent") for n in config["job"]["clients"]}
+        postfix = {"done": f"{sum(v == 'done' for v in personalise.values())}/{len(personalise)}"}
+        if experimenter is not None:
+            postfix["eps"] = f"{max(experimenter.epsilon().values(), default=0.0):.3f}"
+        bar.update(1)
+        bar.set_postfix(**postfix)
+    bar.close()
     metrics: dict[str, Any] = {
         "job": "uci_heart_disease", "job_id": job_id(config), "delta": config["privacy"]["delta"],
         "epsilon_budget": config["privacy"]["epsilon"], "accountant": config["privacy"]["accountant"],
@@ -908,18 +915,29 @@ def _plot(metrics: dict[str, Any], path: Path) -> None:
     sim = metrics["simulation_only"]
     rows = sim["rounds"]
     xs = [r["round"] + 1 for r in rows]
+    # The personalisation round spends epsilon after the last federated round: one more point
+    # (the final epsilon, which the summary table prints), at "pers.".
+    eps_rows, ticks, labels = rows, xs, [str(x) for x in xs]
+    if metrics["server"]["personalisation"]:
+        x_pers = (xs[-1] if xs else 0) + 1
+        eps_rows = [*rows, {"round": x_pers - 1, "epsilon": sim["final"]["epsilon"]}]
+        ticks, labels = [*xs, x_pers], [*labels, "pers."]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for name in sim["final"]["per_client_test_accuracy"]:
         ax1.plot(xs, [r["test_accuracy"].get(name, math.nan) for r in rows], marker="o", label=name)
     ax1.plot(xs, [r["pooled_test_accuracy"] for r in rows], color="black", linewidth=2, label="pooled")
+    if sim["final"].get("personalised_pooled_test_accuracy") is not None and len(ticks) > len(xs):
+        ax1.plot([ticks[-1]], [sim["final"]["personalised_pooled_test_accuracy"]], color="black", marker="*",
+                 markersize=12, linestyle="none", label="personalised (pooled)")
     ax1.axhline(sim["source"]["pooled_test_accuracy"], color="grey", linestyle="--", label="source (pooled)")
-    ax1.set_xticks(xs)
+    ax1.set_xticks(ticks, labels=labels)
     ax1.set_xlabel("round")
     ax1.set_ylabel("test accuracy")
     ax1.set_title("Global model accuracy per round (simulation only)")
     ax1.legend(fontsize=8)
-    plot_epsilon_per_round(ax2, rows, clients=sim["final"]["epsilon"], budget=metrics["epsilon_budget"],
+    plot_epsilon_per_round(ax2, eps_rows, clients=sim["final"]["epsilon"], budget=metrics["epsilon_budget"],
                            accountant=metrics["accountant"], delta=metrics["delta"])
+    ax2.set_xticks(ticks, labels=labels)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
