@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -133,6 +134,10 @@ class ProcessPool:
             raise ConfigError("timeout must be positive")
         if "fork" not in multiprocessing.get_all_start_methods():
             raise ConfigError("ProcessPool needs the 'fork' start method (Linux); use LocalPool")
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_initialized():
+            raise ConfigError("CUDA is already initialised in this process and forked workers cannot use it: "
+                              "build the worker pool before anything runs on CUDA, or use LocalPool")
         ctx = multiprocessing.get_context("fork")
         names = sorted(nodes)
         workers = min(workers, len(names))

@@ -153,7 +153,10 @@ class PrivateClient:
         self._loss_fn: PerSampleLoss = loss_fn if loss_fn is not None else cross_entropy_loss
         self._regularizer = regularizer
         self.randomness = randomness
-        self._noise_generator = randomness.noise_generator(self._device)
+        # made on first use, in the process that trains: a CUDA generator made here would
+        # initialise CUDA before a worker pool forks, and forked children cannot use it
+        self._noise_generator: Any = None
+        self._noise_generator_made = False
         self.weight = int(config.public_dataset_size)  # type: ignore[arg-type]  # declared, public
         self.sample_rate = sample_rate
         self.local_steps = config.local_steps()
@@ -272,6 +275,9 @@ class PrivateClient:
                 for name in self._trainable:
                     params[name].copy_(global_state[name])
             work.to(self._device)
+            if not self._noise_generator_made:
+                self._noise_generator = self.randomness.noise_generator(self._device)
+                self._noise_generator_made = True
             start = {n: params[n].detach().clone() for n in self._trainable}
             trained = work.get_submodule(self._head) if self._cached and self._head else work
             try:

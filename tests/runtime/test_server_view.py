@@ -66,7 +66,9 @@ def record_views(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, str, b
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_every_byte_the_server_receives_is_masked_charged_or_public(tmp_path, monkeypatch, workers):
+def test_every_byte_the_server_receives_is_masked_charged_or_public(tmp_path, monkeypatch, workers, request):
+    if workers:
+        request.getfixturevalue("fork_safe")
     log = record_views(monkeypatch)
     state = tmp_path / "state"
     metrics = run_job(small_config(), tmp_path / "out", progress=False, workers=workers, state_dir=state)

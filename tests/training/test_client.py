@@ -379,3 +379,13 @@ def test_insecure_seeded_randomness_is_written_into_the_charge(guard):
     client = _client(guard, randomness=Randomness.insecure_seeded(2))
     client.train_round(global_state=client.trainable_state(), round=0, model_hash="h")
     assert guard.fields["randomness"] == "insecure_seeded"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_distillation_teacher_follows_the_student_to_cuda(guard):
+    teacher = _model()
+    model = _model()
+    client = _client(guard, model=model, loss_fn=DistillationLoss(teacher=teacher, alpha=0.5, temperature=2.0),
+                      config=_cfg(device="cuda"))
+    update = client.train_round(global_state=client.trainable_state(), round=0, model_hash="h")
+    assert all(torch.isfinite(d).all() for d in update.delta.values())
