@@ -263,3 +263,20 @@ def test_audit_output_does_not_depend_on_optional_packages(tmp_path):
         outputs.append(done.stdout)
     assert outputs[0] == outputs[1] and "chain ok" in outputs[0]
     assert os.fspath(ledger) in outputs[0]
+
+
+# --- other commands ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", ".hidden"])
+def test_a_key_name_cannot_leave_its_folder(tmp_path, capsys, name):
+    line = one_line_error(["keys", "new", name, "--out", str(tmp_path / "keys")], capsys)
+    assert "a key's name is also its file name" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_flower_arguments_are_checked_before_anything_starts(tmp_path, capsys):
+    line = one_line_error(["flower", "local", "--phase-timeout", "0", "--out", str(tmp_path / "out")], capsys)
+    assert line == "secfedtl: error: --phase-timeout must be a positive number of seconds, got 0.0"
+    line = one_line_error(["flower", "local", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "out")], capsys)
+    assert "cannot read job file" in line
+    assert list(tmp_path.iterdir()) == []

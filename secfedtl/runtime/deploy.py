@@ -339,9 +339,9 @@ def run_local(job: Path | None, out: Path, *, simulation: bool, phase_timeout: f
     ``progress`` shows a bar on stderr: each process starting, then the server's rounds."""
     from secfedtl.runtime.job import JobConfig
 
+    config = JobConfig.load(job)  # a bad job file, then a missing extra: clear errors before anything starts
     for tool in ("flower-superlink", "flower-supernode", "flwr"):
-        flower_tool(tool)  # before anything starts: a clear error without the extra
-    config = JobConfig.load(job)
+        flower_tool(tool)
     hospitals = list(config["job"]["clients"])
     server_out = out / "server"
     bar = _Progress(rounds=config["job"]["rounds"], personalise=config["privacy"]["personalise"],
