@@ -280,3 +280,4 @@ def test_flower_arguments_are_checked_before_anything_starts(tmp_path, capsys):
     line = one_line_error(["flower", "local", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "out")], capsys)
     assert "cannot read job file" in line
     assert list(tmp_path.iterdir()) == []
+
