@@ -90,10 +90,10 @@ class LocalPool:
 _pack, _unpack = pack_batch, unpack_batch  # the worker pipes and Flower carry the same batches
 
 
-def _worker_main(conn: Any, nodes: dict[str, ClientNode], threads: int) -> None:  # pragma: no cover - child
+def _worker_main(conn: Any, nodes: dict[str, ClientNode]) -> None:  # pragma: no cover - child
     import torch
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)  # one thread per worker: the workers are the parallelism
     while True:
         try:
             data = conn.recv_bytes()
@@ -124,8 +124,7 @@ class ProcessPool:
     ``fork`` start method (Linux).
     """
 
-    def __init__(self, nodes: Mapping[str, ClientNode], *, workers: int, timeout: float | None = None,
-                 threads_per_worker: int = 1) -> None:
+    def __init__(self, nodes: Mapping[str, ClientNode], *, workers: int, timeout: float | None = None) -> None:
         if not nodes:
             raise ConfigError("a pool needs nodes")
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -152,7 +151,7 @@ class ProcessPool:
             mine = {n: nodes[n] for n in names[w::workers]}
             self._owner.update(dict.fromkeys(mine, w))
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker_main, args=(child, mine, threads_per_worker), daemon=True,
+            proc = ctx.Process(target=_worker_main, args=(child, mine), daemon=True,
                                name=f"secfedtl-worker-{w}")
             proc.start()
             child.close()

@@ -75,12 +75,6 @@ def split_head(model: nn.Module, head: str) -> tuple[nn.Module, nn.Module]:
     return backbone, head_module
 
 
-def _examples(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    loader = DataLoader(dataset, batch_size=len(dataset), shuffle=False)  # type: ignore[arg-type]
-    xs, ys = next(iter(loader))
-    return xs, ys
-
-
 @torch.no_grad()
 def cache_features(backbone: nn.Module, dataset: Dataset, batch_size: int) -> TensorDataset:
     """Run the frozen ``backbone`` once over ``dataset`` ((input, label) pairs, in order) and return
