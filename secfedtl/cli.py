@@ -106,6 +106,8 @@ BENCHES: dict[str, Command] = {
                       "secfedtl.bench.flower:main"),
     "audit": Command("repeated empirical audits of the correct pipeline: false alarms, tightness",
                      "secfedtl.bench.audit", "secfedtl.bench.audit:main"),
+    "distributed": Command("distributed DP: Skellam sampler speed, encoding cost, bit-width table",
+                           "secfedtl.bench.distributed", "secfedtl.bench.distributed:main"),
 }
 
 
