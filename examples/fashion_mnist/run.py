@@ -35,15 +35,21 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # source_model.py beside this file
 
 from source_model import FashionNet, load_mnist_cnn, to_inputs  # noqa: E402
 
 from secfedtl.aggregation import make_server_optimizer  # noqa: E402
-from secfedtl.data.fashion_mnist import CLASS_NAMES, client_splits, load_fashion_mnist  # noqa: E402
-from secfedtl.errors import AccountingError, ConfigError  # noqa: E402
+from secfedtl.data.fashion_mnist import (  # noqa: E402
+    CLASS_NAMES,
+    DEBIAN_DIR,
+    ZALANDO_URL,
+    client_splits,
+    load_fashion_mnist,
+)
+from secfedtl.errors import AccountingError, ConfigError, DataError, ModelError  # noqa: E402
 from secfedtl.privacy.accountants import calibrate_noise_multiplier, compute_epsilon  # noqa: E402
 from secfedtl.privacy.audit import audit_ledger  # noqa: E402
 from secfedtl.privacy.budget import BudgetGuard  # noqa: E402
@@ -89,7 +95,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--server", default="fedavgm", help="server optimizer (fedavg, fedavgm, fedadam, ...)")
     p.add_argument("--server-lr", type=float, default=1.0)
     p.add_argument("--server-momentum", type=float, default=0.5, help="momentum of fedavgm (ignored by others)")
-    p.add_argument("--data-dir", type=Path, default=None, help="IDX files (default: Debian's dataset-fashion-mnist)")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="folder with the four Fashion-MNIST IDX files, gzipped or not (default: Debian's "
+                        f"dataset-fashion-mnist in {DEBIAN_DIR}; without apt, download them from "
+                        f"{ZALANDO_URL}, MIT licence)")
     p.add_argument("--skip-checksums", action="store_true",
                    help="accept IDX files other than the published release (e.g. your own data in that format)")
     p.add_argument("--weights", type=Path, default=None, help="source weights (default: digit-recognizer-py's)")
@@ -106,6 +115,20 @@ def declared_records(fit_size: int, grid: int) -> int:
     operator and declares it once, before training; a real operator would declare a round figure
     it is willing to make public. It need not match the data: it fixes the mechanism."""
     return max(grid, grid * round(fit_size / grid))
+
+
+class Images(Dataset):
+    """uint8 images and their labels, each image made a model input (:func:`to_inputs`) only when
+    read: the frozen layers see the same inputs, without a float copy of a whole split in memory."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return to_inputs(self.images[i : i + 1])[0], int(self.labels[i])
 
 
 def calibrated_noise(config: DPTrainingConfig, *, rounds: int, prior: list[Any], client: str,
@@ -150,7 +173,8 @@ def head_accuracy(head: nn.Module, data: TensorDataset) -> float:
     return evaluate(head, data, batch_size=4096).accuracy
 
 
-def reference_head(fit: TensorDataset, val: TensorDataset, *, seed: int, max_epochs: int = 15) -> dict[str, Any]:
+def reference_head(fit: TensorDataset, val: TensorDataset, *, seed: int, max_epochs: int = 15,
+                   progress: bool = True) -> dict[str, Any]:
     """Non-private, centralised linear head on the same features (all clients' fit rows pooled),
     the epoch count picked on the pooled validation rows (simulation only: no client would hand
     its rows over)."""
@@ -159,6 +183,7 @@ def reference_head(fit: TensorDataset, val: TensorDataset, *, seed: int, max_epo
     head = nn.Linear(x.shape[1], 10)
     opt = torch.optim.Adam(head.parameters(), lr=1e-2)
     best = (-1.0, 0, copy.deepcopy(head.state_dict()))
+    bar = _progress(max_epochs, "non-private reference head", progress, unit="epoch")
     for epoch in range(max_epochs):
         for idx in torch.randperm(len(y)).split(256):
             opt.zero_grad()
@@ -167,24 +192,36 @@ def reference_head(fit: TensorDataset, val: TensorDataset, *, seed: int, max_epo
         acc = head_accuracy(head, val)
         if acc > best[0]:
             best = (acc, epoch + 1, copy.deepcopy(head.state_dict()))
+        bar.update(1)
+        bar.set_postfix(val=f"{acc:.3f}")
+    bar.close()
     head.load_state_dict(best[2])
     return {"head": head, "validation_accuracy": best[0], "epochs": best[1]}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    # Data and source model first: a missing file fails before any folder is created.
+    data = load_fashion_mnist(args.data_dir, **({"checksums": None} if args.skip_checksums else {}))
+    splits = client_splits(data.x_train, data.y_train, num_clients=args.clients, alpha=args.alpha, seed=args.seed)
+    test_split = (data.x_test, data.y_test)
+    del data  # the training images now live in the clients' splits only
+    model = FashionNet(load_mnist_cnn(args.weights), num_conv=args.num_conv, feature_scale=args.feature_scale)
+    timings["load"] = time.perf_counter() - t0
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     state_dir: Path = args.state_dir if args.state_dir is not None else out / "privacy-state"
+    if args.state_dir is None:
+        print(f"fashion_mnist: throwaway privacy states in {state_dir} (real clients keep theirs across jobs)",
+              file=sys.stderr)
     job_id = "fashion_mnist-" + uuid.uuid4().hex  # public; every ledger entry of this run carries it
-    timings: dict[str, float] = {}
-    torch.manual_seed(args.seed)
-
-    t0 = time.perf_counter()
-    data = load_fashion_mnist(args.data_dir, **({"checksums": None} if args.skip_checksums else {}))
-    splits = client_splits(data.x_train, data.y_train, num_clients=args.clients, alpha=args.alpha, seed=args.seed)
-    model = FashionNet(load_mnist_cnn(args.weights), num_conv=args.num_conv, feature_scale=args.feature_scale)
-    timings["load"] = time.perf_counter() - t0
+    # Simulation only: every client caches its features (float32) into its own row slice of one
+    # buffer, so the experimenter's non-private reference reuses them instead of a second copy.
+    fit_rows = np.cumsum([0, *(len(s.y_fit) for s in splits)])
+    fit_features = torch.empty((int(fit_rows[-1]), model.head.in_features), dtype=torch.float32)
 
     # The operators' public declarations, fixed before any training (the experimenter plays them).
     declared = {f"client{k:02d}": declared_records(len(s.y_fit), args.declared_grid) for k, s in enumerate(splits)}
@@ -214,13 +251,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             config = DPTrainingConfig(lr=args.lr, expected_batch_size=args.batch_size, max_grad_norm=args.max_grad_norm,
                                       epochs=args.epochs, noise_multiplier=sigma, device="auto",
                                       accountant=ACCOUNTANT, public_dataset_size=declared[name])
-            train = TensorDataset(to_inputs(split.x_fit), torch.from_numpy(split.y_fit))
-            clients[name] = PrivateClient(client_id=name, model=model, train_data=train, config=config,
-                                          guard=guards[name], head="head", cache_features=True)
+            clients[name] = PrivateClient(client_id=name, model=model, train_data=Images(split.x_fit, split.y_fit),
+                                          config=config,
+                                          guard=guards[name], head="head", cache_features=True,
+                                          feature_buffer=fit_features[int(fit_rows[k]):int(fit_rows[k + 1])])
             bar.update(1)
         bar.close()
         timings["client_setup"] = time.perf_counter() - t0
-        metrics = _train(args, data, splits, model, clients, guards, states, declared, job_id, state_dir, timings)
+        metrics = _train(args, test_split, splits, model, clients, guards, states, declared, job_id, state_dir, timings,
+                         fit_features)
     finally:
         for state in states.values():
             state.close()
@@ -231,9 +270,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return metrics
 
 
-def _train(args: argparse.Namespace, data: Any, splits: list[Any], model: nn.Module, clients: dict[str, PrivateClient],
+def _train(args: argparse.Namespace, test_split: tuple[np.ndarray, np.ndarray], splits: list[Any], model: nn.Module, clients: dict[str, PrivateClient],
            guards: dict[str, BudgetGuard], states: dict[str, PrivacyState], declared: dict[str, int], job_id: str,
-           state_dir: Path, timings: dict[str, float]) -> dict[str, Any]:
+           state_dir: Path, timings: dict[str, float], fit_features: torch.Tensor) -> dict[str, Any]:
     # The experimenter's evaluation data: the public test split, and (simulation only) the
     # clients' validation rows pooled. Features computed once with the same frozen layers, so
     # each round evaluates only the head. None of this reaches the server.
@@ -242,10 +281,10 @@ def _train(args: argparse.Namespace, data: Any, splits: list[Any], model: nn.Mod
     backbone.eval()
 
     def features(x: np.ndarray, y: np.ndarray) -> TensorDataset:
-        return cache_features(backbone, TensorDataset(to_inputs(x), torch.from_numpy(y)), batch_size=1024)
+        return cache_features(backbone, Images(x, y), batch_size=64)
 
     val = features(np.concatenate([s.x_val for s in splits]), np.concatenate([s.y_val for s in splits]))
-    test = features(data.x_test, data.y_test)
+    test = features(*test_split)
     timings["eval_features"] = time.perf_counter() - t0
 
     federation = make_federation(clients, model, server=args.server, server_lr=args.server_lr,
@@ -318,8 +357,9 @@ def _train(args: argparse.Namespace, data: Any, splits: list[Any], model: nn.Mod
     }
     if not args.no_reference:
         t0 = time.perf_counter()
-        fit = features(np.concatenate([s.x_fit for s in splits]), np.concatenate([s.y_fit for s in splits]))
-        ref = reference_head(fit, val, seed=args.seed)
+        # The clients' own cached features (their slices of fit_features), pooled without a copy.
+        fit = TensorDataset(fit_features, torch.from_numpy(np.concatenate([s.y_fit for s in splits])))
+        ref = reference_head(fit, val, seed=args.seed, progress=not args.no_progress)
         metrics["simulation_only"]["non_private_reference"] = {
             "validation_accuracy": ref["validation_accuracy"], "epochs": ref["epochs"],
             "test_accuracy": head_accuracy(ref["head"], test)}
@@ -334,10 +374,11 @@ def _per_class_accuracy(head: nn.Module, data: TensorDataset) -> list[float]:
     return [float((pred[y == c] == c).float().mean()) for c in range(len(CLASS_NAMES))]
 
 
-def _progress(total: int, desc: str, enabled: bool) -> Any:
+def _progress(total: int, desc: str, enabled: bool, unit: str | None = None) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="step" if "cach" in desc else "round", disable=not enabled, file=sys.stderr)
+    unit = unit or ("step" if "cach" in desc else "round")
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr)
 
 
 def _plot(metrics: dict[str, Any], path: Path) -> None:
@@ -382,10 +423,11 @@ def _plot(metrics: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.state_dir is None:
-        print(f"fashion_mnist: throwaway privacy states in {args.out / 'privacy-state'} "
-              "(real clients keep theirs across jobs)", file=sys.stderr)
-    metrics = run(args)
+    try:
+        metrics = run(args)
+    except (DataError, ModelError, ConfigError) as exc:  # missing data or weights, a spent state: one line
+        print(f"fashion_mnist: error: {exc}", file=sys.stderr)
+        return 2
     sim = metrics["simulation_only"]
     final = sim["final"]
     print(f"\n(simulation only: computed outside the protocol by whoever holds every dataset)\n"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from secfedtl.errors import ConfigError, DataError, ModelError
+from secfedtl.errors import ConfigError, ModelError
 from secfedtl.privacy.ledger import verify_ledger
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fashion_mnist"
@@ -113,6 +113,27 @@ def test_declared_records_are_a_round_figure_of_the_fit_size() -> None:
     assert run.declared_records(87, 10) == 90
 
 
+def test_missing_or_wrong_data_is_one_line_before_any_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """No apt: the user points --data-dir at the four IDX files; a folder without them, or files
+    that are not the published release, is one line on stderr and exit 2, before --out exists."""
+    from secfedtl.data.fashion_mnist import ZALANDO_URL
+
+    run = _load("run")
+    data = tmp_path / "data"
+    data.mkdir()
+    out = tmp_path / "out"
+    argv = ["--out", str(out), "--no-progress", "--data-dir", str(data), "--rounds", "1"]
+    assert run.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fashion_mnist: error: ") and "Traceback" not in err
+    assert "train-images-idx3-ubyte" in err and ZALANDO_URL in err and "--data-dir" in err
+    assert not out.exists()
+    _synthetic_data(data)  # present, but not the published files
+    assert run.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "SHA-256" in err and not out.exists()
+
+
 def test_run_end_to_end_on_synthetic_data(tmp_path: Path) -> None:
     from secfedtl.privacy.audit import audit_ledger
     from secfedtl.privacy.ledger import entry_view
@@ -127,8 +148,7 @@ def test_run_end_to_end_on_synthetic_data(tmp_path: Path) -> None:
     argv = ["--rounds", "2", "--clients", "3", "--alpha", "1.0", "--epsilon", "3", "--out", str(out),
             "--no-progress", "--data-dir", str(data), "--weights", str(tmp_path / "w.pth"),
             "--batch-size", "32", "--lr", "5", "--epochs", "1", "--declared-grid", "10"]
-    with pytest.raises(DataError, match="SHA-256"):  # synthetic files are not the published ones
-        run.main(argv)
+    assert run.main(argv) == 2  # synthetic files are not the published ones (one line, see above)
     argv.append("--skip-checksums")
     assert run.main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
