@@ -34,7 +34,7 @@ test-flower: $(FLOWER_STAMP)
 	$(PY) -m pytest -q -m 'not slow' tests/runtime/test_flower.py tests/runtime/test_flower_pool.py
 
 
-# k and t by SecAggConfig.recommended for 100 clients (no --neighbors / --threshold given).
+# k and t by SecAggConfig.recommended for 100 clients (no --neighbours / --threshold given).
 bench: $(STAMP)
 	$(VENV)/bin/secfedtl bench secagg --clients 100 --params 1000000 --dropout 0.05 --authenticated
 

@@ -60,7 +60,7 @@ from secfedtl.runtime.node import ClientNode, TrainTask  # noqa: E402
 from secfedtl.runtime.pool import LocalPool  # noqa: E402
 from secfedtl.runtime.report import plot_epsilon_per_round  # noqa: E402
 from secfedtl.runtime.roster import Roster  # noqa: E402
-from secfedtl.training import DPTrainingConfig, PrivateClient, evaluate, flatten_delta, unflatten_delta  # noqa: E402
+from secfedtl.training import DPTrainingConfig, PrivateClient, evaluate, flatten_params, unflatten_params  # noqa: E402
 from secfedtl.transfer import cache_features, split_head, state_hash  # noqa: E402
 
 DELTA = 1e-5
@@ -154,7 +154,7 @@ def make_federation(clients: dict[str, PrivateClient], model: nn.Module, *, serv
     """The one place this example builds the federation: a node per private client with only its
     ``train`` task (the server never asks a client to evaluate: accuracy is the simulation's
     experimenter's, computed outside the protocol), an in-process pool, and the server (secure
-    aggregation + optimizer). ``clip`` bounds each coordinate of a client's head delta (they stay
+    aggregation + optimizer). ``clip`` bounds each coordinate of a client's head update (they stay
     far below 10 here); ``max_samples`` bounds the declared weights."""
     frozen_hash = state_hash(model)  # the public source model; a node refuses a request for another
     roster, keys = Roster.generate(clients)  # one process plays every client: per-run signing keys
@@ -164,7 +164,7 @@ def make_federation(clients: dict[str, PrivateClient], model: nn.Module, *, serv
              for k, (name, client) in enumerate(clients.items())}
     head = next(iter(clients.values())).trainable_state()
     momentum = {"momentum": server_momentum} if server == "fedavgm" and server_momentum is not None else {}
-    return Federation(pool=LocalPool(nodes), roster=roster, names=list(head), global_params=flatten_delta(head),
+    return Federation(pool=LocalPool(nodes), roster=roster, names=list(head), global_params=flatten_params(head),
                       frozen_hash=frozen_hash, optimizer=make_server_optimizer(server, server_lr=server_lr, **momentum),
                       clip=10.0, bits=32, max_samples=max_samples, seed=seed)
 
@@ -299,7 +299,7 @@ def _train(args: argparse.Namespace, test_split: tuple[np.ndarray, np.ndarray], 
     for _ in range(args.rounds):
         report = federation.run_round()
         server_rows.append(report.to_dict())
-        state = unflatten_delta(federation.global_params, template)
+        state = unflatten_params(federation.global_params, template)
         head.load_state_dict({k.removeprefix("head."): v for k, v in state.items()})
         eps = {n: g.budget.spent_epsilon for n, g in guards.items()}
         sim_rows.append({"round": report.round, "validation_accuracy": head_accuracy(head, val),

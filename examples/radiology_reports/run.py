@@ -35,7 +35,6 @@ Writes metrics.json and report.png into --out (ledgers: <out>/privacy-state/<hos
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -67,7 +66,8 @@ from secfedtl.runtime.node import ClientNode, TrainTask
 from secfedtl.runtime.pool import LocalPool
 from secfedtl.runtime.report import plot_epsilon_per_round
 from secfedtl.runtime.roster import Roster
-from secfedtl.training import DPTrainingConfig, PrivateClient, evaluate, flatten_delta, unflatten_delta
+from secfedtl.training import (DPTrainingConfig, PrivateClient, evaluate, flatten_params, model_with_params,
+                               unflatten_params)
 from secfedtl.transfer.caching import cached_features
 from secfedtl.transfer.centring import CentreScale, MeanMechanism
 from secfedtl.transfer.freezing import HeadOnly
@@ -358,7 +358,7 @@ def build_federation(data: RadiologyData, features: dict[str, np.ndarray], head:
     first = next(iter(clients.values()))
     start = first.trainable_state()
     federation = Federation(
-        pool=LocalPool(nodes), roster=roster, names=first.trainable_names, global_params=flatten_delta(start),
+        pool=LocalPool(nodes), roster=roster, names=first.trainable_names, global_params=flatten_params(start),
         frozen_hash=digest, optimizer=make_server_optimizer(args.server_optimizer, server_lr=args.server_lr),
         clip=1.0, bits=32, max_samples=max(declared.values()), seed=args.seed)
     return federation, clients, first.model
@@ -389,12 +389,8 @@ class Experimenter:
                             for name, h in data.hospitals.items()}
 
     def accuracy(self, params: np.ndarray) -> dict[str, dict[str, Any]]:
-        model = copy.deepcopy(self._template)
-        named = dict(model.named_parameters())
-        like = {n: named[n].detach() for n in self._names}
-        with torch.no_grad():
-            for name, value in unflatten_delta(params, like).items():
-                named[name].copy_(value)
+        named = dict(self._template.named_parameters())
+        model = model_with_params(self._template, unflatten_params(params, {n: named[n].detach() for n in self._names}))
         model.eval()
         out: dict[str, dict[str, Any]] = {}
         for name, splits in self._evaluation.items():

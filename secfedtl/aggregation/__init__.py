@@ -1,6 +1,6 @@
 """secfedtl.aggregation: FedAvg and adaptive server optimisers over unmasked weighted sums.
 
-The server only ever sees ``sum_k n_k * delta_k`` and ``sum_k n_k``; see
+The server only ever sees ``sum_k n_k * u_k`` (``u_k`` client ``k``'s model update) and ``sum_k n_k``; see
 :mod:`secfedtl.aggregation.optimizers`.
 """
 

@@ -2,20 +2,21 @@
 
 With secure aggregation the server never sees one client's update. Each round it learns only
 
-* ``weighted_sum = sum_k n_k * delta_k`` -- a float64 vector, ``delta_k = x_k - x_t`` being client
+* ``weighted_sum = sum_k n_k * u_k`` -- a float64 vector, ``u_k = x_k - x_t`` being client
   ``k``'s change to the global parameters ``x_t`` (the *descent* direction), and
 * ``total_weight = sum_k n_k`` -- the total of the clients' weights (usually example counts).
 
 Every optimiser here uses only their quotient, the average update
-``delta_t = weighted_sum / total_weight``, following Reddi et al., "Adaptive Federated
-Optimization", ICLR 2021 (Algorithm 2). The paper's pseudo-gradient is ``-delta_t``; we write the
-updates directly in terms of ``delta_t`` so every rule *adds* to the parameters:
+``u_t = weighted_sum / total_weight``, following Reddi et al., "Adaptive Federated
+Optimization", ICLR 2021 (Algorithm 2), where it is written Delta_t. The paper's pseudo-gradient
+is ``-u_t``; we write the rules directly in terms of ``u_t`` so every rule *adds* to the
+parameters:
 
-* :class:`FedAvg`:   ``x <- x + lr * delta``
-* :class:`FedAvgM`:  ``m <- momentum * m + delta``;                     ``x <- x + lr * m``
-* :class:`FedAdagrad`: ``m <- b1 m + (1-b1) delta``; ``v <- v + delta^2``;  ``x <- x + lr m / (sqrt(v)+tau)``
-* :class:`FedAdam`:  ``m`` as above; ``v <- b2 v + (1-b2) delta^2``;        same ``x`` update
-* :class:`FedYogi`:  ``m`` as above; ``v <- v - (1-b2) delta^2 sign(v - delta^2)``; same ``x`` update
+* :class:`FedAvg`:   ``x <- x + lr * u``
+* :class:`FedAvgM`:  ``m <- momentum * m + u``;                 ``x <- x + lr * m``
+* :class:`FedAdagrad`: ``m <- b1 m + (1-b1) u``; ``v <- v + u^2``;  ``x <- x + lr m / (sqrt(v)+tau)``
+* :class:`FedAdam`:  ``m`` as above; ``v <- b2 v + (1-b2) u^2``;    same ``x`` update
+* :class:`FedYogi`:  ``m`` as above; ``v <- v - (1-b2) u^2 sign(v - u^2)``; same ``x`` update
 
 As in the paper there is no bias correction; ``m`` starts at 0 and ``v`` at ``tau**2``
 (Algorithm 2 asks for ``v_{-1} >= tau^2``).
@@ -88,17 +89,18 @@ def decode_vector(text: object, *, length: int | None = None) -> np.ndarray:
 
 
 def _check_hyper(name: str, value: object, *, low: float, high: float | None = None,
-                 low_open: bool = False, high_open: bool = True) -> float:
+                 low_open: bool = False) -> float:
+    """``value`` as a float in ``[low, high)`` (``(low, high)`` with ``low_open``; no upper bound
+    when ``high`` is None), else :class:`ConfigError`."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise ConfigError(f"{name} must be a number, got {type(value).__name__}")
     v = float(value)
     ok = math.isfinite(v) and (v > low if low_open else v >= low)
     if high is not None:
-        ok = ok and (v < high if high_open else v <= high)
+        ok = ok and v < high
     if not ok:
         lo = "(" if low_open else "["
-        hi = ")" if high_open else "]"
-        raise ConfigError(f"{name} must lie in {lo}{low}, {high if high is not None else 'inf'}{hi}, got {value!r}")
+        raise ConfigError(f"{name} must lie in {lo}{low}, {high if high is not None else 'inf'}), got {value!r}")
     return v
 
 
@@ -120,13 +122,13 @@ def _as_vector(name: str, value: object) -> np.ndarray:
 
 
 def average_update(weighted_sum: object, total_weight: object) -> np.ndarray:
-    """``weighted_sum / total_weight`` after checking both (the FedAvg average of client deltas)."""
+    """``weighted_sum / total_weight`` after checking both (the FedAvg average of the client updates)."""
     total = _check_total_weight(total_weight)
     with np.errstate(over="ignore"):
-        delta = _as_vector("weighted_sum", weighted_sum) / total
-    if not np.isfinite(delta).all():
+        mean_update = _as_vector("weighted_sum", weighted_sum) / total
+    if not np.isfinite(mean_update).all():
         raise AggregationError("weighted_sum / total_weight overflowed")
-    return delta
+    return mean_update
 
 
 def _check_total_weight(total_weight: object) -> float:
@@ -205,16 +207,13 @@ class ServerOptimizer(ABC):
             raise InputError(
                 f"this optimiser holds state for {self._dim} parameters, got {params.shape[0]}"
             )
-        with np.errstate(over="ignore"):
-            delta = summed / total
-        if not np.isfinite(delta).all():
-            raise AggregationError("weighted_sum / total_weight overflowed")
+        mean_update = average_update(summed, total)
         buffers = {
             key: (self._buffers[key].copy() if key in self._buffers else self._initial_buffer(key, params.shape[0]))
             for key in self._buffer_names
         }
         with np.errstate(over="ignore", invalid="ignore"):
-            new_params, new_buffers = self._update(params, delta, buffers)
+            new_params, new_buffers = self._update(params, mean_update, buffers)
         if not np.isfinite(new_params).all() or not all(
             np.isfinite(b).all() for b in new_buffers.values()
         ):
@@ -230,9 +229,9 @@ class ServerOptimizer(ABC):
 
     @abstractmethod
     def _update(
-        self, params: np.ndarray, delta: np.ndarray, buffers: dict[str, np.ndarray]
+        self, params: np.ndarray, mean_update: np.ndarray, buffers: dict[str, np.ndarray]
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Pure update rule on float64 copies; ``delta`` is the average client update."""
+        """Pure update rule on float64 copies; ``mean_update`` is the average client update."""
 
     # -- persistence --
 
@@ -302,13 +301,13 @@ class FedAvg(ServerOptimizer):
         return {"server_lr": self.server_lr}
 
     def _update(
-        self, params: np.ndarray, delta: np.ndarray, buffers: dict[str, np.ndarray]
+        self, params: np.ndarray, mean_update: np.ndarray, buffers: dict[str, np.ndarray]
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        return params + self.server_lr * delta, {}
+        return params + self.server_lr * mean_update, {}
 
 
 class FedAvgM(ServerOptimizer):
-    """FedAvg with server momentum (Hsu et al. 2019): ``m <- momentum m + delta; x <- x + lr m``.
+    """FedAvg with server momentum (Hsu et al. 2019): ``m <- momentum m + u; x <- x + lr m``.
 
     ``momentum=0`` is exactly :class:`FedAvg`.
     """
@@ -325,9 +324,9 @@ class FedAvgM(ServerOptimizer):
         return {"server_lr": self.server_lr, "momentum": self.momentum}
 
     def _update(
-        self, params: np.ndarray, delta: np.ndarray, buffers: dict[str, np.ndarray]
+        self, params: np.ndarray, mean_update: np.ndarray, buffers: dict[str, np.ndarray]
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        m = self.momentum * buffers["momentum"] + delta
+        m = self.momentum * buffers["momentum"] + mean_update
         return params + self.server_lr * m, {"momentum": m}
 
 
@@ -364,43 +363,43 @@ class _AdaptiveOptimizer(ServerOptimizer):
             raise InputError("second_moment must be non-negative")
 
     @abstractmethod
-    def _second_moment(self, v: np.ndarray, delta_sq: np.ndarray) -> np.ndarray:
+    def _second_moment(self, v: np.ndarray, update_sq: np.ndarray) -> np.ndarray:
         """The rule that tells the three adaptive optimisers apart."""
 
     def _update(
-        self, params: np.ndarray, delta: np.ndarray, buffers: dict[str, np.ndarray]
+        self, params: np.ndarray, mean_update: np.ndarray, buffers: dict[str, np.ndarray]
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        m = self.beta1 * buffers["first_moment"] + (1.0 - self.beta1) * delta
-        v = self._second_moment(buffers["second_moment"], delta * delta)
+        m = self.beta1 * buffers["first_moment"] + (1.0 - self.beta1) * mean_update
+        v = self._second_moment(buffers["second_moment"], mean_update * mean_update)
         new_params = params + self.server_lr * m / (np.sqrt(v) + self.tau)
         return new_params, {"first_moment": m, "second_moment": v}
 
 
 class FedAdagrad(_AdaptiveOptimizer):
-    """FedAdagrad: ``v <- v + delta^2`` (``beta2`` is unused but kept for a uniform config)."""
+    """FedAdagrad: ``v <- v + u^2`` (``beta2`` is unused but kept for a uniform config)."""
 
     name = "fedadagrad"
 
-    def _second_moment(self, v: np.ndarray, delta_sq: np.ndarray) -> np.ndarray:
-        return v + delta_sq
+    def _second_moment(self, v: np.ndarray, update_sq: np.ndarray) -> np.ndarray:
+        return v + update_sq
 
 
 class FedAdam(_AdaptiveOptimizer):
-    """FedAdam: ``v <- beta2 v + (1 - beta2) delta^2``."""
+    """FedAdam: ``v <- beta2 v + (1 - beta2) u^2``."""
 
     name = "fedadam"
 
-    def _second_moment(self, v: np.ndarray, delta_sq: np.ndarray) -> np.ndarray:
-        return self.beta2 * v + (1.0 - self.beta2) * delta_sq
+    def _second_moment(self, v: np.ndarray, update_sq: np.ndarray) -> np.ndarray:
+        return self.beta2 * v + (1.0 - self.beta2) * update_sq
 
 
 class FedYogi(_AdaptiveOptimizer):
-    """FedYogi: ``v <- v - (1 - beta2) delta^2 sign(v - delta^2)``."""
+    """FedYogi: ``v <- v - (1 - beta2) u^2 sign(v - u^2)``."""
 
     name = "fedyogi"
 
-    def _second_moment(self, v: np.ndarray, delta_sq: np.ndarray) -> np.ndarray:
-        return v - (1.0 - self.beta2) * delta_sq * np.sign(v - delta_sq)
+    def _second_moment(self, v: np.ndarray, update_sq: np.ndarray) -> np.ndarray:
+        return v - (1.0 - self.beta2) * update_sq * np.sign(v - update_sq)
 
 
 SERVER_OPTIMIZERS: Mapping[str, Callable[..., ServerOptimizer]] = MappingProxyType({

@@ -280,7 +280,7 @@ def run_secaggplus(vectors: Sequence[np.ndarray], *, num_shares: int, threshold:
         "driven_by": "SecAggPlusWorkflow stages + ClientApp(mods=[secaggplus_mod]) over an in-process Grid, "
                      "every message through Flower's protobuf serde",
         "clients": n, "params": int(vectors[0].size), "num_shares": num_shares,
-        "neighbors": min(num_shares, n) - 1, "threshold": threshold, "dropped": num_dropped,
+        "neighbours": min(num_shares, n) - 1, "threshold": threshold, "dropped": num_dropped,
         "included": strategy.num_results, "completed": completed,
         "modulus_range": modulus_range, "quantization_range": quantization_range,
         "clipping_range": float(clipping_range), "authenticated": False,

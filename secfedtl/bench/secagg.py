@@ -22,12 +22,13 @@ import time
 
 import numpy as np
 
-from secfedtl.crypto.prg import keystream_rate
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from secfedtl.crypto.prg import CHUNK_BYTES, prg_key
 from secfedtl.errors import ConfigError
 from secfedtl.secagg.config import SecAggConfig
-from secfedtl.secagg.driver import RoundDriver
 from secfedtl.secagg.session import SessionParams
-from secfedtl.secagg.simulate import LocalExchange, build_sessions
+from secfedtl.secagg.simulate import build_sessions, drive_round
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
@@ -39,7 +40,7 @@ COMPARED = ("setup_s", "mask_per_client_s", "server_intake_s", "unmask_s", "serv
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--params", type=int, default=1_000_000, help="model parameters per client")
-    parser.add_argument("--neighbors", type=int, default=None,
+    parser.add_argument("--neighbours", type=int, default=None,
                         help="SecAgg+ degree (default: by SecAggConfig.recommended; with only --threshold given, "
                              "the complete graph)")
     parser.add_argument("--threshold", type=int, default=None, help="Shamir threshold (default: by the rule)")
@@ -57,11 +58,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _config(args: argparse.Namespace) -> SecAggConfig:
     extra = {"bits": args.bits, "authenticated": args.authenticated}
-    if args.threshold is None and args.neighbors is None:
+    if args.threshold is None and args.neighbours is None:
         return SecAggConfig.recommended(num_clients=args.clients, dropout_rate=max(args.dropout, 0.01), **extra)
-    degree = args.clients - 1 if args.neighbors is None else args.neighbors
+    degree = args.clients - 1 if args.neighbours is None else args.neighbours
     threshold = args.threshold if args.threshold is not None else degree // 2 + 1
-    return SecAggConfig(num_clients=args.clients, threshold=threshold, neighbors=args.neighbors, **extra)
+    return SecAggConfig(num_clients=args.clients, threshold=threshold, neighbours=args.neighbours, **extra)
+
+
+def keystream_rate(num_bytes: int = 64 << 20) -> float:
+    """Measured AES-128-CTR keystream throughput on this machine, in bytes per second: the
+    mask PRG's (:mod:`secfedtl.crypto.prg`) speed limit, best of three."""
+    encryptor = Cipher(algorithms.AES(prg_key(bytes(32))), modes.CTR(bytes(16))).encryptor()
+    zeros = memoryview(bytes(CHUNK_BYTES))
+    scratch = bytearray(CHUNK_BYTES + 16)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(num_bytes // CHUNK_BYTES):
+            encryptor.update_into(zeros, scratch)
+        best = min(best, time.perf_counter() - t0)
+    return num_bytes / best
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -81,22 +97,16 @@ def run(args: argparse.Namespace) -> dict:
     load_before = os.getloadavg()
     t0, cpu0 = time.perf_counter(), time.process_time()
     clock = CLOCKS[getattr(args, "clock", "wall")]
-    # drive_round's body, with the clock chosen here: the one round driver over the in-process exchange.
-    exchange = LocalExchange(clients, dropouts=dropouts, clock=clock)
-    driver = RoundDriver(server, exchange, clock=clock)
-    driver.run()
+    outcome = drive_round(clients, server, dropouts=dropouts, clock=clock)
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    outcome = driver.outcome()
-    if outcome.error is not None:
-        raise outcome.error
-    tm = {**exchange.timings, **outcome.timings}
+    tm = outcome.timings
     total = lambda key: float(sum(tm.get(key, [])))  # noqa: E731
     masking = tm.get("client:mask", [])
     rate = keystream_rate()
     words_per_mask = args.params + 1
     limit = (cfg.degree + 1) * words_per_mask * np.dtype(params.dtype).itemsize / rate
     report = {
-        "clients": args.clients, "params": args.params, "neighbors": cfg.degree, "threshold": cfg.threshold,
+        "clients": args.clients, "params": args.params, "neighbours": cfg.degree, "threshold": cfg.threshold,
         "full_graph": cfg.full_graph, "dropped": num_dropped, "included": len(outcome.result.included),
         "bits": cfg.bits, "authenticated": cfg.authenticated,
         "setup_s": total("client:advertise") + total("client:share"),
@@ -106,7 +116,7 @@ def run(args: argparse.Namespace) -> dict:
         "server_total_s": sum(total(k) for k in tm if k.startswith("server:")),
         "round_wall_s": wall,
         "round_cpu_s": cpu,
-        "wire_bytes": exchange.wire_bytes,
+        "wire_bytes": outcome.wire_bytes,
         "clock": getattr(args, "clock", "wall"),
         "keystream_gb_per_s": rate / 1e9,
         "mask_keystream_limit_s": limit,
@@ -147,7 +157,7 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
         return 0
-    graph = "complete graph" if report["full_graph"] else f"SecAgg+ k={report['neighbors']}"
+    graph = "complete graph" if report["full_graph"] else f"SecAgg+ k={report['neighbours']}"
     print(f"secure aggregation: {report['clients']} clients, {report['params']:,} params, {graph}, "
           f"t={report['threshold']}, {report['dropped']} dropped, {report['bits']} bits, "
           f"{'authenticated' if report['authenticated'] else 'not authenticated'}; phases in "
@@ -168,7 +178,7 @@ def main(args: argparse.Namespace) -> int:
     if "flower" in report:
         fl, ratio = report["flower"], report["flower_over_secfedtl"]
         print(f"Flower {fl['flwr_version']} SecAgg+, same inputs, this process: num_shares={fl['num_shares']} "
-              f"({fl['neighbors']} neighbours), t={fl['threshold']}, {fl['dropped']} dropped, "
+              f"({fl['neighbours']} neighbours), t={fl['threshold']}, {fl['dropped']} dropped, "
               f"modulus 2^{fl['modulus_range'].bit_length() - 1}, not authenticated")
         flower_rows = [
             ("key + share set-up, all clients", "setup_s"),

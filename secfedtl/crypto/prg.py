@@ -68,27 +68,3 @@ def add_masks(out: np.ndarray, seeds: Sequence[tuple[bytes, int]]) -> np.ndarray
                 np.subtract(segment, ks, out=segment)
     return out
 
-
-def expand_mask(seed: bytes, length: int, dtype: type = np.uint32) -> np.ndarray:
-    """The mask ``PRG(seed)`` of ``length`` words, as a new array."""
-    out = np.zeros(length, dtype=dtype)
-    return add_masks(out, [(seed, 1)])
-
-
-def keystream_rate(num_bytes: int = 64 << 20) -> float:
-    """Measured AES-128-CTR keystream throughput on this machine, in bytes per second."""
-    import time
-
-    out = np.zeros(num_bytes // 4, dtype=np.uint32)
-    key = prg_key(bytes(KEY_BYTES))
-    encryptor = Cipher(algorithms.AES(key), modes.CTR(_ZERO_IV)).encryptor()
-    zeros = memoryview(bytes(CHUNK_BYTES))
-    scratch = bytearray(CHUNK_BYTES + 16)
-    del out
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for _ in range(num_bytes // CHUNK_BYTES):
-            encryptor.update_into(zeros, scratch)
-        best = min(best, time.perf_counter() - t0)
-    return num_bytes / best

@@ -189,10 +189,6 @@ class NodeAgent:
         sock.setblocking(False)
         self._sock = sock
 
-    @property
-    def open_connections(self) -> int:
-        return len(self._peers)
-
     def answer(self, op: int, payload: bytes) -> bytes:
         """The response payload to one request (raises :class:`DecodeError` for bad batches)."""
         if op == OP_HELLO:

@@ -36,7 +36,6 @@ What a lower bound means and does not mean: docs/privacy.md, "Empirical auditing
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -79,7 +78,6 @@ class GradientCanaries:
         self._included = np.asarray(included, dtype=bool)
         self.parameter = torch.zeros(len(self._included), requires_grad=True)
         self.observed: list[np.ndarray] = []
-        self.data_sizes: list[int] = []
 
     def clipped_sum(self, randomness: Randomness, sample_rate: float, clip_norm: float) -> torch.Tensor:
         chosen = randomness.poisson_indices(len(self._included), sample_rate)

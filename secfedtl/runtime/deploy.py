@@ -34,7 +34,6 @@ from typing import Any
 from secfedtl.errors import ConfigError, SecFedTLError
 from secfedtl.runtime.roster import write_simulated_keys
 
-APP_NAME = "secfedtl-flower"
 #: The Flower app (FAB) of secfedtl: its pyproject.toml names the components and run config.
 APP_PYPROJECT = """\
 [build-system]

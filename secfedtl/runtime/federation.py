@@ -12,11 +12,11 @@ training round (:meth:`Federation.run_round`) is a *secure round* of the ``"trai
    digest is the ledger's ``model_hash`` and the secure-aggregation ``context``, so a server
    that sends different models (or options) to different clients makes their keys disagree and
    the round fail. The client charges its budget (ledger entry written *before* training),
-   fine-tunes with DP-SGD, clips and encodes ``(w_k * delta_k, w_k)`` (``w_k`` its declared public
+   fine-tunes with DP-SGD, clips and encodes ``(w_k * u_k, w_k)`` (``u_k`` its model update, ``w_k`` its declared public
    weight) and replies ``ready``; or ``refused`` (budget) or ``failed``, with no details;
 2. ``advertise``, ``share``, ``mask``, ``consistency``, ``unmask``: the secure aggregation of the
    ready clients (:mod:`secfedtl.secagg`); the server unmasks only the sum;
-3. the server decodes ``(sum w_k delta_k, sum w_k)`` and applies its optimizer (FedAvg,
+3. the server decodes ``(sum w_k u_k, sum w_k)`` and applies its optimizer (FedAvg,
    FedAvgM, FedAdam, ...).
 
 The server-side objects (the :class:`~secfedtl.secagg.ServerSession`, the optimizer,
@@ -112,7 +112,7 @@ class Federation:
 
     ``names`` are the global model's trainable parameter names (in the order of
     ``global_params``); ``frozen_hash`` identifies the frozen source model clients must hold.
-    ``clip`` bounds every coordinate of a client's delta before encoding; ``max_samples`` is the
+    ``clip`` bounds every coordinate of a client's model update before encoding; ``max_samples`` is the
     public bound on a client's sample count (its weight). The secure-aggregation graph and
     threshold come from :meth:`SecAggConfig.recommended` when that finds a configuration for the
     round's cohort, else the complete graph with the smallest threshold that tolerates

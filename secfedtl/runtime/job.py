@@ -60,7 +60,8 @@ from secfedtl.runtime.node import ClientNode, LocalReports, TaskOutput, standard
 from secfedtl.runtime.pool import ClientPool, LocalPool, ProcessPool
 from secfedtl.runtime.roster import NodePolicy, Roster
 from secfedtl.runtime.report import plot_epsilon_per_round
-from secfedtl.training import DPTrainingConfig, PrivateClient, evaluate, flatten_delta, unflatten_delta
+from secfedtl.training import (DPTrainingConfig, PrivateClient, evaluate, flatten_params, model_with_params,
+                               unflatten_params)
 from secfedtl.transfer.freezing import HeadOnly
 from secfedtl.transfer.models import state_hash
 from secfedtl.transfer.regularizers import L2SP
@@ -567,7 +568,7 @@ def build_server(config: JobConfig, source: Source, pool: ClientPool, roster: Ro
     ``roster`` holds the clients' signing public keys."""
     head = source.head
     return Federation(
-        pool=pool, roster=roster, names=list(head), global_params=flatten_delta(head), frozen_hash=source.frozen_hash,
+        pool=pool, roster=roster, names=list(head), global_params=flatten_params(head), frozen_hash=source.frozen_hash,
         optimizer=make_server_optimizer(config["server"]["optimizer"], server_lr=config["server"]["lr"]),
         clip=config["secagg"]["clip"], bits=config["secagg"]["bits"], max_samples=config["secagg"]["max_samples"],
         seed=config["job"]["seed"])
@@ -601,15 +602,7 @@ class HeartJob:
 
     def model_with(self, params: np.ndarray) -> HeartNet:
         """The source model with ``params`` as its trainable weights."""
-        model = copy.deepcopy(self.source.model)
-        named = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in unflatten_delta(params, self.source.head).items():
-                named[name].copy_(value)
-        return model
-
-    def global_model(self) -> HeartNet:
-        return self.model_with(self.federation.global_params)
+        return model_with_params(self.source.model, unflatten_params(params, self.source.head))  # type: ignore[return-value]
 
     def experimenter(self) -> Experimenter:
         """The simulation's view of every hospital's evaluation data (outside the protocol)."""
@@ -776,7 +769,7 @@ def run_federation(config: JobConfig, source: Source, federation: Federation, ou
     round_rows: list[dict[str, Any]] = [r for r in _saved_rows(out) if r["round"] < federation.rounds_done]
     sim_rows: list[dict[str, Any]] = [r for r in _saved_rows(out, "simulation_rounds.json")
                                       if r["round"] < federation.rounds_done]
-    initial = flatten_delta(source.head)
+    initial = flatten_params(source.head)
     bar = _progress(rounds, federation.rounds_done, progress)
     sim: dict[str, Any] = {}
     if experimenter is not None:

@@ -24,7 +24,7 @@ What leaves a node: masked vectors (whose decoded content is the output of a mec
 in its ledger before it ran, or a declared public value such as its FedAvg weight), and a reply
 status with a fixed, data-free reason. Nothing computed from the data (accuracy, counts, epsilon
 projections, timings, exception texts) is ever put in a reply. It answers each ``(round, task)``
-once (``repeatable_tasks`` excepted): a replayed request is refused with
+once (:data:`REPEATABLE_TASKS` excepted): a replayed request is refused with
 :class:`~secfedtl.errors.ReplayError` before any private data is touched. A message that breaks the rules raises :class:`~secfedtl.errors.RemoteProtocolError` (a
 runner treats that as the node falling silent). Faults for tests and demos (``faults``) make the
 node crash while training or fall silent from a protocol phase in a given round.
@@ -61,12 +61,14 @@ from secfedtl.runtime import wire
 from secfedtl.runtime.roster import NodePolicy, Roster
 from secfedtl.secagg import codec
 from secfedtl.secagg.client import ClientSession
-from secfedtl.secagg.simulate import PHASES, REPLY_PHASE
-from secfedtl.training import PrivateClient, evaluate, flatten_delta, unflatten_delta
+from secfedtl.secagg.driver import PHASES, REPLY_PHASE
+from secfedtl.training import PrivateClient, evaluate, flatten_params, model_with_params, unflatten_params
 
 #: Faults a node can be told to simulate, per round: ``"train"`` (crash while training, after the
 #: budget was charged) or a protocol phase from :data:`secfedtl.secagg.PHASES` (silent from there).
 FAULTS = ("train", *PHASES)
+#: Tasks a node answers more than once per round (public queries); every other task runs once.
+REPEATABLE_TASKS = frozenset({"evaluate"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,13 +89,9 @@ class _SimulatedCrash(Exception):
     """A fault-plan crash while training (tests and demos of dropout handling)."""
 
 
-def _parameters_of(client: PrivateClient) -> dict[str, Any]:
-    return {"names": client.trainable_names}
-
-
 class TrainTask:
     """The ``"train"`` task: DP fine-tuning of the client's trainable parameters from the global
-    weights; contributes ``(delta, num_samples)``. ``frozen_hash`` (optional) is the hash of the
+    weights; contributes ``(model update, weight)``. ``frozen_hash`` (optional) is the hash of the
     frozen part of the model; a request announcing another one is refused, because averaging
     heads trained on different backbones is meaningless."""
 
@@ -109,12 +107,12 @@ class TrainTask:
             raise RemoteProtocolError("the request trains other parameters than this client's model")
         if self._frozen_hash is not None and opts.get("frozen_hash") != self._frozen_hash:
             raise RemoteProtocolError("the request is for another source model (frozen weights differ)")
-        return unflatten_delta(request.weights(), self._template)
+        return unflatten_params(request.weights(), self._template)
 
     def __call__(self, request: wire.TaskRequest, digest: str) -> TaskOutput:
         state = self.check(request)
         update = self._client.train_round(global_state=state, round=request.round, model_hash=digest)
-        return TaskOutput(vector=flatten_delta(update.delta), weight=update.weight)
+        return TaskOutput(vector=flatten_params(update.model_update), weight=update.weight)
 
     def crash(self, request: wire.TaskRequest, digest: str) -> TaskOutput:
         """Fault injection: charge the budget (the ledger entry is written), then fail inside
@@ -144,17 +142,6 @@ class _CrashingGuard:
                 yield  # pragma: no cover
 
         return _cm()
-
-
-def _model_with(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
-    import copy
-
-    work = copy.deepcopy(model)
-    params = dict(work.named_parameters())
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)
-    return work
 
 
 def _accuracy(model: nn.Module, datasets: Mapping[str, Dataset]) -> dict[str, Any]:
@@ -218,7 +205,7 @@ class EvaluateTask(_LocalTask):
 
     def __call__(self, request: wire.TaskRequest, digest: str) -> TaskOutput:
         state = self._train.check(request)
-        return self._report(request, _model_with(self._client.model, state))
+        return self._report(request, model_with_params(self._client.model, state))
 
 
 class PersonaliseTask(_LocalTask):
@@ -262,14 +249,13 @@ class ClientNode:
     signing key, ``roster`` the federation's pinned public keys (``identity``'s among them) and
     ``policy`` what sessions it accepts (default :class:`~secfedtl.runtime.roster.NodePolicy()`);
     ``seed`` seeds the (public, non-secret) stochastic rounding of the encoding; ``faults`` maps
-    a round to a fault from :data:`FAULTS`; ``min_cohort`` is the fewest parties this node agrees
-    to aggregate with (the policy may ask more); ``repeatable_tasks`` may be asked more than once
-    per round (public queries); every other task is answered once per round.
+    a round to a fault from :data:`FAULTS`. The tasks in :data:`REPEATABLE_TASKS` may be asked
+    more than once per round (public queries); every other task is answered once per round. The
+    fewest parties the node aggregates with is its ``policy``'s ``min_parties``.
     """
 
     def __init__(self, *, name: str, tasks: Mapping[str, Task], identity: SigningKey, roster: Roster,
-                 policy: NodePolicy | None = None, seed: int = 0, faults: Mapping[int, str] | None = None,
-                 min_cohort: int = 3, repeatable_tasks: tuple[str, ...] = ("evaluate",)) -> None:
+                 policy: NodePolicy | None = None, seed: int = 0, faults: Mapping[int, str] | None = None) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigError("a node needs a non-empty name")
         if not isinstance(identity, SigningKey) or not isinstance(roster, Roster):
@@ -286,17 +272,13 @@ class ClientNode:
         for r, fault in (faults or {}).items():
             if fault not in FAULTS:
                 raise ConfigError(f"unknown fault {fault!r} for round {r}; faults are {FAULTS}")
-        if isinstance(min_cohort, bool) or not isinstance(min_cohort, int) or min_cohort < 3:
-            raise ConfigError("min_cohort must be an integer >= 3")
         self.name = name
         self._tasks = dict(tasks)
         self._seed = seed
         self.faults: dict[int, str] = dict(faults or {})
-        self._min_cohort = min_cohort
         self._identity = identity
         self._roster = roster
         self._policy = policy
-        self._repeatable = frozenset(repeatable_tasks)
         self._answered: set[tuple[int, str]] = set()  # (round, task) already run
         self._sessions_joined = 0
         self._round: int | None = None
@@ -308,10 +290,6 @@ class ClientNode:
 
     def __repr__(self) -> str:  # never shows vectors or keys
         return f"ClientNode(name={self.name!r}, tasks={sorted(self._tasks)}, round={self._round})"
-
-    @property
-    def task_names(self) -> list[str]:
-        return sorted(self._tasks)
 
     def handle(self, blob: bytes) -> list[bytes]:
         """Answer one message (bytes of :mod:`~secfedtl.runtime.wire`) with zero or more replies."""
@@ -337,7 +315,7 @@ class ClientNode:
 
     def _on_task(self, request: wire.TaskRequest) -> list[wire.TaskReply]:
         key = (request.round, request.task)
-        if request.task not in self._repeatable:
+        if request.task not in REPEATABLE_TASKS:
             if key in self._answered:  # before anything is touched: the node's state stays as it is
                 raise ReplayError(f"task {request.task!r} of round {request.round} was already answered")
             limit = self._policy.max_tasks
@@ -389,7 +367,7 @@ class ClientNode:
         if session.context != bytes.fromhex(self._digest):
             raise RemoteProtocolError("the session is bound to another request than the one this node ran")
         enc = self._encoding
-        if (cfg.num_clients > enc.num_clients or cfg.num_clients < self._min_cohort or cfg.clip != enc.clip
+        if (cfg.num_clients > enc.num_clients or cfg.clip != enc.clip
                 or cfg.bits != enc.bits or cfg.max_weight != enc.max_weight or cfg.encoding.scale != enc.scale):
             raise RemoteProtocolError("the session's encoding or cohort is not the one announced with the task")
         if session.vector_length != self._field.size:

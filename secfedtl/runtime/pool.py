@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -89,10 +90,10 @@ class LocalPool:
 _pack, _unpack = pack_batch, unpack_batch  # the worker pipes and Flower carry the same batches
 
 
-def _worker_main(conn: Any, nodes: dict[str, ClientNode], threads: int) -> None:  # pragma: no cover - child
+def _worker_main(conn: Any, nodes: dict[str, ClientNode]) -> None:  # pragma: no cover - child
     import torch
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)  # one thread per worker: the workers are the parallelism
     while True:
         try:
             data = conn.recv_bytes()
@@ -123,8 +124,7 @@ class ProcessPool:
     ``fork`` start method (Linux).
     """
 
-    def __init__(self, nodes: Mapping[str, ClientNode], *, workers: int, timeout: float | None = None,
-                 threads_per_worker: int = 1) -> None:
+    def __init__(self, nodes: Mapping[str, ClientNode], *, workers: int, timeout: float | None = None) -> None:
         if not nodes:
             raise ConfigError("a pool needs nodes")
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -133,6 +133,10 @@ class ProcessPool:
             raise ConfigError("timeout must be positive")
         if "fork" not in multiprocessing.get_all_start_methods():
             raise ConfigError("ProcessPool needs the 'fork' start method (Linux); use LocalPool")
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_initialized():
+            raise ConfigError("CUDA is already initialised in this process and forked workers cannot use it: "
+                              "build the worker pool before anything runs on CUDA, or use LocalPool")
         ctx = multiprocessing.get_context("fork")
         names = sorted(nodes)
         workers = min(workers, len(names))
@@ -147,7 +151,7 @@ class ProcessPool:
             mine = {n: nodes[n] for n in names[w::workers]}
             self._owner.update(dict.fromkeys(mine, w))
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker_main, args=(child, mine, threads_per_worker), daemon=True,
+            proc = ctx.Process(target=_worker_main, args=(child, mine), daemon=True,
                                name=f"secfedtl-worker-{w}")
             proc.start()
             child.close()

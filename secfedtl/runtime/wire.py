@@ -165,13 +165,17 @@ _KIND = {TaskRequest: 1, TaskReply: 2, Join: 5, SecAggFrame: 4}
 _CLASS = {v: k for k, v in _KIND.items()}
 _RETIRED = {3: "kind 3 (the unauthenticated Join) is retired: sessions are authenticated"}
 PUBLIC_KEY_BYTES = 32
-_CONFIG_FIELDS = ("num_clients", "threshold", "neighbors", "clip", "bits", "scale", "max_weight",
-                  "min_survivors", "authenticated")
+#: The session config as it travels: wire key -> :class:`SecAggConfig` attribute. The key
+#: ``"neighbors"`` is older than the attribute's spelling (``neighbours``) and stays, so the wire
+#: format is unchanged.
+_CONFIG_FIELDS = {"num_clients": "num_clients", "threshold": "threshold", "neighbors": "neighbours", "clip": "clip",
+                  "bits": "bits", "scale": "scale", "max_weight": "max_weight", "min_survivors": "min_survivors",
+                  "authenticated": "authenticated"}
 
 
 def _session_header(session: SessionParams) -> dict[str, Any]:
     cfg = session.config
-    fields = {name: getattr(cfg, name) for name in _CONFIG_FIELDS}
+    fields = {key: getattr(cfg, attribute) for key, attribute in _CONFIG_FIELDS.items()}
     fields["scale"] = cfg.encoding.scale  # explicit, so both sides encode alike
     return {"config": fields,
             "session_id": session.session_id.hex(), "vector_length": session.vector_length,
@@ -190,7 +194,8 @@ def _session_from_header(round: int, data: Any) -> SessionParams:
         if not isinstance(cfg[name], (int, float)) or isinstance(cfg[name], bool):
             raise DecodeError(f"config {name} must be a number")
     try:
-        config = SecAggConfig(**{**cfg, "clip": float(cfg["clip"]), "scale": float(cfg["scale"])})
+        values = {**cfg, "clip": float(cfg["clip"]), "scale": float(cfg["scale"])}
+        config = SecAggConfig(**{_CONFIG_FIELDS[key]: value for key, value in values.items()})
         return SessionParams(config=config, session_id=bytes.fromhex(data["session_id"]), round=round,
                              vector_length=data["vector_length"], context=bytes.fromhex(data["context"]))
     except (ConfigError, ValueError, TypeError) as exc:

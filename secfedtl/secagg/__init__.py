@@ -3,7 +3,7 @@
 Imports no torch and no sockets. Public contract::
 
     from secfedtl.secagg import SecAggConfig, simulate
-    cfg = SecAggConfig(num_clients=20, threshold=11, neighbors=None, clip=1.0, bits=32)
+    cfg = SecAggConfig(num_clients=20, threshold=11, neighbours=None, clip=1.0, bits=32)
     res = simulate(inputs, cfg, dropouts={3: "mask", 7: "unmask"}, seed=0)
     res.total, res.included
 """

@@ -1,7 +1,7 @@
 """Secure-aggregation parameters and the rule that picks them.
 
 Parameter rule (derived in docs/protocol.md). Each client shares its secrets with its ``k``
-graph neighbours using a ``t``-of-``k`` Shamir scheme. For ``n`` clients, a dropout rate ``delta``,
+graph neighbours using a ``t``-of-``k`` Shamir scheme. For ``n`` clients, a ``dropout_rate``,
 a corrupt fraction ``gamma`` and a number ``c`` of clients that may collude with an *active*
 server:
 
@@ -18,13 +18,13 @@ server:
   ``P[Bin(k, gamma) >= t]``, summed over the ``n`` clients, is at most ``2**-security_bits``
   (default 40); ``t > k / 2`` always;
 * **correctness**: the chance that some client keeps fewer than ``t`` live neighbours,
-  ``n * P[Bin(k, 1 - delta) < t]``, is at most ``2**-correctness_bits`` (default 20).
+  ``n * P[Bin(k, 1 - dropout_rate) < t]``, is at most ``2**-correctness_bits`` (default 20).
 
 :meth:`SecAggConfig.recommended` picks the smallest even ``k < n - 1`` and the smallest ``t``
 that meet all three (``c`` defaults to ``floor(gamma * n)``, every corrupt client a colluder).
 When no sparse graph meets them it uses the complete graph with worst-case counts instead of
 probabilities: ``t >= max(k / 2 + 1, floor(gamma * n) + 1, ceil((k + c + 1) / 2))`` and
-``k - ceil(delta * n) >= t``. A hand-written config is checked against the hard rules
+``k - ceil(dropout_rate * n) >= t``. A hand-written config is checked against the hard rules
 (``k/2 < t <= k``, no wrap-around, ``3 <= n <= MAX_CLIENTS``).
 
 ``MAX_CLIENTS`` bounds the work one session description can cause: a decoder refuses a larger
@@ -84,8 +84,8 @@ def active_threshold(*, degree: int, colluders: int) -> int:
 class SecAggConfig:
     """Public parameters of one secure aggregation.
 
-    ``neighbors=None`` selects the complete graph (every client is every other's neighbour);
-    ``neighbors=k`` a SecAgg+ random k-regular graph. ``threshold`` is the Shamir threshold
+    ``neighbours=None`` selects the complete graph (every client is every other's neighbour);
+    ``neighbours=k`` a SecAgg+ random k-regular graph. ``threshold`` is the Shamir threshold
     among a client's neighbours. ``clip``, ``bits``, ``scale`` and ``max_weight`` define the
     fixed-point encoding (see :class:`~secfedtl.encoding.FixedPointEncoding`).
     ``min_survivors`` (default ``threshold``) is the fewest clients whose inputs the server may
@@ -94,7 +94,7 @@ class SecAggConfig:
 
     num_clients: int
     threshold: int
-    neighbors: int | None = None
+    neighbours: int | None = None
     clip: float = 1.0
     bits: int = 32
     scale: float | None = None
@@ -111,7 +111,7 @@ class SecAggConfig:
             raise ConfigError(f"at most {MAX_CLIENTS} clients in one session, got {n}")
         k = self.degree
         if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= n - 1:
-            raise ConfigError(f"neighbors must be an integer in [2, {n - 1}], got {self.neighbors!r}")
+            raise ConfigError(f"neighbours must be an integer in [2, {n - 1}], got {self.neighbours!r}")
         if k % 2 == 1 and n % 2 == 1:
             raise ConfigError(f"no {k}-regular graph on {n} clients: use an even number of neighbours")
         t = self.threshold
@@ -129,7 +129,7 @@ class SecAggConfig:
     @property
     def degree(self) -> int:
         """Number of neighbours of each client."""
-        return self.num_clients - 1 if self.neighbors is None else self.neighbors
+        return self.num_clients - 1 if self.neighbours is None else self.neighbours
 
     @property
     def full_graph(self) -> bool:
@@ -164,13 +164,13 @@ class SecAggConfig:
                                                        dropout_rate=dropout_rate,
                                                        corrupt_fraction=corrupt_fraction)
                 if p_priv <= sec and p_corr <= cor:
-                    return cls(num_clients=n, threshold=t, neighbors=k, **kwargs)  # type: ignore[arg-type]
+                    return cls(num_clients=n, threshold=t, neighbours=k, **kwargs)  # type: ignore[arg-type]
                 if p_priv <= sec:
                     break  # larger t only hurts correctness
         k = n - 1
         t = max(math.floor(corrupt_fraction * n) + 1, active_threshold(degree=k, colluders=c))
         if t <= k and k - math.ceil(dropout_rate * n) >= t:
-            return cls(num_clients=n, threshold=t, neighbors=None, **kwargs)  # type: ignore[arg-type]
+            return cls(num_clients=n, threshold=t, neighbours=None, **kwargs)  # type: ignore[arg-type]
         raise ConfigError(
             f"no graph on {n} clients meets 2^-{security_bits} privacy, 2^-{correctness_bits} "
             f"correctness and {c} colluders at dropout {dropout_rate} and corrupt fraction {corrupt_fraction}")

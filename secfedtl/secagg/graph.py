@@ -104,8 +104,3 @@ class NeighbourGraph(Sequence[frozenset[int]]):
         if degree % 2 == 1:
             near.add(order[(i + n // 2) % n])
         return frozenset(near)
-
-
-def neighbour_sets(num_clients: int, degree: int, seed: bytes) -> tuple[frozenset[int], ...]:
-    """Every client's neighbour set at once (see :class:`NeighbourGraph`)."""
-    return tuple(NeighbourGraph(num_clients, degree, seed))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -22,11 +21,11 @@ from secfedtl.secagg import codec
 from secfedtl.secagg import messages as m
 from secfedtl.secagg.client import ClientSession
 from secfedtl.secagg.config import SecAggConfig
-from secfedtl.secagg.driver import PHASES, REPLY_PHASE, Phase, RoundDriver, timed_call
+from secfedtl.secagg.driver import PHASES, Phase, RoundDriver, timed_call
 from secfedtl.secagg.server import AggregateResult, ServerSession
 from secfedtl.secagg.session import SessionParams
 
-__all__ = ["PHASES", "REPLY_PHASE", "LocalExchange", "LocalRound", "SimulationResult", "build_sessions",
+__all__ = ["LocalExchange", "LocalRound", "SimulationResult", "build_sessions",
            "drive_round", "generate_identities", "session_id_for", "simulate"]
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -185,12 +184,12 @@ class LocalRound:
 
 
 def drive_round(clients: Sequence[ClientSession], server: ServerSession, *,
-                dropouts: Mapping[int, str] | None = None, timed: bool = False) -> LocalRound:
+                dropouts: Mapping[int, str] | None = None, clock: Callable[[], float] | None = None) -> LocalRound:
     """Play one aggregation between ``clients`` and ``server`` in process with the round driver
-    and :class:`LocalExchange`. Raises TooFewSurvivorsError when the round fails. With ``timed``,
-    records the seconds of each client step (``client:<phase>``), of the server's message intake
-    (``server:receive:<phase>``) and of closing each phase (``server:advance:<phase>``)."""
-    clock = time.perf_counter if timed else None
+    and :class:`LocalExchange`. Raises TooFewSurvivorsError when the round fails. With a ``clock``
+    (e.g. ``time.perf_counter``), records the seconds of each client step (``client:<phase>``),
+    of the server's message intake (``server:receive:<phase>``) and of closing each phase
+    (``server:advance:<phase>``)."""
     exchange = LocalExchange(clients, dropouts=dropouts, clock=clock)
     driver = RoundDriver(server, exchange, clock=clock)
     driver.run()

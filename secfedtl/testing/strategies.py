@@ -10,7 +10,7 @@ from __future__ import annotations
 from hypothesis import strategies as st
 
 from secfedtl.secagg import messages as m
-from secfedtl.secagg.simulate import PHASES
+from secfedtl.secagg.driver import PHASES
 
 __all__ = [
     "advertise_keys", "consistency_responses", "dropout_maps", "encrypted_shares", "key_directories",

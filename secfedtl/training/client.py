@@ -8,7 +8,7 @@ Order of a round (:meth:`PrivateClient.train_round`):
    :class:`~secfedtl.errors.PrivacyBudgetExceeded` *before* anything runs, so a refused round
    trains nothing and leaves the model bitwise unchanged;
 4. inside the block, train a copy of the model with DP-SGD (:func:`~secfedtl.training.dpsgd.run_dp_sgd`);
-5. only when training succeeded are the new weights copied into the client's model and the delta
+5. only when training succeeded are the new weights copied into the client's model and the update
    (``new - global``, trainable parameters only) returned. A failure (e.g. non-finite loss ->
    :class:`~secfedtl.errors.TrainingError`) leaves the model as it was.
 
@@ -31,7 +31,7 @@ from secfedtl.errors import ConfigError, InputError, ReplayError, TrainingError
 from secfedtl.training.config import DPTrainingConfig
 from secfedtl.privacy.randomness import Randomness
 from secfedtl.training.dpsgd import GradientRegularizer, PerSampleLoss, run_dp_sgd
-from secfedtl.training.update import ClientUpdate
+from secfedtl.training.update import ClientUpdate, model_with_params
 from secfedtl.transfer.batchnorm import prepare_for_dp
 from secfedtl.transfer.caching import cache_features, check_frozen_deterministic, split_head
 from secfedtl.transfer.distillation import cross_entropy_loss
@@ -161,7 +161,10 @@ class PrivateClient:
         self._loss_fn: PerSampleLoss = loss_fn if loss_fn is not None else cross_entropy_loss
         self._regularizer = regularizer
         self.randomness = randomness
-        self._noise_generator = randomness.noise_generator(self._device)
+        # made on first use, in the process that trains: a CUDA generator made here would
+        # initialise CUDA before a worker pool forks, and forked children cannot use it
+        self._noise_generator: Any = None
+        self._noise_generator_made = False
         self.weight = int(config.public_dataset_size)  # type: ignore[arg-type]  # declared, public
         self.sample_rate = sample_rate
         self.local_steps = config.local_steps()
@@ -219,7 +222,7 @@ class PrivateClient:
 
     @property
     def trainable_names(self) -> list[str]:
-        """Names of the trained parameters; the keys of ``global_state`` and of every delta."""
+        """Names of the trained parameters; the keys of ``global_state`` and of every model update."""
         return list(self._trainable)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -275,12 +278,12 @@ class PrivateClient:
         event = self.make_event()
         with self._guard.charge(event, round=round, model_hash=model_hash, release=release,
                                 randomness=self.randomness.label, params=self.mechanism_params()):
-            work = copy.deepcopy(self._model)
+            work = model_with_params(self._model, {n: global_state[n] for n in self._trainable})
             params = dict(work.named_parameters())
-            with torch.no_grad():
-                for name in self._trainable:
-                    params[name].copy_(global_state[name])
             work.to(self._device)
+            if not self._noise_generator_made:
+                self._noise_generator = self.randomness.noise_generator(self._device)
+                self._noise_generator_made = True
             start = {n: params[n].detach().clone() for n in self._trainable}
             trained = work.get_submodule(self._head) if self._cached and self._head else work
             try:
@@ -301,12 +304,12 @@ class PrivateClient:
                 )
             except NotImplementedError as exc:  # Opacus: layer without per-sample gradients
                 raise TrainingError(f"Opacus cannot train this model privately: {exc}") from exc
-            delta = {n: (params[n].detach() - start[n]).to("cpu") for n in self._trainable}
-            if not all(torch.isfinite(d).all() for d in delta.values()):
+            model_update = {n: (params[n].detach() - start[n]).to("cpu") for n in self._trainable}
+            if not all(torch.isfinite(d).all() for d in model_update.values()):
                 raise TrainingError("non-finite update")
         work.to("cpu")
         own = dict(self._model.named_parameters())
         with torch.no_grad():
             for name in self._trainable:
                 own[name].copy_(params[name].detach().to(own[name].device))
-        return ClientUpdate(delta=delta, weight=self.weight, event=event)
+        return ClientUpdate(model_update=model_update, weight=self.weight, event=event)

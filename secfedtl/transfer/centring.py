@@ -36,18 +36,14 @@ from typing import Any
 
 import numpy as np
 
-from secfedtl.errors import ConfigError, InputError
+from secfedtl._checks import positive_finite
+from secfedtl.errors import InputError
 from secfedtl.privacy.accountants import calibrate_gaussian_sum
 from secfedtl.privacy.events import PoissonGaussianEvent, gaussian_sum_event
 from secfedtl.privacy.noise import add_gaussian_noise
 
 __all__ = ["CentreScale", "MeanMechanism", "clipped_feature_sum", "noisy_mean", "private_feature_sum"]
 
-
-def _positive_finite(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
 
 
 def _check_dim(dim: object) -> int:
@@ -105,8 +101,8 @@ class MeanMechanism:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dim", _check_dim(self.dim))
-        object.__setattr__(self, "noise_multiplier", _positive_finite("noise_multiplier", self.noise_multiplier))
-        object.__setattr__(self, "row_clip", _positive_finite("row_clip", self.row_clip))
+        object.__setattr__(self, "noise_multiplier", positive_finite("noise_multiplier", self.noise_multiplier))
+        object.__setattr__(self, "row_clip", positive_finite("row_clip", self.row_clip))
 
     @classmethod
     def calibrate(cls, *, dim: int, target_epsilon: float, target_delta: float, row_clip: float = 1.0,
@@ -171,7 +167,7 @@ def clipped_feature_sum(features: np.ndarray, *, row_clip: float = 1.0) -> np.nd
         InputError: ``features`` is not a finite, non-empty 2-D array.
         ConfigError: ``row_clip`` is not a finite number > 0.
     """
-    clip = _positive_finite("row_clip", row_clip)
+    clip = positive_finite("row_clip", row_clip)
     x = _check_features(features)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     x = x * np.minimum(1.0, clip / np.maximum(norms, 1e-12))
@@ -241,7 +237,7 @@ class CentreScale:
         if c.ndim != 1 or c.size < 1 or not np.isfinite(c).all():
             raise InputError("centre must be a non-empty, finite 1-D vector")
         object.__setattr__(self, "centre", tuple(float(v) for v in c))
-        object.__setattr__(self, "scale", _positive_finite("scale", self.scale))
+        object.__setattr__(self, "scale", positive_finite("scale", self.scale))
 
     def __call__(self, features: np.ndarray) -> np.ndarray:
         x = _check_features(features, len(self.centre))

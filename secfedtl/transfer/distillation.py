@@ -78,6 +78,8 @@ class DistillationLoss:
 
     def __call__(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
+            if any(p.device != inputs.device for p in self.teacher.parameters()):
+                self.teacher.to(inputs.device)  # the student trains on CUDA when present
             teacher_logits = self.teacher(inputs)
         return distillation_loss(
             model(inputs), teacher_logits, targets, alpha=self.alpha, temperature=self.temperature

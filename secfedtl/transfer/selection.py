@@ -42,7 +42,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from secfedtl.errors import ConfigError, InputError
+from secfedtl._checks import positive_finite
+from secfedtl.errors import InputError
 from secfedtl.privacy.accountants import calibrate_gaussian_sum
 from secfedtl.privacy.events import PoissonGaussianEvent, gaussian_sum_event
 from secfedtl.privacy.noise import add_gaussian_noise
@@ -56,13 +57,6 @@ __all__ = [
     "select_candidate",
 ]
 
-
-def _positive_finite(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-        math.isfinite(value) and value > 0
-    ):
-        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
 
 
 def _check_num_candidates(num_candidates: object) -> int:
@@ -93,8 +87,8 @@ class SelectionMechanism:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "num_candidates", _check_num_candidates(self.num_candidates))
-        object.__setattr__(self, "loss_clip", _positive_finite("loss_clip", self.loss_clip))
-        object.__setattr__(self, "noise_multiplier", _positive_finite("noise_multiplier", self.noise_multiplier))
+        object.__setattr__(self, "loss_clip", positive_finite("loss_clip", self.loss_clip))
+        object.__setattr__(self, "noise_multiplier", positive_finite("noise_multiplier", self.noise_multiplier))
 
     @classmethod
     def calibrate(
@@ -222,7 +216,7 @@ def clipped_loss_sums(
         ConfigError: ``loss_clip`` is not a finite number > 0.
     """
     models = _check_candidates(candidates)
-    clip = _positive_finite("loss_clip", loss_clip)
+    clip = positive_finite("loss_clip", loss_clip)
     n = _check_data(data, allow_empty=True)
     sums = np.zeros(len(models) + 1, dtype=np.float64)
     if n == 0:

@@ -46,22 +46,22 @@ def all_optimizers() -> list[ServerOptimizer]:
     ]
 
 
-def aggregate(deltas: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, float]:
+def aggregate(updates: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, float]:
     """What secure aggregation hands the server: the weighted sum and the total weight."""
-    return (weights[:, None] * deltas).sum(axis=0), float(weights.sum())
+    return (weights[:, None] * updates).sum(axis=0), float(weights.sum())
 
 
 @settings(max_examples=60, deadline=None)
 @given(data=st.data(), dim=st.integers(1, 20), num_clients=st.integers(1, 8))
 def test_fedavg_is_the_weighted_mean(data: st.DataObject, dim: int, num_clients: int) -> None:
     params = data.draw(hnp.arrays(np.float64, dim, elements=finite))
-    deltas = data.draw(hnp.arrays(np.float64, (num_clients, dim), elements=finite))
+    updates = data.draw(hnp.arrays(np.float64, (num_clients, dim), elements=finite))
     weights = np.array(data.draw(st.lists(st.integers(1, 1000), min_size=num_clients,
                                           max_size=num_clients)), dtype=np.float64)
-    weighted_sum, total = aggregate(deltas, weights)
+    weighted_sum, total = aggregate(updates, weights)
     before = params.copy()
     new = FedAvg().step(params, weighted_sum, total)
-    np.testing.assert_allclose(new, params + np.average(deltas, axis=0, weights=weights),
+    np.testing.assert_allclose(new, params + np.average(updates, axis=0, weights=weights),
                                rtol=1e-9, atol=1e-9)
     np.testing.assert_array_equal(params, before)  # input not mutated
     assert new.dtype == np.float64
@@ -113,18 +113,18 @@ def test_adaptive_rules_match_reddi_et_al(cls: type, second_moment: Any) -> None
     opt = cls(server_lr=lr, beta1=b1, beta2=b2, tau=tau)
     x = np.array([0.5, -1.0, 2.0])
     m, v = np.zeros(3), np.full(3, tau**2)
-    for delta in (np.array([0.2, -0.4, 0.0]), np.array([-0.1, 0.3, 1e-3])):
-        new = opt.step(x, delta * 4.0, 4.0)
-        m = b1 * m + (1 - b1) * delta
-        v = second_moment(v, delta**2, b2)
+    for update in (np.array([0.2, -0.4, 0.0]), np.array([-0.1, 0.3, 1e-3])):
+        new = opt.step(x, update * 4.0, 4.0)
+        m = b1 * m + (1 - b1) * update
+        v = second_moment(v, update**2, b2)
         expected = x + lr * m / (np.sqrt(v) + tau)
         np.testing.assert_allclose(new, expected, rtol=1e-12, atol=1e-15)
         x = new
 
 
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)
-def test_steps_follow_the_average_delta(name: str) -> None:
-    """Sign convention: clients' deltas point towards their optimum; the server must follow.
+def test_steps_follow_the_average_update(name: str) -> None:
+    """Sign convention: clients' updates point towards their optimum; the server must follow.
 
     Each client k pulls towards its own target t_k; the weighted mean of the targets is the
     optimum of the weighted objective, and every optimiser should approach it.
@@ -137,8 +137,8 @@ def test_steps_follow_the_average_delta(name: str) -> None:
     x = np.zeros(6)
     start_gap = np.linalg.norm(x - optimum)
     for _ in range(300):
-        deltas = 0.5 * (targets - x)  # one local gradient step on 0.5 * |x - t_k|^2
-        x = opt.step(x, *aggregate(deltas, weights))
+        updates = 0.5 * (targets - x)  # one local gradient step on 0.5 * |x - t_k|^2
+        x = opt.step(x, *aggregate(updates, weights))
     assert np.linalg.norm(x - optimum) < 0.1 * start_gap
 
 

@@ -38,12 +38,12 @@ def test_compare_flower_without_flwr_is_one_clear_error(capsys, monkeypatch):
     assert err.count("\n") == 1 and "--compare-flower needs flwr" in err
 
 
-@pytest.mark.parametrize("neighbors,threshold,clock", [(None, None, "wall"), ("4", "3", "cpu")])
-def test_compare_flower_same_run(capsys, neighbors, threshold, clock):
+@pytest.mark.parametrize("neighbours,threshold,clock", [(None, None, "wall"), ("4", "3", "cpu")])
+def test_compare_flower_same_run(capsys, neighbours, threshold, clock):
     pytest.importorskip("flwr")
     extra = ["--authenticated", "--compare-flower", "--clock", clock]
-    if neighbors is not None:
-        extra += ["--clients", "9", "--dropout", "0.1", "--neighbors", neighbors, "--threshold", threshold]
+    if neighbours is not None:
+        extra += ["--clients", "9", "--dropout", "0.1", "--neighbours", neighbours, "--threshold", threshold]
     report = _bench(capsys, *extra)
     assert report["clock"] == clock
     flower = report["flower"]
@@ -57,7 +57,7 @@ def test_compare_flower_same_run(capsys, neighbors, threshold, clock):
     assert flower["threshold"] == report["threshold"]
     assert flower["dropped"] == report["dropped"]
     assert flower["included"] == report["included"]
-    assert flower["neighbors"] == report["neighbors"]  # even degree: Flower's num_shares = k + 1
+    assert flower["neighbours"] == report["neighbours"]  # even degree: Flower's num_shares = k + 1
     assert flower["flwr_version"].startswith("1.")
     for key, ratio in report["flower_over_secfedtl"].items():
         assert ratio == flower[key] / report[key]

@@ -197,7 +197,7 @@ def _ready_node(policy: NodePolicy, n_roster: int = 60):
     assert wire.decode(reply).status == "ready"
 
     def join(*, n: int = 50, k: int | None = None, t: int = 26, index: int = 0, parties=None) -> bytes:
-        cfg = SecAggConfig(num_clients=n, threshold=t, neighbors=k, clip=1.0, bits=32, max_weight=1,
+        cfg = SecAggConfig(num_clients=n, threshold=t, neighbours=k, clip=1.0, bits=32, max_weight=1,
                            authenticated=True, scale=node._encoding.scale)  # noqa: SLF001 - as announced
         params = SessionParams(config=cfg, session_id=os.urandom(16), round=0, vector_length=LENGTH + 1,
                                context=bytes.fromhex(wire.request_digest(request)))
@@ -400,7 +400,7 @@ def test_the_server_cannot_make_a_node_charge_more_tasks_than_its_job_plans(tmp_
     A heart-job node runs at most the job's planned tasks (rounds + personalisation), whatever
     round numbers the server invents; the next one is refused before anything is charged."""
     from secfedtl.runtime.job import JobConfig, build_job
-    from secfedtl.training import flatten_delta
+    from secfedtl.training import flatten_params
 
     data = JobConfig.load(None).to_dict()
     data["job"]["rounds"], data["job"]["id"], data["model"]["source_epochs"] = 2, "drain", 40
@@ -413,7 +413,7 @@ def test_the_server_cannot_make_a_node_charge_more_tasks_than_its_job_plans(tmp_
                    "encoding": {"clip": 1.0, "bits": 32, "num_clients": 3, "max_weight": 1000}}
         statuses = []
         for r in (0, 5, 9, 17):  # invented round numbers
-            request = wire.TaskRequest.with_weights(round=r, task="train", weights=flatten_delta(head), options=options)
+            request = wire.TaskRequest.with_weights(round=r, task="train", weights=flatten_params(head), options=options)
             try:
                 statuses.append(wire.decode(node.handle(wire.encode(request))[0]).status)
             except PolicyError:
@@ -428,7 +428,7 @@ def test_a_replay_after_a_restart_is_refused_by_the_ledger(tmp_path):
     """The node's memory of answered tasks is lost on a restart; its ledger is not: a rebuilt node
     of the same job refuses a round its ledger already charged, before training or charging."""
     from secfedtl.runtime.job import JobConfig, build_job
-    from secfedtl.training import flatten_delta
+    from secfedtl.training import flatten_params
 
     data = JobConfig.load(None).to_dict()
     data["job"]["rounds"], data["job"]["id"], data["model"]["source_epochs"] = 2, "restart", 40
@@ -439,7 +439,7 @@ def test_a_replay_after_a_restart_is_refused_by_the_ledger(tmp_path):
         try:
             options = {**job.federation.task_options(),
                        "encoding": {"clip": 1.0, "bits": 32, "num_clients": 3, "max_weight": 1000}}
-            request = wire.TaskRequest.with_weights(round=0, task="train", weights=flatten_delta(job.source.head),
+            request = wire.TaskRequest.with_weights(round=0, task="train", weights=flatten_params(job.source.head),
                                                     options=options)
             replies.append(wire.decode(job.nodes["hungary"].handle(wire.encode(request))[0]).status)
             events = len(job.guards["hungary"].budget.events)

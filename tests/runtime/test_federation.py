@@ -17,9 +17,6 @@ import pytest
 from secfedtl.privacy.accountants import compute_epsilon
 from secfedtl.privacy.audit import audit_ledger
 from secfedtl.privacy.events import event_from_dict
-import torch
-
-from secfedtl.privacy.ledger import Ledger
 from secfedtl.runtime import federation as fed_mod
 from secfedtl.runtime import wire
 from secfedtl.runtime.job import (
@@ -35,7 +32,7 @@ from secfedtl.runtime.pool import LocalPool, ProcessPool
 from secfedtl.runtime.roster import Roster
 from secfedtl.secagg import codec
 from secfedtl.secagg import messages as m
-from secfedtl.training import flatten_delta
+from secfedtl.training import flatten_params
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,13 +52,13 @@ def small_config(**overrides: object) -> JobConfig:
 def test_server_never_holds_an_individual_update_and_aggregate_is_the_weighted_mean(tmp_path, monkeypatch):
     job = build_job(small_config(), tmp_path)
     federation = job.federation
-    deltas: dict[str, tuple[np.ndarray, int]] = {}
+    updates: dict[str, tuple[np.ndarray, int]] = {}
     for name, client in job.clients.items():
         real = client.train_round
 
         def spy(*, _real=real, _name=name, **kwargs):
             update = _real(**kwargs)
-            deltas[_name] = (flatten_delta(update.delta), update.weight)
+            updates[_name] = (flatten_params(update.model_update), update.weight)
             return update
 
         monkeypatch.setattr(client, "train_round", spy)
@@ -88,12 +85,12 @@ def test_server_never_holds_an_individual_update_and_aggregate_is_the_weighted_m
     before = federation.global_params.copy()
     report = federation.run_round()
     assert report.status == "ok" and set(report.included) == set(job.clients)
-    assert len(deltas) == 3
+    assert len(updates) == 3
     # The encoded inputs, as each node built them (the same encoding and rounding seed).
     cfg = federation._secagg_config(3, clip=federation.clip, max_weight=federation.max_samples)  # noqa: SLF001
-    fields = {n: cfg.encoding.encode(deltas[n][0], weight=deltas[n][1],
+    fields = {n: cfg.encoding.encode(updates[n][0], weight=updates[n][1],
                                      rng=np.random.default_rng([job.hospitals[n].node._seed, 0]))  # noqa: SLF001
-              for n in deltas}
+              for n in updates}
     masked = []
     for blob in heard:
         msg = wire.decode(blob)
@@ -114,16 +111,16 @@ def test_server_never_holds_an_individual_update_and_aggregate_is_the_weighted_m
     for array in kept:
         for field in fields.values():
             assert not np.array_equal(array, field)
-    # The update equals the plain weighted mean of the clipped deltas, within the quantisation bound.
+    # The update equals the plain weighted mean of the clipped updates, within the quantisation bound.
     clip = job.config["secagg"]["clip"]
-    weights = np.array([deltas[n][1] for n in sorted(deltas)], dtype=np.float64)
-    stacked = np.stack([np.clip(deltas[n][0], -clip, clip) for n in sorted(deltas)])
+    weights = np.array([updates[n][1] for n in sorted(updates)], dtype=np.float64)
+    stacked = np.stack([np.clip(updates[n][0], -clip, clip) for n in sorted(updates)])
     expected = before + (weights[:, None] * stacked).sum(axis=0) / weights.sum()
-    bound = cfg.encoding.error_bound(len(deltas)) / weights.sum()
+    bound = cfg.encoding.error_bound(len(updates)) / weights.sum()
     assert np.max(np.abs(federation.global_params - expected)) <= bound
     assert report.total_weight == int(weights.sum())
     # ... and the weights are the declared public counts, not the private ones
-    assert {n: w for n, (_, w) in deltas.items()} == job.config["declared"]["records"]
+    assert {n: w for n, (_, w) in updates.items()} == job.config["declared"]["records"]
     job.close()
 
 
@@ -175,11 +172,11 @@ def test_round_completes_when_enough_clients_survive(tmp_path):
     assert len(report.included) == 4
 
 
-def test_worker_processes_give_the_same_round_as_in_process(tmp_path):
+def test_worker_processes_give_the_same_round_as_in_process(tmp_path, fork_safe):
     """Clients in forked workers (parallel) run the same protocol: with the same seeds and
     reproducible noise, the global model after a round is identical to the in-process run."""
     results = {}
-    for workers in (0, 2):
+    for workers in (2, 0):  # workers first: the in-process run may initialise CUDA, and forks cannot use it
         out = tmp_path / f"w{workers}"
         # the test-only seeded randomness needs secure_mode off
         config = small_config(privacy__secure_mode=False, privacy__insecure_reproducible=True)
@@ -253,7 +250,7 @@ def test_resume_after_kill_counts_everything(tmp_path):
     """SIGKILL a demo mid-run, resume it: all rounds done, and every ledger entry the killed
     process began is still counted (about 20 s, so it runs in CI with the rest)."""
     out = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "secfedtl.cli", "demo", "--out", str(out), "--rounds", "4", "--no-progress"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120

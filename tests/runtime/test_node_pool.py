@@ -169,7 +169,7 @@ def test_worker_batches_round_trip_and_reject_junk():
             _unpack(junk)
 
 
-def test_process_pool_parallel_round_and_a_killed_worker_makes_its_clients_silent():
+def test_process_pool_parallel_round_and_a_killed_worker_makes_its_clients_silent(fork_safe):
     nodes, tasks = make_nodes(6)
     with ProcessPool(nodes, workers=3) as pool:
         fed = federation(pool)
@@ -183,7 +183,7 @@ def test_process_pool_parallel_round_and_a_killed_worker_makes_its_clients_silen
         assert set(out.dropped) == {"c0", "c3"} and len(out.included) == 4
 
 
-def test_process_pool_timeout_silences_a_slow_worker_and_drops_its_late_answer():
+def test_process_pool_timeout_silences_a_slow_worker_and_drops_its_late_answer(fork_safe):
     nodes, _ = make_nodes(3)
     slow = node("slow", {"train": Fixed(np.zeros(LENGTH), 1, sleep=1.5), "evaluate": Fixed(np.zeros(LENGTH), 1)})
     nodes["slow"] = slow
@@ -194,3 +194,16 @@ def test_process_pool_timeout_silences_a_slow_worker_and_drops_its_late_answer()
         time.sleep(1.5)  # the late reply arrives and must not be mistaken for the next answer
         infos = fed.query("evaluate")
         assert infos["slow"]["status"] == "done"
+
+
+def test_process_pool_refuses_to_fork_after_cuda_was_initialised(monkeypatch):
+    """Forked children cannot use a CUDA context their parent made: the pool says so up front
+    instead of letting every hospital fail inside its worker."""
+    import torch
+
+    from secfedtl.errors import ConfigError
+
+    nodes, _ = make_nodes(2)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    with pytest.raises(ConfigError, match="CUDA is already initialised"):
+        ProcessPool(nodes, workers=2)

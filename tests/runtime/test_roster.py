@@ -95,7 +95,7 @@ def test_policy_checks_collusion_tolerance_and_authentication():
     with pytest.raises(PolicyError, match="unauthenticated"):
         NodePolicy().check(SecAggConfig(num_clients=20, threshold=11), roster=roster, sessions_joined=0)
     with pytest.raises(PolicyError, match="degree"):
-        NodePolicy(min_degree=19).check(SecAggConfig(num_clients=20, threshold=10, neighbors=18,
+        NodePolicy(min_degree=19).check(SecAggConfig(num_clients=20, threshold=10, neighbours=18,
                                                      authenticated=True), roster=roster, sessions_joined=0)
 
 

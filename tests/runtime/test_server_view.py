@@ -66,7 +66,9 @@ def record_views(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, str, b
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_every_byte_the_server_receives_is_masked_charged_or_public(tmp_path, monkeypatch, workers):
+def test_every_byte_the_server_receives_is_masked_charged_or_public(tmp_path, monkeypatch, workers, request):
+    if workers:
+        request.getfixturevalue("fork_safe")
     log = record_views(monkeypatch)
     state = tmp_path / "state"
     metrics = run_job(small_config(), tmp_path / "out", progress=False, workers=workers, state_dir=state)
@@ -210,7 +212,7 @@ def test_adversarial_weights_give_the_same_status_with_or_without_a_record(tmp_p
     whose loss is not finite contributes zero instead of failing the round."""
     from secfedtl.runtime.job import build_client_node, build_source, open_hospital_state
     from secfedtl.runtime.roster import Roster
-    from secfedtl.training import flatten_delta
+    from secfedtl.training import flatten_params
 
     statuses = {}
     for change in ("none", "remove"):
@@ -227,7 +229,7 @@ def test_adversarial_weights_give_the_same_status_with_or_without_a_record(tmp_p
                        "encoding": {"clip": 1.0, "bits": 32, "num_clients": 3, "max_weight": 1000}}
             replies = []
             for r in range(2):  # the job plans two releases (one round and personalisation)
-                request = wire.TaskRequest.with_weights(round=r, task="train", weights=flatten_delta(head),
+                request = wire.TaskRequest.with_weights(round=r, task="train", weights=flatten_params(head),
                                                         options=options)
                 replies.append(wire.decode(node.handle(wire.encode(request))[0]).status)
             statuses[change] = replies

@@ -16,7 +16,7 @@ from secfedtl.secagg.session import SessionParams
 
 
 def session(round: int = 3, authenticated: bool = True) -> SessionParams:
-    cfg = SecAggConfig(num_clients=5, threshold=3, neighbors=4, clip=0.5, bits=32, max_weight=100,
+    cfg = SecAggConfig(num_clients=5, threshold=3, neighbours=4, clip=0.5, bits=32, max_weight=100,
                        authenticated=authenticated)
     return SessionParams(config=cfg, session_id=os.urandom(16), round=round, vector_length=11, context=os.urandom(32))
 
@@ -41,13 +41,27 @@ def test_round_trip(message):
     back = wire.decode(blob)
     assert wire.encode(back) == blob
     if isinstance(message, wire.Join):
-        for name in ("num_clients", "threshold", "neighbors", "clip", "bits", "max_weight", "min_survivors"):
+        for name in ("num_clients", "threshold", "neighbours", "clip", "bits", "max_weight", "min_survivors"):
             assert getattr(back.session.config, name) == getattr(message.session.config, name)
         assert back.session.session_id == message.session.session_id
         assert back.session.config.encoding.scale == message.session.config.encoding.scale
         assert back.session.config.authenticated and back.parties == message.parties and back.index == message.index
     else:
         assert back == message
+
+
+def test_the_session_config_keeps_its_wire_keys():
+    """The config travels under its original keys (``neighbors`` included, though the attribute is
+    now spelt ``neighbours``), so renaming an attribute never changes the wire format."""
+    import json
+
+    blob = wire.encode(MESSAGES[4])
+    _, _, _, head_len = wire._PREFIX.unpack_from(blob)  # noqa: SLF001
+    header = json.loads(blob[wire._PREFIX.size:wire._PREFIX.size + head_len])  # noqa: SLF001
+    config = header["session"]["config"]
+    assert set(config) == {"num_clients", "threshold", "neighbors", "clip", "bits", "scale", "max_weight",
+                           "min_survivors", "authenticated"}
+    assert config["neighbors"] == 4 == wire.decode(blob).session.config.neighbours
 
 
 def test_requests_are_canonical_and_the_digest_sees_every_field():
@@ -142,7 +156,7 @@ def test_fuzz_only_decode_error(noise, which, cut):
 
 def test_a_join_for_thousands_of_parties_fits_the_header_limit():
     n = 2000  # the party keys travel in the payload, 32 bytes each, not in the JSON header
-    cfg = SecAggConfig(num_clients=n, threshold=31, neighbors=40, authenticated=True)
+    cfg = SecAggConfig(num_clients=n, threshold=31, neighbours=40, authenticated=True)
     params = SessionParams(config=cfg, session_id=os.urandom(16), round=1, vector_length=3)
     join = wire.Join(round=1, index=n - 1, session=params, parties=tuple(os.urandom(32) for _ in range(n)))
     back = wire.decode(wire.encode(join))

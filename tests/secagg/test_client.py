@@ -148,7 +148,7 @@ def test_refuses_unmask_request_for_shares_it_never_held_or_omitting_survivors()
 
 
 def test_refuses_fewer_than_t_surviving_neighbours():
-    cfg = SecAggConfig(num_clients=8, threshold=3, neighbors=4)
+    cfg = SecAggConfig(num_clients=8, threshold=3, neighbours=4)
     rnd, sl = client_in(ClientState.MASKED_SENT, cfg)
     near = sorted(rnd.params.neighbours[0])
     far = sorted(set(range(1, 8)) - set(near))
@@ -254,7 +254,7 @@ def _unmask_individual(rnd, victim, b_seed, mask_private):
 
 
 @pytest.mark.parametrize("cfg", [SecAggConfig(num_clients=7, threshold=4),
-                                 SecAggConfig(num_clients=10, threshold=3, neighbors=4)],
+                                 SecAggConfig(num_clients=10, threshold=3, neighbours=4)],
                          ids=["full", "secagg+"])
 def test_attack_victim_in_both_lists_is_refused_and_would_otherwise_leak(cfg):
     rnd, _ = client_in(ClientState.CONSISTENCY_SENT, cfg, vector_length=6, seed=3)

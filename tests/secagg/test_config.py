@@ -12,15 +12,15 @@ from secfedtl.secagg.config import failure_probabilities, tolerated_colluders
 
 
 @pytest.mark.parametrize("kwargs", [
-    dict(num_clients=20, threshold=5, neighbors=10),     # threshold == k/2
-    dict(num_clients=20, threshold=4, neighbors=10),     # threshold < k/2
-    dict(num_clients=20, threshold=9, neighbors=None),   # complete graph, k=19: 9 <= 9.5
-    dict(num_clients=20, threshold=11, neighbors=10),    # threshold > k
-    dict(num_clients=20, threshold=20, neighbors=None),  # threshold > n-1
-    dict(num_clients=20, threshold=11, neighbors=20),    # neighbors >= n
-    dict(num_clients=20, threshold=15, neighbors=25),
-    dict(num_clients=20, threshold=1, neighbors=1),
-    dict(num_clients=21, threshold=4, neighbors=5),      # odd k with odd n
+    dict(num_clients=20, threshold=5, neighbours=10),     # threshold == k/2
+    dict(num_clients=20, threshold=4, neighbours=10),     # threshold < k/2
+    dict(num_clients=20, threshold=9, neighbours=None),   # complete graph, k=19: 9 <= 9.5
+    dict(num_clients=20, threshold=11, neighbours=10),    # threshold > k
+    dict(num_clients=20, threshold=20, neighbours=None),  # threshold > n-1
+    dict(num_clients=20, threshold=11, neighbours=20),    # neighbours >= n
+    dict(num_clients=20, threshold=15, neighbours=25),
+    dict(num_clients=20, threshold=1, neighbours=1),
+    dict(num_clients=21, threshold=4, neighbours=5),      # odd k with odd n
     dict(num_clients=2, threshold=1),                    # n < 3
     dict(num_clients=1, threshold=1),
     dict(num_clients=True, threshold=1),
@@ -38,11 +38,11 @@ def test_bad_configs_raise_config_error(kwargs):
 
 
 def test_good_configs():
-    cfg = SecAggConfig(num_clients=20, threshold=11, neighbors=None, clip=1.0, bits=32)
+    cfg = SecAggConfig(num_clients=20, threshold=11, neighbours=None, clip=1.0, bits=32)
     assert cfg.degree == 19 and cfg.full_graph and cfg.min_survivors == 11
-    cfg = SecAggConfig(num_clients=21, threshold=4, neighbors=6, min_survivors=21)
+    cfg = SecAggConfig(num_clients=21, threshold=4, neighbours=6, min_survivors=21)
     assert cfg.degree == 6 and not cfg.full_graph and cfg.min_survivors == 21
-    assert SecAggConfig(num_clients=20, threshold=3, neighbors=5).degree == 5  # odd k, even n
+    assert SecAggConfig(num_clients=20, threshold=3, neighbours=5).degree == 5  # odd k, even n
     assert SecAggConfig(num_clients=20, threshold=11, bits=16).encoding.bits == 16
 
 

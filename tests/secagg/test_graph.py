@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from secfedtl.errors import ConfigError
 from secfedtl.secagg.config import MAX_CLIENTS, SecAggConfig
-from secfedtl.secagg.graph import NeighbourGraph, neighbour_sets, ring_order
+from secfedtl.secagg.graph import NeighbourGraph, ring_order
 from secfedtl.secagg.session import SessionParams
 
 
@@ -28,7 +28,7 @@ def graphs(draw):
 @given(graphs())
 def test_symmetric_k_regular_without_self(g):
     n, k, seed = g
-    nb = neighbour_sets(n, k, seed)
+    nb = tuple(NeighbourGraph(n, k, seed))
     assert len(nb) == n
     for u in range(n):
         assert len(nb[u]) == k
@@ -42,14 +42,14 @@ def test_symmetric_k_regular_without_self(g):
 @given(graphs(), st.binary(min_size=16, max_size=16))
 def test_depends_only_on_the_session_id(g, other):
     n, k, seed = g
-    assert neighbour_sets(n, k, seed) == neighbour_sets(n, k, bytes(seed))
+    assert tuple(NeighbourGraph(n, k, seed)) == tuple(NeighbourGraph(n, k, bytes(seed)))
     if other != seed and n >= 6 and k < n - 1:
         # a different session id almost surely gives another ring order
         assert ring_order(n, seed) != ring_order(n, other) or n < 8
 
 
 def test_complete_graph():
-    nb = neighbour_sets(5, 4, b"x" * 16)
+    nb = tuple(NeighbourGraph(5, 4, b"x" * 16))
     assert all(nb[u] == set(range(5)) - {u} for u in range(5))
 
 
@@ -61,7 +61,7 @@ def test_ring_order_is_a_permutation_and_varies():
 
 def test_sparse_graph_is_connected_after_removing_fewer_than_k():
     n, k = 30, 6
-    nb = neighbour_sets(n, k, b"s" * 16)
+    nb = tuple(NeighbourGraph(n, k, b"s" * 16))
     removed = set(list(range(0, n, 7))[: k - 1])
     alive = set(range(n)) - removed
     start = min(alive)
@@ -78,14 +78,14 @@ def test_sparse_graph_is_connected_after_removing_fewer_than_k():
 @pytest.mark.parametrize("n,k", [(5, 0), (5, 5), (5, 3), (4, 7)])
 def test_impossible_graphs_raise(n, k):
     with pytest.raises(ConfigError):
-        neighbour_sets(n, k, bytes(16))
+        tuple(NeighbourGraph(n, k, bytes(16)))
 
 
 @settings(max_examples=40, deadline=None)
 @given(graphs(), st.data())
 def test_the_lazy_graph_answers_like_the_whole_graph_in_any_order(g, data):
     n, k, seed = g
-    whole = neighbour_sets(n, k, seed)
+    whole = tuple(NeighbourGraph(n, k, seed))
     lazy = NeighbourGraph(n, k, seed)
     for u in data.draw(st.permutations(range(n))):
         assert lazy[u] == whole[u]
@@ -95,12 +95,12 @@ def test_the_lazy_graph_answers_like_the_whole_graph_in_any_order(g, data):
             lazy[bad]  # type: ignore[index]
 
 
-@pytest.mark.parametrize("neighbors", [None, 34])
-def test_describing_the_largest_session_builds_no_graph(neighbors):
+@pytest.mark.parametrize("neighbours", [None, 34])
+def test_describing_the_largest_session_builds_no_graph(neighbours):
     """A session's parameters (what a decoder builds from a Join) hold no n-sized structure until
     a party asks for its own neighbours, and then only that party's."""
-    cfg = SecAggConfig(num_clients=MAX_CLIENTS, threshold=MAX_CLIENTS // 2 + 1 if neighbors is None else 20,
-                       neighbors=neighbors, bits=64)
+    cfg = SecAggConfig(num_clients=MAX_CLIENTS, threshold=MAX_CLIENTS // 2 + 1 if neighbours is None else 20,
+                       neighbours=neighbours, bits=64)
     params = SessionParams(config=cfg, session_id=bytes(16), round=0, vector_length=1)
     graph = params.neighbours
     assert graph._cache == {} and graph._order is None  # noqa: SLF001 - nothing built yet

@@ -87,7 +87,7 @@ def test_inconsistent_shares_are_found_and_set_aside(liars):
     # is corrected. Two liars wrong on every share put two wrong shares in most secrets (too many
     # to locate) but only one in each other's: they are caught there, set aside everywhere, and
     # every secret is recovered again, whatever order the secrets are tried in.
-    rnd = make_round(SecAggConfig(num_clients=8, threshold=4, neighbors=7), seed=3)
+    rnd = make_round(SecAggConfig(num_clients=8, threshold=4, neighbours=7), seed=3)
     rewrites = {"unmask": {i: (lambda r, _: _shares(r, _shifted)) for i in liars}}
     outcome = drive(rnd.server, _tamper(rnd, rewrites))
     _assert_exact(rnd, outcome)
@@ -107,7 +107,7 @@ def test_inconsistent_shares_that_cannot_be_told_apart_fail_the_round_cleanly():
 
 def test_a_dropped_clients_key_shares_are_corrected_too():
     # Client 1 drops after sharing; client 5 lies about its share of 1's mask key.
-    rnd = make_round(SecAggConfig(num_clients=8, threshold=4, neighbors=7), seed=4)
+    rnd = make_round(SecAggConfig(num_clients=8, threshold=4, neighbours=7), seed=4)
     rnd.exchange.dropouts = {1: "mask"}
     outcome = drive(rnd.server, _tamper(rnd, {"unmask": {5: lambda r, _: _shares(r, _shifted)}}))
     _assert_exact(rnd, outcome)
@@ -142,7 +142,7 @@ def test_a_client_that_shares_another_key_than_it_advertised_then_drops_fails_th
 @st.composite
 def attacks(draw):
     n = draw(st.integers(5, 9))
-    cfg = SecAggConfig(num_clients=n, threshold=n // 2 + 1, neighbors=n - 1 if n % 2 == 0 else None)
+    cfg = SecAggConfig(num_clients=n, threshold=n // 2 + 1, neighbours=n - 1 if n % 2 == 0 else None)
     liars = draw(st.lists(st.integers(0, n - 1), unique=True, max_size=3))
     kinds = {u: draw(st.sampled_from(["random", "ff", "zero", "some"])) for u in liars}
     drops = draw(st.dictionaries(st.integers(0, n - 1), st.sampled_from(["mask", "unmask"]), max_size=1))
@@ -219,7 +219,7 @@ def test_a_dealer_with_one_bad_share_gets_the_honest_holder_set_aside(monkeypatc
     aside (its input stays in; the sum is exact)."""
     from secfedtl.secagg import client as client_mod
 
-    rnd = make_round(SecAggConfig(num_clients=8, threshold=4, neighbors=7), seed=6)
+    rnd = make_round(SecAggConfig(num_clients=8, threshold=4, neighbours=7), seed=6)
     dealer_seed = rnd.clients[0]._self_seed  # noqa: SLF001
     real_split = shamir.split
 

@@ -133,7 +133,7 @@ class Round(RuleBasedStateMachine):
     def setup(self, n, sparse, auth, bits, seed):
         if sparse and n >= 5:
             k = 4 if n % 2 == 1 or n > 5 else 3
-            cfg = SecAggConfig(num_clients=n, threshold=k // 2 + 1, neighbors=k, bits=bits, authenticated=auth)
+            cfg = SecAggConfig(num_clients=n, threshold=k // 2 + 1, neighbours=k, bits=bits, authenticated=auth)
         else:
             cfg = SecAggConfig(num_clients=n, threshold=n // 2 + 1, bits=bits, authenticated=auth)
         self.cfg = cfg

@@ -17,9 +17,9 @@ from secfedtl.testing.harness import expected_field_sum, make_round, run_round
 from secfedtl.testing.strategies import dropout_maps
 
 CONFIGS = [
-    dict(num_clients=7, threshold=4, neighbors=None),
-    dict(num_clients=8, threshold=3, neighbors=4),
-    dict(num_clients=8, threshold=2, neighbors=3),
+    dict(num_clients=7, threshold=4, neighbours=None),
+    dict(num_clients=8, threshold=3, neighbours=4),
+    dict(num_clients=8, threshold=2, neighbours=3),
 ]
 
 
@@ -30,7 +30,7 @@ def _included_expected(dropouts, n):
 
 
 @pytest.mark.parametrize("auth", [False, True])
-@pytest.mark.parametrize("base", CONFIGS, ids=lambda c: f"n{c['num_clients']}k{c['neighbors']}")
+@pytest.mark.parametrize("base", CONFIGS, ids=lambda c: f"n{c['num_clients']}k{c['neighbours']}")
 @settings(max_examples=8, deadline=None)
 @given(data=st.data())
 def test_field_sum_is_exact_under_every_dropout_pattern(base, auth, data):
@@ -50,7 +50,7 @@ def test_field_sum_is_exact_under_every_dropout_pattern(base, auth, data):
 
 
 @pytest.mark.parametrize("phase", PHASES)
-@pytest.mark.parametrize("base", CONFIGS, ids=lambda c: f"n{c['num_clients']}k{c['neighbors']}")
+@pytest.mark.parametrize("base", CONFIGS, ids=lambda c: f"n{c['num_clients']}k{c['neighbours']}")
 def test_one_dropout_at_each_phase(base, phase):
     cfg = SecAggConfig(**base, bits=32)
     rnd = make_round(cfg, vector_length=3, seed=1)
@@ -72,11 +72,11 @@ def _float_reference(inputs, cfg, included):
     return ref
 
 
-@pytest.mark.parametrize("neighbors,threshold,auth", [(None, 11, False), (6, 4, True), (6, 4, False)])
+@pytest.mark.parametrize("neighbours,threshold,auth", [(None, 11, False), (6, 4, True), (6, 4, False)])
 @settings(max_examples=6, deadline=None)
 @given(drops=dropout_maps(20, max_dropouts=4), seed=st.integers(0, 2**16))
-def test_simulate_public_contract(neighbors, threshold, auth, drops, seed):
-    cfg = SecAggConfig(num_clients=20, threshold=threshold, neighbors=neighbors, clip=1.0, bits=32,
+def test_simulate_public_contract(neighbours, threshold, auth, drops, seed):
+    cfg = SecAggConfig(num_clients=20, threshold=threshold, neighbours=neighbours, clip=1.0, bits=32,
                        authenticated=auth)
     rng = np.random.default_rng(seed)
     inputs = [rng.uniform(-1.5, 1.5, 4) for _ in range(20)]
@@ -101,7 +101,7 @@ def test_simulate_public_contract(neighbors, threshold, auth, drops, seed):
 
 
 def test_simulate_example_from_the_docs():
-    cfg = SecAggConfig(num_clients=20, threshold=11, neighbors=None, clip=1.0, bits=32)
+    cfg = SecAggConfig(num_clients=20, threshold=11, neighbours=None, clip=1.0, bits=32)
     inputs = [np.full(3, 0.01 * (i + 1)) for i in range(20)]
     res = simulate(inputs, cfg, dropouts={3: "mask", 7: "unmask"}, seed=0)
     assert res.included == tuple(i for i in range(20) if i != 3)
@@ -110,7 +110,7 @@ def test_simulate_example_from_the_docs():
 
 
 def test_too_few_survivors_at_every_phase():
-    cfg = SecAggConfig(num_clients=5, threshold=3, neighbors=None)
+    cfg = SecAggConfig(num_clients=5, threshold=3, neighbours=None)
     inputs = [np.zeros(2)] * 5
     for phase in PHASES:
         with pytest.raises(TooFewSurvivorsError):

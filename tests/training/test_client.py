@@ -10,7 +10,7 @@ from secfedtl.errors import ConfigError, InputError, PrivacyBudgetExceeded, Trai
 from secfedtl.privacy.randomness import Randomness
 from secfedtl.training.client import PrivateClient
 from secfedtl.training.config import DPTrainingConfig
-from secfedtl.training.update import flatten_delta, unflatten_delta
+from secfedtl.training.update import flatten_params, unflatten_params
 from secfedtl.transfer.distillation import DistillationLoss, cross_entropy_loss
 from secfedtl.transfer.freezing import HeadOnly, LastBlocks
 from secfedtl.transfer.models import state_hash
@@ -64,21 +64,21 @@ def _bitwise_equal(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_round_charges_then_returns_delta_of_trainable_params_only(guard):
+def test_round_charges_then_returns_update_of_trainable_params_only(guard):
     client = _client(guard)
     start = client.trainable_state()
     frozen_before = {k: v for k, v in _snapshot(client.model).items() if not k.startswith("fc.")}
     update = client.train_round(global_state=start, round=0, model_hash="abc")
-    assert set(update.delta) == {"fc.weight", "fc.bias"} == set(client.trainable_names)
-    assert any(float(d.abs().max()) > 0 for d in update.delta.values())
+    assert set(update.model_update) == {"fc.weight", "fc.bias"} == set(client.trainable_names)
+    assert any(float(d.abs().max()) > 0 for d in update.model_update.values())
     event, rnd, h = guard.completed[0]
     assert (rnd, h) == (0, "abc") and update.event is event
     assert event.sample_rate == pytest.approx(8 / 48)
     assert event.noise_multiplier == 0.5 and event.steps == 4
     assert update.weight == 48
-    # the client model now holds global + delta; frozen parts (incl. BN statistics) are untouched
+    # the client model now holds global + update; frozen parts (incl. BN statistics) are untouched
     for name, t in client.trainable_state().items():
-        assert torch.allclose(t, start[name] + update.delta[name])
+        assert torch.allclose(t, start[name] + update.model_update[name])
     after = _snapshot(client.model)
     assert all(torch.equal(after[k], v) for k, v in frozen_before.items())
 
@@ -121,7 +121,7 @@ def test_a_record_that_breaks_the_loss_does_not_fail_the_round(guard):
 
     client = _client(guard, loss_fn=exploding)
     update = client.train_round(global_state=client.trainable_state(), round=2, model_hash="h")
-    assert all(torch.isfinite(d).all() for d in update.delta.values())  # noise only
+    assert all(torch.isfinite(d).all() for d in update.model_update.values())  # noise only
     assert len(guard.completed) == 1
 
 
@@ -161,12 +161,12 @@ def test_bad_round_arguments(guard):
         client.train_round(global_state=client.trainable_state(), round=0, model_hash="")
 
 
-def test_global_state_is_loaded_and_delta_flattens(guard):
+def test_global_state_is_loaded_and_update_flattens(guard):
     client = _client(guard)
     glob = {k: torch.full_like(v, 0.01) for k, v in client.trainable_state().items()}
     update = client.train_round(global_state=glob, round=1, model_hash=state_hash(client.model))
-    vec = flatten_delta(update.delta)
-    back = unflatten_delta(vec, update.delta)
+    vec = flatten_params(update.model_update)
+    back = unflatten_params(vec, update.model_update)
     for name in glob:
         assert torch.allclose(client.trainable_state()[name], glob[name] + back[name])
 
@@ -181,7 +181,7 @@ def test_cached_client_equals_uncached_client(guard):
             config=_cfg(steps=6), regularizer=reg,
         )
         update = client.train_round(global_state=client.trainable_state(), round=0, model_hash="h")
-        results.append(flatten_delta(update.delta))
+        results.append(flatten_params(update.model_update))
     assert abs(results[0]).max() > 0
     assert results[0] == pytest.approx(results[1], abs=1e-5)
 
@@ -200,7 +200,7 @@ def test_trainable_batchnorm_replaced_with_warning(guard):
     assert isinstance(client.model.layers[0][1], nn.GroupNorm)
     assert isinstance(m.layers[0][1], nn.BatchNorm2d)  # caller's model untouched
     update = client.train_round(global_state=client.trainable_state(), round=0, model_hash="h")
-    assert "layers.0.1.weight" in update.delta
+    assert "layers.0.1.weight" in update.model_update
 
 
 def test_frozen_batchnorm_kept_and_not_updated(guard):
@@ -234,7 +234,7 @@ def test_distillation_and_l2sp_in_a_round(guard):
     reg = L2SP.from_model(model, strength=0.1)
     client = _client(guard, model=model, loss_fn=DistillationLoss(teacher=teacher, alpha=0.5, temperature=2.0), regularizer=reg)
     update = client.train_round(global_state=client.trainable_state(), round=0, model_hash="h")
-    assert all(torch.isfinite(d).all() for d in update.delta.values())
+    assert all(torch.isfinite(d).all() for d in update.model_update.values())
 
 
 def test_constructor_validation(guard):
@@ -264,8 +264,8 @@ def test_training_conv_blocks_with_frozen_bn(guard, clipping):
     client = _client(guard, model=m, config=_cfg(clipping=clipping, steps=3))
     stats = client.model.layers[0][1].running_var.clone()
     update = client.train_round(global_state=client.trainable_state(), round=0, model_hash="h")
-    assert set(update.delta) == {"layers.1.0.weight", "layers.1.0.bias", "fc.weight", "fc.bias"}
-    assert float(update.delta["layers.1.0.weight"].abs().max()) > 0
+    assert set(update.model_update) == {"layers.1.0.weight", "layers.1.0.bias", "fc.weight", "fc.bias"}
+    assert float(update.model_update["layers.1.0.weight"].abs().max()) > 0
     assert torch.equal(client.model.layers[0][1].running_var, stats)
 
 
@@ -275,25 +275,25 @@ def test_two_rounds_use_fresh_batches(guard):
     a = client.train_round(global_state=state, round=0, model_hash="h")
     b = client.train_round(global_state=state, round=1, model_hash="h")
     assert [e[1] for e in guard.completed] == [0, 1]
-    assert not torch.allclose(a.delta["fc.weight"], b.delta["fc.weight"])
+    assert not torch.allclose(a.model_update["fc.weight"], b.model_update["fc.weight"])
 
 
 def test_noise_is_not_predictable_from_torch_global_seed(guard):
     """Seeding torch's global generator (as a job does with its public seed) must not fix the DP
     noise: the same data, sampling seed and global seed give different noisy updates."""
-    deltas = []
+    updates = []
     for _ in range(2):
         torch.manual_seed(0)
         client = _client(guard)
         update = client.train_round(global_state=client.trainable_state(), round=0, model_hash="abc")
-        deltas.append(torch.cat([d.flatten() for d in update.delta.values()]))
-    assert not torch.equal(deltas[0], deltas[1])
+        updates.append(torch.cat([d.flatten() for d in update.model_update.values()]))
+    assert not torch.equal(updates[0], updates[1])
     # ...while an explicit (test-only) noise generator makes runs reproducible
     runs = []
     for _ in range(2):
         client = _client(guard, randomness=Randomness.insecure_seeded(5))
         update = client.train_round(global_state=client.trainable_state(), round=0, model_hash="abc")
-        runs.append(torch.cat([d.flatten() for d in update.delta.values()]))
+        runs.append(torch.cat([d.flatten() for d in update.model_update.values()]))
     assert torch.equal(runs[0], runs[1])
 
 
@@ -401,10 +401,20 @@ def test_clients_cache_into_row_slices_of_one_shared_buffer(guard):
             assert torch.allclose(buffer[a:b], backbone(d.tensors[0]), atol=1e-6)
     own = _client(guard, data=data[1], cache_features=True, head="fc", randomness=Randomness.insecure_seeded(5))
     assert own._data.tensors[0].dtype == torch.float32
-    deltas = [flatten_delta(c.train_round(global_state=c.trainable_state(), round=0, model_hash="h").delta)
+    deltas = [flatten_params(c.train_round(global_state=c.trainable_state(), round=0, model_hash="h").model_update)
               for c in (clients[1], own)]
     assert abs(deltas[0]).max() > 0 and deltas[0] == pytest.approx(deltas[1], abs=1e-6)
     with pytest.raises(ConfigError, match="cache_features=True"):
         _client(guard, feature_buffer=torch.empty(48, 64))
     with pytest.raises(InputError, match="shape"):
         _client(guard, cache_features=True, head="fc", feature_buffer=torch.empty(47, 64))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_distillation_teacher_follows_the_student_to_cuda(guard):
+    teacher = _model()
+    model = _model()
+    client = _client(guard, model=model, loss_fn=DistillationLoss(teacher=teacher, alpha=0.5, temperature=2.0),
+                      config=_cfg(device="cuda"))
+    update = client.train_round(global_state=client.trainable_state(), round=0, model_hash="h")
+    assert all(torch.isfinite(d).all() for d in update.model_update.values())

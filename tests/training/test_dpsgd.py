@@ -73,14 +73,14 @@ def test_update_is_normalised_by_expected_batch_size_not_dataset_size(clipping, 
     # Sum / expected_batch_size gives lr * n * g / B: proportional to n. Mean-normalisation (by the
     # actual batch or dataset size) would give lr * g for every n and fail this test.
     g = _one_example_grad()
-    deltas = {}
+    changes = {}
     for n in (5, 10):
         m = _linear()
         before = m.weight.detach().clone()
         _train(m, _identical(n), _cfg(clipping=clipping), sample_rate=1.0, loss_fn=loss_fn)
-        deltas[n] = m.weight.detach() - before
-        assert torch.allclose(deltas[n], -1.0 * n * g / 20, atol=1e-6)
-    assert torch.allclose(deltas[10], 2 * deltas[5], atol=1e-6)
+        changes[n] = m.weight.detach() - before
+        assert torch.allclose(changes[n], -1.0 * n * g / 20, atol=1e-6)
+    assert torch.allclose(changes[10], 2 * changes[5], atol=1e-6)
 
 
 @pytest.mark.parametrize("loss_fn", [cross_entropy_loss, _hooked_ce])

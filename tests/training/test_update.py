@@ -5,14 +5,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from secfedtl.errors import InputError
-from secfedtl.training.update import ClientUpdate, delta_names, flatten_delta, unflatten_delta
+from secfedtl.training.update import ClientUpdate, flatten_params, model_with_params, param_names, unflatten_params
 
 names = st.text(alphabet="abcdefgh.", min_size=1, max_size=8)
 shapes = st.lists(st.integers(1, 4), min_size=0, max_size=3).map(tuple)
 
 
 @st.composite
-def deltas(draw):
+def param_maps(draw):
     spec = draw(st.dictionaries(names, shapes, min_size=1, max_size=5))
     out = {}
     for name, shape in spec.items():
@@ -23,14 +23,14 @@ def deltas(draw):
 
 
 @settings(max_examples=60, deadline=None)
-@given(delta=deltas())
-def test_flatten_round_trip(delta):
-    vec = flatten_delta(delta)
+@given(params=param_maps())
+def test_flatten_round_trip(params):
+    vec = flatten_params(params)
     assert vec.dtype == np.float64 and vec.ndim == 1
-    assert vec.shape[0] == sum(t.numel() for t in delta.values())
-    back = unflatten_delta(vec, delta)
-    assert list(back) == delta_names(delta)
-    for name, t in delta.items():
+    assert vec.shape[0] == sum(t.numel() for t in params.values())
+    back = unflatten_params(vec, params)
+    assert list(back) == param_names(params)
+    for name, t in params.items():
         assert back[name].dtype == t.dtype and back[name].shape == t.shape
         assert torch.equal(back[name], t)
 
@@ -38,30 +38,40 @@ def test_flatten_round_trip(delta):
 def test_order_is_fixed_by_name_not_insertion():
     a = {"b": torch.tensor([2.0]), "a": torch.tensor([1.0])}
     b = {"a": torch.tensor([1.0]), "b": torch.tensor([2.0])}
-    assert np.array_equal(flatten_delta(a), flatten_delta(b))
-    assert flatten_delta(a).tolist() == [1.0, 2.0]
+    assert np.array_equal(flatten_params(a), flatten_params(b))
+    assert flatten_params(a).tolist() == [1.0, 2.0]
 
 
 def test_unflatten_rejects_bad_vectors():
     like = {"w": torch.zeros(2, 2)}
     with pytest.raises(InputError):
-        unflatten_delta(np.zeros(3), like)
+        unflatten_params(np.zeros(3), like)
     with pytest.raises(InputError):
-        unflatten_delta(np.zeros((2, 2)), like)
+        unflatten_params(np.zeros((2, 2)), like)
     with pytest.raises(InputError):
-        unflatten_delta(np.array([0.0, 1.0, np.nan, 0.0]), like)
+        unflatten_params(np.array([0.0, 1.0, np.nan, 0.0]), like)
     with pytest.raises(InputError):
-        flatten_delta({})
+        flatten_params({})
 
 
 def test_client_update_validates_and_copies():
     t = torch.ones(2)
-    u = ClientUpdate(delta={"w": t}, weight=3, event=None)
+    u = ClientUpdate(model_update={"w": t}, weight=3, event=None)
     t.add_(1.0)
-    assert torch.equal(u.delta["w"], torch.ones(2))
+    assert torch.equal(u.model_update["w"], torch.ones(2))
     with pytest.raises(InputError):
-        ClientUpdate(delta={"w": torch.tensor([float("inf")])}, weight=3, event=None)
+        ClientUpdate(model_update={"w": torch.tensor([float("inf")])}, weight=3, event=None)
     with pytest.raises(InputError):
-        ClientUpdate(delta={"w": t}, weight=0, event=None)
+        ClientUpdate(model_update={"w": t}, weight=0, event=None)
     with pytest.raises(TypeError):
         ClientUpdate({"w": t}, 3, None)  # type: ignore[misc]
+
+
+def test_model_with_params_copies_into_a_copy_and_refuses_unknown_names():
+    model = torch.nn.Linear(2, 1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    work = model_with_params(model, {"bias": torch.tensor([5.0])})
+    assert torch.equal(work.bias, torch.tensor([5.0])) and torch.equal(work.weight, before["weight"])
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # the original is untouched
+    with pytest.raises(InputError):
+        model_with_params(model, {"not_a_parameter": torch.zeros(1)})
