@@ -87,11 +87,13 @@ def iter_batches(dataset: Dataset, batch_size: int) -> Iterator[tuple[torch.Tens
         yield from DataLoader(dataset, batch_size=batch_size, shuffle=False)
 
 
-def _check_out(out: torch.Tensor, rows: int, dim: int) -> None:
+def _check_out(out: Any, rows: int, dim: int | None) -> None:
+    """``out`` must be a float32 ``(rows, dim)`` tensor (``dim`` is checked once it is known)."""
     if not isinstance(out, torch.Tensor):
         raise InputError(f"out must be a torch.Tensor, not {type(out).__name__}")
-    if out.dtype != torch.float32 or tuple(out.shape) != (rows, dim):
-        raise InputError(f"out must be float32 of shape ({rows}, {dim}), got {out.dtype} {tuple(out.shape)}")
+    if out.dtype != torch.float32 or out.dim() != 2 or out.shape[0] != rows or dim not in (None, out.shape[1]):
+        want = f"({rows}, {'d' if dim is None else dim})"
+        raise InputError(f"out must be float32 of shape {want}, got {out.dtype} {tuple(out.shape)}")
     if out.requires_grad:
         raise InputError("out must not require gradients")
 
@@ -124,6 +126,8 @@ def cache_features(
         raise InputError("dataset must have a length") from exc
     if n == 0:
         raise InputError("cannot cache features of an empty dataset")
+    if out is not None:
+        _check_out(out, n, None)
     check_frozen_deterministic(backbone)
     features: torch.Tensor | None = out
     labels: torch.Tensor | None = None
