@@ -199,7 +199,9 @@ def reference_head(fit: TensorDataset, val: TensorDataset, *, seed: int, max_epo
     return {"head": head, "validation_accuracy": best[0], "epochs": best[1]}
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, *, on_clients: Any = None) -> dict[str, Any]:
+    """The example; ``on_clients(clients, states, job_id)``, if given, is called once every client
+    is set up and before the first round (``audit.py`` installs its canaries there)."""
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     torch.manual_seed(args.seed)
@@ -258,6 +260,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             bar.update(1)
         bar.close()
         timings["client_setup"] = time.perf_counter() - t0
+        if on_clients is not None:
+            on_clients(clients, states, job_id)
         metrics = _train(args, test_split, splits, model, clients, guards, states, declared, job_id, state_dir, timings,
                          fit_features)
     finally:
