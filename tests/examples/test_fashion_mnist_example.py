@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from secfedtl.errors import ConfigError, DataError, ModelError
+from secfedtl.errors import ConfigError, ModelError
 from secfedtl.privacy.ledger import verify_ledger
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fashion_mnist"
@@ -111,6 +111,30 @@ def test_declared_records_are_a_round_figure_of_the_fit_size() -> None:
     assert run.declared_records(2751, 500) == 3000
     assert run.declared_records(120, 500) == 500  # never below one grid step
     assert run.declared_records(87, 10) == 90
+
+
+def test_missing_or_wrong_data_is_one_line_before_any_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch) -> None:
+    """No apt: the user points --data-dir at the four IDX files; a folder without them, or files
+    that are not the published release, is one line on stderr and exit 2, before --out exists."""
+    from secfedtl.data.fashion_mnist import ZALANDO_URL
+
+    run = _load("run")
+    for key in ("FASHION_MNIST_DIR", "FASHION_MNIST_WEIGHTS", "FASHION_MNIST_SKIP_CHECKSUMS", "PYTHONPATH"):
+        monkeypatch.delenv(key, raising=False)  # the script sets them for its nodes; undone after the test
+    data = tmp_path / "data"
+    data.mkdir()
+    out = tmp_path / "out"
+    argv = ["--out", str(out), "--no-progress", "--data-dir", str(data), "--rounds", "1"]
+    assert run.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fashion_mnist: error: ") and "Traceback" not in err
+    assert "train-images-idx3-ubyte" in err and ZALANDO_URL in err and "--data-dir" in err
+    assert not out.exists()
+    _synthetic_data(data)  # present, but not the published files
+    assert run.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "SHA-256" in err and not out.exists()
 
 
 def test_run_end_to_end_on_synthetic_data(tmp_path: Path, capsys, monkeypatch) -> None:
