@@ -8,21 +8,12 @@ each hospital's state across jobs (docs/privacy.md)."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from secfedtl.runtime.job import JobConfig, _add_common, _run_cli
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_common(parser)
-    parser.set_defaults(out=Path("runs/demo"))
-    parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--epsilon", type=float, default=None, help="per-hospital budget (default 1.0)")
-    parser.add_argument("--delta", type=float, default=None, help="default 1e-5")
-    parser.add_argument("--seed", type=int, default=None)
+from secfedtl.runtime.job import JobConfig, _run_cli
 
 
 def main(args: argparse.Namespace) -> int:
+    """`secfedtl demo` (arguments: :mod:`secfedtl.cli`)."""
     config = JobConfig.load(None).updated({("job", "rounds"): args.rounds, ("privacy", "epsilon"): args.epsilon,
                                            ("privacy", "delta"): args.delta, ("job", "seed"): args.seed})
     if args.state_dir is None:

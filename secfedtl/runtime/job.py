@@ -17,6 +17,7 @@ new job (or a new ``--out``) on the same hospital continues its budget.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -30,7 +31,7 @@ import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -46,9 +47,10 @@ else:  # pragma: no cover - Python 3.10
 from secfedtl.aggregation import make_server_optimizer
 from secfedtl.crypto.primitives import SigningKey
 from secfedtl.data import load_fed_heart_disease, record_split, split_key, standardize, validation_split
-from secfedtl.data.heart import TRAIN_FRACTION
+from secfedtl.data.heart import CENTER_NAMES, TRAIN_FRACTION
+from secfedtl.encoding.fixed_point import FixedPointEncoding
 from secfedtl.errors import AccountingError, ConfigError, RemoteProtocolError
-from secfedtl.privacy.accountants import calibrate_noise_multiplier, compute_epsilon
+from secfedtl.privacy.accountants import ACCOUNTANTS, calibrate_noise_multiplier, compute_epsilon
 from secfedtl.privacy.budget import BudgetGuard
 from secfedtl.privacy.events import PoissonGaussianEvent
 from secfedtl.privacy.ledger import read_verified_ledger, spent_events
@@ -135,7 +137,8 @@ class JobConfig:
         if len(job["clients"]) < 3 or job["source"] in job["clients"]:
             raise ConfigError("at least 3 private clients, and the source is not one of them")
         if not sections["privacy"]["epsilon"] > 0 or not 0 < sections["privacy"]["delta"] < 1:
-            raise ConfigError("epsilon must be > 0 and delta in (0, 1)")
+            raise ConfigError("[privacy] epsilon must be > 0 and delta in (0, 1), got epsilon "
+                              f"{sections['privacy']['epsilon']!r}, delta {sections['privacy']['delta']!r}")
         model = sections["model"]
         _check_source_spec({"kind": model["kind"], "hidden": model["hidden"],
                             "weight_decay": model["source_weight_decay"]}, "[model]")
@@ -155,6 +158,7 @@ class JobConfig:
         for name, count in records.items():
             if isinstance(count, bool) or not isinstance(count, int) or count < 1:
                 raise ConfigError(f"[declared] records.{name} must be a positive integer, got {count!r}")
+        _check_components(sections)
         if sections["privacy"]["insecure_reproducible"]:
             if sections["privacy"]["secure_mode"]:
                 raise ConfigError("insecure_reproducible needs secure_mode = false (tests only)")
@@ -219,6 +223,40 @@ def _check_source_spec(spec: dict[str, Any], where: str) -> None:
         raise ConfigError(f"{where}: an mlp needs hidden >= 1")
     if not (math.isfinite(spec["weight_decay"]) and spec["weight_decay"] >= 0):
         raise ConfigError(f"{where}: weight_decay must be a finite number >= 0")
+
+
+def _check_components(sections: dict[str, dict[str, Any]]) -> None:
+    """Build what the job builds from each section, with the same validators, before any folder,
+    privacy state or data is touched: a bad value is a :class:`ConfigError` here, not after the
+    source model trained."""
+    job, priv, tcfg, scfg = sections["job"], sections["privacy"], sections["training"], sections["secagg"]
+    if priv["accountant"] not in ACCOUNTANTS:
+        raise ConfigError(f"[privacy] accountant must be one of {sorted(ACCOUNTANTS)}, got {priv['accountant']!r}")
+    with _section("server"):
+        make_server_optimizer(sections["server"]["optimizer"], server_lr=sections["server"]["lr"])
+    with _section("training"):
+        for records in sections["declared"]["records"].values():
+            DPTrainingConfig(lr=tcfg["lr"], expected_batch_size=tcfg["expected_batch_size"],
+                             max_grad_norm=tcfg["max_grad_norm"], epochs=tcfg["epochs"], optimizer=tcfg["optimizer"],
+                             target_epsilon=priv["epsilon"], target_delta=priv["delta"], planned_rounds=job["rounds"],
+                             secure_mode=priv["secure_mode"], accountant=priv["accountant"],
+                             public_dataset_size=records)
+        if not (math.isfinite(tcfg["l2sp"]) and tcfg["l2sp"] >= 0):
+            raise ConfigError(f"l2sp must be a finite number >= 0, got {tcfg['l2sp']!r}")
+    with _section("secagg"):
+        if scfg["max_samples"] < 1:
+            raise ConfigError(f"max_samples must be >= 1, got {scfg['max_samples']!r}")
+        FixedPointEncoding(clip=scfg["clip"], bits=scfg["bits"], num_clients=len(job["clients"]),
+                           max_weight=scfg["max_samples"])
+
+
+@contextlib.contextmanager
+def _section(name: str) -> Iterator[None]:
+    """Prefix a :class:`ConfigError` raised inside with the config section it is about."""
+    try:
+        yield
+    except ConfigError as exc:
+        raise ConfigError(f"[{name}] {exc}") from exc
 
 
 def _candidate_spec(value: Any, model: dict[str, Any], k: int) -> dict[str, Any]:
@@ -422,7 +460,13 @@ def build_client_node(config: JobConfig, name: str, source: Source, state: Priva
                           target_delta=priv["delta"], planned_rounds=planned, device="auto",
                           secure_mode=priv["secure_mode"], accountant=priv["accountant"],
                           public_dataset_size=config["declared"]["records"][name])
-    dp = _calibrated_after(dp, state.events_before(jid) + planned_prior_events(config))
+    earlier = state.events_before(jid)
+    try:
+        dp = _calibrated_after(dp, earlier + planned_prior_events(config))
+    except ConfigError as exc:
+        spent = f"{len(earlier)} releases of earlier jobs in {os.fspath(state.ledger.path)!r}; " if earlier else ""
+        raise ConfigError(f"hospital {name!r} has too little privacy budget left for this job ({spent}"
+                          f"budget epsilon {priv['epsilon']:g}): {exc}") from exc
     randomness = (Randomness.insecure_seeded(jcfg["seed"] * 1000 + k) if priv["insecure_reproducible"]
                   else Randomness.secure(secure_mode=priv["secure_mode"]))
     client = PrivateClient(client_id=name, model=source.model, train_data=_dataset(x_fit, y_fit), config=dp,
@@ -463,8 +507,8 @@ def _calibrated_after(dp: DPTrainingConfig, prior: list[PoissonGaussianEvent]) -
                                            sample_rate=rate, steps=dp.planned_rounds * dp.local_steps(),
                                            accountant=dp.accountant, prior_events=prior)
     except AccountingError as exc:
-        raise ConfigError(f"no training noise fits what is left of the budget ({len(prior)} earlier "
-                          f"releases): {exc}") from exc
+        raise ConfigError(f"no training noise fits what is left of the budget after {len(prior)} releases "
+                          f"spent or planned before training: {exc}") from exc
     return dataclasses.replace(dp, noise_multiplier=sigma, target_epsilon=None, target_delta=None,
                                planned_rounds=None)
 
@@ -662,6 +706,7 @@ def build_job(config: JobConfig, out: Path, *, resume: bool = False, workers: in
     ``job.workers``) > 0 runs the nodes in that many forked worker processes; 0 runs them in this
     process, one after the other. ``centres`` (default :func:`build_centres`: the bundled UCI
     centres) runs the same job on other data, keyed by the config's source and client names."""
+    centres = build_centres(config) if centres is None else centres  # a bad centre name: before any folder
     out.mkdir(parents=True, exist_ok=True)
     if not resume and (out / "checkpoint.json").exists():
         raise ConfigError(f"{out} holds a run: use --resume to continue it, or another --out")
@@ -674,7 +719,6 @@ def build_job(config: JobConfig, out: Path, *, resume: bool = False, workers: in
     root = state_root(state_dir)
     states: dict[str, PrivacyState] = {}
     try:
-        centres = build_centres(config) if centres is None else centres
         for name in config["job"]["clients"]:
             states[name] = open_hospital_state(config, name, centres, root)
         selection: dict[str, Any] | None = None
@@ -706,6 +750,10 @@ def build_centres(config: JobConfig) -> dict[str, Any]:
     decides (FLamby's test share, ``1 - TRAIN_FRACTION``), so adding or removing a patient moves
     only that patient (FLamby's own split is a seeded shuffle, where one added row moves about 15
     others between train and test). The public source centre keeps FLamby's split."""
+    unknown = sorted({config["job"]["source"], *config["job"]["clients"]} - set(CENTER_NAMES))
+    if unknown:
+        raise ConfigError(f"[job] not centres of {config['job']['dataset']}: {unknown}; "
+                          f"choose among {list(CENTER_NAMES)}")
     centres, _ = standardize(load_fed_heart_disease(), stats_from=config["job"]["source"])
     key = split_key(config["job"]["seed"], "test")
     for name in config["job"]["clients"]:
@@ -729,7 +777,7 @@ def prepare_run(config: JobConfig, out: Path, *, resume: bool) -> JobConfig:
     if resume:
         saved = out / "config.json"
         if not saved.exists():
-            raise ConfigError(f"nothing to resume in {out}")
+            raise ConfigError(f"nothing to resume in {os.fspath(out)!r} (no config.json there)")
         return JobConfig.from_mapping(json.loads(saved.read_text(encoding="utf-8")))
     data = config.to_dict()
     if not data["job"]["id"]:
@@ -770,7 +818,8 @@ def run_federation(config: JobConfig, source: Source, federation: Federation, ou
     sim_rows: list[dict[str, Any]] = [r for r in _saved_rows(out, "simulation_rounds.json")
                                       if r["round"] < federation.rounds_done]
     initial = flatten_params(source.head)
-    bar = _progress(rounds, federation.rounds_done, progress)
+    # the personalisation round is a step of the bar: it spends epsilon too
+    bar = _progress(rounds + int(config["privacy"]["personalise"]), federation.rounds_done, progress)
     sim: dict[str, Any] = {}
     if experimenter is not None:
         source_acc, source_pooled = _pooled(experimenter.accuracy(initial), "test")
@@ -789,18 +838,24 @@ def run_federation(config: JobConfig, source: Source, federation: Federation, ou
                              "validation_accuracy": val_per, "pooled_validation_accuracy": val_pooled,
                              "epsilon": eps})
             (out / "simulation_rounds.json").write_text(json.dumps(sim_rows, indent=2), encoding="utf-8")
-            postfix.update(acc=f"{pooled:.3f}", eps=f"{max(eps.values(), default=0.0):.2f}")
+            postfix.update(acc=f"{pooled:.3f}", eps=f"{max(eps.values(), default=0.0):.3f}")
         bar.update(1)
         bar.set_postfix(**postfix)
 
     federation.run(rounds, checkpoint=out / "checkpoint.json", on_round=on_round)
-    bar.close()
     personalise: dict[str, Any] = {}
     if config["privacy"]["personalise"]:
         # The hospitals fine-tune locally and keep the model and its evaluation; the server
         # hears only "done", "refused" (budget) or nothing.
+        bar.set_description("personalisation")
         answers = federation.query("personalise", round=rounds)
         personalise = {n: answers.get(n, {}).get("status", "silent") for n in config["job"]["clients"]}
+        postfix = {"done": f"{sum(v == 'done' for v in personalise.values())}/{len(personalise)}"}
+        if experimenter is not None:
+            postfix["eps"] = f"{max(experimenter.epsilon().values(), default=0.0):.3f}"
+        bar.update(1)
+        bar.set_postfix(**postfix)
+    bar.close()
     metrics: dict[str, Any] = {
         "job": "uci_heart_disease", "job_id": job_id(config), "delta": config["privacy"]["delta"],
         "epsilon_budget": config["privacy"]["epsilon"], "accountant": config["privacy"]["accountant"],
@@ -859,18 +914,29 @@ def _plot(metrics: dict[str, Any], path: Path) -> None:
     sim = metrics["simulation_only"]
     rows = sim["rounds"]
     xs = [r["round"] + 1 for r in rows]
+    # The personalisation round spends epsilon after the last federated round: one more point
+    # (the final epsilon, which the summary table prints), at "pers.".
+    eps_rows, ticks, labels = rows, xs, [str(x) for x in xs]
+    if metrics["server"]["personalisation"]:
+        x_pers = (xs[-1] if xs else 0) + 1
+        eps_rows = [*rows, {"round": x_pers - 1, "epsilon": sim["final"]["epsilon"]}]
+        ticks, labels = [*xs, x_pers], [*labels, "pers."]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for name in sim["final"]["per_client_test_accuracy"]:
         ax1.plot(xs, [r["test_accuracy"].get(name, math.nan) for r in rows], marker="o", label=name)
     ax1.plot(xs, [r["pooled_test_accuracy"] for r in rows], color="black", linewidth=2, label="pooled")
+    if sim["final"].get("personalised_pooled_test_accuracy") is not None and len(ticks) > len(xs):
+        ax1.plot([ticks[-1]], [sim["final"]["personalised_pooled_test_accuracy"]], color="black", marker="*",
+                 markersize=12, linestyle="none", label="personalised (pooled)")
     ax1.axhline(sim["source"]["pooled_test_accuracy"], color="grey", linestyle="--", label="source (pooled)")
-    ax1.set_xticks(xs)
+    ax1.set_xticks(ticks, labels=labels)
     ax1.set_xlabel("round")
     ax1.set_ylabel("test accuracy")
     ax1.set_title("Global model accuracy per round (simulation only)")
     ax1.legend(fontsize=8)
-    plot_epsilon_per_round(ax2, rows, clients=sim["final"]["epsilon"], budget=metrics["epsilon_budget"],
+    plot_epsilon_per_round(ax2, eps_rows, clients=sim["final"]["epsilon"], budget=metrics["epsilon_budget"],
                            accountant=metrics["accountant"], delta=metrics["delta"])
+    ax2.set_xticks(ticks, labels=labels)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -905,31 +971,27 @@ def print_summary(metrics: dict[str, Any]) -> None:
           f"{metrics['wall_seconds']:.1f} s")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", type=Path, help="job TOML file (schema: docs/config.md)")
-    _add_common(parser)
-
-
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("runs/job"), help="output directory")
-    parser.add_argument("--resume", type=Path, default=None, metavar="DIR",
-                        help="continue the run in DIR from its last completed round")
-    parser.add_argument("--workers", type=int, default=None, metavar="N",
-                        help="run the clients in N forked worker processes (default: the config's job.workers; "
-                             "0: in this process, one after the other)")
-    parser.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
-                        help="where the hospitals' privacy states (ledgers, budgets) live, kept across jobs; "
-                             "default $SECFEDTL_STATE_DIR, else ~/.local/share/secfedtl/privacy")
-    parser.add_argument("--no-progress", action="store_true")
+def _check_folder(path: Path, option: str) -> None:
+    """Before anything is created: ``path`` is a folder or can become one."""
+    for parent in (path, *path.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{option} {os.fspath(path)!r}: {os.fspath(parent)!r} is a file, not a folder")
+            return
 
 
 def main(args: argparse.Namespace) -> int:
+    """`secfedtl run CONFIG` (arguments: :mod:`secfedtl.cli`)."""
     config = JobConfig.load(args.config)
     return _run_cli(config, args)
 
 
 def _run_cli(config: JobConfig, args: argparse.Namespace) -> int:
+    """Run the job as `secfedtl run`/`demo` asked (arguments: :mod:`secfedtl.cli`)."""
     out = args.resume if args.resume is not None else args.out
+    _check_folder(out, "--resume" if args.resume is not None else "--out")
+    if args.state_dir is not None:
+        _check_folder(args.state_dir, "--state-dir")
     metrics = run_job(config, out, resume=args.resume is not None, progress=not args.no_progress,
                       workers=args.workers, state_dir=args.state_dir)
     print_summary(metrics)
