@@ -313,3 +313,16 @@ def test_whitebox_audit_of_the_example_on_synthetic_data(tmp_path: Path) -> None
     assert report["fdp_gaussian"]["epsilon_lower"] >= 0 and report["fdp_gaussian"]["ledger_mu"] > 0
     assert len(report["scores"]["in"]) + len(report["scores"]["out"]) == 200
     assert (out / "audit.png").stat().st_size > 0
+
+
+def test_whitebox_audit_refuses_a_privacy_state_it_would_continue(tmp_path: Path) -> None:
+    # The audit compares its lower bound with this run's ledger epsilon, and its canaries must never
+    # be charged to a state that outlives it: it runs only on a fresh throwaway state in <out>.
+    from secfedtl.errors import ConfigError
+
+    audit = _load("audit")
+    with pytest.raises(ConfigError, match="throwaway"):
+        audit.main(["--out", str(tmp_path / "a"), "--state-dir", str(tmp_path / "real-state"), "--no-progress"])
+    (tmp_path / "b" / "privacy-state").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="earlier"):
+        audit.main(["--out", str(tmp_path / "b"), "--no-progress"])
