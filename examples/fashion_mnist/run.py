@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -153,6 +154,22 @@ def head_accuracy(head: nn.Module, data: TensorDataset) -> float:
     return evaluate(head, data, batch_size=4096).accuracy
 
 
+def row_slices(data: TensorDataset, sizes: list[int]) -> list[TensorDataset]:
+    """Consecutive row slices of ``data`` (views, no copy), of the given sizes."""
+    bounds = np.cumsum([0, *sizes]).tolist()
+    return [TensorDataset(*(t[a:b] for t in data.tensors)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def with_feature_buffers(job: Any, buffers: dict[str, torch.Tensor]) -> Any:
+    """``job`` whose hospitals cache their training features into ``buffers[name]`` (the
+    experimenter, who plays every hospital in this process, gives each a row slice of one
+    buffer, so the reference head reads the pooled features without computing or copying them)."""
+    def data(config: Any, name: str) -> Any:
+        return dataclasses.replace(job.data(config, name), feature_buffer=buffers[name])
+
+    return dataclasses.replace(job, data=data)
+
+
 def reference_head(fit: TensorDataset, val: TensorDataset, *, seed: int, max_epochs: int = 15,
                    progress: bool = True) -> dict[str, Any]:
     """Non-private, centralised linear head on the same features (all clients' fit rows pooled),
@@ -223,10 +240,11 @@ def run(args: argparse.Namespace, *, on_clients: Any = None) -> dict[str, Any]:
         return cache_features(backbone, Images(x, y), batch_size=64)
 
     # The experimenter's evaluation data (outside the protocol): the public test split and the
-    # clients' validation rows pooled, as features of the same frozen layers: each round scores
-    # only the head.
+    # clients' validation rows pooled (each client's rows a slice of it), as features of the same
+    # frozen layers: each round scores only the head.
     test = features(data.x_test, data.y_test)
     val = features(np.concatenate([s.x_val for s in shares]), np.concatenate([s.y_val for s in shares]))
+    client_val = dict(zip(names, row_slices(val, [len(s.y_val) for s in shares])))
     timings["eval_features"] = time.perf_counter() - t0
     head = copy.deepcopy(source.model.head)
 
@@ -240,11 +258,20 @@ def run(args: argparse.Namespace, *, on_clients: Any = None) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     if args.flower is None:
-        metrics, ledgers, mechanism, params = _in_process(args, config, out, round_metrics, on_clients)
+        # One buffer for every client's cached training features, each client's a row slice
+        # (allocated, not yet written: the clients fill it); the reference head reads it whole.
+        fit_x = torch.empty((sum(len(s.y_fit) for s in shares), val.tensors[0].shape[1]), dtype=torch.float32)
+        fit_rows = [t.tensors[0] for t in row_slices(TensorDataset(fit_x), [len(s.y_fit) for s in shares])]
+        job = with_feature_buffers(FASHION, dict(zip(names, fit_rows)))
+        metrics, ledgers, mechanism, params = _in_process(args, job, config, out, round_metrics, on_clients,
+                                                          experimenter_features={n: {"validation": v}
+                                                                                 for n, v in client_val.items()})
+        fit = TensorDataset(fit_x, torch.as_tensor(np.concatenate([s.y_fit for s in shares]), dtype=torch.long))
     else:
         if on_clients is not None:
             raise ConfigError("on Flower the clients live in their node agents: no in-process hook")
         metrics, ledgers, mechanism, params = _on_flower(args, config, out, round_metrics)
+        fit = None  # the clients' features are in their node agents
     timings["federated_training"] = time.perf_counter() - t0
     head = head_with(params)
     spent = {n: [ev for _, ev, _ in spent_events(read_verified_ledger(p)[0]).get(n, [])] for n, p in ledgers.items()}
@@ -274,7 +301,8 @@ def run(args: argparse.Namespace, *, on_clients: Any = None) -> dict[str, Any]:
     })
     if not args.no_reference:
         t0 = time.perf_counter()
-        fit = features(np.concatenate([s.x_fit for s in shares]), np.concatenate([s.y_fit for s in shares]))
+        if fit is None:
+            fit = features(np.concatenate([s.x_fit for s in shares]), np.concatenate([s.y_fit for s in shares]))
         ref = reference_head(fit, val, seed=args.seed, progress=not args.no_progress)
         sim["non_private_reference"] = {"validation_accuracy": ref["validation_accuracy"], "epochs": ref["epochs"],
                                         "test_accuracy": head_accuracy(ref["head"], test)}
@@ -286,14 +314,14 @@ def run(args: argparse.Namespace, *, on_clients: Any = None) -> dict[str, Any]:
     return metrics
 
 
-def _in_process(args: argparse.Namespace, config: FashionConfig, out: Path, round_metrics: Any,
-                on_clients: Any = None) -> tuple[Any, ...]:
+def _in_process(args: argparse.Namespace, job: Any, config: FashionConfig, out: Path, round_metrics: Any,
+                on_clients: Any = None, *, experimenter_features: Any = None) -> tuple[Any, ...]:
     from secfedtl.federated.run import run_federation
     from secfedtl.runtime.local import build_job
 
     state_dir: Path = args.state_dir if args.state_dir is not None else out / "privacy-state"
     run_dir = out / "runs" / config["job"]["id"]
-    local = build_job(FASHION, config, run_dir, workers=0, state_dir=state_dir)
+    local = build_job(job, config, run_dir, workers=0, state_dir=state_dir)
     try:
         for name, state in local.states.items():
             earlier = state.events_before(config["job"]["id"])
@@ -304,7 +332,7 @@ def _in_process(args: argparse.Namespace, config: FashionConfig, out: Path, roun
         if on_clients is not None:
             on_clients(local.clients, local.states, config["job"]["id"])
         metrics = run_federation(config, local.source, local.federation, run_dir, progress=not args.no_progress,
-                                 experimenter=local.experimenter(), round_metrics=round_metrics)
+                                 experimenter=local.experimenter(experimenter_features), round_metrics=round_metrics)
         clients = local.clients
         mechanism = {"note": "public: functions of the settings and the declared counts only",
                      "sample_rate": {n: c.sample_rate for n, c in clients.items()},

@@ -108,11 +108,16 @@ class HospitalData:
     ``Dataset`` of ``(input, label)``; DP-SGD trains on it), ``evaluation`` (named splits, scored
     locally with the job's metric; a ``"validation"`` split is what DP source selection scores
     candidates on) and ``fingerprint`` (what the hospital's privacy state is bound to: default, a
-    hash of every tensor of ``train`` and ``evaluation``)."""
+    hash of every tensor of ``train`` and ``evaluation``). ``feature_buffer`` (optional, for a
+    simulation that plays several hospitals in one process): where the node caches the features
+    of ``train`` when the source model caches features, a float32 tensor of shape
+    ``(len(train), d)``, e.g. a row slice of one buffer holding every hospital's features (see
+    :class:`~secfedtl.training.PrivateClient`); it is not part of the fingerprint."""
 
     train: Dataset
     evaluation: Mapping[str, Dataset] = field(default_factory=dict)
     fingerprint: str = ""
+    feature_buffer: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -354,6 +359,7 @@ def build_client_node(job: FederatedJob, config: JobConfig, name: str, source: S
                                         guard=guard, regularizer=L2SP(strength=tcfg["l2sp"],
                                                                       source=model_source.head_state),
                                         head=model_source.head, cache_features=model_source.cache_features,
+                                        feature_buffer=data.feature_buffer if model_source.cache_features else None,
                                         randomness=randomness)
         return standard_tasks(hospital.client, evaluation, frozen_hash=model_source.frozen_hash, reports=reports,
                               metric=job.metric)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch.utils.data import Dataset
 
 from secfedtl.errors import ConfigError
 from secfedtl.federated.config import JobConfig
@@ -57,21 +58,42 @@ class Experimenter:
     """What the person running a *simulation* sees: they hold every hospital's data, so they can
     score each hospital's model themselves. Nothing here crosses the wire or reaches the server;
     metrics.json keeps it under ``simulation_only``. In a deployment there is no experimenter:
-    each hospital reads its own local report."""
+    each hospital reads its own local report.
+
+    ``features`` (optional): for a source model that caches features, the experimenter's own
+    copy of the frozen layers' output on hospitals' evaluation splits (hospital -> split ->
+    ``(features, labels)`` dataset, in the split's order); those splits are scored through the
+    head only, which gives the same scores as the whole model (the head is applied last)
+    without running the frozen layers every round."""
 
     config: JobConfig
     source: SourceModel
     hospitals: Mapping[str, Hospital]
     states: Mapping[str, PrivacyState]
     metric: Metric = evaluate
+    features: Mapping[str, Mapping[str, Dataset]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.features and not self.source.cache_features:
+            raise ConfigError("Experimenter features are the frozen layers' output: the source model must cache "
+                              "features")
+        for name, splits in (self.features or {}).items():
+            evaluation = self.hospitals[name].evaluation if name in self.hospitals else {}
+            for split, data in splits.items():
+                if split not in evaluation or len(data) != len(evaluation[split]):  # type: ignore[arg-type]
+                    raise ConfigError(f"Experimenter features {name}/{split}: not one of that hospital's "
+                                      "evaluation splits, or another length")
 
     def accuracy(self, params: np.ndarray) -> dict[str, dict[str, Any]]:
         model = self.source.with_params(params)
+        head = model.get_submodule(self.source.head)
+        features = self.features or {}
         out: dict[str, dict[str, Any]] = {}
         for name, hospital in self.hospitals.items():
             acc, samples = {}, {}
             for split, data in hospital.evaluation.items():
-                ev = self.metric(model, data)
+                cached = features.get(name, {}).get(split)
+                ev = self.metric(model, data) if cached is None else self.metric(head, cached)
                 acc[split], samples[split] = ev.accuracy, ev.num_samples
             out[name] = {"status": "done", "accuracy": acc, "samples": samples}
         return out

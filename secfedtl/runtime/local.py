@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch import nn
+from torch.utils.data import Dataset
 
 import secfedtl.federated.job as _job
 from secfedtl.errors import ConfigError
@@ -73,10 +75,11 @@ class LocalJob:
         """The source model with ``params`` as its trainable weights."""
         return self.source.with_params(params)
 
-    def experimenter(self) -> Experimenter:
-        """The simulation's view of every hospital's evaluation data (outside the protocol)."""
+    def experimenter(self, features: Mapping[str, Mapping[str, Dataset]] | None = None) -> Experimenter:
+        """The simulation's view of every hospital's evaluation data (outside the protocol);
+        ``features``: see :class:`~secfedtl.federated.run.Experimenter`."""
         return Experimenter(config=self.config, source=self.source, hospitals=self.hospitals, states=self.states,
-                            metric=self.job.metric)
+                            metric=self.job.metric, features=features)
 
     def close(self) -> None:
         self.federation.pool.close()

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from secfedtl.errors import ConfigError
 from secfedtl.federated.config import JobConfig
@@ -87,3 +88,47 @@ def test_hospital_data_and_source_model_check_what_a_job_returns():
         job.load_data(config, "a")
     with pytest.raises(ConfigError, match="not one of the job's clients"):
         job.load_data(config, "z")
+
+
+def test_feature_buffers_hold_the_clients_caches_and_experimenter_features_score_like_the_model(tmp_path):
+    """A simulation's shared feature buffer: each hospital caches its training features into its
+    row slice (the client trains on that storage); an Experimenter given the evaluation splits'
+    features scores the head on them exactly as the whole model on the inputs."""
+    from secfedtl.federated.run import Experimenter
+    from secfedtl.runtime.local import build_job
+    from secfedtl.transfer import cache_features, split_head
+
+    torch.manual_seed(0)
+    net = Net()
+    rng = np.random.default_rng(0)
+    xs = {n: rng.normal(size=(10, 3)).astype(np.float32) for n in "abc"}
+    ys = {n: rng.integers(0, 2, size=10) for n in "abc"}
+    buffer = torch.full((30, 4), float("nan"))
+    rows = {n: buffer[10 * i : 10 * (i + 1)] for i, n in enumerate("abc")}
+
+    def data(config, name):
+        return HospitalData(train=HospitalData.from_tensors(xs[name], ys[name]).train,
+                            evaluation={"test": HospitalData.from_tensors(xs[name], ys[name]).train},
+                            feature_buffer=rows[name])
+
+    job = FederatedJob(name="buffered", source=lambda config, spec: SourceModel(model=net, head="head"), data=data)
+    local = build_job(job, JobConfig.from_mapping({**MINIMAL, "job": {**MINIMAL["job"], "id": "buf-1"}}),
+                      tmp_path / "out", workers=0, state_dir=tmp_path / "state")
+    try:
+        backbone, _ = split_head(local.source.model, "head")
+        expected = torch.cat([backbone(torch.from_numpy(xs[n])) for n in "abc"]).detach()
+        assert torch.allclose(buffer, expected, atol=1e-6)  # every row written, by its own hospital
+        for name, client in local.clients.items():
+            assert client._data.tensors[0].data_ptr() == rows[name].data_ptr()  # no per-client copy
+        features = {n: {"test": cache_features(backbone.eval(), local.hospitals[n].evaluation["test"], batch_size=4)}
+                    for n in "abc"}
+        params = rng.normal(size=10)
+        plain = local.experimenter().accuracy(params)
+        cached = local.experimenter(features).accuracy(params)
+        assert cached == plain and {i["accuracy"]["test"] for i in plain.values()} != {1.0}
+        with pytest.raises(ConfigError):
+            local.experimenter({"a": {"test": TensorDataset(torch.zeros(3, 4), torch.zeros(3))}})
+        with pytest.raises(ConfigError):
+            local.experimenter({"a": {"validation": features["a"]["test"]}})
+    finally:
+        local.close()
