@@ -74,17 +74,26 @@ def _dataset(root: str | None, checksums: bool) -> FashionMNIST:
     return load_fashion_mnist(root, **({} if checksums else {"checksums": None}))
 
 
+def _settings() -> tuple[str | None, bool]:
+    return (os.environ.get("FASHION_MNIST_DIR") or None, os.environ.get("FASHION_MNIST_SKIP_CHECKSUMS", "") != "1")
+
+
 def load_data() -> FashionMNIST:
     """Fashion-MNIST from this machine's own settings (see the module docstring)."""
-    root = os.environ.get("FASHION_MNIST_DIR") or None
-    return _dataset(root, os.environ.get("FASHION_MNIST_SKIP_CHECKSUMS", "") != "1")
+    return _dataset(*_settings())
+
+
+@functools.lru_cache(maxsize=2)
+def _splits(root: str | None, checksums: bool, num_clients: int, alpha: float, seed: int) -> tuple[Any, ...]:
+    data = _dataset(root, checksums)
+    return tuple(client_splits(data.x_train, data.y_train, num_clients=num_clients, alpha=alpha, seed=seed))
 
 
 def splits(config: JobConfig) -> list[Any]:
-    """Every simulated client's share (the public partition seed and alpha decide who holds what)."""
-    data = load_data()
-    return client_splits(data.x_train, data.y_train, num_clients=len(config["job"]["clients"]),
-                         alpha=config["model"]["alpha"], seed=config["job"]["seed"])
+    """Every simulated client's share (the public partition seed and alpha decide who holds what);
+    computed once per setting, so the hospitals of one process and the experimenter share the
+    same arrays instead of each holding a copy of the training images."""
+    return list(_splits(*_settings(), len(config["job"]["clients"]), config["model"]["alpha"], config["job"]["seed"]))
 
 
 def source(config: JobConfig, spec: Any) -> SourceModel:
