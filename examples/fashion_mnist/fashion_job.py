@@ -69,7 +69,6 @@ def client_names(count: int) -> list[str]:
     return [f"client{k:02d}" for k in range(count)]
 
 
-@functools.lru_cache(maxsize=2)
 def _dataset(root: str | None, checksums: bool) -> FashionMNIST:
     return load_fashion_mnist(root, **({} if checksums else {"checksums": None}))
 
@@ -85,7 +84,7 @@ def load_data() -> FashionMNIST:
 
 @functools.lru_cache(maxsize=2)
 def _splits(root: str | None, checksums: bool, num_clients: int, alpha: float, seed: int) -> tuple[Any, ...]:
-    data = _dataset(root, checksums)
+    data = _dataset(root, checksums)  # not kept: the shares are copies (the whole split is not held twice)
     return tuple(client_splits(data.x_train, data.y_train, num_clients=num_clients, alpha=alpha, seed=seed))
 
 

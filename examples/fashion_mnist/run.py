@@ -243,6 +243,7 @@ def run(args: argparse.Namespace, *, on_clients: Any = None) -> dict[str, Any]:
     # clients' validation rows pooled (each client's rows a slice of it), as features of the same
     # frozen layers: each round scores only the head.
     test = features(data.x_test, data.y_test)
+    del data  # the clients' shares are their own arrays: the whole training split need not stay
     val = features(np.concatenate([s.x_val for s in shares]), np.concatenate([s.y_val for s in shares]))
     client_val = dict(zip(names, row_slices(val, [len(s.y_val) for s in shares])))
     timings["eval_features"] = time.perf_counter() - t0
