@@ -29,6 +29,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "dp": ("secfedtl.bench.dp", "time DP head training: cached features vs backbone"),
     "flower": ("secfedtl.bench.flower", "per-round cost of a job over Flower (local deployment) vs in process"),
     "audit": ("secfedtl.bench.audit", "repeated empirical audits of the correct pipeline: false alarms, tightness"),
+    "distributed": ("secfedtl.bench.distributed", "distributed DP: Skellam sampler speed, encoding cost, bit-width table"),
 }
 
 

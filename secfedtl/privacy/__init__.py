@@ -12,7 +12,7 @@ from secfedtl.privacy.accountants import (
     make_accountant,
 )
 from secfedtl.privacy.budget import BudgetGuard, PrivacyBudget
-from secfedtl.privacy.events import PoissonGaussianEvent, event_from_dict
+from secfedtl.privacy.events import PoissonGaussianEvent, PoissonSkellamEvent, event_from_dict
 from secfedtl.privacy.ledger import Ledger, spent_events, verify_ledger
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "Ledger",
     "PRVAccountant",
     "PoissonGaussianEvent",
+    "PoissonSkellamEvent",
     "PrivacyBudget",
     "RDPAccountant",
     "calibrate_noise_multiplier",

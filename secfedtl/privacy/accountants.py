@@ -1,4 +1,4 @@
-"""Privacy accountants: turn a sequence of :class:`PoissonGaussianEvent` into an epsilon.
+"""Privacy accountants: turn a sequence of DP events (:mod:`secfedtl.privacy.events`) into an epsilon.
 
 Two accountants share one interface (``name``, ``compose``, ``get_epsilon``, ``events``,
 ``to_dict``/``from_dict``, ``copy``):
@@ -9,10 +9,13 @@ Two accountants share one interface (``name``, ``compose``, ``get_epsilon``, ``e
   with the improved conversion of Balle et al. 2020 as Opacus implements it. With these orders it
   reproduces the epsilon Opacus' ``RDPAccountant`` reports for the same history. It is a valid
   upper bound but loose; note its floor: however large the noise, RDP over these orders never
-  reports less than about 0.103 at delta=1e-5.
+  reports less than about 0.103 at delta=1e-5. It also interprets :class:`PoissonSkellamEvent`
+  (distributed DP) through :mod:`secfedtl.privacy._rdp_skellam`, and composes both kinds.
 * :class:`PRVAccountant` -- numerical composition of privacy-loss random variables (Gopi, Lee,
   Wutschitz 2021) via Opacus' implementation. It returns the *upper* end of its error interval
   (``eps_error=0.01`` by default), so it is still a guarantee, and it is much tighter than RDP.
+  It interprets only :class:`PoissonGaussianEvent`: composing a Skellam event raises
+  :class:`AccountingError` (``supports`` says so beforehand).
 
 The accountant's state is only the list of events composed so far; epsilon is recomputed from it.
 Events with the same ``(sample_rate, noise_multiplier)`` are merged before accounting (composition
@@ -30,7 +33,8 @@ from typing import Any, ClassVar, Protocol
 
 from secfedtl.errors import AccountingError
 from secfedtl.privacy._rdp import epsilon_from_rdp, rdp_poisson_gaussian
-from secfedtl.privacy.events import PoissonGaussianEvent, event_from_dict
+from secfedtl.privacy._rdp_skellam import rdp_poisson_skellam
+from secfedtl.privacy.events import DpEvent, PoissonGaussianEvent, PoissonSkellamEvent, event_from_dict
 
 __all__ = [
     "ACCOUNTANTS",
@@ -39,6 +43,7 @@ __all__ = [
     "RDPAccountant",
     "calibrate_gaussian_sum",
     "calibrate_noise_multiplier",
+    "calibrate_skellam_share",
     "compute_epsilon",
     "make_accountant",
 ]
@@ -58,10 +63,12 @@ def _check_delta(delta: object) -> float:
     return float(delta)
 
 
-def _grouped(events: Iterable[PoissonGaussianEvent]) -> list[tuple[float, float, int]]:
-    """Merge events by ``(noise_multiplier, sample_rate)``: ``[(sigma, q, total_steps), ...]``."""
+def _grouped(events: Iterable[DpEvent]) -> list[tuple[float, float, int]]:
+    """Merge Gaussian events by ``(noise_multiplier, sample_rate)``: ``[(sigma, q, total_steps), ...]``."""
     totals: dict[tuple[float, float], int] = {}
     for event in events:
+        if not isinstance(event, PoissonGaussianEvent):
+            continue
         key = (event.noise_multiplier, event.sample_rate)
         totals[key] = totals.get(key, 0) + event.steps
     return [(sigma, q, steps) for (sigma, q), steps in sorted(totals.items())]
@@ -73,15 +80,39 @@ def _rdp_one_step(sample_rate: float, noise_multiplier: float) -> tuple[float, .
     return tuple(rdp_poisson_gaussian(sample_rate, noise_multiplier, a) for a in RDP_ORDERS)
 
 
+def _skellam_key(event: PoissonSkellamEvent) -> tuple[float, float, float]:
+    return (event.sample_rate, event.total_mu, event.l2_bound, event.l1_bound)
+
+
+@functools.lru_cache(maxsize=4096)
+def _rdp_one_skellam_step(sample_rate: float, mu: float, l2: float, l1: float) -> tuple[float, ...]:
+    """RDP of one step of the subsampled Skellam mechanism at every order of :data:`RDP_ORDERS`."""
+    return tuple(rdp_poisson_skellam(sample_rate, a, mu=mu, l2=l2, l1=l1) for a in RDP_ORDERS)
+
+
+def rdp_curve(events: Iterable[DpEvent]) -> list[float]:
+    """Composed RDP of ``events`` at every order of :data:`RDP_ORDERS` (RDP adds up)."""
+    rdp = [0.0] * len(RDP_ORDERS)
+    for sigma, q, steps in _grouped(events):
+        rdp = [total + steps * one for total, one in zip(rdp, _rdp_one_step(q, sigma))]
+    skellam: dict[tuple[float, float, float, float], int] = {}
+    for event in events:
+        if isinstance(event, PoissonSkellamEvent):
+            skellam[_skellam_key(event)] = skellam.get(_skellam_key(event), 0) + event.steps
+    for key, steps in sorted(skellam.items()):
+        rdp = [total + steps * one for total, one in zip(rdp, _rdp_one_skellam_step(*key))]
+    return rdp
+
+
 class Accountant(Protocol):
     """What every accountant provides."""
 
     name: ClassVar[str]
 
-    def compose(self, event: PoissonGaussianEvent) -> None: ...
+    def compose(self, event: DpEvent) -> None: ...
     def get_epsilon(self, delta: float) -> float: ...
     @property
-    def events(self) -> tuple[PoissonGaussianEvent, ...]: ...
+    def events(self) -> tuple[DpEvent, ...]: ...
     def to_dict(self) -> dict[str, Any]: ...
     def copy(self) -> Accountant: ...
 
@@ -90,27 +121,35 @@ class _EventAccountant:
     """Shared state handling: the list of composed events, validation and serialisation."""
 
     name: ClassVar[str] = ""
+    #: The event types this accountant can interpret.
+    event_types: ClassVar[tuple[type, ...]] = (PoissonGaussianEvent,)
 
     __slots__ = ("_events",)
 
-    def __init__(self, events: Iterable[PoissonGaussianEvent] = ()) -> None:
+    def __init__(self, events: Iterable[DpEvent] = ()) -> None:
         checked = [self._check_event(e) for e in events]
-        self._events: list[PoissonGaussianEvent] = checked
+        self._events: list[DpEvent] = checked
 
-    @staticmethod
-    def _check_event(event: object) -> PoissonGaussianEvent:
-        if not isinstance(event, PoissonGaussianEvent):
+    @classmethod
+    def supports(cls, event: object) -> bool:
+        """Whether this accountant can interpret ``event``."""
+        return isinstance(event, cls.event_types)
+
+    @classmethod
+    def _check_event(cls, event: object) -> DpEvent:
+        if not cls.supports(event):
             raise AccountingError(
-                f"can only compose PoissonGaussianEvent, got {type(event).__name__}"
+                f"the {cls.name} accountant can only compose "
+                f"{', '.join(t.__name__ for t in cls.event_types)}, got {type(event).__name__}"
             )
-        return event
+        return event  # type: ignore[return-value]
 
-    def compose(self, event: PoissonGaussianEvent) -> None:
+    def compose(self, event: DpEvent) -> None:
         """Record that ``event`` ran. Raises :class:`AccountingError` (unchanged) if invalid."""
         self._events.append(self._check_event(event))
 
     @property
-    def events(self) -> tuple[PoissonGaussianEvent, ...]:
+    def events(self) -> tuple[DpEvent, ...]:
         """Every event composed so far, in order."""
         return tuple(self._events)
 
@@ -119,12 +158,12 @@ class _EventAccountant:
         delta = _check_delta(delta)
         if not self._events:
             return 0.0
-        eps = self._epsilon(_grouped(self._events), delta)
+        eps = self._epsilon(self._events, delta)
         if math.isnan(eps) or eps < 0:
             raise AccountingError(f"{self.name} accountant produced an invalid epsilon {eps!r}")
         return eps
 
-    def _epsilon(self, groups: list[tuple[float, float, int]], delta: float) -> float:
+    def _epsilon(self, events: list[DpEvent], delta: float) -> float:
         raise NotImplementedError
 
     def to_dict(self) -> dict[str, Any]:
@@ -165,13 +204,11 @@ class RDPAccountant(_EventAccountant):
     """Renyi-DP accountant over Opacus' default orders (see module docstring)."""
 
     name: ClassVar[str] = "rdp"
+    event_types: ClassVar[tuple[type, ...]] = (PoissonGaussianEvent, PoissonSkellamEvent)
     __slots__ = ()
 
-    def _epsilon(self, groups: list[tuple[float, float, int]], delta: float) -> float:
-        rdp = [0.0] * len(RDP_ORDERS)
-        for sigma, q, steps in groups:
-            rdp = [total + steps * one for total, one in zip(rdp, _rdp_one_step(q, sigma))]
-        return epsilon_from_rdp(RDP_ORDERS, rdp, delta)
+    def _epsilon(self, events: list[DpEvent], delta: float) -> float:
+        return epsilon_from_rdp(RDP_ORDERS, rdp_curve(events), delta)
 
 
 class PRVAccountant(_EventAccountant):
@@ -186,7 +223,7 @@ class PRVAccountant(_EventAccountant):
     name: ClassVar[str] = "prv"
     __slots__ = ("eps_error",)
 
-    def __init__(self, events: Iterable[PoissonGaussianEvent] = (), *, eps_error: float = 0.01):
+    def __init__(self, events: Iterable[DpEvent] = (), *, eps_error: float = 0.01):
         super().__init__(events)
         if not (isinstance(eps_error, (int, float)) and 0 < eps_error < 1):
             raise AccountingError(f"eps_error must be in (0, 1), got {eps_error!r}")
@@ -195,7 +232,8 @@ class PRVAccountant(_EventAccountant):
     def copy(self) -> PRVAccountant:
         return PRVAccountant(self._events, eps_error=self.eps_error)
 
-    def _epsilon(self, groups: list[tuple[float, float, int]], delta: float) -> float:
+    def _epsilon(self, events: list[DpEvent], delta: float) -> float:
+        groups = _grouped(events)
         import numpy as np  # noqa: PLC0415 - PRV (and torch, via opacus) only when asked for
         from opacus.accountants.prv import PRVAccountant as _OpacusPRV  # noqa: PLC0415
 
@@ -235,7 +273,7 @@ def accountant_from_dict(data: Mapping[str, Any]) -> _EventAccountant:
 
 
 def compute_epsilon(
-    events: Iterable[PoissonGaussianEvent], delta: float, accountant: str = "rdp"
+    events: Iterable[DpEvent], delta: float, accountant: str = "rdp"
 ) -> float:
     """Epsilon at ``delta`` of composing ``events`` with the named accountant."""
     acc = make_accountant(accountant)
@@ -258,7 +296,7 @@ def calibrate_noise_multiplier(
     steps: int,
     accountant: str = "rdp",
     tolerance: float = 0.01,
-    prior_events: Iterable[PoissonGaussianEvent] = (),
+    prior_events: Iterable[DpEvent] = (),
 ) -> float:
     """Smallest noise multiplier (to within the search) whose epsilon does not exceed the target.
 
@@ -359,7 +397,7 @@ def calibrate_gaussian_sum(
     target_epsilon: float,
     target_delta: float,
     accountant: str = "rdp",
-    prior_events: Iterable[PoissonGaussianEvent] = (),
+    prior_events: Iterable[DpEvent] = (),
 ) -> float:
     """Noise multiplier of a Gaussian mechanism run once on a sum (no sampling: ``sample_rate``
     1, one step), the smallest whose epsilon after ``prior_events`` is at most ``target_epsilon``.
@@ -370,3 +408,90 @@ def calibrate_gaussian_sum(
     """
     return calibrate_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=1.0,
                                       steps=1, accountant=accountant, prior_events=prior_events)
+
+
+# Search range for the Skellam calibration, as a total noise standard deviation relative to l2_bound.
+_Z_MIN = 0.05
+_Z_MAX = 1.0e4
+
+
+def calibrate_skellam_share(
+    *,
+    target_epsilon: float,
+    target_delta: float,
+    sample_rate: float,
+    steps: int,
+    honest_parties: int,
+    l2_bound: float,
+    l1_bound: float,
+    dimension: int,
+    scale: float,
+    bits: int,
+    tolerance: float = 0.01,
+    prior_events: Iterable[DpEvent] = (),
+) -> PoissonSkellamEvent:
+    """The distributed Skellam event with the smallest per-party noise ``share_variance`` (to
+    within the search) whose RDP epsilon, after ``prior_events``, does not exceed the target.
+
+    Only the ``honest_parties`` hospitals' noise is counted: the total is
+    ``Sk(honest_parties * share_variance / 2)``, so a round in which fewer than ``honest_parties``
+    honest hospitals add their share is NOT covered and must be refused (docs/privacy.md,
+    "Distributed noise"). Binary search over the total noise; like
+    :func:`calibrate_noise_multiplier` it never overshoots: the returned event's epsilon was
+    computed to be ``<= target_epsilon`` (and ``>= target_epsilon - tolerance`` unless the search
+    interval collapsed).
+
+    Raises:
+        AccountingError: invalid arguments, or no noise up to ``1e4 * l2_bound`` standard
+            deviation meets the target.
+    """
+    if isinstance(target_epsilon, bool) or not isinstance(target_epsilon, (int, float)) or not (
+        math.isfinite(target_epsilon) and target_epsilon > 0
+    ):
+        raise AccountingError(f"target_epsilon must be > 0 and finite, got {target_epsilon!r}")
+    _check_delta(target_delta)
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not (
+        math.isfinite(tolerance) and tolerance > 0
+    ):
+        raise AccountingError(f"tolerance must be > 0 and finite, got {tolerance!r}")
+    base = RDPAccountant(prior_events)
+
+    def event_at(z: float) -> PoissonSkellamEvent:
+        # total standard deviation z * l2_bound: 2 mu = (z l2)^2, share_variance = 2 mu / honest
+        return PoissonSkellamEvent(
+            sample_rate=sample_rate, steps=steps, share_variance=(z * l2_bound) ** 2 / honest_parties,
+            honest_parties=honest_parties, l2_bound=l2_bound, l1_bound=l1_bound, dimension=dimension,
+            scale=scale, bits=bits)
+
+    def eps_at(z: float) -> float:
+        acc = base.copy()
+        acc.compose(event_at(z))
+        return acc.get_epsilon(target_delta)
+
+    event_at(1.0)  # validates every field before any search
+    hi = 1.0
+    eps_hi = eps_at(hi)
+    while eps_hi > target_epsilon:
+        if hi >= _Z_MAX:
+            raise AccountingError(
+                f"no Skellam noise up to {_Z_MAX:g} x l2_bound reaches epsilon {target_epsilon} at "
+                f"delta {target_delta} (epsilon there is {eps_hi:.4g})")
+        hi = min(hi * 2.0, _Z_MAX)
+        eps_hi = eps_at(hi)
+    lo = hi
+    while target_epsilon - eps_hi > tolerance and lo > _Z_MIN:
+        lo = max(lo / 2.0, _Z_MIN)
+        eps_lo = eps_at(lo)
+        if eps_lo > target_epsilon:
+            break
+        hi, eps_hi = lo, eps_lo
+    else:
+        return event_at(hi)
+    while hi - lo > 1e-6 * hi and target_epsilon - eps_hi > tolerance:
+        mid = (lo + hi) / 2.0
+        eps_mid = eps_at(mid)
+        if eps_mid <= target_epsilon:
+            hi, eps_hi = mid, eps_mid
+        else:
+            lo = mid
+    return event_at(hi)

@@ -5,6 +5,11 @@ client's recorded events (pending entries included: they count as spent) to one 
 accountants. The headline ``epsilon`` is the RDP one whenever RDP is among the accountants
 asked for (it is what Opacus reports by default), otherwise the tight PRV one.
 
+Mechanisms: every registered mechanism is recomputed (local DP-SGD's ``poisson_gaussian`` and
+distributed DP's ``poisson_skellam``). An accountant that cannot interpret some of a client's
+mechanisms (PRV does not interpret ``poisson_skellam``) is left out of that client's
+``epsilon_by_accountant`` and shown as ``n/a``; the headline accountant (RDP) interprets all.
+
 Delta: with ``--delta`` every client is measured at that delta. Otherwise each client is
 measured at the largest delta recorded on its entries (normally all entries of a client carry
 its budget's delta, so this is that delta).
@@ -188,7 +193,11 @@ def audit_ledger(
         events = [event for _, event, _ in spent]
         by_acc = tuple(
             (name, compute_epsilon(events, client_delta, name)) for name in accountants
+            if all(ACCOUNTANTS[name].supports(event) for event in events)
         )
+        if headline not in dict(by_acc):
+            raise AccountingError(
+                f"the {headline} accountant cannot interpret every mechanism of {client}; audit with --accountant rdp")
         releases = tuple(
             Release(round=r, release=view["release"], mechanism=event.to_dict(), params=view["params"],
                     randomness=view["randomness"],
@@ -260,12 +269,19 @@ def _print_releases(report: AuditReport) -> None:
         print(f"\n{c.client}: declared public {json.dumps(c.declaration, sort_keys=True)}")
         print(f"  {'round':>5}  {'release':<22}{'mechanism':<44}{'randomness':<17}{'eps':>8}{'total':>8}")
         for r in c.releases:
-            m = r.mechanism
-            mech = f"{m['mechanism']} q={m['sample_rate']:.4g} sigma={m['noise_multiplier']:.4g} T={m['steps']}"
+            mech = _describe(r.mechanism)
             flag = "" if r.certified else "  NOT PRIVATE"
             print(f"  {r.round:>5}  {r.release:<22}{mech:<44}{r.randomness:<17}{r.epsilon:>8.4f}"
                   f"{r.cumulative_epsilon:>8.4f}{flag}")
         print(f"  total epsilon {c.epsilon:.4f} ({c.headline_accountant}, delta {c.delta:g})")
+
+
+def _describe(m: dict[str, Any]) -> str:
+    """One line describing a recorded mechanism."""
+    if m["mechanism"] == "poisson_skellam":
+        return (f"poisson_skellam q={m['sample_rate']:.4g} share_var={m['share_variance']:.4g} "
+                f"honest={m['honest_parties']} L2={m['l2_bound']:.4g} b={m['bits']} T={m['steps']}")
+    return f"{m['mechanism']} q={m['sample_rate']:.4g} sigma={m['noise_multiplier']:.4g} T={m['steps']}"
 
 
 def _print_table(report: AuditReport, accountants: tuple[str, ...]) -> None:
@@ -273,7 +289,8 @@ def _print_table(report: AuditReport, accountants: tuple[str, ...]) -> None:
     rows = [
         [
             c.client,
-            *[f"{v:.4f}" for _, v in c.epsilon_by_accountant],
+            *[f"{dict(c.epsilon_by_accountant)[a]:.4f}" if a in dict(c.epsilon_by_accountant) else "n/a"
+              for a in accountants],
             f"{c.delta:g}",
             str(c.entries),
             str(c.steps),

@@ -1,7 +1,7 @@
 """The privacy ledger: an append-only, hash-chained JSON-lines file of every mechanism run.
 
-File format (version 2; version-1 files are still read)
--------------------------------------------------------
+File format (versions 2 and 3; version-1 files are still read)
+--------------------------------------------------------------
 * UTF-8 text, one JSON object per line, each line ending in ``\\n``. Objects are written with
   sorted keys and compact separators (``json.dumps(obj, sort_keys=True, separators=(",", ":"))``);
   a line that is not in exactly that canonical form is rejected.
@@ -20,6 +20,14 @@ File format (version 2; version-1 files are still read)
   mechanism: clip norm, normaliser, declared size...), ``declaration`` (what the data holder
   declared public about itself), ``job_id`` and ``data_fingerprint`` (SHA-256 of the data the
   entry protects). Version-1 lines read as ``release``/``randomness`` ``"unrecorded"``.
+* Version 3 records the mechanism as data: instead of the top-level ``mechanism``,
+  ``sample_rate``, ``noise_multiplier`` and ``steps`` of versions 1-2 a line has one ``event``
+  object, the event's own ``to_dict()`` (any mechanism in the fixed registry
+  :data:`~secfedtl.privacy.events.EVENT_TYPES`, e.g. ``poisson_skellam`` for distributed DP).
+  Everything else is as in version 2. :meth:`Ledger.begin` writes a ``poisson_gaussian`` event as a
+  version-2 line (byte-for-byte what earlier releases wrote) and any other mechanism as version 3,
+  so a ledger without distributed DP stays readable by older secfedtl; one version per line, and a
+  file may mix them.
 * ``status`` is ``"pending"`` on the line written by :meth:`Ledger.begin` (before the mechanism
   runs) and ``"complete"`` on the line written by :meth:`Ledger.complete`, which repeats the
   pending line's mechanism fields and carries the same ``entry_id``. A pending entry with no
@@ -48,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from secfedtl.errors import AccountingError, LedgerError, LedgerTamperedError
-from secfedtl.privacy.events import PoissonGaussianEvent, event_from_dict
+from secfedtl.privacy.events import DpEvent, PoissonGaussianEvent, event_from_dict
 from secfedtl.privacy.randomness import RANDOMNESS_LABELS
 
 __all__ = [
@@ -63,7 +71,9 @@ __all__ = [
 ]
 
 LEDGER_VERSION = 2
-_READABLE_VERSIONS = (1, 2)
+#: The version :meth:`Ledger.begin` writes for mechanisms other than ``poisson_gaussian``.
+EVENT_LEDGER_VERSION = 3
+_READABLE_VERSIONS = (1, 2, 3)
 GENESIS_HASH = "0" * 64
 
 _STATUSES = ("pending", "complete")
@@ -85,6 +95,23 @@ _LINE_FIELDS_V1 = frozenset(
     }
 )
 _LINE_FIELDS = _LINE_FIELDS_V1 | frozenset(_V2_FIELDS)
+_COPIED_FIELDS_V3 = ("client", "round", "event", "delta", "model_hash", *_V2_FIELDS)
+_LINE_FIELDS_V3 = (_LINE_FIELDS - frozenset(_EVENT_FIELDS)) | {"event"}
+
+
+def _line_fields(version: int) -> frozenset[str]:
+    return {1: _LINE_FIELDS_V1, 2: _LINE_FIELDS, 3: _LINE_FIELDS_V3}[version]
+
+
+def _copied_fields(version: int) -> tuple[str, ...]:
+    return {1: _COPIED_FIELDS_V1, 2: _COPIED_FIELDS, 3: _COPIED_FIELDS_V3}[version]
+
+
+def _event_of(obj: Mapping[str, Any]) -> DpEvent:
+    """The mechanism a verified line records (AccountingError if invalid, KeyError if missing)."""
+    if obj.get("version") == 3:
+        return event_from_dict(obj["event"])
+    return event_from_dict({k: obj[k] for k in _EVENT_FIELDS})
 #: What a version-1 line reads as for the version-2 fields.
 _V1_DEFAULTS = {"release": "unrecorded", "randomness": "unrecorded", "params": {}, "declaration": {},
                 "job_id": "", "data_fingerprint": ""}
@@ -128,10 +155,10 @@ def _check_line_fields(obj: dict[str, Any], line_number: int) -> None:
             f"line {line_number}: unknown ledger version {version!r} "
             f"(this secfedtl reads versions {_READABLE_VERSIONS})"
         )
-    fields = _LINE_FIELDS if version == 2 else _LINE_FIELDS_V1
+    fields = _line_fields(version)
     if set(obj) != fields:
         raise _tampered(line_number, f"unexpected fields {sorted(set(obj) ^ fields)}")
-    if version == 2:
+    if version >= 2:
         for key in ("release", "randomness", "job_id", "data_fingerprint"):
             if not isinstance(obj[key], str):
                 raise _tampered(line_number, f"{key} must be a string")
@@ -149,7 +176,7 @@ def _check_line_fields(obj: dict[str, Any], line_number: int) -> None:
     if isinstance(rnd, bool) or not isinstance(rnd, int) or rnd < 0:
         raise _tampered(line_number, "round must be an int >= 0")
     try:
-        event_from_dict({k: obj[k] for k in _EVENT_FIELDS})
+        _event_of(obj)
     except AccountingError as exc:
         raise _tampered(line_number, f"invalid mechanism: {exc}") from exc
     delta = obj["delta"]
@@ -214,7 +241,7 @@ def _parse(data: bytes, *, expected_head: str | None = None) -> tuple[list[dict[
             if entry_id in completed:
                 raise _tampered(line_number, f"entry {entry_id!r} completed twice")
             if obj["version"] != begun["version"] or any(
-                obj.get(k) != begun.get(k) for k in _COPIED_FIELDS
+                obj.get(k) != begun.get(k) for k in _copied_fields(begun["version"])
             ):
                 raise _tampered(line_number, "complete line disagrees with its pending line")
             completed.add(entry_id)
@@ -258,18 +285,18 @@ def read_verified_ledger(
 
 def spent_events(
     entries: Iterable[Mapping[str, Any]],
-) -> dict[str, list[tuple[int, PoissonGaussianEvent, float]]]:
+) -> dict[str, list[tuple[int, DpEvent, float]]]:
     """Everything each client has spent: ``{client: [(round, event, delta), ...]}`` in ledger order.
 
     Every begun entry counts once, whether it was completed or is still pending (a pending entry
     may have crashed after its noise was drawn, so it is charged). Completion lines add nothing.
     """
-    spent: dict[str, list[tuple[int, PoissonGaussianEvent, float]]] = {}
+    spent: dict[str, list[tuple[int, DpEvent, float]]] = {}
     for entry in entries:
         if entry.get("status") != "pending":
             continue
         try:
-            event = event_from_dict({k: entry[k] for k in _EVENT_FIELDS})
+            event = _event_of(entry)
         except KeyError as exc:
             raise LedgerError(f"ledger entry lacks field {exc}") from exc
         spent.setdefault(entry["client"], []).append(
@@ -384,7 +411,7 @@ class Ledger:
         *,
         client: str,
         round: int,  # noqa: A002 - the ledger field is called "round"
-        event: PoissonGaussianEvent,
+        event: DpEvent,
         delta: float,
         model_hash: str,
         release: str,
@@ -416,20 +443,18 @@ class Ledger:
             raise LedgerError("client must be a non-empty string")
         if isinstance(round, bool) or not isinstance(round, int) or round < 0:
             raise LedgerError(f"round must be an int >= 0, got {round!r}")
-        if not isinstance(event, PoissonGaussianEvent):
-            raise LedgerError(f"event must be a PoissonGaussianEvent, got {type(event).__name__}")
+        if not isinstance(event, DpEvent):
+            raise LedgerError(f"event must be a registered DP event, got {type(event).__name__}")
         if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
             raise LedgerError(f"delta must be in (0, 1), got {delta!r}")
         if not isinstance(model_hash, str):
             raise LedgerError("model_hash must be a string")
         entry_id = uuid.uuid4().hex
         obj: dict[str, Any] = {
-            "version": LEDGER_VERSION,
             "entry_id": entry_id,
             "status": "pending",
             "client": client,
             "round": round,
-            **event.to_dict(),
             "delta": float(delta),
             "model_hash": model_hash,
             "release": release,
@@ -441,6 +466,10 @@ class Ledger:
             "timestamp": _utc_now(),
             "extra": dict(extra),
         }
+        if isinstance(event, PoissonGaussianEvent):
+            obj.update(version=LEDGER_VERSION, **event.to_dict())
+        else:
+            obj.update(version=EVENT_LEDGER_VERSION, event=event.to_dict())
         self._append(obj)
         self._open_ids.add(entry_id)
         return entry_id
@@ -457,7 +486,7 @@ class Ledger:
         begun = next(
             e for e in self._entries if e["entry_id"] == entry_id and e["status"] == "pending"
         )
-        copied = _COPIED_FIELDS if begun["version"] == 2 else _COPIED_FIELDS_V1
+        copied = _copied_fields(begun["version"])
         obj: dict[str, Any] = {
             "version": begun["version"],
             "entry_id": entry_id,

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from secfedtl.crypto.stream import KeyStream
 from secfedtl.errors import ConfigError, InputError
 
 __all__ = ["CERTIFIED_RANDOMNESS", "RANDOMNESS_LABELS", "Randomness", "secure_poisson_mask"]
@@ -108,6 +109,15 @@ class Randomness:
         else:
             mask = secure_poisson_mask(n, sample_rate)
         return np.flatnonzero(mask)
+
+    def key_stream(self) -> KeyStream:
+        """A fresh :class:`~secfedtl.crypto.stream.KeyStream` for integer noise and rounding
+        (distributed DP): keyed from ``os.urandom`` for :meth:`secure`; for
+        :meth:`insecure_seeded`, keyed from this object's seeded generator (reproducible, and
+        labelled ``insecure_seeded``)."""
+        if self._rng is not None:
+            return KeyStream.insecure_seeded(int(self._rng.integers(0, 2**63)))
+        return KeyStream.fresh()
 
     def noise_generator(self, device: Any = "cpu") -> Any:
         """The torch generator DP noise comes from, or ``None`` when every noise sample comes from

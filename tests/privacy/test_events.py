@@ -87,4 +87,6 @@ def test_event_from_bad_dict_raises(data: object) -> None:
 
 
 def test_registry_is_fixed() -> None:
-    assert dict(EVENT_TYPES) == {"poisson_gaussian": PoissonGaussianEvent}
+    from secfedtl.privacy.events import PoissonSkellamEvent
+
+    assert dict(EVENT_TYPES) == {"poisson_gaussian": PoissonGaussianEvent, "poisson_skellam": PoissonSkellamEvent}
