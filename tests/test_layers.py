@@ -6,7 +6,7 @@ may import its own layer and any lower one, never a higher one.
 
 The order (low to high), and why:
 
-* ``errors``, ``_atomic``: the exception tree and an atomic file write, used everywhere;
+* ``errors``, ``_atomic``, ``_checks``: the exception tree, an atomic file write and shared argument checks, used everywhere;
 * ``crypto``: wrappers over ``cryptography``;
 * ``encoding``: fixed-point vectors in Z_2^b;
 * ``secagg``: the Sans-I/O protocol (messages, codec, state machines, one round driver);
@@ -36,7 +36,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "secfedtl"
 
 LAYERS: list[set[str]] = [
-    {"secfedtl", "secfedtl.errors", "secfedtl._atomic"},
+    {"secfedtl", "secfedtl.errors", "secfedtl._atomic", "secfedtl._checks"},
     {"secfedtl.crypto"},
     {"secfedtl.encoding"},
     {"secfedtl.secagg"},
