@@ -123,6 +123,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=None,
                    help="tokens per report (default: 256 frozen, 128 unfrozen)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--flower", choices=("local", "simulate"), default=None,
+                   help="run the job (radiology_job.py; frozen encoder only) on a local Flower deployment instead of "
+                        "this process's own loop")
+    p.add_argument("--phase-timeout", type=float, default=300.0, help="with --flower: seconds a phase waits")
     args = p.parse_args(argv)
     unfrozen = args.unfreeze_last_block
     if args.rounds is None:
@@ -153,6 +157,65 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--feature-scale must be a number > 0, got {args.feature_scale:g}")
     if args.archive is not None and not args.archive.is_file():
         raise ConfigError(f"--archive {args.archive}: no such file")
+    if args.flower is not None and args.unfreeze_last_block:
+        raise ConfigError("--flower runs the frozen-encoder job (radiology_job.py); --unfreeze-last-block runs only "
+                          "in this process")
+
+
+def run_on_flower(args: argparse.Namespace) -> dict[str, Any]:
+    """The same settings as a job file for radiology_job.py, run on a local Flower deployment: a
+    node agent per hospital embeds its own reports, the centring is the job's preparation. The
+    experimenter (this process holds every report) scores the final model on each hospital's
+    test split from the server's checkpoint."""
+    import radiology_job
+
+    from secfedtl.aggregation.optimizers import decode_vector
+    from secfedtl.runtime.deploy import run_local
+
+    t_start = time.perf_counter()
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent),
+                                                             os.environ.get("PYTHONPATH")]))
+    os.environ["RADIOLOGY_CACHE_DIR"] = str(args.cache_dir.resolve())
+    if args.archive is not None:
+        os.environ["RADIOLOGY_ARCHIVE"] = str(args.archive.resolve())
+    data = load_radiology_reports(archive=args.archive, seed=args.seed)
+    declared = {n: declared_records(len(h.train), args.declared_grid) for n, h in data.hospitals.items()}
+    config = radiology_job.RadiologyConfig.from_mapping({
+        "job": {"dataset": "iu_xray_reports", "source": "minilm", "clients": list(declared), "rounds": args.rounds,
+                "seed": args.seed, "id": "radiology-" + uuid.uuid4().hex},
+        "privacy": {"epsilon": args.epsilon, "delta": args.delta, "accountant": args.accountant},
+        "declared": {"records": declared},
+        "model": {"feature_scale": args.feature_scale, "centre_epsilon": args.centre_epsilon,
+                  "max_length": args.max_length},
+        "training": {"lr": args.lr, "expected_batch_size": args.batch_size, "max_grad_norm": args.max_grad_norm,
+                     "epochs": args.epochs, "optimizer": args.optimizer},
+        "server": {"optimizer": args.server_optimizer, "lr": args.server_lr},
+        "secagg": {"clip": 1.0, "max_samples": max(declared.values())}})
+    job, ref = radiology_job.job_for(config)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "job.toml").write_text(config.to_toml(), encoding="utf-8")
+    metrics = run_local(args.out / "job.toml", args.out / "flower", simulation=args.flower == "simulate",
+                        phase_timeout=args.phase_timeout, job_code=ref)
+    server = args.out / "flower" / "server"
+    params = decode_vector(json.loads((server / "checkpoint.json").read_text(encoding="utf-8"))["global_params"])
+    source = job.build_source(config)
+    if job.prepare is not None:
+        centre = np.asarray(json.loads((server / "preparation.json").read_text(encoding="utf-8"))["result"])
+        source = job.prepare.apply(source, centre)
+    model = source.with_params(params)
+    tests = {n: evaluate(model, radiology_job.hospital_data(config, n).evaluation["test"]) for n in declared}
+    ledgers = {n: args.out / "flower" / "hospitals" / n / "privacy" / n / "ledger.jsonl" for n in declared}
+    spent = {n: [e for _, e, _ in spent_events(read_verified_ledger(p)[0]).get(n, [])] for n, p in ledgers.items()}
+    correct = sum(round(t.accuracy * t.num_samples) for t in tests.values())
+    metrics["simulation_only"] = {
+        "note": "computed by the experimenter of this simulation from the server's final weights, outside the protocol",
+        "per_hospital_test_accuracy": {n: t.accuracy for n, t in tests.items()},
+        "pooled_test_accuracy": correct / sum(t.num_samples for t in tests.values()),
+        "epsilon": {n: compute_epsilon(ev, args.delta, accountant=args.accountant) for n, ev in spent.items()},
+        "ledgers": {n: os.fspath(p) for n, p in ledgers.items()}}
+    metrics["wall_seconds"] = time.perf_counter() - t_start
+    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    return metrics
 
 
 # --- features --------------------------------------------------------------------------------
@@ -586,6 +649,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         check_args(args)
+        if args.flower is not None:
+            metrics = run_on_flower(args)
+            sim = metrics["simulation_only"]
+            print(f"on Flower ({args.flower}): rounds {[r['status'] for r in metrics['server']['rounds']]}; "
+                  f"pooled test accuracy {sim['pooled_test_accuracy']:.3f} (simulation only); epsilon max "
+                  f"{max(sim['epsilon'].values()):.3f} of {args.epsilon:g}; {metrics['wall_seconds']:.0f} s; "
+                  f"wrote {args.out / 'metrics.json'}")
+            return 0
         if args.state_dir is None:
             print(f"radiology: throwaway privacy states in {args.out / 'privacy-state'} "
                   "(real hospitals keep theirs across jobs)", file=sys.stderr)

@@ -26,7 +26,6 @@ node (:func:`build_client_node`), the server (:func:`build_server`) and DP sourc
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import importlib
@@ -45,11 +44,12 @@ from torch.utils.data import Dataset, TensorDataset
 
 from secfedtl.aggregation import make_server_optimizer
 from secfedtl.crypto.primitives import SigningKey
-from secfedtl.errors import AccountingError, ConfigError
+from secfedtl.errors import AccountingError, AggregationError, ConfigError, RemoteProtocolError
 from secfedtl.federated.config import JobConfig
 from secfedtl.federated.distributed import STEP_TASK, DistributedStepTask, plan_for, settings_for
 from secfedtl.federated.federation import Federation
-from secfedtl.federated.node import ClientNode, LocalReports, Metric, standard_tasks
+from secfedtl.federated import wire
+from secfedtl.federated.node import ClientNode, LocalReports, Metric, Task, TaskOutput, standard_tasks
 from secfedtl.federated.pool import ClientPool
 from secfedtl.federated.roster import NodePolicy, Roster
 from secfedtl.federated.statistic import CandidateLosses, StatisticTask, secure_statistic, selection_options
@@ -66,8 +66,8 @@ from secfedtl.transfer.regularizers import L2SP
 from secfedtl.transfer.selection import SelectionMechanism, select_candidate
 
 __all__ = ["FederatedJob", "Hospital", "HospitalData", "SourceModel", "build_client_node", "build_selection_node",
-           "DEFAULT_JOB", "build_server", "declaration", "default_state_root", "job_id", "load_job", "node_policy",
-           "open_hospital_state", "planned_prior_events", "select_source", "selection_mechanism", "selection_options", "state_root"]
+           "DEFAULT_JOB", "Preparation", "build_server", "declaration", "default_state_root", "job_id", "load_job", "node_policy",
+           "open_hospital_state", "planned_prior_events", "prepare_source", "select_source", "selection_mechanism", "selection_options", "state_root"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -151,14 +151,51 @@ def _tensors(*datasets: Dataset) -> list[Any]:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Preparation:
+    """A DP statistic every hospital releases once before training (one secure round), whose
+    public result the trained model is then built with. DP centring of frozen features is one
+    (:func:`secfedtl.federated.centring.centring`).
+
+    * ``statistic(config)``: the :class:`~secfedtl.federated.statistic.Statistic`, public, from
+      the job file alone (its event is charged before the release and is a prior event of the
+      training noise);
+    * ``data(hospital_data)``: what a hospital releases it on (at the hospital);
+    * ``result(total, statistic)``: the server's post-processing of the securely summed releases
+      into the public vector it sends every hospital (raise
+      :class:`~secfedtl.errors.AggregationError` when the sum is unusable);
+    * ``check(vector, statistic)``: what a hospital accepts from the server (a vector the server
+      could have computed: right length, finite, within the public bounds; raise
+      :class:`~secfedtl.errors.RemoteProtocolError` otherwise);
+    * ``apply(source, vector)``: the source model the job trains, on the server and at every
+      hospital (the same vector gives the same model, and the same hash in every task).
+    """
+
+    statistic: Callable[[JobConfig], Any]
+    data: Callable[[HospitalData], Any]
+    result: Callable[[np.ndarray, Any], np.ndarray]
+    check: Callable[[np.ndarray, Any], np.ndarray]
+    apply: Callable[[SourceModel, np.ndarray], SourceModel]
+
+
+@dataclass(frozen=True, kw_only=True)
 class FederatedJob:
-    """A federated transfer job (see the module docstring)."""
+    """A federated transfer job (see the module docstring). ``prepare``: an optional DP
+    statistic released before training (:class:`Preparation`)."""
 
     name: str
     source: Callable[[JobConfig, Mapping[str, Any]], SourceModel]
     data: Callable[[JobConfig, str], HospitalData]
     metric: Metric = evaluate
     config_type: type[JobConfig] = JobConfig
+    prepare: Preparation | None = None
+
+    def prior_events(self, config: JobConfig) -> list[PoissonGaussianEvent]:
+        """What every hospital spends in this job before training, from the job file alone: the
+        selection event (``[selection]``) and the preparation's."""
+        events = planned_prior_events(config)
+        if self.prepare is not None:
+            events.append(self.prepare.statistic(config).event())
+        return events
 
     def load_config(self, path: str | os.PathLike[str] | None = None) -> JobConfig:
         return self.config_type.load(path)
@@ -232,15 +269,17 @@ def state_root(override: Path | None = None) -> Path:
     return override if override is not None else default_state_root()
 
 
-def node_policy(config: JobConfig, **kwargs: Any) -> NodePolicy:
-    """What a node of this job accepts: one secure session per training round, and no more tasks
-    (each may charge) than the job plans (its rounds, plus one with personalisation)."""
+def node_policy(config: JobConfig, job: FederatedJob | None = None, **kwargs: Any) -> NodePolicy:
+    """What a node of this job accepts: one secure session per training round (and one for the
+    preparation, if any), and no more tasks (each may charge) than the job plans (its rounds, one
+    more with personalisation, two more with a preparation: its release and its result)."""
     rounds = config["job"]["rounds"]
-    planned = rounds + int(config["privacy"]["personalise"])
+    prepared = job is not None and job.prepare is not None
     if config.noise() == "distributed":  # one secure session (and one charged task) per DP step
         steps = settings_for(config).total_steps
-        return NodePolicy(**{"max_sessions": steps, "max_tasks": steps, **kwargs})
-    return NodePolicy(**{"max_sessions": rounds, "max_tasks": planned, **kwargs})
+        return NodePolicy(**{"max_sessions": steps + int(prepared), "max_tasks": steps + 2 * int(prepared), **kwargs})
+    planned = rounds + int(config["privacy"]["personalise"]) + 2 * int(prepared)
+    return NodePolicy(**{"max_sessions": rounds + int(prepared), "max_tasks": planned, **kwargs})
 
 
 def open_hospital_state(config: JobConfig, name: str, data: HospitalData, root: Path) -> PrivacyState:
@@ -261,7 +300,8 @@ def declaration(config: JobConfig, name: str) -> dict[str, Any]:
 
 @dataclass(kw_only=True)
 class Hospital:
-    """One private client's objects (they stay at that client)."""
+    """One private client's objects (they stay at that client). With a preparation, ``client``
+    is built when the preparation's result arrives (in the node's own process)."""
 
     name: str
     node: ClientNode
@@ -292,6 +332,9 @@ def build_client_node(job: FederatedJob, config: JobConfig, name: str, source: S
     jid = job_id(config) if job_ref is None else job_ref
     guard = state.guard(job_id=jid, declaration=declaration(config, name))
     if config.noise() == "distributed":
+        if job.prepare is not None:
+            raise ConfigError(f"job {job.name!r} releases a preparation before training; distributed noise "
+                              "does not support one yet")
         return _distributed_node(job, config, name, source, data, state, guard, jid, identity=identity,
                                  roster=roster, policy=policy)
     planned = config["job"]["rounds"] + (1 if priv["personalise"] else 0)
@@ -301,19 +344,62 @@ def build_client_node(job: FederatedJob, config: JobConfig, name: str, source: S
                           target_delta=priv["delta"], planned_rounds=planned, device="auto",
                           secure_mode=priv["secure_mode"], accountant=priv["accountant"],
                           public_dataset_size=config["declared"]["records"][name])
-    dp = _calibrated_after(dp, state.events_before(jid) + planned_prior_events(config))
+    dp = _calibrated_after(dp, state.events_before(jid) + job.prior_events(config))
     seed = _node_seed(config, name)
     randomness = (Randomness.insecure_seeded(seed) if priv["insecure_reproducible"]
                   else Randomness.secure(secure_mode=priv["secure_mode"]))
-    client = PrivateClient(client_id=name, model=source.model, train_data=data.train, config=dp, guard=guard,
-                           regularizer=L2SP(strength=tcfg["l2sp"], source=source.head_state),
-                           head=source.head, cache_features=source.cache_features, randomness=randomness)
     evaluation = dict(data.evaluation)
     reports = LocalReports(state.directory / "reports" / jid)
-    node = ClientNode(name=name, tasks=standard_tasks(client, evaluation, frozen_hash=source.frozen_hash,
-                                                      reports=reports, metric=job.metric),
-                      seed=seed, identity=identity, roster=roster, policy=policy)
-    return Hospital(name=name, node=node, client=client, guard=guard, evaluation=evaluation, reports=reports)
+    hospital = Hospital(name=name, node=None, client=None, guard=guard, evaluation=evaluation,  # type: ignore[arg-type]
+                        reports=reports)
+
+    def client_tasks(model_source: SourceModel) -> dict[str, Task]:
+        hospital.client = PrivateClient(client_id=name, model=model_source.model, train_data=data.train, config=dp,
+                                        guard=guard, regularizer=L2SP(strength=tcfg["l2sp"],
+                                                                      source=model_source.head_state),
+                                        head=model_source.head, cache_features=model_source.cache_features,
+                                        randomness=randomness)
+        return standard_tasks(hospital.client, evaluation, frozen_hash=model_source.frozen_hash, reports=reports,
+                              metric=job.metric)
+
+    if job.prepare is None:
+        tasks = client_tasks(source)
+    else:
+        statistic = job.prepare.statistic(config)
+        later = _Prepared(job.prepare, statistic, source, client_tasks)
+        tasks = {statistic.task: StatisticTask(statistic, data=job.prepare.data(data), guard=guard),
+                 "prepare": later.prepare, **{t: later.deferred(t) for t in ("train", "evaluate", "personalise")}}
+    hospital.node = ClientNode(name=name, tasks=tasks, seed=seed, identity=identity, roster=roster, policy=policy)
+    return hospital
+
+
+class _Prepared:
+    """A node's tasks that wait for the preparation's result: ``prepare`` checks the vector the
+    server sends (:attr:`Preparation.check`), builds the source model with it and the client's
+    tasks; until then (or after a refused vector) every deferred task is refused."""
+
+    def __init__(self, preparation: Preparation, statistic: Any, source: SourceModel,
+                 client_tasks: Callable[[SourceModel], dict[str, Task]]) -> None:
+        self._preparation = preparation
+        self._statistic = statistic
+        self._source = source
+        self._client_tasks = client_tasks
+        self._tasks: dict[str, Task] | None = None
+
+    def prepare(self, request: wire.TaskRequest, digest: str) -> TaskOutput:
+        if self._tasks is not None:
+            raise RemoteProtocolError("this node is already prepared")
+        vector = self._preparation.check(request.weights(), self._statistic)
+        self._tasks = self._client_tasks(self._preparation.apply(self._source, vector))
+        return TaskOutput()
+
+    def deferred(self, task: str) -> Task:
+        def run(request: wire.TaskRequest, digest: str) -> TaskOutput:
+            if self._tasks is None:
+                raise RemoteProtocolError(f"task {task!r} before the preparation's result")
+            return self._tasks[task](request, digest)
+
+        return run
 
 
 def _distributed_node(job: FederatedJob, config: JobConfig, name: str, source: SourceModel, data: HospitalData,
@@ -458,3 +544,42 @@ def saved_selection(config: JobConfig, out: Path) -> dict[str, Any] | None:
     if saved.get("candidates") != config.source_specs():
         raise ConfigError(f"{path} was written for other candidates")
     return saved
+
+
+# -- the preparation (server side) ---------------------------------------------------------------
+
+
+def prepare_source(job: FederatedJob, config: JobConfig, source: SourceModel, pool: ClientPool, roster: Roster,
+                   out: Path) -> tuple[SourceModel, dict[str, Any] | None]:
+    """Run ``job``'s preparation over ``pool`` (one secure round of its statistic, then the
+    ``prepare`` task with the public result) and return the source model the job trains, and the
+    record written to ``out/preparation.json``. A run that finds that file (``--resume``) sends
+    the saved result again without a new release. Without a preparation: ``source`` as it is.
+
+    Raises:
+        AggregationError: the secure round failed, or its sum is unusable.
+    """
+    if job.prepare is None:
+        return source, None
+    statistic = job.prepare.statistic(config)
+    path = out / "preparation.json"
+    server = Federation(pool=pool, roster=roster, names=["prepare"], global_params=np.zeros(1),
+                        optimizer=make_server_optimizer("fedavg", server_lr=1.0), bits=config["secagg"]["bits"],
+                        max_samples=config["secagg"]["max_samples"], seed=config["job"]["seed"])
+    if path.exists():
+        record: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        if record.get("statistic") != statistic.options():
+            raise ConfigError(f"{path} was written for another statistic")
+        result = np.asarray(record["result"], dtype=np.float64)
+    else:
+        outcome = secure_statistic(server, statistic, round=0, max_samples=config["secagg"]["max_samples"])
+        record = {"task": statistic.task, "statistic": statistic.options(), "status": outcome.status,
+                  "reason": outcome.reason, "included": list(outcome.included), "refused": list(outcome.refused)}
+        if outcome.status != "ok" or outcome.total is None:
+            raise AggregationError(f"the preparation's secure round failed: {outcome.reason or outcome.status}")
+        result = job.prepare.check(job.prepare.result(outcome.total, statistic), statistic)
+        record["result"] = [float(v) for v in result]
+        path.write_text(json.dumps(record, indent=2), encoding="utf-8")
+    answers = server.query("prepare", weights=result, round=0)
+    record = {**record, "prepared": sorted(n for n, a in answers.items() if a.get("status") == "done")}
+    return job.prepare.apply(source, result), record

@@ -108,6 +108,7 @@ def _pooled(infos: dict[str, dict[str, Any]], split: str) -> tuple[dict[str, flo
 def run_federation(config: JobConfig, source: SourceModel, federation: Federation, out: Path, *,
                    t_start: float | None = None, progress: bool = True,
                    selection: dict[str, Any] | None = None,
+                   preparation: dict[str, Any] | None = None,
                    experimenter: Experimenter | None = None,
                    round_metrics: Callable[[np.ndarray], Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """The server's part of a job, whatever pool ``federation`` talks through: every round, then
@@ -166,6 +167,7 @@ def run_federation(config: JobConfig, source: SourceModel, federation: Federatio
         "noise": config.noise(),
         "server": {"note": "everything the server received: round outcomes over masked sums, and statuses",
                    "rounds": round_rows, "personalisation": personalise, "selection": selection,
+                   **({"preparation": preparation} if preparation is not None else {}),
                    "source": {"centre": config["job"]["source"], **source.info}},
         "wall_seconds": 0.0,
     }

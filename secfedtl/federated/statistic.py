@@ -47,6 +47,8 @@ class Statistic(Protocol):
     @property
     def vector_length(self) -> int: ...
 
+    def event(self) -> Any: ...
+
     def options(self) -> dict[str, Any]: ...
 
     def clip(self, max_samples: int) -> float: ...
@@ -68,6 +70,9 @@ class FeatureMean:
 
     def options(self) -> dict[str, Any]:
         return {"mechanism": self.mechanism.options()}
+
+    def event(self) -> Any:
+        return self.mechanism.event()
 
     def clip(self, max_samples: int) -> float:
         return max_samples * self.mechanism.row_clip + 10.0 * self.mechanism.noise_std
@@ -103,6 +108,9 @@ class CandidateLosses:
 
     def options(self) -> dict[str, Any]:
         return {"candidates": list(self.hashes), "mechanism": selection_options(self.mechanism)}
+
+    def event(self) -> Any:
+        return self.mechanism.event()
 
     def clip(self, max_samples: int) -> float:
         return max_samples * self.mechanism.loss_clip + 10.0 * self.mechanism.loss_noise_std

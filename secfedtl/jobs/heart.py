@@ -30,7 +30,6 @@ from secfedtl.data import load_fed_heart_disease, record_split, split_key, stand
 from secfedtl.data.heart import TRAIN_FRACTION
 from secfedtl.errors import ConfigError
 from secfedtl.federated.config import JobConfig
-from secfedtl.federated.federation import Federation
 from secfedtl.federated.job import (  # noqa: F401 - re-exported: this job's building blocks
     FederatedJob,
     Hospital,

@@ -403,8 +403,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--colluders", type=int, default=0,
                         help="clients assumed to collude with an active server; sessions must tolerate them")
     parser.add_argument("--max-sessions", type=int, default=None,
-                        help="refuse secure-aggregation sessions beyond this many (default: the job's rounds; its DP steps with "
-                             "distributed noise)")
+                        help="refuse secure-aggregation sessions beyond this many (default: the job's rounds, plus "
+                             "one for a preparation; its DP steps with distributed noise)")
     parser.add_argument("--max-tasks", type=int, default=None,
                         help="refuse tasks beyond this many; each may charge the budget when it arrives (default: "
                              "what the job plans: its rounds, plus one with personalisation)")
@@ -417,17 +417,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from secfedtl.federated.job import load_job, node_policy
-    from secfedtl.federated.roster import NodePolicy
+    from secfedtl.federated.job import load_job
+    from secfedtl.federated.job import node_policy
 
     job = load_job(args.job)
     config = job.load_config(args.config)
     torch.set_num_threads(max(1, args.threads))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    planned = node_policy(config)  # the job's plan: its rounds (distributed noise: its DP steps)
-    policy = NodePolicy(min_parties=args.min_parties, colluders=args.colluders,
-                        max_sessions=planned.max_sessions if args.max_sessions is None else args.max_sessions,
-                        max_tasks=planned.max_tasks if args.max_tasks is None else args.max_tasks)
+    planned = node_policy(config, job)  # what the job plans: its sessions and tasks
+    policy = node_policy(config, job, min_parties=args.min_parties, colluders=args.colluders,
+                         max_sessions=planned.max_sessions if args.max_sessions is None else args.max_sessions,
+                         max_tasks=planned.max_tasks if args.max_tasks is None else args.max_tasks)
     agent = build_hospital_agent(config, args.hospital, args.out, args.socket,
                                  key=args.key, roster=args.roster, policy=policy, node_name=args.node_name,
                                  state_dir=args.state_dir, job=job)

@@ -290,7 +290,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], *, clients: Sequence[s
     (metrics.json, rounds.json, checkpoint.json, report.png; the ledgers stay at the hospitals),
     plus ``progress.jsonl`` (one line per exchange) and ``status.json``. ``clients`` (default:
     the job's) are the node names to federate (tests add a second node for one hospital's data)."""
-    from secfedtl.federated.job import build_server, load_job
+    from secfedtl.federated.job import build_server, load_job, prepare_source
     from secfedtl.federated.roster import Roster
     from secfedtl.federated.run import run_federation
 
@@ -322,8 +322,10 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], *, clients: Sequence[s
         pool = FlowerPool(grid, nodes, names=clients, timeout=settings["phase-timeout"],
                           poll_interval=settings["poll-interval"], progress=out / "progress.jsonl",
                           view=out / "server_view.jsonl" if settings["record-view"] else None)
+        source, preparation = prepare_source(job, config, source, pool, roster, out)
         federation = build_server(config, source, pool, roster)
-        metrics = run_federation(config, source, federation, out, t_start=t_start, progress=False)
+        metrics = run_federation(config, source, federation, out, t_start=t_start, progress=False,
+                                 preparation=preparation)
     except (SecFedTLError, OSError) as exc:
         _status(out, "failed", error=f"{type(exc).__name__}: {exc}")
         raise

@@ -55,6 +55,7 @@ class LocalJob:
     states: dict[str, PrivacyState]
     federation: Federation
     selection: dict[str, Any] | None = None
+    preparation: dict[str, Any] | None = None
 
     @property
     def clients(self) -> dict[str, PrivateClient]:
@@ -97,7 +98,7 @@ def build_job(job: FederatedJob, config: JobConfig, out: Path, *, resume: bool =
     clients = config["job"]["clients"]
     # One process plays every hospital: per-run signing keys, and every node pins the roster.
     roster, identities = Roster.generate(clients)
-    policy: NodePolicy = _job.node_policy(config)
+    policy: NodePolicy = _job.node_policy(config, job)
     root = _job.state_root(state_dir)
     states: dict[str, PrivacyState] = {}
     try:
@@ -122,12 +123,19 @@ def build_job(job: FederatedJob, config: JobConfig, out: Path, *, resume: bool =
         for state in states.values():
             state.close()
         raise
-    federation = _job.build_server(config, source, make_pool({n: h.node for n, h in hospitals.items()}, workers),
-                                   roster)
+    pool = make_pool({n: h.node for n, h in hospitals.items()}, workers)
+    try:
+        source, preparation = _job.prepare_source(job, config, source, pool, roster, out)
+    except BaseException:
+        pool.close()
+        for state in states.values():
+            state.close()
+        raise
+    federation = _job.build_server(config, source, pool, roster)
     if resume and (out / "checkpoint.json").exists():
         federation.load_state_dict(json.loads((out / "checkpoint.json").read_text(encoding="utf-8")))
     return LocalJob(job=job, config=config, out=out, source=source, data=data, hospitals=hospitals, states=states,
-                    federation=federation, selection=selection)
+                    federation=federation, selection=selection, preparation=preparation)
 
 
 def run_job(job: FederatedJob, config: JobConfig, out: Path, *, resume: bool = False, progress: bool = True,
@@ -139,6 +147,7 @@ def run_job(job: FederatedJob, config: JobConfig, out: Path, *, resume: bool = F
     local = build_job(job, config, out, resume=resume, workers=workers, state_dir=state_dir)
     try:
         return run_federation(config, local.source, local.federation, out, t_start=t_start, progress=progress,
-                              selection=local.selection, experimenter=local.experimenter())
+                              selection=local.selection, preparation=local.preparation,
+                              experimenter=local.experimenter())
     finally:
         local.close()

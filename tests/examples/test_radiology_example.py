@@ -146,3 +146,79 @@ def test_user_errors_name_the_flag_at_fault_in_one_line(tmp_path: Path, capsys, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("run.py: error: " + flag), err
     assert not out.exists()
+
+
+def _load_job():
+    spec = importlib.util.spec_from_file_location("radiology_example_job", EXAMPLE / "radiology_job.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _job_config(job_module, *, centre_epsilon: float = 0.25):
+    declared = {"hospital_1": 60, "hospital_2": 60, "hospital_3": 70, "hospital_4": 50}
+    return job_module.RadiologyConfig.from_mapping({
+        "job": {"dataset": "iu_xray_reports", "source": "minilm", "clients": list(declared), "rounds": 2, "seed": 0},
+        "privacy": {"epsilon": 2.0, "delta": 1e-5, "accountant": "rdp"},
+        "declared": {"records": declared},
+        "model": {"dim": DIM, "centre_epsilon": centre_epsilon},
+        "training": {"lr": 0.5, "expected_batch_size": 16, "max_grad_norm": 1.0},
+        "secagg": {"clip": 1.0, "max_samples": 100},
+    })
+
+
+def test_the_radiology_job_centres_with_dp_then_trains_in_process(tmp_path: Path, monkeypatch) -> None:
+    """The example as a FederatedJob (the description a node agent runs): the centring release is
+    the job's preparation, charged first in every ledger, then two DP-SGD rounds; the budget holds."""
+    from secfedtl.runtime.local import run_job
+
+    job_module = _load_job()
+    synthetic = _synthetic(SIZES)
+    monkeypatch.setattr(job_module, "reports_and_features", lambda config: synthetic)
+    config = _job_config(job_module)
+    job, ref = job_module.job_for(config)
+    assert ref == "radiology_job:RADIOLOGY" and job.prepare is not None
+    metrics = run_job(job, config, tmp_path / "out", state_dir=tmp_path / "state", progress=False)
+    assert metrics["server"]["preparation"]["status"] == "ok"
+    assert metrics["server"]["preparation"]["prepared"] == sorted(SIZES)
+    assert [r["status"] for r in metrics["server"]["rounds"]] == ["ok", "ok"]
+    final = metrics["simulation_only"]["final"]
+    assert 0.0 <= final["pooled_test_accuracy"] <= 1.0
+    for name in SIZES:
+        report = audit_ledger(tmp_path / "state" / name / "ledger.jsonl")
+        assert report.certified and report.clients[0].epsilon <= 2.0
+        assert [r.release for r in report.clients[0].releases] == ["feature_mean", "dpsgd_update", "dpsgd_update"]
+    uncentred, ref = job_module.job_for(_job_config(job_module, centre_epsilon=0.0))
+    assert ref == "radiology_job:RADIOLOGY_UNCENTRED" and uncentred.prepare is None
+    with pytest.raises(Exception, match="centre_epsilon"):
+        _job_config(job_module, centre_epsilon=2.0)
+
+
+@pytest.mark.flower
+def test_the_radiology_job_runs_on_flower(tmp_path: Path, monkeypatch) -> None:
+    """The same job on Flower's simulation engine: every node agent runs it from a module on its
+    own path (here a test module that gives radiology_job.py synthetic reports and features)."""
+    import inspect
+
+    pytest.importorskip("flwr")
+    from secfedtl.runtime.deploy import run_local
+
+    module = tmp_path / "synthetic_radiology.py"
+    module.write_text("\n".join([
+        "import sys", f"sys.path.insert(0, {str(EXAMPLE)!r})",
+        "import numpy as np", "from secfedtl.data.radiology import Hospital, RadiologyData, TextSplit",
+        "import radiology_job", f"DIM = {DIM}", f"SIZES = {SIZES!r}", inspect.getsource(_synthetic),
+        "_DATA = _synthetic(SIZES)", "radiology_job.reports_and_features = lambda config: _DATA",
+        "RADIOLOGY = radiology_job.RADIOLOGY", ""]), encoding="utf-8")
+    monkeypatch.setenv("PYTHONPATH", ":".join(filter(None, [str(tmp_path), *sys.path])))
+    monkeypatch.syspath_prepend(str(tmp_path))  # run_local reads the job file through the job here too
+    config = _job_config(_load_job())
+    (tmp_path / "job.toml").write_text(config.to_toml(), encoding="utf-8")
+    metrics = run_local(tmp_path / "job.toml", tmp_path / "flower", simulation=True, phase_timeout=120.0,
+                        job_code="synthetic_radiology:RADIOLOGY", timeout=900)
+    assert metrics["server"]["preparation"]["status"] == "ok"
+    assert [r["status"] for r in metrics["server"]["rounds"]] == ["ok", "ok"]
+    for name in SIZES:
+        ledger = tmp_path / "flower" / "hospitals" / name / "privacy" / name / "ledger.jsonl"
+        assert [r.release for r in audit_ledger(ledger).clients[0].releases] == ["feature_mean", "dpsgd_update",
+                                                                                 "dpsgd_update"]

@@ -1,0 +1,112 @@
+"""A job with a preparation (DP centring before training) through the production path: the
+release is charged before training and counts in the training noise, the server sends the public
+centre, every node builds the same centred model (the same hash in every task), and a node
+refuses a centre it could not have been sent honestly, or training before it is prepared."""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from secfedtl.federated import wire
+from secfedtl.federated.centring import Centring, centring
+from secfedtl.federated.config import JobConfig
+from secfedtl.federated.job import FederatedJob, HospitalData, SourceModel, node_policy
+from secfedtl.privacy.accountants import compute_epsilon
+from secfedtl.privacy.ledger import read_verified_ledger, spent_events
+from secfedtl.runtime.local import build_job, run_job
+from secfedtl.transfer.centring import MeanMechanism
+
+DIM = 6
+OFFSET = np.eye(DIM)[0] * 0.8  # a common offset, as sentence embeddings have
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = Centring(DIM, scale=4.0)
+        self.head = nn.Linear(DIM, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def _data(config: JobConfig, name: str) -> HospitalData:
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    y = rng.integers(0, 2, 240)
+    x = OFFSET + 0.2 * rng.standard_normal((240, DIM)) + np.outer(2 * y - 1, np.eye(DIM)[1]) * 0.3
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    return HospitalData.from_tensors(x[:200], y[:200], evaluation={"test": (x[200:], y[200:])})
+
+
+def _source(config: JobConfig, spec) -> SourceModel:
+    torch.manual_seed(0)
+    return SourceModel(model=Net(), head="head", cache_features=True)
+
+
+JOB = FederatedJob(name="centred", source=_source, data=_data,
+                   prepare=centring(lambda c: MeanMechanism(dim=DIM, noise_multiplier=4.0),
+                                    lambda d: d.train.tensors[0].numpy()))
+CONFIG = JobConfig.from_mapping({
+    "job": {"dataset": "synthetic", "source": "public", "clients": ["a", "b", "c"], "rounds": 2, "seed": 0},
+    "privacy": {"epsilon": 3.0, "delta": 1e-5, "accountant": "rdp"},
+    "declared": {"records": {"a": 200, "b": 200, "c": 200}},
+    "training": {"lr": 0.5, "expected_batch_size": 50, "max_grad_norm": 1.0},
+    "secagg": {"clip": 1.0, "max_samples": 1000},
+})
+
+
+def test_a_prepared_job_centres_first_and_stays_within_the_budget(tmp_path: Path):
+    metrics = run_job(JOB, CONFIG, tmp_path / "out", state_dir=tmp_path / "state", progress=False)
+    prep = metrics["server"]["preparation"]
+    assert prep["status"] == "ok" and prep["prepared"] == ["a", "b", "c"] and prep["task"] == "mean"
+    pooled = np.vstack([_data(CONFIG, n).train.tensors[0].numpy() for n in "abc"]).mean(axis=0)
+    assert np.abs(np.asarray(prep["result"]) - pooled).max() < 0.1  # the noisy mean is near the true one
+    assert [r["status"] for r in metrics["server"]["rounds"]] == ["ok", "ok"]
+    for name in "abc":
+        entries, _ = read_verified_ledger(tmp_path / "state" / name / "ledger.jsonl")
+        events = [ev for _, ev, _ in spent_events(entries)[name]]
+        assert events[0] == MeanMechanism(dim=DIM, noise_multiplier=4.0).event() and len(events) == 3
+        assert compute_epsilon(events, 1e-5, accountant="rdp") <= 3.0 + 1e-9  # the release counted in the noise
+    assert metrics["simulation_only"]["final"]["pooled_test_accuracy"] > 0.6
+
+
+def test_a_node_refuses_a_bad_centre_and_training_before_it(tmp_path: Path):
+    job = build_job(JOB, CONFIG, tmp_path / "out", state_dir=tmp_path / "state")
+    try:
+        assert node_policy(CONFIG, JOB).max_sessions == 3 and node_policy(CONFIG, JOB).max_tasks == 4
+        fed = job.federation
+        assert job.source.model.backbone.centre.abs().sum() > 0  # the server trains the centred model
+        # a fresh node of the same hospital, not yet prepared (the job's ones were prepared at build time)
+        from secfedtl.federated.job import build_client_node, open_hospital_state
+        from secfedtl.federated.roster import Roster
+
+        roster, keys = Roster.generate(["a", "b", "c"])
+        state = open_hospital_state(CONFIG, "a", _data(CONFIG, "a"), tmp_path / "fresh")
+        raw = JOB.build_source(CONFIG)
+        hospital = build_client_node(JOB, CONFIG, "a", raw, _data(CONFIG, "a"), state, identity=keys["a"],
+                                     roster=roster, job_ref="fresh")
+        node = hospital.node
+
+        def ask(task: str, weights: np.ndarray, round: int = 0) -> str:
+            request = wire.TaskRequest.with_weights(round=round, task=task, weights=weights,
+                                                    options={**fed.task_options()})
+            return wire.decode(node.handle(wire.encode(request))[0]).status
+
+        assert ask("evaluate", fed.global_params) == "failed"  # before the preparation's result
+        assert ask("prepare", np.ones(DIM), round=1) == "failed"  # outside the ball of radius row_clip
+        assert ask("prepare", np.zeros(DIM + 1), round=2) == "failed"  # wrong length
+        assert hospital.client is None and state.ledger.entries == []  # nothing built, nothing charged
+        centre = job.source.model.backbone.centre.numpy().astype(np.float64)
+        assert ask("prepare", centre, round=3) == "done"
+        assert hospital.client is not None
+        assert ask("prepare", centre, round=4) == "failed"  # once
+        assert ask("evaluate", fed.global_params, round=5) == "done"  # same model hash as the server's
+        state.close()
+    finally:
+        job.close()
