@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.secfedtl-installed
 FLOWER_STAMP := $(VENV)/.secfedtl-flower-installed
 
-.PHONY: venv demo test test-flower bench bench-secagg-flower bench-flower clean radiology-venv radiology
+.PHONY: venv flower-venv demo test test-flower bench bench-secagg-flower bench-flower clean radiology-venv radiology
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ $(FLOWER_STAMP): $(STAMP)
 	touch $(FLOWER_STAMP)
 
 venv: $(STAMP)
+
+# .venv plus the Flower extras: `secfedtl flower local|simulate`, `secfedtl node` (docs/deploy-flower.md).
+flower-venv: $(FLOWER_STAMP)
 
 demo: $(STAMP)
 	rm -rf runs/demo  # the demo ledger is a throwaway; real jobs never overwrite a ledger

@@ -191,7 +191,10 @@ def _node_settings(args: argparse.Namespace) -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, *, on_clients: Any = None) -> dict[str, Any]:
+    """The example; ``on_clients(clients, states, job_id)``, if given, is called once every client
+    is set up and before the first round (``audit.py`` installs its canaries there; in process
+    only)."""
     t_start = time.perf_counter()
     check_args(args)
     _node_settings(args)
@@ -238,8 +241,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     if args.flower is None:
-        metrics, ledgers, mechanism, params = _in_process(args, config, out, round_metrics)
+        metrics, ledgers, mechanism, params = _in_process(args, config, out, round_metrics, on_clients)
     else:
+        if on_clients is not None:
+            raise ConfigError("on Flower the clients live in their node agents: no in-process hook")
         metrics, ledgers, mechanism, params = _on_flower(args, config, out, round_metrics)
     timings["federated_training"] = time.perf_counter() - t0
     head = head_with(params)
@@ -284,7 +289,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return metrics
 
 
-def _in_process(args: argparse.Namespace, config: FashionConfig, out: Path, round_metrics: Any) -> tuple[Any, ...]:
+def _in_process(args: argparse.Namespace, config: FashionConfig, out: Path, round_metrics: Any,
+                on_clients: Any = None) -> tuple[Any, ...]:
     from secfedtl.federated.run import run_federation
     from secfedtl.runtime.local import build_job
 
@@ -298,6 +304,8 @@ def _in_process(args: argparse.Namespace, config: FashionConfig, out: Path, roun
                 print(f"{name}: its privacy state already spent epsilon "
                       f"{compute_epsilon(earlier, DELTA, accountant=ACCOUNTANT):.3f} of {args.epsilon:g} in earlier "
                       "jobs; this job's noise is calibrated for what is left", file=sys.stderr)
+        if on_clients is not None:
+            on_clients(local.clients, local.states, config["job"]["id"])
         metrics = run_federation(config, local.source, local.federation, run_dir, progress=not args.no_progress,
                                  experimenter=local.experimenter(), round_metrics=round_metrics)
         clients = local.clients

@@ -25,23 +25,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epsilon", type=float, default=None, help="override [privacy] epsilon")
     parser.add_argument("--canaries", type=int, default=1000)
     parser.add_argument("--client", default=None)
-    parser.add_argument("--adversary", choices=("whitebox", "server"), default="whitebox")
+    parser.add_argument("--adversary", choices=("whitebox", "server", "server-replicas"), default="whitebox")
+    parser.add_argument("--rounds", type=int, default=None, help="override [job] rounds")
     parser.add_argument("--baseline", action="store_true", help="also time one run without canaries")
     parser.add_argument("--json", type=Path, default=None, help="write every run's numbers here")
 
 
 def main(args: argparse.Namespace) -> int:
-    from secfedtl.runtime.audit_run import run_audit
+    from secfedtl.runtime.audit_run import run_audit, run_replica_audit
     from secfedtl.jobs.heart import HeartConfig
 
-    config = HeartConfig.load(args.config).updated({("privacy", "epsilon"): args.epsilon})
+    config = HeartConfig.load(args.config).updated({("privacy", "epsilon"): args.epsilon, ("job", "rounds"): args.rounds})
     rows: list[dict[str, Any]] = []
     for i in range(args.runs):
         with tempfile.TemporaryDirectory() as tmp:
             t = time.perf_counter()
-            r = run_audit(config, Path(tmp), canaries=args.canaries, client=args.client, adversary=args.adversary,
-                          baseline=args.baseline and i == 0)
+            if args.adversary == "server-replicas":
+                r = run_replica_audit(config, Path(tmp), canaries=args.canaries, client=args.client)
+            else:
+                r = run_audit(config, Path(tmp), canaries=args.canaries, client=args.client, adversary=args.adversary,
+                              baseline=args.baseline and i == 0)
+            g = r["fdp_gaussian"]
             row = {"run": i, "lower": r["bound"]["epsilon_lower"], "ledger": r["ledger_epsilon"],
+                   "fdp_mu": g["mu_lower"], "fdp_epsilon": g["epsilon_lower"], "fdp_ratio": g["ratio"],
+                   "fdp_above_ledger": bool(g["epsilon_lower"] > r["ledger_epsilon"]),
                    "ledger_prv": r["ledger_epsilon_prv"], "violation": r["violation"], "ratio": r["ratio"],
                    "k": r["bound"]["k_plus"], "correct": r["bound"]["correct"], "guesses": r["bound"]["guesses"],
                    "scorer": r["scorer"], "seconds": time.perf_counter() - t, "cpu_seconds": r["cpu_seconds"],
@@ -51,10 +58,15 @@ def main(args: argparse.Namespace) -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
     lows = [r["lower"] for r in rows]
+    fdp = [r["fdp_epsilon"] for r in rows]
+    prv = rows[0]["ledger_prv"]
     print(f"{len(rows)} runs, {args.adversary}, {args.canaries} canaries: violations {sum(r['violation'] for r in rows)}; "
-          f"lower bound median {statistics.median(lows):.4f}, max {max(lows):.4f}; ledger epsilon {rows[0]['ledger']:.4f} "
-          f"(prv {rows[0]['ledger_prv']:.4f}); ratio median {statistics.median(r['ratio'] for r in rows):.3f}, "
-          f"max {max(r['ratio'] for r in rows):.3f}")
+          f"(epsilon, delta) lower bound median {statistics.median(lows):.4f}, max {max(lows):.4f}; "
+          f"f-DP (Gaussian) epsilon median {statistics.median(fdp):.4f}, max {max(fdp):.4f} "
+          f"({sum(r['fdp_above_ledger'] for r in rows)} above the ledger); ledger epsilon {rows[0]['ledger']:.4f}"
+          + (f" (prv {prv:.4f})" if prv is not None else "")
+          + f"; ratio median {statistics.median(r['ratio'] for r in rows):.3f}, max {max(r['ratio'] for r in rows):.3f}; "
+          f"f-DP ratio median {statistics.median(r['fdp_ratio'] for r in rows):.3f}")
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=2), encoding="utf-8")
     return 0

@@ -10,13 +10,14 @@ federation as the same file, and the job id is a hash of it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -66,6 +67,47 @@ def _typed(value: Any, kind: type, where: str) -> Any:
     if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
         raise ConfigError(f"{where} must be {kind.__name__}, got {value!r}")
     return value
+
+
+def _check_components(sections: dict[str, dict[str, Any]]) -> None:
+    """Build what the job builds from each section, with the same validators, before any folder,
+    privacy state or data is touched: a bad value is a :class:`ConfigError` here, not after the
+    source model trained."""
+    from secfedtl.aggregation import make_server_optimizer
+    from secfedtl.encoding.fixed_point import FixedPointEncoding
+    from secfedtl.privacy.accountants import ACCOUNTANTS
+    from secfedtl.training import DPTrainingConfig
+
+    job, priv, tcfg, scfg = sections["job"], sections["privacy"], sections["training"], sections["secagg"]
+    if priv["accountant"] not in ACCOUNTANTS:
+        raise ConfigError(f"[privacy] accountant must be one of {sorted(ACCOUNTANTS)}, got {priv['accountant']!r}")
+    server = sections["server"]
+    with _section("server"):
+        make_server_optimizer(server["optimizer"], server_lr=server["lr"],
+                              **({"momentum": server["momentum"]} if "momentum" in server else {}))
+    with _section("training"):
+        for records in sections["declared"]["records"].values():
+            DPTrainingConfig(lr=tcfg["lr"], expected_batch_size=tcfg["expected_batch_size"],
+                             max_grad_norm=tcfg["max_grad_norm"], epochs=tcfg["epochs"], optimizer=tcfg["optimizer"],
+                             target_epsilon=priv["epsilon"], target_delta=priv["delta"], planned_rounds=job["rounds"],
+                             secure_mode=priv["secure_mode"], accountant=priv["accountant"],
+                             public_dataset_size=records)
+        if not (math.isfinite(tcfg["l2sp"]) and tcfg["l2sp"] >= 0):
+            raise ConfigError(f"l2sp must be a finite number >= 0, got {tcfg['l2sp']!r}")
+    with _section("secagg"):
+        if scfg["max_samples"] < 1:
+            raise ConfigError(f"max_samples must be >= 1, got {scfg['max_samples']!r}")
+        FixedPointEncoding(clip=scfg["clip"], bits=scfg["bits"], num_clients=len(job["clients"]),
+                           max_weight=scfg["max_samples"])
+
+
+@contextlib.contextmanager
+def _section(name: str) -> Iterator[None]:
+    """Prefix a :class:`ConfigError` raised inside with the config section it is about."""
+    try:
+        yield
+    except ConfigError as exc:
+        raise ConfigError(f"[{name}] {exc}") from exc
 
 
 @dataclass(kw_only=True)
@@ -158,7 +200,8 @@ class JobConfig:
                 or not all(isinstance(c, str) and c for c in clients)):
             raise ConfigError("at least 3 private clients (distinct names), and the source is not one of them")
         if not sections["privacy"]["epsilon"] > 0 or not 0 < sections["privacy"]["delta"] < 1:
-            raise ConfigError("epsilon must be > 0 and delta in (0, 1)")
+            raise ConfigError("[privacy] epsilon must be > 0 and delta in (0, 1), got epsilon "
+                              f"{sections['privacy']['epsilon']!r}, delta {sections['privacy']['delta']!r}")
         model = sections["model"]
         cls.check_model(model)
         if "selection" in sections:
@@ -178,6 +221,7 @@ class JobConfig:
         for name, count in records.items():
             if isinstance(count, bool) or not isinstance(count, int) or count < 1:
                 raise ConfigError(f"[declared] records.{name} must be a positive integer, got {count!r}")
+        _check_components(sections)
         if sections["privacy"]["insecure_reproducible"]:
             if sections["privacy"]["secure_mode"]:
                 raise ConfigError("insecure_reproducible needs secure_mode = false (tests only)")

@@ -344,7 +344,13 @@ def build_client_node(job: FederatedJob, config: JobConfig, name: str, source: S
                           target_delta=priv["delta"], planned_rounds=planned, device="auto",
                           secure_mode=priv["secure_mode"], accountant=priv["accountant"],
                           public_dataset_size=config["declared"]["records"][name])
-    dp = _calibrated_after(dp, state.events_before(jid) + job.prior_events(config))
+    earlier = state.events_before(jid)
+    try:
+        dp = _calibrated_after(dp, earlier + job.prior_events(config))
+    except ConfigError as exc:
+        spent = f"{len(earlier)} releases of earlier jobs in {os.fspath(state.ledger.path)!r}; " if earlier else ""
+        raise ConfigError(f"hospital {name!r} has too little privacy budget left for this job ({spent}"
+                          f"budget epsilon {priv['epsilon']:g}): {exc}") from exc
     seed = _node_seed(config, name)
     randomness = (Randomness.insecure_seeded(seed) if priv["insecure_reproducible"]
                   else Randomness.secure(secure_mode=priv["secure_mode"]))
@@ -440,8 +446,8 @@ def _calibrated_after(dp: DPTrainingConfig, prior: list[PoissonGaussianEvent]) -
                                            sample_rate=rate, steps=dp.planned_rounds * dp.local_steps(),
                                            accountant=dp.accountant, prior_events=prior)
     except AccountingError as exc:
-        raise ConfigError(f"no training noise fits what is left of the budget ({len(prior)} earlier "
-                          f"releases): {exc}") from exc
+        raise ConfigError(f"no training noise fits what is left of the budget after {len(prior)} releases "
+                          f"spent or planned before training: {exc}") from exc
     return dataclasses.replace(dp, noise_multiplier=sigma, target_epsilon=None, target_delta=None,
                                planned_rounds=None)
 

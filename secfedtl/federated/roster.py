@@ -307,6 +307,9 @@ def _print_roster(roster: Roster) -> None:
 
 def main(args: argparse.Namespace) -> int:
     if args.keys_command == "new":
+        if Path(args.name).name != args.name or args.name.startswith("."):  # it names the files: stay in --out
+            raise ConfigError(f"a key's name is also its file name in --out: no '/' and no leading '.', "
+                              f"got {args.name!r}")
         args.out.mkdir(parents=True, exist_ok=True)
         key = SigningKey.generate()
         write_signing_key(args.out / f"{args.name}.key", name=args.name, key=key)

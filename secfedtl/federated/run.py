@@ -44,7 +44,7 @@ def prepare_run(config: JobConfig, out: Path, *, resume: bool) -> JobConfig:
     if resume:
         saved = out / "config.json"
         if not saved.exists():
-            raise ConfigError(f"nothing to resume in {out}")
+            raise ConfigError(f"nothing to resume in {os.fspath(out)!r} (no config.json there)")
         return type(config).from_mapping(json.loads(saved.read_text(encoding="utf-8")))
     data = config.to_dict()
     if not data["job"]["id"]:
@@ -128,7 +128,8 @@ def run_federation(config: JobConfig, source: SourceModel, federation: Federatio
     sim_rows: list[dict[str, Any]] = [r for r in _saved_rows(out, "simulation_rounds.json")
                                       if r["round"] < federation.rounds_done]
     initial = flatten_params(source.head_state)
-    bar = _progress(rounds, federation.rounds_done, progress)
+    # the personalisation round is a step of the bar: it spends epsilon too
+    bar = _progress(rounds + int(config["privacy"]["personalise"]), federation.rounds_done, progress)
     sim: dict[str, Any] = {}
     if experimenter is not None:
         source_acc, source_pooled = _pooled(experimenter.accuracy(initial), "test")
@@ -149,18 +150,24 @@ def run_federation(config: JobConfig, source: SourceModel, federation: Federatio
                              "epsilon": eps,
                              **(round_metrics(federation.global_params) if round_metrics is not None else {})})
             (out / "simulation_rounds.json").write_text(json.dumps(sim_rows, indent=2), encoding="utf-8")
-            postfix.update(acc=f"{pooled:.3f}", eps=f"{max(eps.values(), default=0.0):.2f}")
+            postfix.update(acc=f"{pooled:.3f}", eps=f"{max(eps.values(), default=0.0):.3f}")
         bar.update(1)
         bar.set_postfix(**postfix)
 
     federation.run(rounds, checkpoint=out / "checkpoint.json", on_round=on_round)
-    bar.close()
     personalise: dict[str, Any] = {}
     if config["privacy"]["personalise"]:
         # The hospitals fine-tune locally and keep the model and its evaluation; the server
         # hears only "done", "refused" (budget) or nothing.
+        bar.set_description("personalisation")
         answers = federation.query("personalise", round=rounds)
         personalise = {n: answers.get(n, {}).get("status", "silent") for n in config["job"]["clients"]}
+        postfix = {"done": f"{sum(v == 'done' for v in personalise.values())}/{len(personalise)}"}
+        if experimenter is not None:
+            postfix["eps"] = f"{max(experimenter.epsilon().values(), default=0.0):.3f}"
+        bar.update(1)
+        bar.set_postfix(**postfix)
+    bar.close()
     metrics: dict[str, Any] = {
         "job": config["job"]["dataset"], "job_id": job_id(config), "delta": config["privacy"]["delta"],
         "epsilon_budget": config["privacy"]["epsilon"], "accountant": config["privacy"]["accountant"],

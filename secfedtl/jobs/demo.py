@@ -8,25 +8,16 @@ each hospital's state across jobs (docs/privacy.md)."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from secfedtl.jobs.run import add_common, run_cli
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common(parser, job=False)
-    parser.set_defaults(out=Path("runs/demo"))
-    parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--epsilon", type=float, default=None, help="per-hospital budget (default 1.0)")
-    parser.add_argument("--delta", type=float, default=None, help="default 1e-5")
-    parser.add_argument("--seed", type=int, default=None)
+from secfedtl.jobs.run import run_cli
 
 
 def main(args: argparse.Namespace) -> int:
+    """`secfedtl demo` (arguments: :mod:`secfedtl.cli`)."""
     from secfedtl.jobs.heart import HEART, HeartConfig
 
     config = HeartConfig.load(None).updated({("job", "rounds"): args.rounds, ("privacy", "epsilon"): args.epsilon,
-                                           ("privacy", "delta"): args.delta, ("job", "seed"): args.seed})
+                                            ("privacy", "delta"): args.delta, ("job", "seed"): args.seed})
     if args.state_dir is None:
         args.state_dir = (args.resume if args.resume is not None else args.out) / "privacy-state"
         print(f"demo: throwaway privacy state in {args.state_dir} (real jobs keep it across runs)")

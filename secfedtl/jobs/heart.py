@@ -27,7 +27,7 @@ from torch import nn
 import secfedtl.federated.job as _job
 from secfedtl.crypto.primitives import SigningKey
 from secfedtl.data import load_fed_heart_disease, record_split, split_key, standardize, validation_split
-from secfedtl.data.heart import TRAIN_FRACTION
+from secfedtl.data.heart import CENTER_NAMES, TRAIN_FRACTION
 from secfedtl.errors import ConfigError
 from secfedtl.federated.config import JobConfig
 from secfedtl.federated.job import (  # noqa: F401 - re-exported: this job's building blocks
@@ -178,6 +178,10 @@ def build_centres(config: JobConfig) -> dict[str, Any]:
     decides (FLamby's test share, ``1 - TRAIN_FRACTION``), so adding or removing a patient moves
     only that patient (FLamby's own split is a seeded shuffle, where one added row moves about 15
     others between train and test). The public source centre keeps FLamby's split."""
+    unknown = sorted({config["job"]["source"], *config["job"]["clients"]} - set(CENTER_NAMES))
+    if unknown:
+        raise ConfigError(f"[job] not centres of {config['job']['dataset']}: {unknown}; "
+                          f"choose among {list(CENTER_NAMES)}")
     centres, _ = standardize(load_fed_heart_disease(), stats_from=config["job"]["source"])
     key = split_key(config["job"]["seed"], "test")
     for name in config["job"]["clients"]:

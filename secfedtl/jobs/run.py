@@ -1,51 +1,47 @@
 """`secfedtl run CONFIG.toml [--job MODULE:ATTR]`: run a federated job in this process (or its
 worker processes): the job file's public settings, the job's code (default: the bundled heart
-job, :data:`secfedtl.jobs.heart.HEART`)."""
+job, :data:`secfedtl.jobs.heart.HEART`). Arguments: :mod:`secfedtl.cli`."""
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from secfedtl.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover - the job machinery imports torch: only when a job runs
     from secfedtl.federated.config import JobConfig
     from secfedtl.federated.job import FederatedJob
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", type=Path, help="job TOML file (schema: docs/config.md)")
-    add_common(parser)
-
-
-def add_common(parser: argparse.ArgumentParser, *, job: bool = True) -> None:
-    if job:
-        parser.add_argument("--job", default=None, metavar="MODULE:ATTR",
-                            help="the FederatedJob to run (default: the bundled heart job, secfedtl.jobs.heart:HEART)")
-    parser.add_argument("--out", type=Path, default=Path("runs/job"), help="output directory")
-    parser.add_argument("--resume", type=Path, default=None, metavar="DIR",
-                        help="continue the run in DIR from its last completed round")
-    parser.add_argument("--workers", type=int, default=None, metavar="N",
-                        help="run the clients in N forked worker processes (default: the config's job.workers; "
-                             "0: in this process, one after the other)")
-    parser.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
-                        help="where the hospitals' privacy states (ledgers, budgets) live, kept across jobs; "
-                             "default $SECFEDTL_STATE_DIR, else ~/.local/share/secfedtl/privacy")
-    parser.add_argument("--no-progress", action="store_true")
-
-
 def main(args: argparse.Namespace) -> int:
+    """`secfedtl run CONFIG` (arguments: :mod:`secfedtl.cli`)."""
     from secfedtl.federated.job import load_job
 
-    job = load_job(args.job)
+    job = load_job(getattr(args, "job", None))
     return run_cli(job, job.load_config(args.config), args)
 
 
+def _check_folder(path: Path, option: str) -> None:
+    """Before anything is created: ``path`` is a folder or can become one."""
+    for parent in (path, *path.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{option} {os.fspath(path)!r}: {os.fspath(parent)!r} is a file, not a folder")
+            return
+
+
 def run_cli(job: FederatedJob, config: JobConfig, args: argparse.Namespace) -> int:
+    """Run ``job`` as `secfedtl run`/`demo` asked (arguments: :mod:`secfedtl.cli`)."""
     from secfedtl.reporting.summary import print_summary
     from secfedtl.runtime.local import run_job
 
     out = args.resume if args.resume is not None else args.out
+    _check_folder(out, "--resume" if args.resume is not None else "--out")
+    if args.state_dir is not None:
+        _check_folder(args.state_dir, "--state-dir")
     metrics = run_job(job, config, out, resume=args.resume is not None, progress=not args.no_progress,
                       workers=args.workers, state_dir=args.state_dir)
     print_summary(metrics)

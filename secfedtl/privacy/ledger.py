@@ -279,8 +279,13 @@ def read_verified_ledger(
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
-        raise LedgerError(f"cannot read ledger {os.fspath(path)!r}: {exc}") from exc
-    return _parse(data, expected_head=expected_head)
+        raise LedgerError(f"cannot read ledger {os.fspath(path)!r}: {exc.strerror or exc}") from exc
+    try:
+        return _parse(data, expected_head=expected_head)
+    except LedgerTamperedError:
+        raise
+    except LedgerError as exc:  # not a ledger, an unknown version: name the file
+        raise LedgerError(f"{os.fspath(path)!r}: {exc}") from exc
 
 
 def spent_events(

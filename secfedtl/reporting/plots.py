@@ -45,21 +45,32 @@ def plot_job_report(metrics: Mapping[str, Any], path: Any) -> None:
     rows = sim["rounds"]
     xs = [r["round"] + 1 for r in rows]
     ticks = xs if len(xs) <= 15 else [x for x in xs if x == 1 or x % 5 == 0]
+    labels = [str(x) for x in ticks]
+    # The personalisation round spends epsilon after the last federated round: one more point
+    # (the final epsilon, which the summary table prints), at "pers.".
+    eps_rows = rows
+    if metrics["server"].get("personalisation"):
+        x_pers = (xs[-1] if xs else 0) + 1
+        eps_rows = [*rows, {"round": x_pers - 1, "epsilon": sim["final"]["epsilon"]}]
+        ticks, labels = [*ticks, x_pers], [*labels, "pers."]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     many = len(sim["final"]["per_client_test_accuracy"]) > 8
     for name in sim["final"]["per_client_test_accuracy"]:
         ax1.plot(xs, [r["test_accuracy"].get(name, math.nan) for r in rows], marker="." if many else "o",
                  linewidth=0.8 if many else 1.5, label=None if many else name)
     ax1.plot(xs, [r["pooled_test_accuracy"] for r in rows], color="black", linewidth=2, label="pooled")
+    if sim["final"].get("personalised_pooled_test_accuracy") is not None and labels and labels[-1] == "pers.":
+        ax1.plot([ticks[-1]], [sim["final"]["personalised_pooled_test_accuracy"]], color="black", marker="*",
+                 markersize=12, linestyle="none", label="personalised (pooled)")
     ax1.axhline(sim["source"]["pooled_test_accuracy"], color="grey", linestyle="--", label="source (pooled)")
-    ax1.set_xticks(ticks)
+    ax1.set_xticks(ticks, labels=labels)
     ax1.set_xlabel("round")
     ax1.set_ylabel("test accuracy")
     ax1.set_title("Global model accuracy per round (simulation only)")
     ax1.legend(fontsize=8)
-    plot_epsilon_per_round(ax2, rows, clients=sim["final"]["epsilon"], budget=metrics["epsilon_budget"],
-                           accountant=metrics["accountant"], delta=metrics["delta"], ticks=ticks,
-                           label_clients=not many)
+    plot_epsilon_per_round(ax2, eps_rows, clients=sim["final"]["epsilon"], budget=metrics["epsilon_budget"],
+                           accountant=metrics["accountant"], delta=metrics["delta"], label_clients=not many)
+    ax2.set_xticks(ticks, labels=labels)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

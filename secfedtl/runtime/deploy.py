@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -272,40 +272,108 @@ def read_status(out: Path) -> dict[str, Any]:
         return {}
 
 
-def wait_for_server(out: Path, *, timeout: float, procs: Processes | None = None) -> dict[str, Any]:
-    """Wait until the ServerApp writes a final status (``done`` or ``failed``) into ``out``."""
-    wait_for(lambda: read_status(out).get("state") in ("done", "failed"), timeout=timeout,
-             what="the ServerApp to finish", interval=0.5, procs=procs)
+def wait_for_server(out: Path, *, timeout: float, procs: Processes | None = None,
+                    on_poll: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Wait until the ServerApp writes a final status (``done`` or ``failed``) into ``out``;
+    ``on_poll`` (a progress display) is called at every look."""
+    def finished() -> bool:
+        if on_poll is not None:
+            on_poll()
+        return read_status(out).get("state") in ("done", "failed")
+
+    wait_for(finished, timeout=timeout, what="the ServerApp to finish", interval=0.5, procs=procs)
     status = read_status(out)
     if status["state"] != "done":
         raise SecFedTLError(f"the ServerApp failed: {status.get('error')}")
     return status
 
 
+class _Progress:
+    """A progress bar for a local Flower run: what is starting, then the server's rounds (read
+    from the ``rounds.json``, ``status.json`` and ``progress.jsonl`` it writes as it goes)."""
+
+    _STATES = {"starting": "server: training the source model", "discovering": "server: waiting for the nodes"}
+
+    def __init__(self, *, rounds: int, personalise: bool, server_out: Path, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self.rounds, self.server_out = rounds, server_out
+        self.bar = tqdm(total=rounds + int(personalise), desc="starting", unit="round", disable=not enabled,
+                        file=sys.stderr)
+
+    def stage(self, what: str) -> None:
+        self.bar.set_description(what)
+
+    def poll(self) -> None:
+        state = read_status(self.server_out).get("state", "starting")
+        done = self.bar.total if state == "done" else len(_read_json(self.server_out / "rounds.json", []))
+        if done > self.bar.n:  # never back: rounds.json may be caught half written
+            self.bar.update(done - self.bar.n)
+        done = self.bar.n
+        if state in self._STATES:
+            self.stage(self._STATES[state])
+        elif state == "running":
+            self.stage("federated rounds" if done < self.rounds else "personalisation")
+            self.bar.set_postfix(phase=_last_phase(self.server_out / "progress.jsonl"))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _read_json(path: Path, default: Any) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # not written yet, or being written
+        return default
+
+
+def _last_phase(path: Path) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(max(0, fh.seek(0, os.SEEK_END) - 512))
+            lines = fh.read().splitlines()
+        return str(json.loads(lines[-1])["phase"]).removesuffix(":start") if lines else ""
+    except (OSError, ValueError, KeyError, IndexError):
+        return ""
+
+
 def run_local(job: Path | None, out: Path, *, simulation: bool, phase_timeout: float = 120.0,
-              timeout: float = 3600.0, job_code: str | None = None) -> dict[str, Any]:
+              timeout: float = 3600.0, progress: bool = False, job_code: str | None = None) -> dict[str, Any]:
     """Run a whole job on a local Flower deployment (or simulation); return its metrics.
     ``job`` is the job file, ``job_code`` the ``MODULE:ATTR`` of its
     :class:`~secfedtl.federated.job.FederatedJob` (default: the bundled heart job), importable by
-    this Python on this machine (it plays the server and every hospital)."""
+    this Python on this machine (it plays the server and every hospital). ``progress`` shows a bar
+    on stderr: each process starting, then the server's rounds."""
     from secfedtl.federated.job import load_job
 
+    config = load_job(job_code).load_config(job)  # a bad job, then a missing extra: clear errors before anything
     for tool in ("flower-superlink", "flower-supernode", "flwr"):
-        flower_tool(tool)  # before anything starts: a clear error without the extra
-    config = load_job(job_code).load_config(job)
+        flower_tool(tool)
     hospitals = list(config["job"]["clients"])
+    server_out = out / "server"
+    bar = _Progress(rounds=config["job"]["rounds"], personalise=config["privacy"]["personalise"],
+                    server_out=server_out, enabled=progress)
     out.mkdir(parents=True, exist_ok=True)
-    with LocalFlower(job=job.resolve() if job else None, hospitals=hospitals, root=out / "processes",
-                     simulation=simulation, job_code=job_code) as fl:
-        fl.start_agents({h: out / "hospitals" / h for h in hospitals})
-        fl.start_superlink()
-        if not simulation:
-            for h in hospitals:
-                fl.start_supernode(h)
-        server_out = out / "server"
-        fl.run({"job": str(job.resolve()) if job else "", "job-code": job_code or "", "out": str(server_out.resolve()),
-                "phase-timeout": phase_timeout, "agent-dir": str(fl.sockets) if simulation else ""})
-        wait_for_server(server_out, timeout=timeout, procs=fl.processes)
+    try:
+        with LocalFlower(job=job.resolve() if job else None, hospitals=hospitals, root=out / "processes",
+                         simulation=simulation, job_code=job_code) as fl:
+            bar.stage(f"starting {len(hospitals)} node agents")
+            fl.start_agents({h: out / "hospitals" / h for h in hospitals})
+            bar.stage("starting the SuperLink")
+            fl.start_superlink()
+            if not simulation:
+                bar.stage(f"starting {len(hospitals)} SuperNodes")
+                for h in hospitals:
+                    fl.start_supernode(h)
+            bar.stage("flwr run: submitting the app")
+            fl.run({"job": str(job.resolve()) if job else "", "job-code": job_code or "",
+                    "out": str(server_out.resolve()), "phase-timeout": phase_timeout,
+                    "agent-dir": str(fl.sockets) if simulation else ""})
+            wait_for_server(server_out, timeout=timeout, procs=fl.processes, on_poll=bar.poll)
+            bar.poll()
+            bar.stage("stopping the processes")
+    finally:
+        bar.close()
     return json.loads((server_out / "metrics.json").read_text(encoding="utf-8"))
 
 
@@ -322,13 +390,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the FederatedJob to run (default: the bundled heart job, secfedtl.jobs.heart:HEART)")
     parser.add_argument("--phase-timeout", type=float, default=120.0,
                         help="seconds a phase waits for a hospital before counting it as a dropout")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def main(args: argparse.Namespace) -> int:
     from secfedtl.reporting.summary import print_summary
 
+    if not (args.phase_timeout > 0 and args.phase_timeout < float("inf")):
+        raise ConfigError(f"--phase-timeout must be a positive number of seconds, got {args.phase_timeout!r}")
     metrics = run_local(args.config, args.out, simulation=args.mode == "simulate", phase_timeout=args.phase_timeout,
-                        job_code=args.job)
+                        progress=not args.no_progress, job_code=args.job)
     print_summary(metrics)
     print(f"wrote {args.out / 'server' / 'metrics.json'}; each hospital's ledger and local reports: "
           f"{args.out / 'hospitals'}/<name>/privacy/<name>/")

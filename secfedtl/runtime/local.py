@@ -93,16 +93,16 @@ def build_job(job: FederatedJob, config: JobConfig, out: Path, *, resume: bool =
     config = job.check(config)
     if not resume and (out / "checkpoint.json").exists():
         raise ConfigError(f"{out} holds a run: use --resume to continue it, or another --out")
+    clients = config["job"]["clients"]
+    data = {name: job.load_data(config, name) for name in clients}  # a bad centre or data dir: before any folder
     out.mkdir(parents=True, exist_ok=True)
     workers = config["job"]["workers"] if workers is None else workers
-    clients = config["job"]["clients"]
     # One process plays every hospital: per-run signing keys, and every node pins the roster.
     roster, identities = Roster.generate(clients)
     policy: NodePolicy = _job.node_policy(config, job)
     root = _job.state_root(state_dir)
     states: dict[str, PrivacyState] = {}
     try:
-        data = {name: job.load_data(config, name) for name in clients}
         for name in clients:
             states[name] = _job.open_hospital_state(config, name, data[name], root)
         selection: dict[str, Any] | None = None

@@ -260,3 +260,32 @@ def test_the_example_runs_on_flower(tmp_path: Path, monkeypatch) -> None:
     for name in config["job"]["clients"]:
         ledger = tmp_path / "flower" / "hospitals" / name / "privacy" / name / "ledger.jsonl"
         assert len(verify_ledger(ledger)) == 4  # a pending and a complete entry per round
+
+
+def test_whitebox_audit_of_the_example_on_synthetic_data(tmp_path: Path) -> None:
+    # examples/fashion_mnist/audit.py: gradient canaries in one client's DP-SGD through the
+    # example's own run, both one-run bounds next to that client's ledger epsilon.
+    audit = _load("audit")
+    data = tmp_path / "data"
+    data.mkdir()
+    _synthetic_data(data)
+    torch.manual_seed(0)
+    torch.save(source_model.MnistCNN().state_dict(), tmp_path / "w.pth")
+    out = tmp_path / "out"
+    argv = ["--rounds", "2", "--clients", "3", "--alpha", "1.0", "--epsilon", "3", "--out", str(out),
+            "--no-progress", "--data-dir", str(data), "--weights", str(tmp_path / "w.pth"), "--skip-checksums",
+            "--batch-size", "32", "--lr", "5", "--epochs", "1", "--declared-grid", "10", "--no-reference",
+            "--canaries", "200", "--audit-client", "client01"]
+    assert audit.main(argv) == 0
+    report = json.loads((out / "audit.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert report["client"] == "client01" and report["adversary"] == "whitebox" and report["canaries"] == 200
+    # every DP-SGD step of that client was observed, with the ledger's public parameters
+    steps = metrics["mechanism"]["local_steps"]["client01"] * 2
+    assert report["steps_or_rounds_observed"] == steps
+    assert report["sample_rate"] == pytest.approx(metrics["mechanism"]["sample_rate"]["client01"])
+    assert report["ledger_epsilon"] == pytest.approx(metrics["simulation_only"]["final"]["epsilon"]["client01"])
+    assert not report["violation"] and 0 <= report["bound"]["epsilon_lower"] <= report["ledger_epsilon"]
+    assert report["fdp_gaussian"]["epsilon_lower"] >= 0 and report["fdp_gaussian"]["ledger_mu"] > 0
+    assert len(report["scores"]["in"]) + len(report["scores"]["out"]) == 200
+    assert (out / "audit.png").stat().st_size > 0

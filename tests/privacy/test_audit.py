@@ -61,7 +61,7 @@ def run_cli(*args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
 
 
 def test_cli_json_intact(ledger_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out = run_cli(str(ledger_path), "--json", capsys=capsys)
+    code, out = run_cli(str(ledger_path), "--json", "--accountant", "all", capsys=capsys)
     assert code == 0
     data = json.loads(out)  # exactly one JSON object
     assert data["chain"] == "ok"

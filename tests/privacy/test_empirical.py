@@ -10,8 +10,9 @@ from hypothesis import given, settings, strategies as st
 from scipy.stats import binom
 
 from secfedtl.errors import InputError
-from secfedtl.privacy.empirical import (audit_scores, epsilon_lower_bound, guess_counts, k_grid,
-                                        one_run_p_value)
+from secfedtl.privacy.empirical import (audit_scores, audit_scores_gdp, epsilon_lower_bound, gdp_epsilon,
+                                        gdp_lower_bound, gdp_mu_for_epsilon, gdp_rejects, guess_counts, guess_grid,
+                                        k_grid, minimum_mass, one_run_p_value)
 
 
 def test_all_correct_pure_dp_is_hand_computable():
@@ -106,8 +107,99 @@ def test_audit_scores_false_alarm_rate_below_level_under_the_null():
 def test_audit_scores_detects_a_perfect_separation():
     inc = np.array([True, False] * 500)
     res = audit_scores(inc.astype(float), inc, delta=1e-5)
-    assert res.epsilon_lower > 5  # 1000 right guesses
+    assert res.epsilon_lower > 4.5  # 1000 right guesses (22 (k+, k-) pairs share the 5%)
     assert res.correct == res.guesses
     # a fixed k: no Bonferroni split, so at least as high for that k
     fixed = audit_scores(inc.astype(float), inc, delta=1e-5, k=res.k_plus)
     assert fixed.epsilon_lower >= res.epsilon_lower
+
+
+# --- f-DP (Gaussian) analysis, Mahloujifar, Melis and Chaudhuri 2025
+
+
+def _lp_minimum_mass(m, k, c, mu, tau):
+    """The least total mass of a linear relaxation of the same constraints (tangents of the convex
+    B^-1): at most the true minimum, so the greedy must not exceed it."""
+    from scipy.optimize import linprog
+    from scipy.stats import norm
+
+    g = lambda r: norm.cdf(norm.ppf(r) - mu)  # noqa: E731
+    r0s = np.linspace(1e-4, 0.9999, 400)
+    slopes = norm.pdf(norm.ppf(r0s) - mu) / norm.pdf(norm.ppf(r0s))
+    j = np.arange(k + 1)
+    a_ub, b_ub = [], []
+    a_ub.append(-(j >= c).astype(float)); b_ub.append(-tau)  # P[C >= c] >= tau
+    for t in range(1, k + 1):
+        h_row = np.where(j >= t - 1, (k - j) / m, 0.0)
+        r_row = np.where(j >= t, j / m, 0.0)
+        for r0, s0 in zip(r0s, slopes):  # h_t >= g(r0) + s0 (r_t - r0)
+            a_ub.append(-(h_row - s0 * r_row)); b_ub.append(-(g(r0) - s0 * r0))
+    res = linprog(np.ones(k + 1), A_ub=np.array(a_ub), b_ub=np.array(b_ub), bounds=(0, None), method="highs")
+    assert res.status == 0
+    return res.fun
+
+
+@pytest.mark.parametrize("m,k,c,mu", [(20, 10, 9, 1.0), (30, 12, 12, 2.0), (50, 20, 15, 0.5), (16, 8, 8, 3.0)])
+def test_gdp_greedy_is_the_least_mass(m, k, c, mu):
+    # Soundness of the rejection rule: the greedy never needs more mass than the constraints do.
+    tau = 0.05
+    from scipy.special import ndtr, ndtri
+
+    greedy = minimum_mass(num_canaries=m, guesses=k, correct=c, tau=tau,
+                          blow_up_inverse=lambda x: float(ndtr(ndtri(x) - mu)) if 0 < x < 1 else x)
+    lp = _lp_minimum_mass(m, k, c, mu, tau)
+    assert greedy <= lp + 1e-6
+    assert greedy >= lp - 0.02  # and the relaxation is close to it: the greedy is the minimum
+
+
+def test_gdp_epsilon_inverts_the_conversion():
+    from secfedtl.privacy.empirical import _gdp_delta
+
+    assert _gdp_delta(0.0, 1.0) == pytest.approx(0.3829249, abs=1e-6)  # Phi(1/2) - Phi(-1/2)
+    for mu in (0.3, 1.0, 2.5):
+        eps = gdp_epsilon(mu, 1e-5)
+        assert _gdp_delta(eps, mu) == pytest.approx(1e-5, rel=1e-6)
+        assert gdp_mu_for_epsilon(eps, 1e-5) == pytest.approx(mu, rel=1e-6)
+    assert gdp_epsilon(0.0, 1e-5) == 0.0
+    assert gdp_epsilon(1.0, 1e-5) < gdp_epsilon(2.0, 1e-5)
+
+
+def test_gdp_rejection_is_monotone_in_mu():
+    # a less private claim (larger mu) is harder to reject
+    kw = dict(num_canaries=1000, guesses=100, correct=95, significance=0.05)
+    mu = gdp_lower_bound(**kw)
+    assert mu > 0.5
+    assert gdp_rejects(mu=mu, **kw) and gdp_rejects(mu=mu / 2, **kw)
+    assert not gdp_rejects(mu=mu + 0.01, **kw) and not gdp_rejects(mu=2 * mu, **kw)
+    assert gdp_lower_bound(num_canaries=1000, guesses=100, correct=50) == 0.0
+
+
+def test_gdp_false_alarms_on_a_gaussian_mechanism_are_rare():
+    # Scores from an exactly mu-GDP mechanism (in: N(mu, 1), out: N(0, 1)): the bound exceeds mu
+    # in at most about 5% of runs; and it is well above 0, since the canaries do leak.
+    rng = np.random.default_rng(3)
+    mu, above, bounds = 1.0, 0, []
+    for _ in range(60):
+        inc = rng.random(300) < 0.5
+        b = audit_scores_gdp(rng.normal(size=300) + mu * inc, inc, delta=1e-5)
+        above += b.mu_lower > mu
+        bounds.append(b.mu_lower)
+    assert above <= 8  # expected at most 3 at level 0.05
+    assert np.median(bounds) > 0.3
+
+
+def test_gdp_is_tighter_than_the_epsilon_delta_test_on_a_gaussian_mechanism():
+    rng = np.random.default_rng(4)
+    inc = rng.random(20000) < 0.5
+    scores = rng.normal(size=20000) + 2.0 * inc
+    eps_dp = audit_scores(scores, inc, delta=1e-5).epsilon_lower
+    gdp = audit_scores_gdp(scores, inc, delta=1e-5)
+    assert gdp.epsilon_lower > eps_dp
+    assert gdp.epsilon_lower <= gdp_epsilon(2.0, 1e-5) + 0.5
+    assert gdp.epsilon_lower == pytest.approx(gdp_epsilon(gdp.mu_lower, 1e-5))
+
+
+def test_guess_grid_is_public_and_fits():
+    for m in (2, 16, 1000, 100000):
+        for kp, km in guess_grid(m):
+            assert 1 <= kp and kp + km <= m and km in (0, kp)

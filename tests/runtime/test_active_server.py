@@ -392,7 +392,8 @@ def test_the_node_command_refuses_a_key_the_roster_does_not_pin(short_dir):
                            "--out", str(short_dir / "out"), "--socket", str(short_dir / "s" / "h.sock"),
                            "--key", str(short_dir / "keys" / "va.key"), "--roster", str(roster_path)],
                           capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2 and "ConfigError" in done.stderr
+    assert done.returncode == 2 and "the roster pins another key" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1  # one line, no traceback
 
 
 def test_the_server_cannot_make_a_node_charge_more_tasks_than_its_job_plans(tmp_path):

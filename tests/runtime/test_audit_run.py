@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 
 import secfedtl.federated.job as jobmod
+import secfedtl.federated.node as nodemod
 import secfedtl.training.client as clientmod
 import secfedtl.training.dpsgd as dpsgd
 from secfedtl.cli import main as cli_main
 from secfedtl.privacy.randomness import Randomness
-from secfedtl.runtime.audit_run import VIOLATION_EXIT, run_audit
+from secfedtl.runtime.audit_run import VIOLATION_EXIT, run_audit, run_replica_audit
 from secfedtl.jobs.heart import HeartConfig
 
 
@@ -164,3 +165,63 @@ def test_an_earlier_audit_folder_is_refused(tmp_path):
     (tmp_path / "privacy-state").mkdir()
     with pytest.raises(ConfigError, match="earlier audit"):
         run_audit(small_job(), tmp_path, canaries=10)
+
+
+# --- Values released in the clear, beside the masked sums: the server adversary with one canary
+# record per replica hospital (secfedtl.runtime.audit_run.run_replica_audit).
+
+
+def exact_count_in_the_clear(monkeypatch):
+    # every "ready" reply carries the hospital's exact number of training rows
+    real = nodemod.ClientNode._on_task
+
+    def defective(self, request):
+        replies = real(self, request)
+        n = len(self._tasks["train"]._client._data)
+        return [dataclasses.replace(r, info={**r.info, "records": n}) if r.status == "ready" else r for r in replies]
+
+    monkeypatch.setattr(nodemod.ClientNode, "_on_task", defective)
+
+
+def evaluation_answer_in_the_clear(monkeypatch):
+    # the "evaluate" reply carries the accuracy the node computed on its own evaluation rows
+    real = nodemod.ClientNode._on_task
+
+    def defective(self, request):
+        replies = real(self, request)
+        if request.task != "evaluate":
+            return replies
+        report = self._tasks["evaluate"].reports.read("evaluate", request.round)
+        return [dataclasses.replace(r, info={**r.info, "accuracy": report["accuracy"]}) for r in replies]
+
+    monkeypatch.setattr(nodemod.ClientNode, "_on_task", defective)
+
+
+REPLICA_JOB = {"epsilon": 0.5, "rounds": 1}
+
+
+@pytest.mark.parametrize("defect", [exact_count_in_the_clear, evaluation_answer_in_the_clear])
+def test_replica_audit_catches_a_value_released_in_the_clear(defect, monkeypatch, tmp_path):
+    defect(monkeypatch)
+    report = run_replica_audit(small_job(**REPLICA_JOB), tmp_path, canaries=48, client="hungary")
+    print(defect.__name__, report["bound"], report["ledger_epsilon"])
+    assert report["violation"], report["bound"]
+    assert report["bound"]["epsilon_lower"] > report["ledger_epsilon"] > 0
+    assert report["clear_values_not_in_the_known_out_view"]  # what leaked, for the auditor to read
+
+
+def test_replica_audit_passes_the_correct_pipeline(tmp_path):
+    report = run_replica_audit(small_job(**REPLICA_JOB), tmp_path, canaries=8, client="hungary")
+    # every replica sends the same data-free replies: every score is 0, so no guess beats chance
+    assert set(report["scores"]["in"] + report["scores"]["out"]) == {0.0}
+    assert not report["violation"] and report["bound"]["epsilon_lower"] == 0.0
+    assert report["clear_values_not_in_the_known_out_view"] == []
+    assert json.loads((tmp_path / "audit.json").read_text())["adversary"] == "server-replicas"
+
+
+def test_cli_replica_audit_exit_status(monkeypatch, tmp_path):
+    exact_count_in_the_clear(monkeypatch)
+    job = tmp_path / "job.toml"
+    job.write_text(small_job(**REPLICA_JOB).to_toml())
+    assert cli_main(["audit-run", str(job), "--adversary", "server-replicas", "--canaries", "48", "--client", "hungary",
+                     "--out", str(tmp_path / "a"), "--no-progress"]) == VIOLATION_EXIT

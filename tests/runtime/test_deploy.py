@@ -56,3 +56,34 @@ def test_wait_for_times_out_and_status_reads_tolerate_partial_files(tmp_path: Pa
     assert read_status(tmp_path) == {}
     (tmp_path / "status.json").write_text('{"state": "done"}', encoding="utf-8")
     assert read_status(tmp_path) == {"state": "done"}
+
+
+def test_the_local_run_progress_follows_what_the_server_writes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`secfedtl flower local` is minutes of child processes: its bar follows the server's files."""
+    import json
+
+    from secfedtl.runtime.deploy import _Progress
+
+    bar = _Progress(rounds=2, personalise=True, server_out=tmp_path, enabled=True)
+    bar.poll()  # nothing written yet
+    assert bar.bar.n == 0 and bar.bar.desc.startswith("server: training the source model")
+    (tmp_path / "status.json").write_text(json.dumps({"state": "discovering"}), encoding="utf-8")
+    bar.poll()
+    assert bar.bar.desc.startswith("server: waiting for the nodes")
+    (tmp_path / "status.json").write_text(json.dumps({"state": "running"}), encoding="utf-8")
+    (tmp_path / "rounds.json").write_text(json.dumps([{"round": 0}]), encoding="utf-8")
+    (tmp_path / "progress.jsonl").write_text(json.dumps({"phase": "unmask:start"}) + "\n", encoding="utf-8")
+    bar.poll()
+    assert bar.bar.n == 1 and bar.bar.desc.startswith("federated rounds")
+    assert bar.bar.postfix == "phase=unmask"
+    (tmp_path / "rounds.json").write_text('[{"round": 0}, {"rou', encoding="utf-8")  # being written
+    bar.poll()
+    assert bar.bar.n == 1
+    (tmp_path / "rounds.json").write_text(json.dumps([{"round": 0}, {"round": 1}]), encoding="utf-8")
+    bar.poll()
+    assert bar.bar.n == 2 and bar.bar.desc.startswith("personalisation")
+    (tmp_path / "status.json").write_text(json.dumps({"state": "done"}), encoding="utf-8")
+    bar.poll()
+    assert bar.bar.n == 3 == bar.bar.total
+    bar.close()
+    assert "personalisation" in capsys.readouterr().err
