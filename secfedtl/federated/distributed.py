@@ -14,7 +14,8 @@ In this mode a training round is ``steps_per_round`` *steps*; each step is one s
    share and wraps modulo ``2**bits`` (:meth:`~secfedtl.training.PrivateClient.distributed_share`);
 3. secure aggregation sums the field vectors (the integer input path: no fixed-point encoding, no
    weight word); each hospital joins only a session whose ``min_survivors`` is at least its own, so
-   it never helps unmask a sum with fewer parties than its noise share assumes;
+   it never helps unmask a sum with fewer parties than its noise share assumes, and that tolerates
+   its ``colluders`` against an active server (``2t - k - 1 >= colluders``);
 4. the server decodes the noisy sum of clipped gradients, divides by the public normaliser (the
    expected batch across hospitals, from the declared counts) and applies its optimiser to
    ``-lr * gradient`` (FedAvg with server lr 1 is plain DP-SGD with step size ``[training] lr``).
@@ -233,7 +234,7 @@ class DistributedStepTask:
             global_state=state, round=request.round, model_hash=digest, encoding=plan.encoding, event=plan.event,
             sample_rate=plan.settings.sample_rate, rotation_seed=plan.rotation_seed(request.round),
             params={**plan.ledger_params(), "training_round": r, "step": s}, release=RELEASE)
-        return TaskOutput(field=field, min_survivors=self.min_survivors)
+        return TaskOutput(field=field, min_survivors=self.min_survivors, colluders=plan.settings.policy.colluders)
 
 
 def _same(announced: Any, own: Any) -> bool:

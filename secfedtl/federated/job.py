@@ -461,10 +461,11 @@ def build_server(config: JobConfig, source: SourceModel, pool: ClientPool, roste
     head = source.head_state
     server = config["server"]
     momentum = {"momentum": server["momentum"]} if "momentum" in server else {}
-    distributed = None
-    if config.noise() == "distributed":
+    distributed, colluders = None, None
+    if config.noise() == "distributed":  # sessions must tolerate the colluders the hospitals' noise assumes
         distributed = plan_for(config, sum(t.numel() for t in head.values()), job_id=job_id(config))
-    return Federation(distributed=distributed,
+        colluders = distributed.settings.policy.colluders
+    return Federation(distributed=distributed, colluders=colluders,
         pool=pool, roster=roster, names=list(head), global_params=flatten_params(head), frozen_hash=source.frozen_hash,
         optimizer=make_server_optimizer(server["optimizer"], server_lr=server["lr"], **momentum),
         clip=config["secagg"]["clip"], bits=config["secagg"]["bits"], max_samples=config["secagg"]["max_samples"],

@@ -84,6 +84,7 @@ class TaskOutput:
     info: Mapping[str, Any] = field(default_factory=dict)
     field: np.ndarray | None = None
     min_survivors: int = 0
+    colluders: int = 0  # parties its noise assumes may collude with the server: sessions must tolerate them
 
 
 class Task(Protocol):
@@ -300,6 +301,7 @@ class ClientNode:
         self._encoding: FixedPointEncoding | None = None
         self._integer: dict[str, int] | None = None  # the announced integer field of this round's contribution
         self._min_survivors = 0
+        self._colluders = 0
         self._field: np.ndarray | None = None
         self._session: ClientSession | None = None
         self._silent = False
@@ -330,6 +332,7 @@ class ClientNode:
         self._encoding = None
         self._integer = None
         self._min_survivors = 0
+        self._colluders = 0
 
     def _on_task(self, request: wire.TaskRequest) -> list[wire.TaskReply]:
         key = (request.round, request.task)
@@ -394,7 +397,8 @@ class ClientNode:
                 or field.dtype != dtype or (spec["bits"] < 64 and int(field.max(initial=0)) >> spec["bits"])
                 or output.min_survivors < 0):
             return [wire.TaskReply(round=round, status="failed", info={"reason": "failed"})]
-        self._field, self._integer, self._min_survivors = field, spec, output.min_survivors
+        self._field, self._integer = field, spec
+        self._min_survivors, self._colluders = output.min_survivors, output.colluders
         return [wire.TaskReply(round=round, status="ready", info={})]
 
     def _on_join(self, join: wire.Join) -> list[bytes]:
@@ -413,6 +417,10 @@ class ClientNode:
                 # never help unmask a sum of fewer parties than this contribution's noise assumes
                 raise PolicyError(f"the session may unmask a sum of {cfg.min_survivors} parties; this contribution "
                                   f"needs at least {self._min_survivors}")
+            if cfg.tolerated_colluders < self._colluders:
+                # the noise count assumes secure aggregation holds against that many colluders
+                raise PolicyError(f"the session tolerates {max(0, cfg.tolerated_colluders)} colluders; this "
+                                  f"contribution's noise assumes {self._colluders}")
         elif not self._fixed_point_matches(cfg):
             raise RemoteProtocolError("the session's encoding or cohort is not the one announced with the task")
         if session.vector_length != self._field.size:

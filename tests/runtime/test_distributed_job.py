@@ -252,3 +252,26 @@ def test_the_noise_a_node_adds_is_its_ledger_share(tmp_path) -> None:
         assert sample.var() == pytest.approx(var, rel=6 * math.sqrt(2 / sample.size))
     finally:
         job.close()
+
+
+def test_a_node_refuses_a_session_that_tolerates_fewer_colluders_than_its_noise_assumes(tmp_path) -> None:
+    # colluders = 2 of 3: only one hospital's noise counts, and secure aggregation must hold against
+    # two colluders; a 3-party session (2 neighbours, threshold 2) tolerates only 2t - k - 1 = 1
+    job = build_job(distributed_config(colluders=2), tmp_path / "out", state_dir=tmp_path / "state")
+    try:
+        node = job.nodes["hungary"]
+        request = _request(job)
+        (reply,) = [wire.decode(b) for b in node.handle(wire.encode(request))]
+        assert reply.status == "ready"
+        assert job.federation.distributed.event.honest_parties == 1
+        cfg = SecAggConfig(num_clients=3, threshold=2, bits=job.federation.distributed.encoding.bits,
+                           min_survivors=3, authenticated=True)
+        assert cfg.tolerated_colluders == 1
+        params = SessionParams(config=cfg, session_id=b"\x02" * 16, round=0,
+                               vector_length=job.federation.distributed.encoding.padded_dimension,
+                               context=bytes.fromhex(wire.request_digest(request)))
+        parties = tuple(job.federation.roster.key_of(n) for n in HOSPITALS)
+        with pytest.raises(PolicyError, match="colluders"):
+            node.handle(wire.encode(wire.Join(round=0, index=0, session=params, parties=parties)))
+    finally:
+        job.close()
