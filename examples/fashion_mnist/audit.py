@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run as example  # noqa: E402
 
+from secfedtl.errors import ConfigError  # noqa: E402
 from secfedtl.privacy.accountants import compute_epsilon  # noqa: E402
 from secfedtl.privacy.empirical import gdp_mu_for_epsilon  # noqa: E402
 from secfedtl.privacy.ledger import read_verified_ledger, spent_events  # noqa: E402
@@ -48,6 +49,12 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 client = value
     args = example.parse_args(argv)
+    # The canaries are charged to a fresh throwaway state in <out> only: never to a state that
+    # outlives the audit, nor one with earlier jobs (the bound is compared with this run's epsilon).
+    if args.state_dir is not None:
+        raise ConfigError("the audit runs on a throwaway privacy state in <out>/privacy-state; --state-dir is refused")
+    if (args.out / "privacy-state").exists():
+        raise ConfigError(f"{args.out} holds an earlier run's privacy state (its budget would continue): use another --out")
     included = draw_coins(canaries)
     hook = GradientCanaries(included)
     seen: dict[str, Any] = {}

@@ -23,6 +23,10 @@ import sys
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # source_model.py beside this file
 
 from source_model import FashionNet, load_mnist_cnn, to_inputs  # noqa: E402
@@ -30,7 +34,6 @@ from source_model import FashionNet, load_mnist_cnn, to_inputs  # noqa: E402
 from secfedtl.data.fashion_mnist import FashionMNIST, client_splits, load_fashion_mnist  # noqa: E402
 from secfedtl.errors import ConfigError  # noqa: E402
 from secfedtl.federated import FederatedJob, HospitalData, JobConfig, SourceModel  # noqa: E402
-from secfedtl.federated.job import tensor_dataset  # noqa: E402
 from secfedtl.privacy.state import data_fingerprint  # noqa: E402
 
 
@@ -46,6 +49,20 @@ class FashionConfig(JobConfig):
         for key in ("feature_scale", "alpha"):
             if not (math.isfinite(model[key]) and model[key] > 0):
                 raise ConfigError(f"[model] {key} must be a finite number > 0")
+
+
+class Images(Dataset):
+    """uint8 images and their labels, each image made a model input (:func:`to_inputs`) only when
+    read: the frozen layers see the same inputs, without a float copy of a whole split in memory."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return to_inputs(self.images[i : i + 1])[0], int(self.labels[i])
 
 
 def client_names(count: int) -> list[str]:
@@ -79,8 +96,8 @@ def source(config: JobConfig, spec: Any) -> SourceModel:
 
 def hospital_data(config: JobConfig, name: str) -> HospitalData:
     split = splits(config)[config["job"]["clients"].index(name)]
-    return HospitalData(train=tensor_dataset(to_inputs(split.x_fit), split.y_fit),
-                        evaluation={"validation": tensor_dataset(to_inputs(split.x_val), split.y_val)},
+    return HospitalData(train=Images(split.x_fit, split.y_fit),
+                        evaluation={"validation": Images(split.x_val, split.y_val)},
                         fingerprint=data_fingerprint([split.x_fit, split.y_fit, split.x_val, split.y_val]))
 
 

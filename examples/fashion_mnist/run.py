@@ -47,11 +47,10 @@ from torch.utils.data import TensorDataset
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # source_model.py and fashion_job.py beside this file
 
-from fashion_job import FASHION, FashionConfig, client_names, load_data, splits  # noqa: E402
-from source_model import to_inputs  # noqa: E402
+from fashion_job import FASHION, FashionConfig, Images, client_names, load_data, splits  # noqa: E402
 
 from secfedtl.aggregation.optimizers import decode_vector  # noqa: E402
-from secfedtl.data.fashion_mnist import CLASS_NAMES  # noqa: E402
+from secfedtl.data.fashion_mnist import CLASS_NAMES, DEBIAN_DIR, ZALANDO_URL  # noqa: E402
 from secfedtl.errors import ConfigError, SecFedTLError  # noqa: E402
 from secfedtl.privacy.accountants import compute_epsilon  # noqa: E402
 from secfedtl.privacy.audit import audit_ledger  # noqa: E402
@@ -99,7 +98,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--server", default="fedavgm", help="server optimizer (fedavg, fedavgm, fedadam, ...)")
     p.add_argument("--server-lr", type=float, default=1.0)
     p.add_argument("--server-momentum", type=float, default=0.5, help="momentum of fedavgm (ignored by others)")
-    p.add_argument("--data-dir", type=Path, default=None, help="IDX files (default: Debian's dataset-fashion-mnist)")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="folder with the four Fashion-MNIST IDX files, gzipped or not (default: Debian's "
+                        f"dataset-fashion-mnist in {DEBIAN_DIR}; without apt, download them from "
+                        f"{ZALANDO_URL}, MIT licence)")
     p.add_argument("--skip-checksums", action="store_true",
                    help="accept IDX files other than the published release (e.g. your own data in that format)")
     p.add_argument("--weights", type=Path, default=None, help="source weights (default: digit-recognizer-py's)")
@@ -159,7 +161,8 @@ def head_accuracy(head: nn.Module, data: TensorDataset) -> float:
     return evaluate(head, data, batch_size=4096).accuracy
 
 
-def reference_head(fit: TensorDataset, val: TensorDataset, *, seed: int, max_epochs: int = 15) -> dict[str, Any]:
+def reference_head(fit: TensorDataset, val: TensorDataset, *, seed: int, max_epochs: int = 15,
+                   progress: bool = True) -> dict[str, Any]:
     """Non-private, centralised linear head on the same features (all clients' fit rows pooled),
     the epoch count picked on the pooled validation rows (simulation only: no client would hand
     its rows over)."""
@@ -168,6 +171,7 @@ def reference_head(fit: TensorDataset, val: TensorDataset, *, seed: int, max_epo
     head = nn.Linear(x.shape[1], 10)
     opt = torch.optim.Adam(head.parameters(), lr=1e-2)
     best = (-1.0, 0, copy.deepcopy(head.state_dict()))
+    bar = _progress(max_epochs, "non-private reference head", progress, unit="epoch")
     for epoch in range(max_epochs):
         for idx in torch.randperm(len(y)).split(256):
             opt.zero_grad()
@@ -176,6 +180,9 @@ def reference_head(fit: TensorDataset, val: TensorDataset, *, seed: int, max_epo
         acc = head_accuracy(head, val)
         if acc > best[0]:
             best = (acc, epoch + 1, copy.deepcopy(head.state_dict()))
+        bar.update(1)
+        bar.set_postfix(val=f"{acc:.3f}")
+    bar.close()
     head.load_state_dict(best[2])
     return {"head": head, "validation_accuracy": best[0], "epochs": best[1]}
 
@@ -221,7 +228,7 @@ def run(args: argparse.Namespace, *, on_clients: Any = None) -> dict[str, Any]:
     backbone.eval()
 
     def features(x: np.ndarray, y: np.ndarray) -> TensorDataset:
-        return cache_features(backbone, TensorDataset(to_inputs(x), torch.from_numpy(y)), batch_size=1024)
+        return cache_features(backbone, Images(x, y), batch_size=64)
 
     # The experimenter's evaluation data (outside the protocol): the public test split and the
     # clients' validation rows pooled, as features of the same frozen layers: each round scores
@@ -278,7 +285,7 @@ def run(args: argparse.Namespace, *, on_clients: Any = None) -> dict[str, Any]:
     if not args.no_reference:
         t0 = time.perf_counter()
         fit = features(np.concatenate([s.x_fit for s in shares]), np.concatenate([s.y_fit for s in shares]))
-        ref = reference_head(fit, val, seed=args.seed)
+        ref = reference_head(fit, val, seed=args.seed, progress=not args.no_progress)
         sim["non_private_reference"] = {"validation_accuracy": ref["validation_accuracy"], "epochs": ref["epochs"],
                                         "test_accuracy": head_accuracy(ref["head"], test)}
         timings["reference"] = time.perf_counter() - t0
@@ -396,12 +403,18 @@ def _plot(metrics: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _progress(total: int, desc: str, enabled: bool, unit: str = "step") -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         metrics = run(args)
     except SecFedTLError as exc:
-        print(f"run.py: error: {exc}", file=sys.stderr)
+        print(f"fashion_mnist: error: {exc}", file=sys.stderr)
         return 2
     sim = metrics["simulation_only"]
     final = sim["final"]

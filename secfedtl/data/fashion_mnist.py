@@ -2,10 +2,12 @@
 
 Fashion-MNIST (Xiao, Rasul, Vollgraf 2017; Zalando SE, MIT licence) is not bundled: Debian ships
 it as ``dataset-fashion-mnist`` (``apt-get install dataset-fashion-mnist``), which puts the four
-gzipped IDX files under :data:`DEBIAN_DIR`. :func:`load_fashion_mnist` reads them from there (or
-any folder holding the same four files, gzipped or raw) and, by default, checks the SHA-256 of
-each file's *decompressed* content against the published files, so a gzipped and a raw copy of
-the same data both pass.
+gzipped IDX files under :data:`DEBIAN_DIR`. Without apt, download the same four files from
+Zalando's repository (:data:`ZALANDO_URL`, folder ``data/fashion``) into any folder.
+:func:`load_fashion_mnist` reads them from :data:`DEBIAN_DIR` or the folder it is given (gzipped or
+raw) and, by default, checks the SHA-256 of each file's *decompressed* content against the
+published files, so a gzipped and a raw copy of the same data both pass (Debian recompressed the
+``.gz`` files, so only the content is comparable).
 
 :func:`read_idx` is strict: a file that is not IDX (wrong magic, unknown element type, a header
 claiming more data than the file holds, trailing bytes, a broken gzip stream) raises
@@ -42,6 +44,7 @@ __all__ = [
     "DEBIAN_DIR",
     "FILE_NAMES",
     "FILE_SHA256",
+    "ZALANDO_URL",
     "ClientSplit",
     "FashionMNIST",
     "client_splits",
@@ -52,6 +55,9 @@ __all__ = [
 
 DEBIAN_DIR: Path = Path("/usr/share/datasets/fashion-mnist")
 """Where Debian's ``dataset-fashion-mnist`` package installs the IDX files."""
+
+ZALANDO_URL: str = "https://github.com/zalandoresearch/fashion-mnist"
+"""The dataset's home (Zalando SE, MIT licence); the four ``.gz`` files are in ``data/fashion``."""
 
 CLASS_NAMES: tuple[str, ...] = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -141,7 +147,9 @@ def _find(root: Path, name: str) -> Path:
         if candidate.is_file():
             return candidate
     raise DataError(
-        f"{name}[.gz] not found in {root}; on Debian/Ubuntu: apt-get install dataset-fashion-mnist"
+        f"Fashion-MNIST file {name}[.gz] not found in {root}: apt-get install dataset-fashion-mnist "
+        f"(Debian/Ubuntu), or download the four IDX files from {ZALANDO_URL} (data/fashion, MIT licence) "
+        "into a folder and load that folder (the example's --data-dir)"
     )
 
 

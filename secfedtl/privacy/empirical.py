@@ -16,7 +16,9 @@ rejects at confidence ``1 - alpha`` is found by bisection (:func:`epsilon_lower_
 **Choosing k.** The guesses must not be chosen after looking at the coins. :func:`audit_scores`
 tries a fixed, public grid of ``(k_plus, k_minus)`` pairs (symmetric and one-sided; a function of
 ``m`` only) and splits ``alpha`` over them (Bonferroni), so the reported bound holds at the stated confidence
-whichever ``k`` gives it. With one fixed ``k`` the grid has one point and no correction applies.
+whichever ``k`` gives it. Pairs whose p-value the delta term alone keeps above their share of
+``alpha`` (few guesses when ``m delta`` is large) are left out of the split: which ones depends on
+``(m, delta, alpha)`` only. With one fixed ``k`` the grid has one point and no correction applies.
 
 A lower bound says: *this run* is not (epsilon_lower, delta)-DP against *this adversary*, except
 with probability at most ``alpha``. It is never evidence that the run *is* private at any epsilon
@@ -165,6 +167,27 @@ def _pairs(m: int, k: int | None) -> tuple[tuple[int, int], ...]:
     return pairs
 
 
+def _pairs_that_can_reject(m: int, pairs: tuple[tuple[int, int], ...], *, delta: float,
+                           confidence: float) -> tuple[tuple[int, int], ...]:
+    """The pairs of ``pairs`` that could give a positive (epsilon, delta) bound at their share of
+    ``1 - confidence`` if every one of their guesses were right. The delta term keeps the p-value
+    of ``r`` guesses at least about ``2 m delta / r`` (its ``i = r`` term), so with ``m delta`` large
+    a pair with few guesses can never reject and its share of the confidence would be wasted.
+    A function of ``(m, pairs, delta, confidence)`` only: public, fixed before any coin is seen.
+    Pairs are dropped until every pair left can reject at the split it gets; if none can, all stay
+    (the bound is then 0 whatever the guesses)."""
+    kept = pairs
+    while True:
+        share = (1.0 - confidence) / len(kept)
+        able = tuple(p for p in kept if epsilon_lower_bound(num_canaries=m, guesses=p[0] + p[1], correct=p[0] + p[1],
+                                                             delta=delta, significance=share) > 0)
+        if not able:
+            return pairs
+        if able == kept:
+            return kept
+        kept = able
+
+
 @dataclass(frozen=True, kw_only=True)
 class EmpiricalBound:
     """The result of :func:`audit_scores`."""
@@ -192,13 +215,17 @@ def audit_scores(scores: Sequence[float], included: Sequence[bool], *, delta: fl
                  k: int | None = None) -> EmpiricalBound:
     """The one-run lower bound from canary ``scores`` (higher = more likely "in") and the
     auditor's secret ``included`` coins: the best over :func:`guess_grid` (or the one symmetric
-    ``k`` given), at ``confidence`` after splitting the error over the pairs tried."""
+    ``k`` given), at ``confidence`` after splitting the error over the pairs tried. Of the grid,
+    only the pairs that could reject at all are tried (:func:`_pairs_that_can_reject`: a public
+    rule, so the split stays valid)."""
     if not 0 < confidence < 1:
         raise InputError(f"confidence must be in (0, 1), got {confidence!r}")
     m = len(scores)
     if m < 2:
         raise InputError("need at least 2 canaries")
     grid = _pairs(m, k)
+    if k is None and delta > 0:
+        grid = _pairs_that_can_reject(m, grid, delta=delta, confidence=confidence)
     significance = (1.0 - confidence) / len(grid)
     best = (0.0, 0, 0, 0, 0)
     per_k = []

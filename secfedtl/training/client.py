@@ -84,6 +84,11 @@ class PrivateClient:
     ``"fc"``), the frozen backbone is run once over ``train_data`` and only the head is trained on
     the cached features; refused with :class:`ConfigError` when the backbone has trainable
     parameters or is not deterministic, or with a custom ``loss_fn`` (which may need raw inputs).
+    The cache is float32, written in place batch by batch; ``feature_buffer`` (optional, only with
+    ``cache_features=True``) is where: a float32 tensor of shape ``(len(train_data), d)``, e.g. a
+    row slice of one buffer that holds several datasets' features, or ``torch.from_numpy`` of a
+    ``np.memmap``; the client then trains on that storage itself (see
+    :func:`~secfedtl.transfer.caching.cache_features`).
 
     Randomness: Poisson batches and noise come from ``randomness``
     (:class:`~secfedtl.privacy.randomness.Randomness`; default :meth:`Randomness.secure`: batch
@@ -110,6 +115,7 @@ class PrivateClient:
         regularizer: GradientRegularizer | None = None,
         head: str | None = None,
         cache_features: bool = False,
+        feature_buffer: torch.Tensor | None = None,
         randomness: Randomness | None = None,
     ) -> None:
         if not isinstance(client_id, str) or not client_id:
@@ -129,6 +135,8 @@ class PrivateClient:
                 f"noise is calibrated with the {config.accountant!r} accountant but the budget "
                 f"is kept by {spent_by!r}; set DPTrainingConfig.accountant={spent_by!r}"
             )
+        if feature_buffer is not None and not cache_features:
+            raise ConfigError("feature_buffer is where cached features go: it needs cache_features=True")
         if randomness is None:
             randomness = Randomness.secure(secure_mode=config.secure_mode)
         if not isinstance(randomness, Randomness):
@@ -178,10 +186,11 @@ class PrivateClient:
         self._data: Dataset = train_data
         self._cached = False
         if cache_features:
-            self._data = self._build_cache(train_data, head, loss_fn)
+            self._data = self._build_cache(train_data, head, loss_fn, feature_buffer)
             self._cached = True
 
-    def _build_cache(self, train_data: Dataset, head: str | None, loss_fn: PerSampleLoss | None) -> Dataset:
+    def _build_cache(self, train_data: Dataset, head: str | None, loss_fn: PerSampleLoss | None,
+                     feature_buffer: torch.Tensor | None) -> Dataset:
         if head is None:
             raise ConfigError("cache_features needs the name of the head module")
         if loss_fn is not None:
@@ -193,7 +202,7 @@ class PrivateClient:
             raise ConfigError(f"cannot cache features: trainable parameters outside the head: {', '.join(extra)}")
         backbone.train()  # pinned modules stay in eval: this is what private training would see
         check_frozen_deterministic(backbone)
-        features = cache_features(backbone, train_data, batch_size=256)
+        features = cache_features(backbone, train_data, batch_size=64, out=feature_buffer)
         # The split must reproduce the model: head(backbone(x)) == model(x) on a probe batch.
         probe_x = torch.stack([train_data[i][0] for i in range(min(4, len(features)))])  # type: ignore[index]
         was = self._model.training

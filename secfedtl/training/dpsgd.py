@@ -160,7 +160,7 @@ def _linear_ce_clipped_sum(
         ok = torch.isfinite(losses) & torch.isfinite(norms) & torch.isfinite(x).all(dim=1)
         factor = torch.where(ok, (max_grad_norm / (norms + 1e-6)).clamp(max=1.0), torch.zeros_like(norms))
         ce = torch.where(ok.unsqueeze(1), e, torch.zeros_like(e)) * factor.unsqueeze(1)
-        grad_w = ce.t() @ torch.where(ok.unsqueeze(1), x, torch.zeros_like(x))
+        grad_w = ce.t() @ x.masked_fill(~ok.unsqueeze(1), 0.0)  # one copy of the batch, not two
         grad_b = ce.sum(dim=0) if layer.bias is not None else None
     return grad_w, grad_b, losses
 

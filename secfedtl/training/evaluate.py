@@ -7,9 +7,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from secfedtl.errors import InputError
+from secfedtl.transfer.caching import iter_batches
 
 __all__ = ["Evaluation", "evaluate"]
 
@@ -40,7 +41,7 @@ def evaluate(model: nn.Module, data: Dataset, *, batch_size: int = 256) -> Evalu
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     correct, total_loss = 0, 0.0
     try:
-        for x, y in DataLoader(data, batch_size=batch_size, shuffle=False):
+        for x, y in iter_batches(data, batch_size):  # slices of a TensorDataset: no copy
             x, y = x.to(device), torch.as_tensor(y).to(device)
             logits = model(x)
             total_loss += float(F.cross_entropy(logits, y, reduction="sum"))

@@ -17,8 +17,9 @@ from __future__ import annotations
 import os
 import re
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from secfedtl._atomic import atomic_write
 from secfedtl.errors import ConfigError, InputError
 
-__all__ = ["cache_features", "cached_features", "check_frozen_deterministic", "split_head"]
+__all__ = ["cache_features", "cached_features", "check_frozen_deterministic", "iter_batches", "split_head"]
 
 _MODE_DEPENDENT = (_BatchNorm, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
@@ -75,14 +76,47 @@ def split_head(model: nn.Module, head: str) -> tuple[nn.Module, nn.Module]:
     return backbone, head_module
 
 
+def iter_batches(dataset: Dataset, batch_size: int) -> Iterator[tuple[torch.Tensor, Any]]:
+    """``(inputs, labels)`` batches of ``dataset`` in order: slices (views, no copy) of a
+    two-tensor :class:`TensorDataset`, else a non-shuffling :class:`DataLoader`'s batches."""
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
+        xs, ys = dataset.tensors
+        for start in range(0, len(xs), batch_size):
+            yield xs[start : start + batch_size], ys[start : start + batch_size]
+    else:
+        yield from DataLoader(dataset, batch_size=batch_size, shuffle=False)
+
+
+def _check_out(out: Any, rows: int, dim: int | None) -> None:
+    """``out`` must be a float32 ``(rows, dim)`` tensor (``dim`` is checked once it is known)."""
+    if not isinstance(out, torch.Tensor):
+        raise InputError(f"out must be a torch.Tensor, not {type(out).__name__}")
+    if out.dtype != torch.float32 or out.dim() != 2 or out.shape[0] != rows or dim not in (None, out.shape[1]):
+        want = f"({rows}, {'d' if dim is None else dim})"
+        raise InputError(f"out must be float32 of shape {want}, got {out.dtype} {tuple(out.shape)}")
+    if out.requires_grad:
+        raise InputError("out must not require gradients")
+
+
 @torch.no_grad()
-def cache_features(backbone: nn.Module, dataset: Dataset, batch_size: int) -> TensorDataset:
+def cache_features(
+    backbone: nn.Module, dataset: Dataset, batch_size: int, *, out: torch.Tensor | None = None
+) -> TensorDataset:
     """Run the frozen ``backbone`` once over ``dataset`` ((input, label) pairs, in order) and return
-    ``TensorDataset(features, labels)`` with features flattened to ``(n, d)``.
+    ``TensorDataset(features, labels)`` with float32 features flattened to ``(n, d)``.
+
+    Memory: the features are written batch by batch into one float32 ``(n, d)`` tensor allocated
+    once (on the backbone output's device), never gathered in a list and concatenated, so the
+    peak is the cache plus one batch's activations. A two-tensor :class:`TensorDataset` is read in
+    slices (no per-example collation). ``out`` (optional) is where to write instead: a float32
+    CPU or device tensor of exactly that shape, e.g. a row slice of a larger buffer shared with
+    other datasets, or ``torch.from_numpy`` of a float32 ``np.memmap``; the returned features are
+    ``out`` itself (same storage, no copy). If an exception is raised, ``out``'s contents are
+    undefined.
 
     Raises :class:`ConfigError` when the backbone is not frozen and deterministic (checked
     statically and by running the first batch twice), :class:`InputError` for an empty dataset,
-    a bad ``batch_size`` or non-finite features.
+    a bad ``batch_size``, an ``out`` of the wrong dtype or shape, or non-finite features.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -92,19 +126,34 @@ def cache_features(backbone: nn.Module, dataset: Dataset, batch_size: int) -> Te
         raise InputError("dataset must have a length") from exc
     if n == 0:
         raise InputError("cannot cache features of an empty dataset")
+    if out is not None:
+        _check_out(out, n, None)
     check_frozen_deterministic(backbone)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    features, labels = [], []
-    for i, (x, y) in enumerate(loader):
+    features: torch.Tensor | None = out
+    labels: torch.Tensor | None = None
+    start = 0
+    for x, y in iter_batches(dataset, batch_size):
         f = backbone(x)
-        if i == 0 and not torch.equal(f, backbone(x)):
-            raise ConfigError("cannot cache features: backbone output is not deterministic")
-        features.append(f.reshape(f.shape[0], -1))
-        labels.append(torch.as_tensor(y))
-    out = torch.cat(features)
-    if not torch.isfinite(out).all():
-        raise InputError("backbone produced non-finite features")
-    return TensorDataset(out.detach(), torch.cat(labels))
+        f = f.reshape(f.shape[0], -1)
+        y = torch.as_tensor(y)
+        if labels is None:  # first batch: check determinism, then allocate once
+            if not torch.equal(f, backbone(x).reshape(f.shape[0], -1)):
+                raise ConfigError("cannot cache features: backbone output is not deterministic")
+            if features is None:
+                features = torch.empty((n, f.shape[1]), dtype=torch.float32, device=f.device)
+            else:
+                _check_out(features, n, f.shape[1])
+            labels = torch.empty((n, *y.shape[1:]), dtype=y.dtype, device=y.device)
+        if start + f.shape[0] > n or f.shape[1] != features.shape[1]:  # type: ignore[union-attr]
+            raise InputError("the dataset yielded more rows than its length, or rows of different sizes")
+        if not torch.isfinite(f).all():
+            raise InputError("backbone produced non-finite features")
+        features[start : start + f.shape[0]] = f  # type: ignore[index]
+        labels[start : start + f.shape[0]] = y
+        start += f.shape[0]
+    if start != n or features is None or labels is None:
+        raise InputError(f"the dataset has length {n} but yielded {start} rows")
+    return TensorDataset(features, labels)
 
 
 _KEY = re.compile(r"[0-9a-f]{64}")

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from secfedtl.data.fashion_mnist import (
     DEBIAN_DIR,
     FILE_NAMES,
+    ZALANDO_URL,
     client_splits,
     dirichlet_partition,
     load_fashion_mnist,
@@ -149,8 +150,9 @@ def test_load_checks_content_checksums(tmp_path: Path) -> None:
 
 
 def test_load_refuses_missing_and_inconsistent_files(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
+    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist") as missing:
         load_fashion_mnist(tmp_path, checksums=None)
+    assert ZALANDO_URL in str(missing.value) and "\n" not in str(missing.value)  # the no-apt way, one line
     make_dataset(tmp_path, gz=False)
     # more labels than images
     write(tmp_path / FILE_NAMES["train_labels"], idx_bytes(np.zeros(41, dtype=np.uint8)), gz=False)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from secfedtl.errors import ConfigError, DataError, ModelError
+from secfedtl.errors import ConfigError, ModelError
 from secfedtl.privacy.ledger import verify_ledger
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fashion_mnist"
@@ -111,6 +111,30 @@ def test_declared_records_are_a_round_figure_of_the_fit_size() -> None:
     assert run.declared_records(2751, 500) == 3000
     assert run.declared_records(120, 500) == 500  # never below one grid step
     assert run.declared_records(87, 10) == 90
+
+
+def test_missing_or_wrong_data_is_one_line_before_any_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch) -> None:
+    """No apt: the user points --data-dir at the four IDX files; a folder without them, or files
+    that are not the published release, is one line on stderr and exit 2, before --out exists."""
+    from secfedtl.data.fashion_mnist import ZALANDO_URL
+
+    run = _load("run")
+    for key in ("FASHION_MNIST_DIR", "FASHION_MNIST_WEIGHTS", "FASHION_MNIST_SKIP_CHECKSUMS", "PYTHONPATH"):
+        monkeypatch.delenv(key, raising=False)  # the script sets them for its nodes; undone after the test
+    data = tmp_path / "data"
+    data.mkdir()
+    out = tmp_path / "out"
+    argv = ["--out", str(out), "--no-progress", "--data-dir", str(data), "--rounds", "1"]
+    assert run.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fashion_mnist: error: ") and "Traceback" not in err
+    assert "train-images-idx3-ubyte" in err and ZALANDO_URL in err and "--data-dir" in err
+    assert not out.exists()
+    _synthetic_data(data)  # present, but not the published files
+    assert run.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "SHA-256" in err and not out.exists()
 
 
 def test_run_end_to_end_on_synthetic_data(tmp_path: Path, capsys, monkeypatch) -> None:
@@ -289,3 +313,16 @@ def test_whitebox_audit_of_the_example_on_synthetic_data(tmp_path: Path) -> None
     assert report["fdp_gaussian"]["epsilon_lower"] >= 0 and report["fdp_gaussian"]["ledger_mu"] > 0
     assert len(report["scores"]["in"]) + len(report["scores"]["out"]) == 200
     assert (out / "audit.png").stat().st_size > 0
+
+
+def test_whitebox_audit_refuses_a_privacy_state_it_would_continue(tmp_path: Path) -> None:
+    # The audit compares its lower bound with this run's ledger epsilon, and its canaries must never
+    # be charged to a state that outlives it: it runs only on a fresh throwaway state in <out>.
+    from secfedtl.errors import ConfigError
+
+    audit = _load("audit")
+    with pytest.raises(ConfigError, match="throwaway"):
+        audit.main(["--out", str(tmp_path / "a"), "--state-dir", str(tmp_path / "real-state"), "--no-progress"])
+    (tmp_path / "b" / "privacy-state").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="earlier"):
+        audit.main(["--out", str(tmp_path / "b"), "--no-progress"])

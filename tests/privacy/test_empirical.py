@@ -203,3 +203,24 @@ def test_guess_grid_is_public_and_fits():
     for m in (2, 16, 1000, 100000):
         for kp, km in guess_grid(m):
             assert 1 <= kp and kp + km <= m and km in (0, kp)
+
+
+def test_epsilon_delta_grid_spends_no_confidence_on_pairs_that_cannot_reject():
+    # With M delta large (10^4 canaries at delta 1e-5: 2 M delta = 0.2) the delta term alone keeps
+    # the p-value of a pair with few guesses above its share of the 5%, even with every guess
+    # right. Such a pair can never give a bound, so splitting the 5% over it only weakens the
+    # others. The pairs kept depend on (M, delta, confidence) only: public, chosen before any coin.
+    m, delta = 10_000, 1e-5
+    inc = np.zeros(m, dtype=bool)
+    res = audit_scores(np.zeros(m), inc, delta=delta)
+    share = 0.05 / len(res.grid)
+    for kp, km in res.grid:
+        assert epsilon_lower_bound(num_canaries=m, guesses=kp + km, correct=kp + km, delta=delta,
+                                   significance=share) > 0
+    assert set(res.grid) < set(guess_grid(m))
+    # the pairs kept do not depend on the coins or the scores
+    rng = np.random.default_rng(0)
+    other = audit_scores(rng.normal(size=m), rng.random(m) < 0.5, delta=delta)
+    assert other.grid == res.grid
+    # with delta = 0 nothing is dropped
+    assert audit_scores(np.zeros(m), inc, delta=0.0).grid == guess_grid(m)

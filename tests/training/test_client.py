@@ -381,6 +381,35 @@ def test_insecure_seeded_randomness_is_written_into_the_charge(guard):
     assert guard.fields["randomness"] == "insecure_seeded"
 
 
+def test_clients_cache_into_row_slices_of_one_shared_buffer(guard):
+    """``feature_buffer``: each client writes its float32 features into its own slice of one buffer
+    and trains on that storage itself (no per-client copy); it trains the same as a client whose
+    cache is its own."""
+    data = [_data(n=20, seed=1), _data(n=28, seed=2)]
+    buffer = torch.full((48, 64), float("nan"))
+    rows = [(0, 20), (20, 48)]
+    clients = [_client(guard, data=d, cache_features=True, head="fc", feature_buffer=buffer[a:b],
+                       randomness=Randomness.insecure_seeded(5))
+               for d, (a, b) in zip(data, rows)]
+    assert torch.isfinite(buffer).all()  # every row written, by its own client
+    backbone = nn.Sequential(*_model().layers).eval()
+    for client, d, (a, b) in zip(clients, data, rows):
+        features = client._data.tensors[0]
+        assert features.dtype == torch.float32
+        assert features.data_ptr() == buffer[a:b].data_ptr() and features.shape == (b - a, 64)  # shared, no copy
+        with torch.no_grad():
+            assert torch.allclose(buffer[a:b], backbone(d.tensors[0]), atol=1e-6)
+    own = _client(guard, data=data[1], cache_features=True, head="fc", randomness=Randomness.insecure_seeded(5))
+    assert own._data.tensors[0].dtype == torch.float32
+    deltas = [flatten_params(c.train_round(global_state=c.trainable_state(), round=0, model_hash="h").model_update)
+              for c in (clients[1], own)]
+    assert abs(deltas[0]).max() > 0 and deltas[0] == pytest.approx(deltas[1], abs=1e-6)
+    with pytest.raises(ConfigError, match="cache_features=True"):
+        _client(guard, feature_buffer=torch.empty(48, 64))
+    with pytest.raises(InputError, match="shape"):
+        _client(guard, cache_features=True, head="fc", feature_buffer=torch.empty(47, 64))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_distillation_teacher_follows_the_student_to_cuda(guard):
     teacher = _model()

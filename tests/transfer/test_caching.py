@@ -183,3 +183,56 @@ def test_cached_features_checks_key_and_rows(tmp_path):
         cached_features(tmp_path, KEY.upper(), lambda: np.ones((1, 1), dtype=np.float32))
     with pytest.raises(InputError, match="rows"):
         cached_features(tmp_path, KEY, lambda: np.ones((2, 1), dtype=np.float32), num_rows=3)
+
+
+class _Items(torch.utils.data.Dataset):
+    """A dataset that is not a TensorDataset: read through a DataLoader."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return self.data[i]
+
+
+def test_cache_is_float32_written_in_place_and_the_same_for_any_dataset():
+    backbone, _ = split_head(_model(), "fc")
+    backbone.eval()
+    data = _data(n=37)
+    sliced = cache_features(backbone, data, batch_size=8)
+    collated = cache_features(backbone, _Items(data), batch_size=8)
+    assert sliced.tensors[0].dtype == torch.float32 and sliced.tensors[0].shape == (37, 144)
+    assert torch.equal(sliced.tensors[0], collated.tensors[0])
+    assert torch.equal(sliced.tensors[1], data.tensors[1]) and torch.equal(collated.tensors[1], data.tensors[1])
+    # out=: a row slice of a larger buffer is written and returned itself (same storage).
+    buffer = torch.full((50, 144), float("nan"))
+    into = cache_features(backbone, data, batch_size=8, out=buffer[5:42])
+    assert into.tensors[0].data_ptr() == buffer[5:42].data_ptr()
+    assert torch.equal(buffer[5:42], sliced.tensors[0])
+    assert torch.isnan(buffer[:5]).all() and torch.isnan(buffer[42:]).all()  # nothing outside it
+    for bad in (torch.empty(36, 144), torch.empty(37, 143), torch.empty(37, 144, dtype=torch.float64), "x"):
+        with pytest.raises(InputError, match="out must"):
+            cache_features(backbone, data, batch_size=8, out=bad)
+
+
+def test_cache_into_a_memmap(tmp_path):
+    backbone, _ = split_head(_model(), "fc")
+    backbone.eval()
+    data = _data(n=21)
+    mm = np.lib.format.open_memmap(tmp_path / "f.npy", mode="w+", dtype=np.float32, shape=(21, 144))
+    cached = cache_features(backbone, data, batch_size=4, out=torch.from_numpy(mm))
+    mm.flush()
+    assert np.array_equal(np.load(tmp_path / "f.npy"), cached.tensors[0].numpy())
+    assert np.array_equal(np.load(tmp_path / "f.npy"), cache_features(backbone, data, batch_size=5).tensors[0].numpy())
+
+
+def test_cache_refuses_non_finite_features():
+    class Inf(nn.Module):
+        def forward(self, x):
+            return x.flatten(1) / 0.0
+
+    with pytest.raises(InputError, match="non-finite"):
+        cache_features(Inf(), _data(n=5), batch_size=2)
