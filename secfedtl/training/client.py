@@ -180,7 +180,7 @@ class PrivateClient:
                 accountant=config.accountant,
             )
         self._head = head
-        #: empirical audits only (:mod:`secfedtl.runtime.audit_run`): a :class:`~secfedtl.training.dpsgd.AuditHook`
+        #: empirical audits only (:mod:`secfedtl.jobs.audit_run`): a :class:`~secfedtl.training.dpsgd.AuditHook`
         #: handed to every DP-SGD run; ``None`` (always, in a real job) changes nothing.
         self.audit_hook: Any = None
         self._data: Dataset = train_data
