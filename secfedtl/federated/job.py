@@ -315,8 +315,8 @@ def build_client_node(job: FederatedJob, config: JobConfig, name: str, source: S
                       state: PrivacyState, *, identity: SigningKey, roster: Roster,
                       policy: NodePolicy | None = None, job_ref: str | None = None) -> Hospital:
     """The node of one private hospital: its budget guard (on its persistent ``state``) and DP
-    client on ``data.train``, with the ``train``, ``evaluate`` and ``personalise`` tasks (the last
-    two score ``data.evaluation`` with the job's metric and report locally, into
+    client on ``data.train``, with the ``train``, ``evaluate`` and (if ``[privacy] personalise``)
+    ``personalise`` tasks (the last two score ``data.evaluation`` with the job's metric and report locally, into
     ``state.directory/reports/<job id>``), its signing key ``identity`` and the federation's
     ``roster`` pinned (with ``policy``). ``job_ref`` overrides the job id (tests).
 
@@ -348,6 +348,8 @@ def build_client_node(job: FederatedJob, config: JobConfig, name: str, source: S
     reports = LocalReports(state.directory / "reports" / jid)
     hospital = Hospital(name=name, node=None, client=None, guard=guard, evaluation=evaluation,  # type: ignore[arg-type]
                         reports=reports)
+    # the tasks this job plans: "personalise" (a charged DP round) only where the job file asks for it
+    planned_tasks = ("train", "evaluate", "personalise") if priv["personalise"] else ("train", "evaluate")
 
     def client_tasks(model_source: SourceModel) -> dict[str, Task]:
         hospital.client = PrivateClient(client_id=name, model=model_source.model, train_data=data.train, config=dp,
@@ -355,8 +357,9 @@ def build_client_node(job: FederatedJob, config: JobConfig, name: str, source: S
                                                                       source=model_source.head_state),
                                         head=model_source.head, cache_features=model_source.cache_features,
                                         randomness=randomness)
-        return standard_tasks(hospital.client, evaluation, frozen_hash=model_source.frozen_hash, reports=reports,
-                              metric=job.metric)
+        tasks = standard_tasks(hospital.client, evaluation, frozen_hash=model_source.frozen_hash, reports=reports,
+                               metric=job.metric)
+        return {t: tasks[t] for t in planned_tasks}
 
     if job.prepare is None:
         tasks = client_tasks(source)
@@ -364,7 +367,7 @@ def build_client_node(job: FederatedJob, config: JobConfig, name: str, source: S
         statistic = job.prepare.statistic(config)
         later = _Prepared(job.prepare, statistic, source, client_tasks)
         tasks = {statistic.task: StatisticTask(statistic, data=job.prepare.data(data), guard=guard),
-                 "prepare": later.prepare, **{t: later.deferred(t) for t in ("train", "evaluate", "personalise")}}
+                 "prepare": later.prepare, **{t: later.deferred(t) for t in planned_tasks}}
     hospital.node = ClientNode(name=name, tasks=tasks, seed=seed, identity=identity, roster=roster, policy=policy)
     return hospital
 

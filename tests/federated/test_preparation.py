@@ -137,3 +137,32 @@ def test_a_server_cannot_make_a_node_release_its_preparation_twice(tmp_path: Pat
     entries, _ = read_verified_ledger(tmp_path / "state" / "a" / "ledger.jsonl")
     assert [ev for _, ev, _ in spent_events(entries)["a"]] == [statistic.event()]
     state.close()
+
+
+@pytest.mark.parametrize("prepared", [True, False])
+def test_a_node_refuses_personalisation_its_job_file_does_not_plan(tmp_path: Path, prepared: bool):
+    """``[privacy] personalise = false``: the training noise is calibrated for the training rounds
+    only, so a server asking for a personalisation round (a charged DP-SGD round) is refused
+    before anything is charged."""
+    from secfedtl.federated.job import build_client_node, open_hospital_state
+    from secfedtl.federated.roster import Roster
+
+    assert not CONFIG["privacy"]["personalise"]
+    job = JOB if prepared else FederatedJob(name="plain", source=_source, data=_data)
+    roster, keys = Roster.generate(["a", "b", "c"])
+    state = open_hospital_state(CONFIG, "a", _data(CONFIG, "a"), tmp_path / "state")
+    raw = job.build_source(CONFIG)
+    hospital = build_client_node(job, CONFIG, "a", raw, _data(CONFIG, "a"), state, identity=keys["a"],
+                                 roster=roster, job_ref="j")
+    source = raw
+    if prepared:
+        source = JOB.prepare.apply(raw, np.zeros(DIM))
+        request = wire.TaskRequest.with_weights(round=0, task="prepare", weights=np.zeros(DIM))
+        assert wire.decode(hospital.node.handle(wire.encode(request))[0]).status == "done"
+    weights = np.concatenate([p.detach().numpy().ravel() for p in source.head_state.values()])
+    request = wire.TaskRequest.with_weights(round=1, task="personalise", weights=weights,
+                                            options={"names": list(source.head_state),
+                                                     "frozen_hash": source.frozen_hash})
+    assert wire.decode(hospital.node.handle(wire.encode(request))[0]).status == "failed"
+    assert state.ledger.entries == []
+    state.close()
