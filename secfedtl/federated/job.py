@@ -17,8 +17,9 @@ A :class:`FederatedJob` is three functions and a config class:
 
 What a server sends a node never names code: a node runs the job its own operator installed and
 configured (``secfedtl node --job MODULE:ATTR``, :func:`load_job`), on the job file its operator
-holds; the job id (a hash of that file unless it names one) and the source model's hash are in
-every request the node checks. This module builds the pieces from a description: a hospital's
+holds, with every mechanism parameter from that file; the trained parameters' names and the
+source model's hash are in every training request, and the node checks them. (Requests do not
+carry the job id: the node's ledger entries carry its own, a hash of its job file unless it names one.) This module builds the pieces from a description: a hospital's
 node (:func:`build_client_node`), the server (:func:`build_server`) and DP source selection
 (:func:`select_source`); :mod:`secfedtl.federated.run` runs the rounds;
 :mod:`secfedtl.runtime.local` puts them together in one process.
