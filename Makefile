@@ -34,7 +34,7 @@ test: $(STAMP)
 
 # Real Flower processes on 127.0.0.1 (a few minutes); CI runs it after `make test`.
 test-flower: $(FLOWER_STAMP)
-	$(PY) -m pytest -q -m 'not slow' tests/runtime/test_flower.py tests/runtime/test_flower_pool.py
+	$(PY) -m pytest -q -m 'not slow' tests/runtime/test_flower.py tests/runtime/test_flower_pool.py tests/runtime/test_flower_distributed.py
 
 
 # k and t by SecAggConfig.recommended for 100 clients (no --neighbours / --threshold given).
