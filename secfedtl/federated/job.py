@@ -17,8 +17,9 @@ A :class:`FederatedJob` is three functions and a config class:
 
 What a server sends a node never names code: a node runs the job its own operator installed and
 configured (``secfedtl node --job MODULE:ATTR``, :func:`load_job`), on the job file its operator
-holds; the job id (a hash of that file unless it names one) and the source model's hash are in
-every request the node checks. This module builds the pieces from a description: a hospital's
+holds, with every mechanism parameter from that file; the trained parameters' names and the
+source model's hash are in every training request, and the node checks them. (Requests do not
+carry the job id: the node's ledger entries carry its own, a hash of its job file unless it names one.) This module builds the pieces from a description: a hospital's
 node (:func:`build_client_node`), the server (:func:`build_server`) and DP source selection
 (:func:`select_source`); :mod:`secfedtl.federated.run` runs the rounds;
 :mod:`secfedtl.runtime.local` puts them together in one process.
@@ -46,6 +47,7 @@ from secfedtl.aggregation import make_server_optimizer
 from secfedtl.crypto.primitives import SigningKey
 from secfedtl.errors import AccountingError, AggregationError, ConfigError, RemoteProtocolError
 from secfedtl.federated.config import JobConfig
+from secfedtl.federated.distributed import STEP_TASK, DistributedStepTask, plan_for, settings_for
 from secfedtl.federated.federation import Federation
 from secfedtl.federated import wire
 from secfedtl.federated.node import ClientNode, LocalReports, Metric, Task, TaskOutput, standard_tasks
@@ -279,6 +281,9 @@ def node_policy(config: JobConfig, job: FederatedJob | None = None, **kwargs: An
     more with personalisation, two more with a preparation: its release and its result)."""
     rounds = config["job"]["rounds"]
     prepared = job is not None and job.prepare is not None
+    if config.noise() == "distributed":  # one secure session (and one charged task) per DP step
+        steps = settings_for(config).total_steps
+        return NodePolicy(**{"max_sessions": steps + int(prepared), "max_tasks": steps + 2 * int(prepared), **kwargs})
     planned = rounds + int(config["privacy"]["personalise"]) + 2 * int(prepared)
     return NodePolicy(**{"max_sessions": rounds + int(prepared), "max_tasks": planned, **kwargs})
 
@@ -320,8 +325,8 @@ def build_client_node(job: FederatedJob, config: JobConfig, name: str, source: S
                       state: PrivacyState, *, identity: SigningKey, roster: Roster,
                       policy: NodePolicy | None = None, job_ref: str | None = None) -> Hospital:
     """The node of one private hospital: its budget guard (on its persistent ``state``) and DP
-    client on ``data.train``, with the ``train``, ``evaluate`` and ``personalise`` tasks (the last
-    two score ``data.evaluation`` with the job's metric and report locally, into
+    client on ``data.train``, with the ``train``, ``evaluate`` and (if ``[privacy] personalise``)
+    ``personalise`` tasks (the last two score ``data.evaluation`` with the job's metric and report locally, into
     ``state.directory/reports/<job id>``), its signing key ``identity`` and the federation's
     ``roster`` pinned (with ``policy``). ``job_ref`` overrides the job id (tests).
 
@@ -332,6 +337,12 @@ def build_client_node(job: FederatedJob, config: JobConfig, name: str, source: S
     priv, tcfg = config["privacy"], config["training"]
     jid = job_id(config) if job_ref is None else job_ref
     guard = state.guard(job_id=jid, declaration=declaration(config, name))
+    if config.noise() == "distributed":
+        if job.prepare is not None:
+            raise ConfigError(f"job {job.name!r} releases a preparation before training; distributed noise "
+                              "does not support one yet")
+        return _distributed_node(job, config, name, source, data, state, guard, jid, identity=identity,
+                                 roster=roster, policy=policy)
     planned = config["job"]["rounds"] + (1 if priv["personalise"] else 0)
     dp = DPTrainingConfig(lr=tcfg["lr"], expected_batch_size=tcfg["expected_batch_size"],
                           max_grad_norm=tcfg["max_grad_norm"], epochs=tcfg["epochs"],
@@ -353,6 +364,8 @@ def build_client_node(job: FederatedJob, config: JobConfig, name: str, source: S
     reports = LocalReports(state.directory / "reports" / jid)
     hospital = Hospital(name=name, node=None, client=None, guard=guard, evaluation=evaluation,  # type: ignore[arg-type]
                         reports=reports)
+    # the tasks this job plans: "personalise" (a charged DP round) only where the job file asks for it
+    planned_tasks = ("train", "evaluate", "personalise") if priv["personalise"] else ("train", "evaluate")
 
     def client_tasks(model_source: SourceModel) -> dict[str, Task]:
         hospital.client = PrivateClient(client_id=name, model=model_source.model, train_data=data.train, config=dp,
@@ -361,8 +374,9 @@ def build_client_node(job: FederatedJob, config: JobConfig, name: str, source: S
                                         head=model_source.head, cache_features=model_source.cache_features,
                                         feature_buffer=data.feature_buffer if model_source.cache_features else None,
                                         randomness=randomness)
-        return standard_tasks(hospital.client, evaluation, frozen_hash=model_source.frozen_hash, reports=reports,
-                              metric=job.metric)
+        tasks = standard_tasks(hospital.client, evaluation, frozen_hash=model_source.frozen_hash, reports=reports,
+                               metric=job.metric)
+        return {t: tasks[t] for t in planned_tasks}
 
     if job.prepare is None:
         tasks = client_tasks(source)
@@ -370,7 +384,7 @@ def build_client_node(job: FederatedJob, config: JobConfig, name: str, source: S
         statistic = job.prepare.statistic(config)
         later = _Prepared(job.prepare, statistic, source, client_tasks)
         tasks = {statistic.task: StatisticTask(statistic, data=job.prepare.data(data), guard=guard),
-                 "prepare": later.prepare, **{t: later.deferred(t) for t in ("train", "evaluate", "personalise")}}
+                 "prepare": later.prepare, **{t: later.deferred(t) for t in planned_tasks}}
     hospital.node = ClientNode(name=name, tasks=tasks, seed=seed, identity=identity, roster=roster, policy=policy)
     return hospital
 
@@ -404,6 +418,34 @@ class _Prepared:
         return run
 
 
+def _distributed_node(job: FederatedJob, config: JobConfig, name: str, source: SourceModel, data: HospitalData,
+                      state: PrivacyState, guard: BudgetGuard, jid: str, *, identity: SigningKey, roster: Roster,
+                      policy: NodePolicy | None) -> Hospital:
+    """A hospital's node of a distributed-noise job: the ``"step"`` task (one DP-SGD step's
+    noisy integer share per request, charged as ``poisson_skellam``) and ``"evaluate"``. The plan
+    (encoding, noise share, sample rate, policy) comes from this hospital's own job file."""
+    priv, tcfg = config["privacy"], config["training"]
+    # The client's DP-SGD settings are unused here (no local training); its noise_multiplier is a
+    # placeholder that no task of this node charges.
+    dp = DPTrainingConfig(lr=tcfg["lr"], expected_batch_size=tcfg["expected_batch_size"],
+                          max_grad_norm=tcfg["max_grad_norm"], epochs=tcfg["epochs"], noise_multiplier=1.0,
+                          device="cpu", secure_mode=priv["secure_mode"], accountant=priv["accountant"],
+                          public_dataset_size=config["declared"]["records"][name])
+    seed = _node_seed(config, name)
+    randomness = (Randomness.insecure_seeded(seed) if priv["insecure_reproducible"]
+                  else Randomness.secure(secure_mode=priv["secure_mode"]))
+    client = PrivateClient(client_id=name, model=source.model, train_data=data.train, config=dp, guard=guard,
+                           head=source.head, cache_features=source.cache_features, randomness=randomness)
+    plan = plan_for(config, sum(t.numel() for t in source.head_state.values()), job_id=job_id(config))
+    evaluation = dict(data.evaluation)
+    reports = LocalReports(state.directory / "reports" / jid)
+    tasks = standard_tasks(client, evaluation, frozen_hash=source.frozen_hash, reports=reports, metric=job.metric)
+    node_tasks = {STEP_TASK: DistributedStepTask(client, plan, frozen_hash=source.frozen_hash),
+                  "evaluate": tasks["evaluate"]}
+    node = ClientNode(name=name, tasks=node_tasks, seed=seed, identity=identity, roster=roster, policy=policy)
+    return Hospital(name=name, node=node, client=client, guard=guard, evaluation=evaluation, reports=reports)
+
+
 def _calibrated_after(dp: DPTrainingConfig, prior: list[PoissonGaussianEvent]) -> DPTrainingConfig:
     """``dp`` with its noise multiplier calibrated so that ``prior`` plus ``planned_rounds`` rounds
     reach at most ``target_epsilon`` (by the config's accountant), from public values only."""
@@ -429,7 +471,11 @@ def build_server(config: JobConfig, source: SourceModel, pool: ClientPool, roste
     head = source.head_state
     server = config["server"]
     momentum = {"momentum": server["momentum"]} if "momentum" in server else {}
-    return Federation(
+    distributed, colluders = None, None
+    if config.noise() == "distributed":  # sessions must tolerate the colluders the hospitals' noise assumes
+        distributed = plan_for(config, sum(t.numel() for t in head.values()), job_id=job_id(config))
+        colluders = distributed.settings.policy.colluders
+    return Federation(distributed=distributed, colluders=colluders,
         pool=pool, roster=roster, names=list(head), global_params=flatten_params(head), frozen_hash=source.frozen_hash,
         optimizer=make_server_optimizer(server["optimizer"], server_lr=server["lr"], **momentum),
         clip=config["secagg"]["clip"], bits=config["secagg"]["bits"], max_samples=config["secagg"]["max_samples"],
