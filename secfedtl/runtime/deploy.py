@@ -63,7 +63,6 @@ out = "runs/flower"        # the server's output directory
 phase-timeout = 300.0      # seconds a phase waits for replies; a node silent longer is a dropout
 discovery-timeout = 300.0  # seconds to wait for every hospital's node to say hello
 poll-interval = 0.2        # seconds between pulls of replies
-agent-dir = ""             # simulation only: agents listen on <agent-dir>/partition-<k>.sock
 record-view = false        # write every message the server receives to <out>/server_view.jsonl (audits)
 """
 
@@ -221,9 +220,12 @@ class LocalFlower:
         self.link_port = free_port()
         argv = [flower_tool("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.link_port),
                 "--disable-runtime-dependency-installation"]
+        env = {}
         if self.simulation:
             argv.append("--simulation")
-        self.processes.start("superlink", argv)
+            # the simulated relays find their agents here (never from the server's run config)
+            env = {"SECFEDTL_SIMULATION_AGENT_DIR": str(self.sockets)}
+        self.processes.start("superlink", argv, env=env)
         wait_for(lambda: _port_open(self.link_port), timeout=timeout, what="the SuperLink", procs=self.processes)
         self.home.mkdir(parents=True, exist_ok=True)
         (self.home / "config.toml").write_text(
@@ -367,8 +369,7 @@ def run_local(job: Path | None, out: Path, *, simulation: bool, phase_timeout: f
                     fl.start_supernode(h)
             bar.stage("flwr run: submitting the app")
             fl.run({"job": str(job.resolve()) if job else "", "job-code": job_code or "",
-                    "out": str(server_out.resolve()), "phase-timeout": phase_timeout,
-                    "agent-dir": str(fl.sockets) if simulation else ""})
+                    "out": str(server_out.resolve()), "phase-timeout": phase_timeout})
             wait_for_server(server_out, timeout=timeout, procs=fl.processes, on_poll=bar.poll)
             bar.poll()
             bar.stage("stopping the processes")

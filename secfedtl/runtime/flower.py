@@ -24,8 +24,9 @@ answers with its agent's name. Configure the relay with the SuperNode's node con
     flower-supernode ... --node-config "agent='/srv/secfedtl/hungary.sock'"
 
 In Flower's simulation engine (no SuperNodes to configure) the relay finds the agent of virtual
-node ``partition-id`` k at ``<agent-dir>/partition-k.sock`` (run config ``agent-dir``);
-:mod:`secfedtl.runtime.deploy` starts those agents.
+node ``partition-id`` k at ``<dir>/partition-k.sock``, where ``dir`` is the environment variable
+``SECFEDTL_SIMULATION_AGENT_DIR`` that :mod:`secfedtl.runtime.deploy` sets for the processes it
+starts (it starts those agents too); never from the run config, which the server writes.
 
 Run config of the app (``flwr run ... --run-config``): ``job`` (path of the job TOML on the
 server machine; empty: the job's bundled default), ``job-code`` (``MODULE:ATTR`` of the
@@ -35,8 +36,7 @@ with ``secfedtl node --job``), ``roster`` (path of the federation's roster on
 the server machine, :mod:`secfedtl.federated.roster`; required: the server names each session
 party's signing key from it, and every hospital checks them against its own copy), ``out`` (the
 server's output directory),
-``phase-timeout`` and ``discovery-timeout`` (seconds), ``poll-interval`` (seconds between pulls),
-``agent-dir`` (simulation only).
+``phase-timeout`` and ``discovery-timeout`` (seconds), ``poll-interval`` (seconds between pulls).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ RECORD = "secfedtl"
 MESSAGE_TYPE = "query.secfedtl"
 #: The app's run-config keys and their defaults (also in the app's pyproject.toml).
 RUN_CONFIG: dict[str, Any] = {"job": "", "job-code": "", "roster": "", "out": "runs/flower", "phase-timeout": 300.0,
-                              "discovery-timeout": 300.0, "poll-interval": 0.2, "agent-dir": "",
+                              "discovery-timeout": 300.0, "poll-interval": 0.2,
                               "record-view": False}
 
 
@@ -234,14 +234,21 @@ def discover(grid: Grid, names: Sequence[str], *, timeout: float, poll_interval:
 
 client_app = ClientApp()
 
+#: set only by secfedtl.runtime.deploy for a local simulation's processes
+SIMULATION_AGENT_DIR = "SECFEDTL_SIMULATION_AGENT_DIR"
+
 
 def agent_path(context: Context) -> str:
-    """Where this node's agent listens: node config ``agent``, else (simulation) the run
-    config's ``agent-dir`` and the virtual node's ``partition-id``."""
+    """Where this node's agent listens: node config ``agent``, else (a local simulation started by
+    :mod:`secfedtl.runtime.deploy`) ``$SECFEDTL_SIMULATION_AGENT_DIR`` and the virtual node's
+    ``partition-id``. Nothing the server sends chooses the socket."""
     node = context.node_config
     if "agent" in node and str(node["agent"]):
         return str(node["agent"])
-    agent_dir = str(context.run_config.get("agent-dir", ""))
+    # Never from the run config: the server writes that, and could point this relay at another
+    # agent on the machine. Only the local simulation (secfedtl.runtime.deploy) sets this variable,
+    # in the environment of the processes it starts itself.
+    agent_dir = os.environ.get(SIMULATION_AGENT_DIR, "")
     if agent_dir and "partition-id" in node:
         return os.path.join(agent_dir, f"partition-{int(node['partition-id'])}.sock")
     raise ConfigError("this SuperNode has no secfedtl agent: set --node-config \"agent='/path/to/agent.sock'\"")

@@ -21,7 +21,7 @@ def test_the_app_names_secfedtl_components_and_every_run_config_key(tmp_path: Pa
     assert conf["tool"]["flwr"]["app"]["components"] == {"serverapp": "secfedtl.runtime.flower:server_app",
                                                          "clientapp": "secfedtl.runtime.flower:client_app"}
     keys = set(conf["tool"]["flwr"]["app"]["config"])
-    assert keys == {"job", "job-code", "roster", "out", "phase-timeout", "discovery-timeout", "poll-interval", "agent-dir",
+    assert keys == {"job", "job-code", "roster", "out", "phase-timeout", "discovery-timeout", "poll-interval",
                     "record-view"}
     shipped = Path(__file__).parents[2] / "examples" / "flower_deployment" / "pyproject.toml"
     assert shipped.read_text(encoding="utf-8") == APP_PYPROJECT  # the example is this app

@@ -153,11 +153,16 @@ def test_discovery_gives_up_after_its_timeout(agents: dict[str, Path]) -> None:
     assert found == {"hungary": 1}
 
 
-def test_agent_path_from_node_config_or_simulation_partition() -> None:
+def test_agent_path_from_node_config_or_simulation_partition(monkeypatch) -> None:
     ctx = Context(run_id=1, node_id=0, node_config={"agent": "/srv/h.sock"}, state=RecordDict(), run_config={})
     assert agent_path(ctx) == "/srv/h.sock"
+    monkeypatch.delenv("SECFEDTL_SIMULATION_AGENT_DIR", raising=False)
     sim = Context(run_id=1, node_id=0, node_config={"partition-id": 2, "num-partitions": 3}, state=RecordDict(),
-                  run_config={"agent-dir": "/tmp/agents"})
+                  run_config={"agent-dir": "/srv/other-federation"})
+    # the server's run config never chooses the socket (it could point the relay at another agent)
+    with pytest.raises(ConfigError, match="no secfedtl agent"):
+        agent_path(sim)
+    monkeypatch.setenv("SECFEDTL_SIMULATION_AGENT_DIR", "/tmp/agents")  # set by deploy for its own simulation
     assert agent_path(sim) == "/tmp/agents/partition-2.sock"
     with pytest.raises(ConfigError, match="no secfedtl agent"):
         agent_path(Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))
