@@ -295,6 +295,7 @@ class ClientNode:
         self._roster = roster
         self._policy = policy
         self._answered: set[tuple[int, str]] = set()  # (round, task) already run
+        self._repeated: set[tuple[int, str]] = set()  # (round, task) of repeatable tasks answered
         self._sessions_joined = 0
         self._round: int | None = None
         self._digest = ""
@@ -343,6 +344,15 @@ class ClientNode:
             if limit is not None and len(self._answered) >= limit:
                 raise PolicyError(f"this node already ran {len(self._answered)} tasks, its policy's maximum")
             self._answered.add(key)
+        else:
+            # repeatable, but not without end: each round's answer is a report file at the
+            # hospital, so a server inventing round numbers could fill its disk
+            limit = self._policy.max_tasks
+            if (limit is not None and key not in self._repeated
+                    and len({r for r, t in self._repeated if t == request.task}) > limit):
+                raise PolicyError(f"this node already answered {request.task!r} for {limit + 1} rounds, "
+                                  "its policy's maximum")
+            self._repeated.add(key)
         self._forget()
         self._round, self._silent = request.round, False
         self._digest = wire.request_digest(request)

@@ -447,3 +447,31 @@ def test_a_replay_after_a_restart_is_refused_by_the_ledger(tmp_path):
         finally:
             job.close()
     assert replies == ["ready", "failed"] and events == 1  # charged once, whatever the restart
+
+
+def test_the_server_cannot_make_a_node_write_evaluation_reports_without_end(tmp_path):
+    """Red-team review (F4): evaluate may be asked again for a round, but a node answers it for at
+    most max_tasks + 1 distinct rounds (each writes a report file at the hospital)."""
+    from secfedtl.jobs.heart import HeartConfig, build_job
+    from secfedtl.training import flatten_params
+
+    data = HeartConfig.load(None).to_dict()
+    data["job"]["rounds"], data["job"]["id"], data["model"]["source_epochs"] = 2, "evaluate-flood", 40
+    config = HeartConfig.from_mapping(data)
+    job = build_job(config, tmp_path / "out", state_dir=tmp_path / "state")
+    try:
+        node = job.nodes["va"]
+        limit = node._policy.max_tasks
+        assert limit is not None
+        weights = flatten_params(job.source.head_state)
+        statuses = []
+        for r in [*range(limit + 1), 0, 1000]:
+            request = wire.TaskRequest.with_weights(round=r, task="evaluate", weights=weights,
+                                                    options=job.federation.task_options())
+            try:
+                statuses.append(wire.decode(node.handle(wire.encode(request))[0]).status)
+            except PolicyError:
+                statuses.append("refused by policy")
+        assert statuses == ["done"] * (limit + 2) + ["refused by policy"]
+    finally:
+        job.close()
