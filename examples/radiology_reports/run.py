@@ -246,7 +246,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sim["reference_logistic_regression"] = logistic_reference(features, data)
         timings["reference"] = time.perf_counter() - t0
     metrics.update({
-        "example": "radiology_reports", "transport": args.flower or "in process", "job": job_ref,
+        "example": "radiology_reports", "transport": args.flower or "in process", "job_code": job_ref,
         "mode": "frozen encoder, linear head",
         "command": " ".join(["python", "examples/radiology_reports/run.py", *sys.argv[1:]]),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

@@ -91,7 +91,7 @@ def test_federation_on_synthetic_features(tmp_path: Path, synthetic_reports) -> 
     """run.py's in-process default runs the job (radiology_job.py) through secfedtl.runtime.local."""
     synthetic_reports()
     metrics = run.run(_args(tmp_path / "out"))
-    assert metrics["job"] == "radiology_job:RADIOLOGY" and metrics["transport"] == "in process"
+    assert metrics["job_code"] == "radiology_job:RADIOLOGY" and metrics["transport"] == "in process"
     declared = metrics["declared_records"]
     assert declared == {"hospital_1": 60, "hospital_2": 60, "hospital_3": 70, "hospital_4": 50}
     # The server's view: round outcomes over masked sums, weights the declared counts, no accuracy.
