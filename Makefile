@@ -34,7 +34,8 @@ test: $(STAMP)
 
 # Real Flower processes on 127.0.0.1 (a few minutes); CI runs it after `make test`.
 test-flower: $(FLOWER_STAMP)
-	$(PY) -m pytest -q -m 'not slow' tests/runtime/test_flower.py tests/runtime/test_flower_pool.py
+	$(PY) -m pytest -q -m 'not slow' tests/runtime/test_flower_pool.py
+	$(PY) -m pytest -q -m 'flower and not slow' tests
 
 
 # k and t by SecAggConfig.recommended for 100 clients (no --neighbours / --threshold given).

@@ -94,7 +94,7 @@ COMMANDS: dict[str, Command] = {
     "audit": Command("verify a privacy ledger and recompute every epsilon", "secfedtl.privacy.audit",
                      "secfedtl.privacy.audit:main"),
     "audit-run": Command("empirical lower bound on a hospital's epsilon from one run with canaries "
-                         "(exit 4: above the ledger)", "secfedtl.runtime.audit_run", "secfedtl.runtime.audit_run:main"),
+                         "(exit 4: above the ledger)", "secfedtl.jobs.audit_run", "secfedtl.jobs.audit_run:main"),
     "node": Command("serve one hospital's node to its Flower SuperNode (a local agent)", "secfedtl.runtime.agent",
                     "secfedtl.runtime.agent:main"),
     "flower": Command("run a job on Flower on this machine (local deployment or simulation)",

@@ -22,8 +22,8 @@ The order (low to high), and why:
 * ``jobs``: job instances (heart) and the commands that run them;
 * ``bench``, ``cli``, ``configs``: the top: commands and benchmarks over everything.
 
-``secfedtl.runtime.audit_run`` is an experiment *on the heart job* (issue 13 owns it): it sits at
-the jobs layer although it lives in ``runtime/`` (see ``PLACED``).
+``secfedtl.jobs.audit_run`` (the empirical audit) is an experiment on the heart job, so it lives
+with the jobs. ``PLACED`` can pin a module to another layer than its package's; it is empty.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ LAYERS: list[set[str]] = [
     {"secfedtl.bench", "secfedtl.cli", "secfedtl.configs", "secfedtl.__main__"},
 ]
 #: Modules whose layer is not their folder's (with the reason in the module docstring above).
-PLACED = {"secfedtl.runtime.audit_run": "secfedtl.jobs"}
+PLACED: dict[str, str] = {}
 
 
 def _modules() -> dict[str, Path]:

@@ -32,7 +32,7 @@ from secfedtl.errors import ConfigError  # noqa: E402
 from secfedtl.privacy.accountants import compute_epsilon  # noqa: E402
 from secfedtl.privacy.empirical import gdp_mu_for_epsilon  # noqa: E402
 from secfedtl.privacy.ledger import read_verified_ledger, spent_events  # noqa: E402
-from secfedtl.runtime.audit_run import (VIOLATION_EXIT, GradientCanaries, analyse, draw_coins,  # noqa: E402
+from secfedtl.jobs.audit_run import (VIOLATION_EXIT, GradientCanaries, analyse, draw_coins,  # noqa: E402
                                         plot_report, public_steps, whitebox_scores)
 
 

@@ -79,6 +79,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="each client declares its fit size rounded to a multiple of this as its public record count "
                         "(sample rate = batch size / declared count; also its FedAvg weight)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--noise", choices=("local", "distributed"), default="local",
+                   help="local: each client adds the full DP noise to its update; distributed: every aggregation is "
+                        "one DP-SGD step across clients, each adding a Skellam share (--batch-size is then the "
+                        "expected batch across all clients and --lr the server's step size)")
+    p.add_argument("--colluders", type=int, default=0,
+                   help="with --noise distributed: clients assumed to collude with the server (their noise is not counted)")
+    p.add_argument("--bits", type=int, default=32, help="secure-aggregation field width (distributed noise: of the integer sum)")
     p.add_argument("--num-conv", type=int, default=2, choices=(1, 2, 3),
                    help="frozen source conv blocks below the head (2: 64x7x7 = 3136 features)")
     p.add_argument("--epochs", type=int, default=1, help="local epochs per round (of the declared count)")
@@ -138,14 +145,15 @@ def job_config(args: argparse.Namespace, declared: dict[str, int], job_id: str) 
     return FashionConfig.from_mapping({
         "job": {"dataset": "fashion_mnist", "source": "mnist", "clients": list(declared), "rounds": args.rounds,
                 "seed": args.seed, "id": job_id},
-        "privacy": {"epsilon": args.epsilon, "delta": DELTA, "accountant": ACCOUNTANT},
+        "privacy": {"epsilon": args.epsilon, "delta": DELTA, "accountant": ACCOUNTANT,
+                    **({"noise": "distributed", "colluders": args.colluders} if args.noise == "distributed" else {})},
         "declared": {"records": declared},
         "model": {"num_conv": args.num_conv, "feature_scale": args.feature_scale, "alpha": args.alpha},
         "training": {"lr": args.lr, "expected_batch_size": args.batch_size, "max_grad_norm": args.max_grad_norm,
                      "epochs": args.epochs},
         "server": server,
         # each coordinate of a head update stays far below 10; the weights are the declared counts
-        "secagg": {"clip": 10.0, "max_samples": max(declared.values())},
+        "secagg": {"clip": 10.0, "max_samples": max(declared.values()), "bits": args.bits},
     })
 
 
@@ -264,7 +272,9 @@ def run(args: argparse.Namespace, *, on_clients: Any = None) -> dict[str, Any]:
                     "validation_accuracy": head_accuracy(head, val),
                     "per_class_test_accuracy": dict(zip(CLASS_NAMES, _per_class_accuracy(head, test))),
                     "epsilon": {n: compute_epsilon(ev, DELTA, accountant="rdp") for n, ev in spent.items()},
-                    "epsilon_prv": {n: compute_epsilon(ev, DELTA, accountant="prv") for n, ev in spent.items()}}
+                    # PRV interprets Gaussian events only: none for distributed noise's Skellam steps
+                    "epsilon_prv": {n: compute_epsilon(ev, DELTA, accountant="prv") for n, ev in spent.items()}
+                    if args.noise == "local" else None}
     metrics.update({
         "example": "fashion_mnist", "transport": args.flower or "in process",
         "command": " ".join(["python", "examples/fashion_mnist/run.py", *sys.argv[1:]]),
@@ -310,6 +320,12 @@ def _in_process(args: argparse.Namespace, config: FashionConfig, out: Path, roun
                      "sample_rate": {n: c.sample_rate for n, c in clients.items()},
                      "noise_multiplier": {n: c.noise_multiplier for n, c in clients.items()},
                      "local_steps": {n: c.local_steps for n, c in clients.items()}}
+        plan = local.federation.distributed
+        if plan is not None:  # distributed noise: one plan for every client (its ledger's poisson_skellam)
+            mechanism = {"note": "public: functions of the job file only", "event_per_step": plan.event.to_dict(),
+                         "steps_per_round": plan.settings.steps_per_round, "normaliser": plan.settings.normaliser,
+                         "noise_multiplier": plan.encoding_plan.noise_multiplier,
+                         "wrap_probability": plan.encoding_plan.wrap_probability}
         metrics["device"] = next(iter(clients.values())).config.resolve_device()
         metrics["privacy_state"] = {"directory": os.fspath(state_dir),
                                     "note": "a throwaway folder for this example unless --state-dir was given; a "
@@ -406,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
           f"federated DP test accuracy {final['test_accuracy']:.4f} "
           f"(validation {final['validation_accuracy']:.4f}) after {args.rounds} rounds ({metrics['transport']}); "
           f"epsilon spent max {max(final['epsilon'].values()):.3f} (RDP), "
-          f"{max(final['epsilon_prv'].values()):.3f} (PRV) of {args.epsilon:g} at delta {DELTA:g}")
+          + (f"{max(final['epsilon_prv'].values()):.3f} (PRV) " if final["epsilon_prv"] else "")
+          + f"of {args.epsilon:g} at delta {DELTA:g}")
     if "non_private_reference" in sim:
         ref = sim["non_private_reference"]
         print(f"non-private central head on the same features: test {ref['test_accuracy']:.4f}")

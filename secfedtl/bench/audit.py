@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from secfedtl.runtime.audit_run import run_audit, run_replica_audit
+    from secfedtl.jobs.audit_run import run_audit, run_replica_audit
     from secfedtl.jobs.heart import HeartConfig
 
     config = HeartConfig.load(args.config).updated({("privacy", "epsilon"): args.epsilon, ("job", "rounds"): args.rounds})

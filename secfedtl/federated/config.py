@@ -53,7 +53,12 @@ _OPTIONAL: dict[str, dict[str, Any]] = {"job": {"workers": 0, "id": "", "validat
                                        "server": {"optimizer": "fedavg", "lr": 1.0},
                                        "secagg": {"bits": 32}}
 #: Keys that may be left out and then stay out (no default is written into the config).
-_MAY_OMIT: dict[str, dict[str, type]] = {"server": {"momentum": float}}
+_MAY_OMIT: dict[str, dict[str, type]] = {"server": {"momentum": float},
+                                         "privacy": {"noise": str, "colluders": int, "min_survivors": int}}
+#: ``[privacy] noise``: ``"local"`` (each hospital adds the full DP noise to its own update; the
+#: default) or ``"distributed"`` (each aggregation is one DP-SGD step across hospitals, each adding
+#: a share of Skellam noise: :mod:`secfedtl.federated.distributed`).
+NOISE_MODES = ("local", "distributed")
 
 
 def _typed(value: Any, kind: type, where: str) -> Any:
@@ -208,6 +213,7 @@ class JobConfig:
                 raise ConfigError("[selection] epsilon must be > 0 and below the [privacy] epsilon it is part of")
             if not (math.isfinite(sel["loss_clip"]) and sel["loss_clip"] > 0):
                 raise ConfigError("[selection] loss_clip must be a finite number > 0")
+        cls._check_noise(sections)
         records = sections["declared"]["records"]
         if set(records) != set(clients):
             raise ConfigError("[declared] records must give every client's declared public record count, "
@@ -223,6 +229,38 @@ class JobConfig:
                           "predictable; the ledger marks every entry insecure_seeded and `secfedtl audit` "
                           "certifies none of them. For reproducibility tests only, never for real data",
                           stacklevel=3)
+
+    @classmethod
+    def _check_noise(cls, sections: dict[str, dict[str, Any]]) -> None:
+        """``[privacy] noise`` and, in distributed mode, its policy keys and what it cannot combine with."""
+        priv, clients = sections["privacy"], sections["job"]["clients"]
+        mode = priv.get("noise", "local")
+        if mode not in NOISE_MODES:
+            raise ConfigError(f"[privacy] noise must be one of {list(NOISE_MODES)}, got {mode!r}")
+        if mode == "local":
+            extra = sorted(k for k in ("colluders", "min_survivors") if k in priv)
+            if extra:
+                raise ConfigError(f"[privacy] {', '.join(extra)} only apply to noise = \"distributed\"")
+            return
+        colluders = priv.get("colluders", 0)
+        survivors = priv.get("min_survivors", len(clients))
+        if not 3 <= survivors <= len(clients):
+            raise ConfigError(f"[privacy] min_survivors must be between 3 and the {len(clients)} clients, got {survivors}")
+        if not 0 <= colluders < survivors:
+            raise ConfigError(f"[privacy] colluders must be >= 0 and below min_survivors ({survivors}), got {colluders}")
+        why = {"accountant": (priv["accountant"] == "rdp", "the Skellam accountant is RDP: set accountant = \"rdp\""),
+               "personalise": (not priv["personalise"], "personalise is a local-noise round: set personalise = false"),
+               "selection": ("selection" not in sections, "[selection] is not supported with distributed noise yet"),
+               "l2sp": (sections["training"]["l2sp"] == 0.0, "[training] l2sp must be 0 with distributed noise"),
+               "optimizer": (sections["training"]["optimizer"] == "sgd",
+                             "[training] optimizer must be \"sgd\": the server takes each step")}
+        for ok, message in why.values():
+            if not ok:
+                raise ConfigError(f"noise = \"distributed\": {message}")
+
+    def noise(self) -> str:
+        """``[privacy] noise`` (``"local"`` when the job file leaves it out)."""
+        return str(self.sections["privacy"].get("noise", "local"))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None) -> JobConfig:

@@ -30,6 +30,7 @@ client's ledger says so), and the run goes on.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -44,6 +45,7 @@ from secfedtl.aggregation import ServerOptimizer
 from secfedtl.aggregation.optimizers import decode_vector, encode_vector
 from secfedtl.errors import ConfigError, DecodeError
 from secfedtl.federated import wire
+from secfedtl.federated.distributed import STEP_TASK, DistributedPlan, decode_step
 from secfedtl.federated.pool import ClientPool
 from secfedtl.federated.roster import Roster
 from secfedtl.secagg import codec
@@ -80,6 +82,8 @@ class RoundReport:
     wire_bytes: int
     model_hash: str
     silent: dict[str, str] = field(default_factory=dict)
+    steps: int = 0  # distributed noise: DP steps (secure aggregations) planned in the round
+    steps_ok: int = 0  # ... and how many of them completed and were applied
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,6 +108,7 @@ class SecureSum:
     wire_bytes: int
     info: dict[str, dict[str, Any]]
     silent: dict[str, str] = field(default_factory=dict)
+    field_sum: np.ndarray | None = None  # the integer input path: the unmasked sum in Z_2^bits
 
 
 @dataclass(kw_only=True)
@@ -134,6 +139,7 @@ class Federation:
     dropout_rate: float = 0.05
     colluders: int | None = None
     seed: int = 0
+    distributed: DistributedPlan | None = None
     rounds_done: int = 0
     history: list[RoundReport] = field(default_factory=list)
 
@@ -152,14 +158,18 @@ class Federation:
 
     # -- helpers ------------------------------------------------------------------------------
 
-    def _secagg_config(self, cohort: int, *, clip: float, max_weight: int, scale: float | None = None) -> SecAggConfig:
+    def _secagg_config(self, cohort: int, *, clip: float, max_weight: int, scale: float | None = None,
+                       min_survivors: int | None = None) -> SecAggConfig:
         extra = dict(clip=clip, bits=self.bits, max_weight=max_weight, scale=scale, authenticated=True)
         try:
-            return SecAggConfig.recommended(num_clients=cohort, dropout_rate=self.dropout_rate,
-                                            colluders=self.colluders, **extra)
+            cfg = SecAggConfig.recommended(num_clients=cohort, dropout_rate=self.dropout_rate,
+                                           colluders=self.colluders, **extra)
         except ConfigError:
             t = active_threshold(degree=cohort - 1, colluders=self.colluders or 0)
-            return SecAggConfig(num_clients=cohort, threshold=min(t, cohort - 1), **extra)
+            cfg = SecAggConfig(num_clients=cohort, threshold=min(t, cohort - 1), **extra)
+        if min_survivors is not None and min_survivors > cfg.min_survivors:
+            cfg = dataclasses.replace(cfg, min_survivors=min_survivors)
+        return cfg
 
     def sample(self, round: int) -> list[str]:
         """The round's cohort (public sampling from ``seed`` and the round; not a secret)."""
@@ -206,21 +216,35 @@ class Federation:
         return {n: {"status": msgs[0].status, **msgs[0].info} for n, msgs in replies.items() if len(msgs) == 1}
 
     def secure_round(self, task: str, *, round: int, cohort: Sequence[str], vector_length: int,
-                     clip: float, max_weight: int, weights: np.ndarray | None = None,
-                     options: Mapping[str, Any] | None = None) -> SecureSum:
+                     clip: float = 1.0, max_weight: int = 1, weights: np.ndarray | None = None,
+                     options: Mapping[str, Any] | None = None, integer: bool = False,
+                     min_survivors: int | None = None) -> SecureSum:
         """Run ``task`` on ``cohort`` and securely sum the ready clients' contributions
         (``vector_length`` floats each, clipped to ``[-clip, clip]``, weights up to
-        ``max_weight``). Never raises for clients' misbehaviour: a failed round says why."""
+        ``max_weight``). Never raises for clients' misbehaviour: a failed round says why.
+
+        ``integer=True`` is the integer input path: the request announces ``options["integer"]``
+        (``bits``, ``length = vector_length``, the cohort size) instead of a fixed-point
+        encoding, each client contributes a vector already in ``Z_2^bits`` (no weight word), and
+        the outcome carries the unmasked ``field_sum`` undecoded (``total`` is ``None``). A
+        session never has ``min_survivors`` below the given one (the clients check it too)."""
         times = dict.fromkeys(TIMES, 0.0)
         cohort = sorted(cohort)
         if len(cohort) < 3:
             raise ConfigError("a secure round needs a cohort of at least 3 clients")
-        encoding = {"clip": float(clip), "bits": self.bits, "num_clients": len(cohort), "max_weight": max_weight}
-        announced = self._secagg_config(len(cohort), clip=float(clip), max_weight=max_weight).encoding
+        if integer:
+            announce: dict[str, Any] = {"integer": {"bits": self.bits, "length": vector_length,
+                                                    "num_clients": len(cohort)}}
+            words = vector_length
+            announced_scale = None
+        else:
+            encoding = {"clip": float(clip), "bits": self.bits, "num_clients": len(cohort), "max_weight": max_weight}
+            announce = {"encoding": encoding}
+            words = vector_length + 1
+            announced_scale = self._secagg_config(len(cohort), clip=float(clip), max_weight=max_weight).encoding.scale
         w = self.global_params if weights is None else weights
         request = wire.TaskRequest.with_weights(round=round, task=task, weights=w,
-                                                options={**self.task_options(), **(options or {}),
-                                                         "encoding": encoding})
+                                                options={**self.task_options(), **(options or {}), **announce})
         digest = wire.request_digest(request)
         blob = wire.encode(request)
         wire_bytes = 0
@@ -249,11 +273,12 @@ class Federation:
                              refused=refused, total=total, total_weight=total_weight, times=times,
                              wire_bytes=wire_bytes, info=info, silent=silent)
 
-        if len(members) < 3:
-            return finish("failed", f"{len(members)} clients ready; secure aggregation needs 3")
-        cfg = self._secagg_config(len(members), clip=float(clip), max_weight=max_weight, scale=announced.scale)
+        if len(members) < max(3, min_survivors or 0):
+            return finish("failed", f"{len(members)} clients ready; the sum needs {max(3, min_survivors or 0)}")
+        cfg = self._secagg_config(len(members), clip=float(clip), max_weight=max_weight, scale=announced_scale,
+                                  min_survivors=min_survivors)
         params = SessionParams(config=cfg, session_id=os.urandom(16), round=round,
-                               vector_length=vector_length + 1, context=bytes.fromhex(digest))
+                               vector_length=words, context=bytes.fromhex(digest))
         index = {name: i for i, name in enumerate(members)}
         parties = tuple(self.roster.key_of(name) for name in members)
         server = ServerSession(params=params, identities=dict(enumerate(parties)))
@@ -285,8 +310,10 @@ class Federation:
         if outcome.result is None:
             return finish("failed", outcome.reason)
         result = outcome.result
-        total, total_weight = cfg.encoding.decode_sum(result.field_sum)
         included = [members[i] for i in result.included]
+        if integer:
+            return dataclasses.replace(finish("ok", "", included=included), field_sum=result.field_sum)
+        total, total_weight = cfg.encoding.decode_sum(result.field_sum)
         # What a plain (unprotected) FedAvg sum of the same shapes costs, for the overhead figure.
         probe = [np.random.default_rng(i).standard_normal(vector_length) for i in range(len(included))]
         t1 = time.perf_counter()
@@ -295,7 +322,10 @@ class Federation:
         return finish("ok", "", included=included, total=total, total_weight=int(total_weight))
 
     def run_round(self) -> RoundReport:
-        """One training round: the ``"train"`` task securely summed, then the optimizer step."""
+        """One training round: the ``"train"`` task securely summed, then the optimizer step
+        (distributed noise: :meth:`run_distributed_round`)."""
+        if self.distributed is not None:
+            return self.run_distributed_round()
         r = self.rounds_done
         outcome = self.secure_round("train", round=r, cohort=self.sample(r), vector_length=self.global_params.size,
                                     clip=self.clip, max_weight=self.max_samples)
@@ -316,6 +346,56 @@ class Federation:
                              budget_refused=outcome.refused, total_weight=outcome.total_weight if ok else 0,
                              times=times, wire_bytes=outcome.wire_bytes, model_hash=outcome.digest,
                              silent=dict(outcome.silent))
+        self.history.append(report)
+        self.rounds_done = r + 1
+        return report
+
+    def run_distributed_round(self) -> RoundReport:
+        """One training round of a distributed-noise job (:mod:`secfedtl.federated.distributed`):
+        ``steps_per_round`` DP-SGD steps, each one secure aggregation of the ``"step"`` task on the
+        integer input path, decoded and applied by the optimizer over the public normaliser. A
+        step that fails leaves the model as it was; the round is ``ok`` if any step was applied."""
+        plan = self.distributed
+        assert plan is not None
+        r, settings = self.rounds_done, plan.settings
+        cohort = self.sample(r)
+        times = dict.fromkeys(TIMES, 0.0)
+        wire_bytes, ok, reasons = 0, 0, []
+        participants: set[str] = set()
+        included: set[str] = set()
+        refused: set[str] = set()
+        silent: dict[str, str] = {}
+        digest = ""
+        for s in range(settings.steps_per_round):
+            step = r * settings.steps_per_round + s
+            outcome = self.secure_round(STEP_TASK, round=step, cohort=cohort,
+                                        vector_length=plan.encoding.padded_dimension, integer=True,
+                                        options={"distributed": plan.announcement()},
+                                        min_survivors=settings.policy.min_survivors)
+            for key, value in outcome.times.items():
+                times[key] = times.get(key, 0.0) + value
+            wire_bytes += outcome.wire_bytes
+            participants.update(outcome.participants)
+            refused.update(outcome.refused)
+            for name, phase in outcome.silent.items():
+                silent.setdefault(name, f"step {s}: {phase}")
+            digest = outcome.digest
+            if outcome.status != "ok" or outcome.field_sum is None:
+                reasons.append(f"step {s}: {outcome.reason}")
+                continue
+            t0 = time.perf_counter()
+            pseudo_gradient = decode_step(plan, outcome.field_sum, step)
+            self.global_params = self.optimizer.step(self.global_params, pseudo_gradient, settings.normaliser)
+            times["aggregation"] += time.perf_counter() - t0
+            included.update(outcome.included)
+            ok += 1
+        times["secagg_overhead"] = times["secure_aggregation"] - times["plain_fedavg_sum"]
+        status = "ok" if ok else "failed"
+        report = RoundReport(round=r, status=status, reason="; ".join(reasons[:3]), participants=tuple(sorted(participants)),
+                             included=tuple(sorted(included)),
+                             dropped=tuple(sorted(participants - included)), budget_refused=tuple(sorted(refused)),
+                             total_weight=0, times=times, wire_bytes=wire_bytes, model_hash=digest, silent=silent,
+                             steps=settings.steps_per_round, steps_ok=ok)
         self.history.append(report)
         self.rounds_done = r + 1
         return report

@@ -46,6 +46,7 @@ from secfedtl.aggregation import make_server_optimizer
 from secfedtl.crypto.primitives import SigningKey
 from secfedtl.errors import AccountingError, AggregationError, ConfigError, RemoteProtocolError
 from secfedtl.federated.config import JobConfig
+from secfedtl.federated.distributed import STEP_TASK, DistributedStepTask, plan_for, settings_for
 from secfedtl.federated.federation import Federation
 from secfedtl.federated import wire
 from secfedtl.federated.node import ClientNode, LocalReports, Metric, Task, TaskOutput, standard_tasks
@@ -274,6 +275,9 @@ def node_policy(config: JobConfig, job: FederatedJob | None = None, **kwargs: An
     more with personalisation, two more with a preparation: its release and its result)."""
     rounds = config["job"]["rounds"]
     prepared = job is not None and job.prepare is not None
+    if config.noise() == "distributed":  # one secure session (and one charged task) per DP step
+        steps = settings_for(config).total_steps
+        return NodePolicy(**{"max_sessions": steps + int(prepared), "max_tasks": steps + 2 * int(prepared), **kwargs})
     planned = rounds + int(config["privacy"]["personalise"]) + 2 * int(prepared)
     return NodePolicy(**{"max_sessions": rounds + int(prepared), "max_tasks": planned, **kwargs})
 
@@ -327,6 +331,12 @@ def build_client_node(job: FederatedJob, config: JobConfig, name: str, source: S
     priv, tcfg = config["privacy"], config["training"]
     jid = job_id(config) if job_ref is None else job_ref
     guard = state.guard(job_id=jid, declaration=declaration(config, name))
+    if config.noise() == "distributed":
+        if job.prepare is not None:
+            raise ConfigError(f"job {job.name!r} releases a preparation before training; distributed noise "
+                              "does not support one yet")
+        return _distributed_node(job, config, name, source, data, state, guard, jid, identity=identity,
+                                 roster=roster, policy=policy)
     planned = config["job"]["rounds"] + (1 if priv["personalise"] else 0)
     dp = DPTrainingConfig(lr=tcfg["lr"], expected_batch_size=tcfg["expected_batch_size"],
                           max_grad_norm=tcfg["max_grad_norm"], epochs=tcfg["epochs"],
@@ -398,6 +408,34 @@ class _Prepared:
         return run
 
 
+def _distributed_node(job: FederatedJob, config: JobConfig, name: str, source: SourceModel, data: HospitalData,
+                      state: PrivacyState, guard: BudgetGuard, jid: str, *, identity: SigningKey, roster: Roster,
+                      policy: NodePolicy | None) -> Hospital:
+    """A hospital's node of a distributed-noise job: the ``"step"`` task (one DP-SGD step's
+    noisy integer share per request, charged as ``poisson_skellam``) and ``"evaluate"``. The plan
+    (encoding, noise share, sample rate, policy) comes from this hospital's own job file."""
+    priv, tcfg = config["privacy"], config["training"]
+    # The client's DP-SGD settings are unused here (no local training); its noise_multiplier is a
+    # placeholder that no task of this node charges.
+    dp = DPTrainingConfig(lr=tcfg["lr"], expected_batch_size=tcfg["expected_batch_size"],
+                          max_grad_norm=tcfg["max_grad_norm"], epochs=tcfg["epochs"], noise_multiplier=1.0,
+                          device="cpu", secure_mode=priv["secure_mode"], accountant=priv["accountant"],
+                          public_dataset_size=config["declared"]["records"][name])
+    seed = _node_seed(config, name)
+    randomness = (Randomness.insecure_seeded(seed) if priv["insecure_reproducible"]
+                  else Randomness.secure(secure_mode=priv["secure_mode"]))
+    client = PrivateClient(client_id=name, model=source.model, train_data=data.train, config=dp, guard=guard,
+                           head=source.head, cache_features=source.cache_features, randomness=randomness)
+    plan = plan_for(config, sum(t.numel() for t in source.head_state.values()), job_id=job_id(config))
+    evaluation = dict(data.evaluation)
+    reports = LocalReports(state.directory / "reports" / jid)
+    tasks = standard_tasks(client, evaluation, frozen_hash=source.frozen_hash, reports=reports, metric=job.metric)
+    node_tasks = {STEP_TASK: DistributedStepTask(client, plan, frozen_hash=source.frozen_hash),
+                  "evaluate": tasks["evaluate"]}
+    node = ClientNode(name=name, tasks=node_tasks, seed=seed, identity=identity, roster=roster, policy=policy)
+    return Hospital(name=name, node=node, client=client, guard=guard, evaluation=evaluation, reports=reports)
+
+
 def _calibrated_after(dp: DPTrainingConfig, prior: list[PoissonGaussianEvent]) -> DPTrainingConfig:
     """``dp`` with its noise multiplier calibrated so that ``prior`` plus ``planned_rounds`` rounds
     reach at most ``target_epsilon`` (by the config's accountant), from public values only."""
@@ -423,7 +461,11 @@ def build_server(config: JobConfig, source: SourceModel, pool: ClientPool, roste
     head = source.head_state
     server = config["server"]
     momentum = {"momentum": server["momentum"]} if "momentum" in server else {}
-    return Federation(
+    distributed, colluders = None, None
+    if config.noise() == "distributed":  # sessions must tolerate the colluders the hospitals' noise assumes
+        distributed = plan_for(config, sum(t.numel() for t in head.values()), job_id=job_id(config))
+        colluders = distributed.settings.policy.colluders
+    return Federation(distributed=distributed, colluders=colluders,
         pool=pool, roster=roster, names=list(head), global_params=flatten_params(head), frozen_hash=source.frozen_hash,
         optimizer=make_server_optimizer(server["optimizer"], server_lr=server["lr"], **momentum),
         clip=config["secagg"]["clip"], bits=config["secagg"]["bits"], max_samples=config["secagg"]["max_samples"],

@@ -58,6 +58,7 @@ from secfedtl.errors import (
     UnknownPartyError,
 )
 from secfedtl.federated import wire
+from secfedtl.federated.distributed import integer_spec
 from secfedtl.federated.roster import NodePolicy, Roster
 from secfedtl.secagg import codec
 from secfedtl.secagg.client import ClientSession
@@ -74,11 +75,16 @@ REPEATABLE_TASKS = frozenset({"evaluate"})
 @dataclass(frozen=True, kw_only=True)
 class TaskOutput:
     """What a task returns: a contribution to the round's secure sum (``vector`` and integer
-    ``weight``), or ``vector=None`` and public ``info`` only."""
+    ``weight``, fixed-point encoded by the node), or one already in the integer field (``field``,
+    for a request announcing ``options["integer"]``; ``min_survivors``: the fewest parties whose
+    inputs may be summed with it), or neither and public ``info`` only."""
 
     vector: np.ndarray | None = None
     weight: int = 0
     info: Mapping[str, Any] = field(default_factory=dict)
+    field: np.ndarray | None = None
+    min_survivors: int = 0
+    colluders: int = 0  # parties its noise assumes may collude with the server: sessions must tolerate them
 
 
 class Task(Protocol):
@@ -293,6 +299,9 @@ class ClientNode:
         self._round: int | None = None
         self._digest = ""
         self._encoding: FixedPointEncoding | None = None
+        self._integer: dict[str, int] | None = None  # the announced integer field of this round's contribution
+        self._min_survivors = 0
+        self._colluders = 0
         self._field: np.ndarray | None = None
         self._session: ClientSession | None = None
         self._silent = False
@@ -321,6 +330,9 @@ class ClientNode:
         self._field = None
         self._session = None
         self._encoding = None
+        self._integer = None
+        self._min_survivors = 0
+        self._colluders = 0
 
     def _on_task(self, request: wire.TaskRequest) -> list[wire.TaskReply]:
         key = (request.round, request.task)
@@ -337,9 +349,13 @@ class ClientNode:
         task = self._tasks.get(request.task)
         if task is None:
             return [wire.TaskReply(round=request.round, status="failed", info={"reason": "unknown task"})]
-        secure = "encoding" in request.options
+        integer = "integer" in request.options
+        secure = "encoding" in request.options or integer
         try:
-            encoding = encoding_from_options(request.options) if secure else None
+            if "encoding" in request.options and integer:
+                raise RemoteProtocolError("a request announces either a fixed-point encoding or an integer field")
+            encoding = encoding_from_options(request.options) if secure and not integer else None
+            spec = integer_spec(request.options) if integer else None
             if self.faults.get(request.round) == "train":
                 crash: Callable[..., TaskOutput] | None = getattr(task, "crash", None)
                 if crash is None:
@@ -350,6 +366,9 @@ class ClientNode:
             # Budgets are spent by public mechanisms only, so "refused" says nothing private; the
             # projected epsilon in the exception stays here.
             return [wire.TaskReply(round=request.round, status="refused", info={"reason": "budget"})]
+        except TooFewSurvivorsError:
+            # The announced cohort (public) is below this node's own policy: refused before charging.
+            return [wire.TaskReply(round=request.round, status="refused", info={"reason": "policy"})]
         except (_SimulatedCrash, SecFedTLError, RuntimeError, TypeError, ValueError, KeyError):
             # whatever the server's options made a task trip over: a failed reply, never a crash
             return [wire.TaskReply(round=request.round, status="failed", info={"reason": "failed"})]
@@ -357,6 +376,8 @@ class ClientNode:
             if output.vector is not None:
                 raise ConfigError(f"task {request.task!r} returned a vector but the request announced no encoding")
             return [wire.TaskReply(round=request.round, status="done", info={})]
+        if spec is not None:
+            return self._keep_integer(request.round, spec, output)
         assert encoding is not None
         if output.vector is None:
             return [wire.TaskReply(round=request.round, status="failed", info={"reason": "failed"})]
@@ -368,16 +389,39 @@ class ClientNode:
         self._encoding = encoding
         return [wire.TaskReply(round=request.round, status="ready", info={})]
 
+    def _keep_integer(self, round: int, spec: dict[str, int], output: TaskOutput) -> list[wire.TaskReply]:  # noqa: A002
+        """Keep a task's integer-field contribution (the integer input path of secure aggregation)."""
+        field = output.field
+        dtype = np.uint32 if spec["bits"] <= 32 else np.uint64
+        if (field is None or not isinstance(field, np.ndarray) or field.ndim != 1 or field.size != spec["length"]
+                or field.dtype != dtype or (spec["bits"] < 64 and int(field.max(initial=0)) >> spec["bits"])
+                or output.min_survivors < 0):
+            return [wire.TaskReply(round=round, status="failed", info={"reason": "failed"})]
+        self._field, self._integer = field, spec
+        self._min_survivors, self._colluders = output.min_survivors, output.colluders
+        return [wire.TaskReply(round=round, status="ready", info={})]
+
     def _on_join(self, join: wire.Join) -> list[bytes]:
-        if join.round != self._round or self._field is None or self._encoding is None or self._session is not None:
+        if (join.round != self._round or self._field is None or self._session is not None
+                or (self._encoding is None and self._integer is None)):
             raise RemoteProtocolError("join without a contribution ready for this round")
         session = join.session
         cfg = session.config
         if session.context != bytes.fromhex(self._digest):
             raise RemoteProtocolError("the session is bound to another request than the one this node ran")
-        enc = self._encoding
-        if (cfg.num_clients > enc.num_clients or cfg.clip != enc.clip
-                or cfg.bits != enc.bits or cfg.max_weight != enc.max_weight or cfg.encoding.scale != enc.scale):
+        if self._integer is not None:
+            spec = self._integer
+            if cfg.num_clients > spec["num_clients"] or cfg.bits != spec["bits"]:
+                raise RemoteProtocolError("the session's field or cohort is not the one announced with the task")
+            if cfg.num_clients < self._min_survivors or cfg.min_survivors < self._min_survivors:
+                # never help unmask a sum of fewer parties than this contribution's noise assumes
+                raise PolicyError(f"the session may unmask a sum of {cfg.min_survivors} parties; this contribution "
+                                  f"needs at least {self._min_survivors}")
+            if cfg.tolerated_colluders < self._colluders:
+                # the noise count assumes secure aggregation holds against that many colluders
+                raise PolicyError(f"the session tolerates {max(0, cfg.tolerated_colluders)} colluders; this "
+                                  f"contribution's noise assumes {self._colluders}")
+        elif not self._fixed_point_matches(cfg):
             raise RemoteProtocolError("the session's encoding or cohort is not the one announced with the task")
         if session.vector_length != self._field.size:
             raise RemoteProtocolError("the session's vector length does not match this node's contribution")
@@ -393,6 +437,12 @@ class ClientNode:
         self._sessions_joined += 1
         advert = self._session.start()
         return [wire.encode(wire.SecAggFrame(round=join.round, data=codec.encode(advert)))]
+
+    def _fixed_point_matches(self, cfg: Any) -> bool:
+        enc = self._encoding
+        assert enc is not None
+        return not (cfg.num_clients > enc.num_clients or cfg.clip != enc.clip or cfg.bits != enc.bits
+                    or cfg.max_weight != enc.max_weight or cfg.encoding.scale != enc.scale)
 
     def _on_frame(self, frame: wire.SecAggFrame) -> list[bytes]:
         if frame.round != self._round or self._session is None:

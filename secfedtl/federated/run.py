@@ -171,6 +171,7 @@ def run_federation(config: JobConfig, source: SourceModel, federation: Federatio
     metrics: dict[str, Any] = {
         "job": config["job"]["dataset"], "job_id": job_id(config), "delta": config["privacy"]["delta"],
         "epsilon_budget": config["privacy"]["epsilon"], "accountant": config["privacy"]["accountant"],
+        "noise": config.noise(),
         "server": {"note": "everything the server received: round outcomes over masked sums, and statuses",
                    "rounds": round_rows, "personalisation": personalise, "selection": selection,
                    **({"preparation": preparation} if preparation is not None else {}),
@@ -189,7 +190,9 @@ def run_federation(config: JobConfig, source: SourceModel, federation: Federatio
         if personal:
             deployed = {n: personalised[n] if n in personal else final[n] for n in final}
             _, personal_pooled = _pooled(deployed, "test")
-        eps, eps_prv = experimenter.epsilon(), experimenter.epsilon("prv")
+        eps = experimenter.epsilon()
+        # PRV interprets Gaussian events only: a distributed-noise job's Skellam steps have no PRV figure
+        eps_prv = experimenter.epsilon("prv") if config.noise() == "local" else None
         sim["note"] = ("computed by the experimenter of this simulation, who holds every hospital's data, "
                        "outside the protocol: never sent to the server")
         sim["final"] = {"pooled_test_accuracy": federated_pooled, "per_client_test_accuracy": federated_acc,

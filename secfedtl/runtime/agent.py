@@ -404,7 +404,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="clients assumed to collude with an active server; sessions must tolerate them")
     parser.add_argument("--max-sessions", type=int, default=None,
                         help="refuse secure-aggregation sessions beyond this many (default: the job's rounds, plus "
-                             "one for a preparation)")
+                             "one for a preparation; its DP steps with distributed noise)")
     parser.add_argument("--max-tasks", type=int, default=None,
                         help="refuse tasks beyond this many; each may charge the budget when it arrives (default: "
                              "what the job plans: its rounds, plus one with personalisation)")

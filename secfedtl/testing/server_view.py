@@ -23,7 +23,10 @@ from secfedtl.secagg import messages as m
 __all__ = ["ALLOWED_REPLIES", "classify", "read_recorded_view"]
 
 #: Every task-reply body a node may send: a status and a reason from a fixed, data-free set.
+#: (``refused``/``policy``: a distributed-noise step whose announced cohort is below the node's own
+#: ``min_survivors``, a comparison of two public numbers.)
 ALLOWED_REPLIES = frozenset({("ready", ()), ("done", ()), ("refused", (("reason", "budget"),)),
+                             ("refused", (("reason", "policy"),)),
                              ("failed", (("reason", "failed"),)), ("failed", (("reason", "unknown task"),))})
 
 

@@ -180,7 +180,7 @@ class PrivateClient:
                 accountant=config.accountant,
             )
         self._head = head
-        #: empirical audits only (:mod:`secfedtl.runtime.audit_run`): a :class:`~secfedtl.training.dpsgd.AuditHook`
+        #: empirical audits only (:mod:`secfedtl.jobs.audit_run`): a :class:`~secfedtl.training.dpsgd.AuditHook`
         #: handed to every DP-SGD run; ``None`` (always, in a real job) changes nothing.
         self.audit_hook: Any = None
         self._data: Dataset = train_data
@@ -313,3 +313,39 @@ class PrivateClient:
             for name in self._trainable:
                 own[name].copy_(params[name].detach().to(own[name].device))
         return ClientUpdate(model_update=model_update, weight=self.weight, event=event)
+
+    def distributed_share(self, *, global_state: Mapping[str, torch.Tensor], round: int, model_hash: str,
+                          encoding: Any, event: Any, sample_rate: float, rotation_seed: bytes,
+                          params: Mapping[str, Any], release: str = "distributed_share") -> Any:
+        """One distributed DP-SGD step (:mod:`secfedtl.federated.distributed`): charge ``event``
+        (a :class:`~secfedtl.privacy.events.PoissonSkellamEvent` of one step) to the guard, then
+        Poisson-sample this client's records at the public ``sample_rate`` (secretly, from
+        :attr:`randomness`), compute their per-example gradients at ``global_state`` and return
+        this client's field vector: the encoded sum plus its Skellam noise share, modulo
+        ``2**encoding.bits`` (:func:`secfedtl.privacy.distributed.noisy_share`; rounding and noise
+        from a :class:`~secfedtl.crypto.stream.KeyStream` of :attr:`randomness`). The client's own
+        model is not changed: the server takes the step."""
+        from secfedtl.privacy.distributed import noisy_share  # noqa: PLC0415
+        from secfedtl.training.dpsgd import _batch  # noqa: PLC0415
+        from secfedtl.training.examples import per_example_gradients  # noqa: PLC0415
+
+        if isinstance(round, bool) or not isinstance(round, int) or round < 0:
+            raise InputError(f"round must be a non-negative int, got {round!r}")
+        if not isinstance(model_hash, str) or not model_hash:
+            raise InputError("model_hash must be a non-empty string")
+        self._check_global_state(global_state)
+        already = getattr(self._guard, "already_charged", None)
+        if already is not None and already(round=round, release=release):
+            raise ReplayError(f"step {round} of this job was already charged ({release}); not running it again")
+        with self._guard.charge(event, round=round, model_hash=model_hash, release=release,
+                                randomness=self.randomness.label, params=dict(params)):
+            work = model_with_params(self._model, {n: global_state[n] for n in self._trainable})
+            if self._cached and self._head:
+                module, prefix = work.get_submodule(self._head), self._head + "."
+            else:
+                module, prefix = work, ""
+            chosen = torch.from_numpy(self.randomness.poisson_indices(len(self._data), sample_rate))  # type: ignore[arg-type]
+            x, y = _batch(self._data, chosen)
+            gradients = per_example_gradients(module, x, y, loss_fn=self._loss_fn, prefix=prefix)
+            return noisy_share(encoding, gradients, event=event, rotation_seed=rotation_seed,
+                               stream=self.randomness.key_stream())

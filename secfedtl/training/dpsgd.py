@@ -60,7 +60,7 @@ class GradientRegularizer(Protocol):
 
 
 class AuditHook(Protocol):
-    """An empirical audit's view into DP-SGD (:mod:`secfedtl.runtime.audit_run`; never set in a real job).
+    """An empirical audit's view into DP-SGD (:mod:`secfedtl.jobs.audit_run`; never set in a real job).
 
     ``parameter`` is an extra block of coordinates that the optimizer noises and steps like every
     trained parameter, and that no real record's gradient touches: the audit's gradient (Dirac)

@@ -21,7 +21,7 @@ import secfedtl.training.client as clientmod
 import secfedtl.training.dpsgd as dpsgd
 from secfedtl.cli import main as cli_main
 from secfedtl.privacy.randomness import Randomness
-from secfedtl.runtime.audit_run import VIOLATION_EXIT, run_audit, run_replica_audit
+from secfedtl.jobs.audit_run import VIOLATION_EXIT, run_audit, run_replica_audit
 from secfedtl.jobs.heart import HeartConfig
 
 
@@ -131,7 +131,7 @@ def test_whitebox_hook_leaves_the_model_alone():
     from torch import nn
     from torch.utils.data import TensorDataset
 
-    from secfedtl.runtime.audit_run import GradientCanaries
+    from secfedtl.jobs.audit_run import GradientCanaries
     from secfedtl.training import DPTrainingConfig
     from secfedtl.transfer.distillation import cross_entropy_loss
 
@@ -168,7 +168,7 @@ def test_an_earlier_audit_folder_is_refused(tmp_path):
 
 
 # --- Values released in the clear, beside the masked sums: the server adversary with one canary
-# record per replica hospital (secfedtl.runtime.audit_run.run_replica_audit).
+# record per replica hospital (secfedtl.jobs.audit_run.run_replica_audit).
 
 
 def exact_count_in_the_clear(monkeypatch):
