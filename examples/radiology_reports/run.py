@@ -350,8 +350,16 @@ def plot(metrics: dict[str, Any], path: Path) -> None:
     ax1.set_ylabel("accuracy")
     ax1.set_title(f"Global model, {metrics['mode']} ({metrics['transport']}; simulation only)", fontsize=9)
     ax1.legend(fontsize=7)
-    plot_epsilon_per_round(ax2, rows, clients=sim["final"]["epsilon"], budget=sim["final"]["epsilon_budget"],
-                           accountant=metrics["settings"]["accountant"], delta=sim["final"]["delta"])
+    if rows:
+        plot_epsilon_per_round(ax2, rows, clients=sim["final"]["epsilon"], budget=sim["final"]["epsilon_budget"],
+                               accountant=metrics["settings"]["accountant"], delta=sim["final"]["delta"])
+    else:  # on Flower: each hospital's final epsilon, from its verified ledger
+        names = list(sim["final"]["epsilon"])
+        ax2.bar(names, [sim["final"]["epsilon"][n] for n in names], color="C0", label="spent (RDP)")
+        ax2.axhline(sim["final"]["epsilon_budget"], color="red", linestyle="--", label="budget")
+        ax2.set_ylabel(f"epsilon (RDP, delta={sim['final']['delta']:g})")
+        ax2.set_title("Privacy spent per hospital (final)")
+        ax2.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
