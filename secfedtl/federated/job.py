@@ -17,8 +17,9 @@ A :class:`FederatedJob` is three functions and a config class:
 
 What a server sends a node never names code: a node runs the job its own operator installed and
 configured (``secfedtl node --job MODULE:ATTR``, :func:`load_job`), on the job file its operator
-holds; the job id (a hash of that file unless it names one) and the source model's hash are in
-every request the node checks. This module builds the pieces from a description: a hospital's
+holds, with every mechanism parameter from that file; the trained parameters' names and the
+source model's hash are in every training request, and the node checks them. (Requests do not
+carry the job id: the node's ledger entries carry its own, a hash of its job file unless it names one.) This module builds the pieces from a description: a hospital's
 node (:func:`build_client_node`), the server (:func:`build_server`) and DP source selection
 (:func:`select_source`); :mod:`secfedtl.federated.run` runs the rounds;
 :mod:`secfedtl.runtime.local` puts them together in one process.
@@ -319,8 +320,8 @@ def build_client_node(job: FederatedJob, config: JobConfig, name: str, source: S
                       state: PrivacyState, *, identity: SigningKey, roster: Roster,
                       policy: NodePolicy | None = None, job_ref: str | None = None) -> Hospital:
     """The node of one private hospital: its budget guard (on its persistent ``state``) and DP
-    client on ``data.train``, with the ``train``, ``evaluate`` and ``personalise`` tasks (the last
-    two score ``data.evaluation`` with the job's metric and report locally, into
+    client on ``data.train``, with the ``train``, ``evaluate`` and (if ``[privacy] personalise``)
+    ``personalise`` tasks (the last two score ``data.evaluation`` with the job's metric and report locally, into
     ``state.directory/reports/<job id>``), its signing key ``identity`` and the federation's
     ``roster`` pinned (with ``policy``). ``job_ref`` overrides the job id (tests).
 
@@ -358,6 +359,8 @@ def build_client_node(job: FederatedJob, config: JobConfig, name: str, source: S
     reports = LocalReports(state.directory / "reports" / jid)
     hospital = Hospital(name=name, node=None, client=None, guard=guard, evaluation=evaluation,  # type: ignore[arg-type]
                         reports=reports)
+    # the tasks this job plans: "personalise" (a charged DP round) only where the job file asks for it
+    planned_tasks = ("train", "evaluate", "personalise") if priv["personalise"] else ("train", "evaluate")
 
     def client_tasks(model_source: SourceModel) -> dict[str, Task]:
         hospital.client = PrivateClient(client_id=name, model=model_source.model, train_data=data.train, config=dp,
@@ -365,8 +368,9 @@ def build_client_node(job: FederatedJob, config: JobConfig, name: str, source: S
                                                                       source=model_source.head_state),
                                         head=model_source.head, cache_features=model_source.cache_features,
                                         randomness=randomness)
-        return standard_tasks(hospital.client, evaluation, frozen_hash=model_source.frozen_hash, reports=reports,
-                              metric=job.metric)
+        tasks = standard_tasks(hospital.client, evaluation, frozen_hash=model_source.frozen_hash, reports=reports,
+                               metric=job.metric)
+        return {t: tasks[t] for t in planned_tasks}
 
     if job.prepare is None:
         tasks = client_tasks(source)
@@ -374,7 +378,7 @@ def build_client_node(job: FederatedJob, config: JobConfig, name: str, source: S
         statistic = job.prepare.statistic(config)
         later = _Prepared(job.prepare, statistic, source, client_tasks)
         tasks = {statistic.task: StatisticTask(statistic, data=job.prepare.data(data), guard=guard),
-                 "prepare": later.prepare, **{t: later.deferred(t) for t in ("train", "evaluate", "personalise")}}
+                 "prepare": later.prepare, **{t: later.deferred(t) for t in planned_tasks}}
     hospital.node = ClientNode(name=name, tasks=tasks, seed=seed, identity=identity, roster=roster, policy=policy)
     return hospital
 

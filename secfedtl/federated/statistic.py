@@ -30,7 +30,7 @@ import numpy as np
 from torch import nn
 from torch.utils.data import Dataset
 
-from secfedtl.errors import RemoteProtocolError
+from secfedtl.errors import PrivacyBudgetExceeded, RemoteProtocolError, ReplayError
 from secfedtl.federated import wire
 from secfedtl.federated.federation import Federation, SecureSum
 from secfedtl.federated.node import TaskOutput
@@ -124,20 +124,30 @@ class CandidateLosses:
 class StatisticTask:
     """A node's task for ``statistic`` on its own ``data``, charged to ``guard``; contributes the
     release with weight 1. A request whose options differ from :meth:`Statistic.options` in any
-    key is refused before anything is charged or computed."""
+    key is refused before anything is charged or computed. The statistic is released once: the
+    job plans (and calibrates its training noise for) one release, so a second request, in any
+    round, is refused (:class:`~secfedtl.errors.ReplayError`) before anything is charged."""
 
     def __init__(self, statistic: Statistic, *, data: Any, guard: Any, rng: np.random.Generator | None = None) -> None:
         self._statistic = statistic
         self._data = data
         self._guard = guard
         self._rng = rng
+        self._released = False
 
     def __call__(self, request: wire.TaskRequest, digest: str) -> TaskOutput:
         for key, value in self._statistic.options().items():
             if request.options.get(key) != value:  # server-chosen JSON: compare, never convert
                 raise RemoteProtocolError(f"the request announces another {self._statistic.task!r} {key}")
-        vector = self._statistic.release(self._data, guard=self._guard, round=request.round, model_hash=digest,
-                                         rng=self._rng)
+        if self._released:
+            raise ReplayError(f"this node already released its {self._statistic.task!r} statistic")
+        self._released = True  # before the release: a charge followed by a failure still counts
+        try:
+            vector = self._statistic.release(self._data, guard=self._guard, round=request.round, model_hash=digest,
+                                             rng=self._rng)
+        except PrivacyBudgetExceeded:
+            self._released = False  # refused before anything was charged
+            raise
         return TaskOutput(vector=vector, weight=1)
 
 

@@ -110,3 +110,59 @@ def test_a_node_refuses_a_bad_centre_and_training_before_it(tmp_path: Path):
         state.close()
     finally:
         job.close()
+
+
+def test_a_server_cannot_make_a_node_release_its_preparation_twice(tmp_path: Path):
+    """The job plans one release of the preparation's statistic (its event is the one prior event
+    of the training noise); a server asking again, in any round, is refused before a charge, so
+    it cannot spend the node's sessions and budget on repeated releases instead of training."""
+    from secfedtl.federated.job import build_client_node, open_hospital_state
+    from secfedtl.federated.roster import Roster
+    from secfedtl.federated.statistic import FeatureMean
+
+    roster, keys = Roster.generate(["a", "b", "c"])
+    state = open_hospital_state(CONFIG, "a", _data(CONFIG, "a"), tmp_path / "state")
+    hospital = build_client_node(JOB, CONFIG, "a", JOB.build_source(CONFIG), _data(CONFIG, "a"), state,
+                                 identity=keys["a"], roster=roster, policy=node_policy(CONFIG, JOB), job_ref="j")
+    statistic = FeatureMean(MeanMechanism(dim=DIM, noise_multiplier=4.0))
+    options = {**statistic.options(), "encoding": {"clip": statistic.clip(1000), "bits": 64, "num_clients": 3,
+                                                    "max_weight": 1}}
+
+    def ask(round: int) -> str:
+        request = wire.TaskRequest.with_weights(round=round, task="mean", weights=np.zeros(0), options=options)
+        return wire.decode(hospital.node.handle(wire.encode(request))[0]).status
+
+    assert ask(0) == "ready"
+    assert [ask(1), ask(2)] == ["failed", "failed"]
+    entries, _ = read_verified_ledger(tmp_path / "state" / "a" / "ledger.jsonl")
+    assert [ev for _, ev, _ in spent_events(entries)["a"]] == [statistic.event()]
+    state.close()
+
+
+@pytest.mark.parametrize("prepared", [True, False])
+def test_a_node_refuses_personalisation_its_job_file_does_not_plan(tmp_path: Path, prepared: bool):
+    """``[privacy] personalise = false``: the training noise is calibrated for the training rounds
+    only, so a server asking for a personalisation round (a charged DP-SGD round) is refused
+    before anything is charged."""
+    from secfedtl.federated.job import build_client_node, open_hospital_state
+    from secfedtl.federated.roster import Roster
+
+    assert not CONFIG["privacy"]["personalise"]
+    job = JOB if prepared else FederatedJob(name="plain", source=_source, data=_data)
+    roster, keys = Roster.generate(["a", "b", "c"])
+    state = open_hospital_state(CONFIG, "a", _data(CONFIG, "a"), tmp_path / "state")
+    raw = job.build_source(CONFIG)
+    hospital = build_client_node(job, CONFIG, "a", raw, _data(CONFIG, "a"), state, identity=keys["a"],
+                                 roster=roster, job_ref="j")
+    source = raw
+    if prepared:
+        source = JOB.prepare.apply(raw, np.zeros(DIM))
+        request = wire.TaskRequest.with_weights(round=0, task="prepare", weights=np.zeros(DIM))
+        assert wire.decode(hospital.node.handle(wire.encode(request))[0]).status == "done"
+    weights = np.concatenate([p.detach().numpy().ravel() for p in source.head_state.values()])
+    request = wire.TaskRequest.with_weights(round=1, task="personalise", weights=weights,
+                                            options={"names": list(source.head_state),
+                                                     "frozen_hash": source.frozen_hash})
+    assert wire.decode(hospital.node.handle(wire.encode(request))[0]).status == "failed"
+    assert state.ledger.entries == []
+    state.close()

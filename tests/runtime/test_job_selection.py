@@ -179,12 +179,19 @@ def test_select_node_refuses_other_candidates_or_mechanism_before_spending(tmp_p
 def test_select_node_refuses_when_the_budget_is_spent(tmp_path):
     cfg = config_with(selection(epsilon=0.6), **{"privacy__epsilon": 0.7})
     candidates = [build_source(cfg, spec) for spec in cfg.source_specs()]
-    node = build_selection_node(cfg, "va", candidates, open_hospital_state(cfg, "va", candidates[0].centres, tmp_path),
-                                identity=KEYS["va"], roster=ROSTER)
+    state = open_hospital_state(cfg, "va", candidates[0].centres, tmp_path)
+    node = build_selection_node(cfg, "va", candidates, state, identity=KEYS["va"], roster=ROSTER)
     [reply] = node.handle(_select_request(cfg, candidates))
     assert wire.decode(reply).status == "ready"
     before = (tmp_path / "va" / "ledger.jsonl").read_bytes()
-    [reply] = node.handle(_select_request(cfg, candidates, 1))  # a second selection would exceed 0.7
+    [reply] = node.handle(_select_request(cfg, candidates, 1))  # the node releases its selection once
+    assert wire.decode(reply).status == "failed"
+    assert (tmp_path / "va" / "ledger.jsonl").read_bytes() == before
+    state.close()
+    # a restarted node has forgotten that; its budget guard has not: a second selection would exceed 0.7
+    node = build_selection_node(cfg, "va", candidates, open_hospital_state(cfg, "va", candidates[0].centres, tmp_path),
+                                identity=KEYS["va"], roster=ROSTER)
+    [reply] = node.handle(_select_request(cfg, candidates, 1))
     assert wire.decode(reply).status == "refused"
     assert wire.decode(reply).info == {"reason": "budget"}  # no projected epsilon or other detail
     assert (tmp_path / "va" / "ledger.jsonl").read_bytes() == before
