@@ -10,8 +10,8 @@ Public settings (the job file's ``[model]``): ``dim`` (the encoder's width), ``f
 ``centre_epsilon`` (the part of ``[privacy] epsilon`` the centring spends), ``max_length``
 (tokens per report). Each node's own settings: ``RADIOLOGY_ARCHIVE`` (NLMCXR_reports.tgz;
 default: the one in the installed torchxrayvision) and ``RADIOLOGY_CACHE_DIR`` (the embedding
-cache; default ``runs/cache/radiology``). (The example's ``--unfreeze-last-block`` mode, which
-trains a transformer block, runs only in ``run.py``'s own loop.)
+cache; default ``runs/cache/radiology``). ``run.py`` runs this job in process
+(:mod:`secfedtl.runtime.local`) or on Flower.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as radiology  # noqa: E402  (the example's run.py, beside this file)
 
-from secfedtl.data.radiology import load_radiology_reports  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 GRID = {"centre_epsilon": [0.0, 0.25], "feature_scale": [1.0, 6.0], "lr": [0.25, 0.5]}
 TUNING_SEEDS = tuple(range(10, 20))  # never the reporting seeds 0-4
@@ -50,28 +50,28 @@ def main() -> int:
     cli = p.parse_args()
     if set(cli.seeds) & {0, 1, 2, 3, 4}:
         p.error("seeds 0-4 are the reporting seeds: tune on others")
-    flags = ["--epsilon", str(cli.epsilon), "--accountant", cli.accountant, "--no-progress", *cli.fixed]
-    base = radiology.parse_args(flags)
-    per_seed = {}
+    flags = ["--epsilon", str(cli.epsilon), "--accountant", cli.accountant, "--no-progress", "--no-reference",
+             *cli.fixed]
     print("tune.py: the validation accuracy below is computed on the hospitals' private validation splits and "
           "charged to no ledger (see the module docstring)", file=sys.stderr)
-    for seed in cli.seeds:  # the embeddings come from the cache; only the split changes
-        data = load_radiology_reports(seed=seed)
-        per_seed[seed] = (data, *radiology.compute_features(data, base))
-    results = []
     combos = list(itertools.product(*GRID.values()))
-    for values in radiology._progress(combos, "grid", argparse.Namespace(no_progress=cli.no_progress)):
+    scores: dict[tuple, list[float]] = {values: [] for values in combos}
+    # seed by seed: the job's loader keeps one seed's split and embeddings (read from the cache)
+    with tqdm(total=len(cli.seeds) * len(combos), desc="grid", disable=cli.no_progress, file=sys.stderr) as bar:
+        for seed in cli.seeds:
+            for values in combos:
+                setting = dict(zip(GRID, values))
+                with tempfile.TemporaryDirectory() as tmp:
+                    args = radiology.parse_args(flags + ["--seed", str(seed), "--out", tmp] + [
+                        f"--{k.replace('_', '-')}={v}" for k, v in setting.items()])
+                    metrics = radiology.run(args)
+                scores[values].append(metrics["simulation_only"]["final"]["pooled_validation_accuracy"])
+                bar.update(1)
+    results = []
+    for values, vals in scores.items():
         setting = dict(zip(GRID, values))
-        scores = []
-        for seed, (data, features, _, head, digest) in per_seed.items():
-            with tempfile.TemporaryDirectory() as tmp:
-                args = radiology.parse_args(flags + ["--seed", str(seed), "--out", tmp] + [
-                    f"--{k.replace('_', '-')}={v}" for k, v in setting.items()])
-                result = radiology.train_federated(data, features, head, digest, args)
-                scores.append(result["rounds"][-1]["pooled_validation_accuracy"])
-        results.append({**setting, "validation_mean": float(np.mean(scores)), "validation_std": float(np.std(scores)),
-                        "validation": scores})
-        print(f"  {setting}: {np.mean(scores):.4f}", file=sys.stderr, flush=True)
+        results.append({**setting, "validation_mean": float(np.mean(vals)), "validation_std": float(np.std(vals)),
+                        "validation": vals})
     results.sort(key=lambda r: -r["validation_mean"])
     for r in results:
         print("  ".join(f"{k}={r[k]:<5g}" for k in GRID)

@@ -63,8 +63,22 @@ SIZES = {"hospital_1": 62, "hospital_2": 58, "hospital_3": 71, "hospital_4": 49}
 
 
 def _args(out: Path, *extra: str):
-    return run.parse_args(["--out", str(out), "--no-progress", "--rounds", "2", "--epochs", "1", "--batch-size", "16",
-                           "--declared-grid", "10", "--epsilon", "2", "--lr", "0.5", *extra])
+    return run.parse_args(["--out", str(out), "--no-progress", "--no-reference", "--rounds", "2", "--epochs", "1",
+                           "--batch-size", "16", "--declared-grid", "10", "--epsilon", "2", "--lr", "0.5", *extra])
+
+
+@pytest.fixture
+def synthetic_reports(monkeypatch):
+    """run.py's job reads ``sizes``' synthetic reports and features (CI has neither the archive
+    nor MiniLM); the node settings run.py exports are restored afterwards."""
+    for key in ("PYTHONPATH", "RADIOLOGY_CACHE_DIR", "RADIOLOGY_ARCHIVE"):
+        monkeypatch.setenv(key, "")
+
+    def use(sizes: dict[str, int] = SIZES, extra: int = 0) -> None:
+        synthetic = _synthetic(sizes, extra=extra)
+        monkeypatch.setattr(run.radiology_job, "reports_and_features", lambda config: synthetic)
+
+    return use
 
 
 def test_declared_records_are_a_round_figure() -> None:
@@ -73,66 +87,90 @@ def test_declared_records_are_a_round_figure() -> None:
     assert run.declared_records(12, 50) == 50
 
 
-def test_federation_on_synthetic_features(tmp_path: Path) -> None:
-    data, features = _synthetic(SIZES)
-    args = _args(tmp_path / "out")
-    result = run.train_federated(data, features, None, "digest", args)
-    declared = result["declared"]
+def test_federation_on_synthetic_features(tmp_path: Path, synthetic_reports) -> None:
+    """run.py's in-process default runs the job (radiology_job.py) through secfedtl.runtime.local."""
+    synthetic_reports()
+    metrics = run.run(_args(tmp_path / "out"))
+    assert metrics["job_code"] == "radiology_job:RADIOLOGY" and metrics["transport"] == "in process"
+    declared = metrics["declared_records"]
     assert declared == {"hospital_1": 60, "hospital_2": 60, "hospital_3": 70, "hospital_4": 50}
     # The server's view: round outcomes over masked sums, weights the declared counts, no accuracy.
-    assert [r["status"] for r in result["server_rounds"]] == ["ok", "ok"]
-    assert all(r["total_weight"] == sum(declared.values()) for r in result["server_rounds"])
-    assert not any("accuracy" in key or "epsilon" in key for r in result["server_rounds"] for key in r)
-    assert result["centring"]["status"] == "ok" and result["centring"]["included"] == sorted(SIZES)
+    server_rounds = metrics["server"]["rounds"]
+    assert [r["status"] for r in server_rounds] == ["ok", "ok"]
+    assert all(r["total_weight"] == sum(declared.values()) for r in server_rounds)
+    assert not any("accuracy" in key or "epsilon" in key for r in server_rounds for key in r)
+    assert metrics["server"]["preparation"]["status"] == "ok"
+    assert metrics["server"]["preparation"]["prepared"] == sorted(SIZES)
     # The experimenter's view (simulation only): exact accuracy, computed outside the protocol.
-    last = result["rounds"][-1]
+    sim = metrics["simulation_only"]
+    last = sim["rounds"][-1]
     assert set(last["test_accuracy"]) == set(SIZES) and 0.0 <= last["pooled_test_accuracy"] <= 1.0
+    assert sim["final"]["pooled_test_accuracy"] == pytest.approx(last["pooled_test_accuracy"])
     # The mechanism follows the declaration: sample rate 16 / declared, steps ceil(declared / 16).
-    for name, client in result["clients"].items():
-        assert client.sample_rate == pytest.approx(16 / declared[name])
-        assert client.local_steps == -(-declared[name] // 16)
-        assert client.weight == declared[name]
+    mechanism = metrics["mechanism"]
+    for name in SIZES:
+        assert mechanism["sample_rate"][name] == pytest.approx(16 / declared[name])
+        assert mechanism["local_steps_per_round"][name] == -(-declared[name] // 16)
+        assert mechanism["weight"][name] == declared[name]
     # One persistent state per hospital (the throwaway folder in --out), its ledger certified.
-    assert result["state_dir"] == tmp_path / "out" / "privacy-state"
-    for name, path in result["ledgers"].items():
-        assert path == tmp_path / "out" / "privacy-state" / name / "ledger.jsonl"
+    assert metrics["privacy_state"]["directory"] == str(tmp_path / "out" / "privacy-state")
+    for name, path in sim["ledgers"].items():
+        assert Path(path) == tmp_path / "out" / "privacy-state" / name / "ledger.jsonl"
         report = audit_ledger(path)
-        assert report.certified
+        assert report.certified and sim["audit"][name]["certified"]
         assert [r.release for r in report.clients[0].releases] == ["feature_mean", "dpsgd_update", "dpsgd_update"]
-        assert report.clients[0].epsilon <= 2.0
+        assert report.clients[0].epsilon <= 2.0 and sim["final"]["epsilon"][name] <= 2.0
         pending = [entry_view(e) for e in verify_ledger(path) if e["status"] == "pending"]
         assert all(e["declaration"] == {"records": declared[name], "participation": True} for e in pending)
-        assert {e["job_id"] for e in pending} == {result["job_id"]}
-    # Nobody can ask a hospital for an evaluation: the nodes hold only the train task.
-    answers = result["federation"].query("evaluate", round=5)
-    assert {a["status"] for a in answers.values()} == {"failed"}
+        assert {e["job_id"] for e in pending} == {metrics["job_id"]}
+    assert (tmp_path / "out" / "metrics.json").exists() and (tmp_path / "out" / "report.png").exists()
 
 
-def test_the_same_mechanisms_on_neighbouring_datasets(tmp_path: Path) -> None:
+def test_an_evaluation_query_gets_no_score_back(tmp_path: Path, synthetic_reports) -> None:
+    """A hospital scores its own splits and keeps the report: asked to evaluate, it answers the
+    server with a status only."""
+    from secfedtl.runtime.local import build_job
+
+    synthetic_reports()
+    args = _args(tmp_path / "out")
+    config = run.job_config(args, {"hospital_1": 60, "hospital_2": 60, "hospital_3": 70, "hospital_4": 50}, DIM,
+                            "radiology-test")
+    job, _ = run.radiology_job.job_for(config)
+    local = build_job(job, config, tmp_path / "run", workers=0, state_dir=tmp_path / "state")
+    try:
+        answers = local.federation.query("evaluate", round=5)
+    finally:
+        local.close()
+    assert set(answers) == set(SIZES)
+    assert not any("accuracy" in key or "loss" in key for a in answers.values() for key in a), answers
+
+
+def test_the_same_mechanisms_on_neighbouring_datasets(tmp_path: Path, synthetic_reports) -> None:
     """hospital_1 with one training report more (add/remove neighbours): its declaration is the
     same round figure, so every ledger entry's mechanism is the same."""
     def mechanisms(extra: int, out: Path) -> list[dict]:
-        data, features = _synthetic(SIZES, extra=extra)
-        result = run.train_federated(data, features, None, "digest", _args(out))
-        entries = [entry_view(e) for e in verify_ledger(result["ledgers"]["hospital_1"]) if e["status"] == "pending"]
+        synthetic_reports(extra=extra)
+        metrics = run.run(_args(out))
+        ledger = metrics["simulation_only"]["ledgers"]["hospital_1"]
+        entries = [entry_view(e) for e in verify_ledger(ledger) if e["status"] == "pending"]
         return [{k: e[k] for k in ("sample_rate", "noise_multiplier", "steps", "delta", "release", "params",
                                    "declaration", "randomness")} for e in entries]
 
     assert mechanisms(0, tmp_path / "a") == mechanisms(1, tmp_path / "b")
 
 
-def test_a_second_job_continues_the_hospitals_budgets(tmp_path: Path) -> None:
+def test_a_second_job_continues_the_hospitals_budgets(tmp_path: Path, synthetic_reports) -> None:
     """The states persist in --out: a second job on the same hospitals continues their budgets. At
     epsilon 2 the first job (one round) spent nearly all of it, so the second one is refused before
     anything runs or is charged."""
     from secfedtl.errors import ConfigError
 
-    data, features = _synthetic(SIZES)
-    first = run.train_federated(data, features, None, "digest", _args(tmp_path / "out", "--rounds", "1"))
-    with pytest.raises(ConfigError, match="already spent epsilon"):
-        run.train_federated(data, features, None, "digest", _args(tmp_path / "out"))
+    synthetic_reports()
+    first = run.run(_args(tmp_path / "out", "--rounds", "1"))
+    with pytest.raises(ConfigError, match="too little privacy budget left"):
+        run.run(_args(tmp_path / "out"))
     for name in SIZES:  # the refused job charged nothing
-        assert len(audit_ledger(first["ledgers"][name]).clients[0].releases) == 2
+        assert len(audit_ledger(first["simulation_only"]["ledgers"][name]).clients[0].releases) == 2
 
 
 @pytest.mark.parametrize("extra,flag", [(["--epsilon", "0"], "--epsilon"), (["--epsilon", "-1"], "--epsilon"),
