@@ -262,11 +262,10 @@ class PrivateClient:
                 "public_dataset_size": self.weight, "secure_mode": self.config.secure_mode,
                 "clipping": self.config.clipping}
 
-    def train_round(self, *, global_state: Mapping[str, torch.Tensor], round: int, model_hash: str,
-                    release: str = "dpsgd_update") -> ClientUpdate:
-        """Charge the round's event to the guard (its ledger entry says it releases ``release``:
-        ``"dpsgd_update"`` for an update that leaves the client, ``"local_model"`` for one that
-        stays), then train; see the module docstring."""
+    def _check_before_charge(self, *, round: int, model_hash: str,  # noqa: A002
+                             global_state: Mapping[str, torch.Tensor], release: str, unit: str) -> None:
+        """What every charged release checks first: the round, the model hash, the global state,
+        and that the ledger has not already charged this ``unit`` (round or step) for ``release``."""
         if isinstance(round, bool) or not isinstance(round, int) or round < 0:
             raise InputError(f"round must be a non-negative int, got {round!r}")
         if not isinstance(model_hash, str) or not model_hash:
@@ -274,7 +273,16 @@ class PrivateClient:
         self._check_global_state(global_state)
         already = getattr(self._guard, "already_charged", None)
         if already is not None and already(round=round, release=release):
-            raise ReplayError(f"round {round} of this job was already charged ({release}); not training it again")
+            again = "training it again" if unit == "round" else "running it again"
+            raise ReplayError(f"{unit} {round} of this job was already charged ({release}); not {again}")
+
+    def train_round(self, *, global_state: Mapping[str, torch.Tensor], round: int, model_hash: str,
+                    release: str = "dpsgd_update") -> ClientUpdate:
+        """Charge the round's event to the guard (its ledger entry says it releases ``release``:
+        ``"dpsgd_update"`` for an update that leaves the client, ``"local_model"`` for one that
+        stays), then train; see the module docstring."""
+        self._check_before_charge(round=round, model_hash=model_hash, global_state=global_state, release=release,
+                                  unit="round")
         event = self.make_event()
         with self._guard.charge(event, round=round, model_hash=model_hash, release=release,
                                 randomness=self.randomness.label, params=self.mechanism_params()):
@@ -329,14 +337,8 @@ class PrivateClient:
         from secfedtl.training.dpsgd import _batch  # noqa: PLC0415
         from secfedtl.training.examples import per_example_gradients  # noqa: PLC0415
 
-        if isinstance(round, bool) or not isinstance(round, int) or round < 0:
-            raise InputError(f"round must be a non-negative int, got {round!r}")
-        if not isinstance(model_hash, str) or not model_hash:
-            raise InputError("model_hash must be a non-empty string")
-        self._check_global_state(global_state)
-        already = getattr(self._guard, "already_charged", None)
-        if already is not None and already(round=round, release=release):
-            raise ReplayError(f"step {round} of this job was already charged ({release}); not running it again")
+        self._check_before_charge(round=round, model_hash=model_hash, global_state=global_state, release=release,
+                                  unit="step")
         with self._guard.charge(event, round=round, model_hash=model_hash, release=release,
                                 randomness=self.randomness.label, params=dict(params)):
             work = model_with_params(self._model, {n: global_state[n] for n in self._trainable})
