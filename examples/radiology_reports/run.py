@@ -274,12 +274,7 @@ def _in_process(args: argparse.Namespace, job: Any, config: Any, out: Path) -> t
     run_dir = out / "runs" / config["job"]["id"]
     local = build_job(job, config, run_dir, workers=0, state_dir=state_dir)
     try:
-        for name, state in local.states.items():
-            earlier = state.events_before(config["job"]["id"])
-            if earlier:
-                print(f"{name}: its privacy state already spent epsilon "
-                      f"{compute_epsilon(earlier, args.delta, accountant=args.accountant):.3f} of {args.epsilon:g} "
-                      "in earlier jobs; this job's noise is calibrated for what is left", file=sys.stderr)
+        local.warn_earlier_spend(epsilon=args.epsilon, delta=args.delta, accountant=args.accountant)
         metrics = run_federation(config, local.source, local.federation, run_dir, progress=not args.no_progress,
                                  preparation=local.preparation, experimenter=local.experimenter())
         clients = local.clients

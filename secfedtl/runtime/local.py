@@ -10,6 +10,7 @@ a new ``--out``) on the same hospital continues its budget.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from secfedtl.federated.node import ClientNode
 from secfedtl.federated.pool import ClientPool
 from secfedtl.federated.roster import NodePolicy, Roster
 from secfedtl.federated.run import Experimenter, prepare_run, run_federation
+from secfedtl.privacy.accountants import compute_epsilon
 from secfedtl.privacy.budget import BudgetGuard
 from secfedtl.privacy.state import PrivacyState
 from secfedtl.runtime.pool import LocalPool, ProcessPool
@@ -80,6 +82,17 @@ class LocalJob:
         ``features``: see :class:`~secfedtl.federated.run.Experimenter`."""
         return Experimenter(config=self.config, source=self.source, hospitals=self.hospitals, states=self.states,
                             metric=self.job.metric, features=features)
+
+    def warn_earlier_spend(self, *, epsilon: float, delta: float, accountant: str) -> None:
+        """Say on stderr, per hospital whose privacy state already spent budget in earlier jobs,
+        how much (this job's noise is calibrated for what is left of ``epsilon``)."""
+        jid = self.config["job"]["id"]
+        for name, state in self.states.items():
+            earlier = state.events_before(jid)
+            if earlier:
+                print(f"{name}: its privacy state already spent epsilon "
+                      f"{compute_epsilon(earlier, delta, accountant=accountant):.3f} of {epsilon:g} in earlier "
+                      "jobs; this job's noise is calibrated for what is left", file=sys.stderr)
 
     def close(self) -> None:
         self.federation.pool.close()
