@@ -79,6 +79,23 @@ def _check_counts(num_canaries: int, guesses: int, correct: int) -> None:
         raise InputError(f"need correct <= guesses <= num_canaries, got {correct}, {guesses}, {num_canaries}")
 
 
+def _largest_rejected(rejects: Callable[[float], bool], *, upper: float, tolerance: float) -> float:
+    """The largest parameter in ``[0, upper]`` that ``rejects`` (monotone: true below a threshold,
+    false above it), by bisection to ``tolerance``; 0 if it rejects nothing, ``upper`` if all."""
+    if not rejects(0.0):
+        return 0.0
+    lo, hi = 0.0, upper
+    if rejects(hi):
+        return hi
+    while hi - lo > tolerance:
+        mid = (lo + hi) / 2
+        if rejects(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 def one_run_p_value(*, num_canaries: int, guesses: int, correct: int, epsilon: float, delta: float) -> float:
     """Upper bound on P[at least ``correct`` of ``guesses`` guesses are right] for an
     (epsilon, delta)-DP run with ``num_canaries`` canaries (see the module docstring)."""
@@ -111,18 +128,9 @@ def epsilon_lower_bound(*, num_canaries: int, guesses: int, correct: int, delta:
         return one_run_p_value(num_canaries=num_canaries, guesses=guesses, correct=correct,
                                epsilon=eps, delta=delta) < significance
 
-    if correct == 0 or not rejects(0.0):
+    if correct == 0:
         return 0.0
-    lo, hi = 0.0, epsilon_max
-    if rejects(hi):
-        return hi
-    while hi - lo > tolerance:
-        mid = (lo + hi) / 2
-        if rejects(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    return _largest_rejected(rejects, upper=epsilon_max, tolerance=tolerance)
 
 
 def guess_counts(scores: Sequence[float], included: Sequence[bool], *, k_plus: int, k_minus: int) -> tuple[int, int]:
@@ -300,18 +308,7 @@ def gdp_lower_bound(*, num_canaries: int, guesses: int, correct: int, significan
         return gdp_rejects(num_canaries=num_canaries, guesses=guesses, correct=correct, mu=mu,
                            significance=significance)
 
-    if not rejects(0.0):
-        return 0.0
-    lo, hi = 0.0, mu_max
-    if rejects(hi):
-        return hi
-    while hi - lo > tolerance:
-        mid = (lo + hi) / 2
-        if rejects(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    return _largest_rejected(rejects, upper=mu_max, tolerance=tolerance)
 
 
 def _gdp_delta(epsilon: float, mu: float) -> float:
