@@ -206,6 +206,19 @@ def _clear_view(replies: list[bytes]) -> list[Any]:
     return view
 
 
+def _audited_client(config: Any, client: str | None, out: Path) -> str:
+    """The audited hospital (default: the job's first), checked, and ``out`` made, refusing one
+    that holds an earlier audit's throwaway privacy state (it would continue that budget)."""
+    name = client or config["job"]["clients"][0]
+    if name not in config["job"]["clients"]:
+        raise ConfigError(f"{name!r} is not one of the job's clients {config['job']['clients']}")
+    if (out / "privacy-state").exists():
+        raise ConfigError(f"{out} holds an earlier audit (its throwaway privacy state would continue): "
+                          "use another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return name
+
+
 def run_replica_audit(config: Any, out: Path, *, canaries: int = 32, client: str | None = None,
                       progress: bool = False) -> dict[str, Any]:
     """The server adversary against everything a hospital sends outside the masked sums.
@@ -228,13 +241,7 @@ def run_replica_audit(config: Any, out: Path, *, canaries: int = 32, client: str
 
     if canaries < 4:
         raise ConfigError("need at least 4 replica canaries")
-    name = client or config["job"]["clients"][0]
-    if name not in config["job"]["clients"]:
-        raise ConfigError(f"{name!r} is not one of the job's clients {config['job']['clients']}")
-    if (out / "privacy-state").exists():
-        raise ConfigError(f"{out} holds an earlier audit (its throwaway privacy state would continue): "
-                          "use another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    name = _audited_client(config, client, out)
     included = draw_coins(canaries)
     centres = build_centres(config)
     base = centres[name]
@@ -380,13 +387,7 @@ def run_audit(config: Any, out: Path, *, canaries: int = 1000, client: str | Non
         raise ConfigError(f"adversary must be one of {ADVERSARIES}")
     if canaries < 2:
         raise ConfigError("need at least 2 canaries")
-    name = client or config["job"]["clients"][0]
-    if name not in config["job"]["clients"]:
-        raise ConfigError(f"{name!r} is not one of the job's clients {config['job']['clients']}")
-    if (out / "privacy-state").exists():
-        raise ConfigError(f"{out} holds an earlier audit (its throwaway privacy state would continue): "
-                          "use another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    name = _audited_client(config, client, out)
     included = draw_coins(canaries)
     pc = None
     t0, c0 = time.perf_counter(), time.process_time()
