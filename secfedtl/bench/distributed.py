@@ -102,7 +102,8 @@ def bench_accounting() -> list[dict]:
     from secfedtl.privacy.accountants import calibrate_noise_multiplier, calibrate_skellam_share
 
     rows = []
-    for q, steps, eps in [(0.01, 1000, 3.0), (0.01, 1000, 1.0), (0.05, 200, 3.0), (0.004, 2500, 1.0), (1.0, 50, 3.0)]:
+    for q, steps, eps in [(0.01, 1000, 3.0), (0.01, 1000, 1.0), (0.05, 200, 3.0), (0.004, 2500, 1.0), (1.0, 50, 3.0),
+                          (0.1, 30, 1.0), (0.1, 300, 1.0)]:
         z_rdp = calibrate_noise_multiplier(target_epsilon=eps, target_delta=1e-5, sample_rate=q, steps=steps)
         z_prv = calibrate_noise_multiplier(target_epsilon=eps, target_delta=1e-5, sample_rate=q, steps=steps,
                                            accountant="prv")
