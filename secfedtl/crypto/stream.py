@@ -80,6 +80,26 @@ class KeyStream:
             view[start:stop] = self._encryptor.update(zeros[: stop - start])
         return bytes(out)
 
+    def fill(self, out: np.ndarray) -> np.ndarray:
+        """Overwrite the C-contiguous array ``out`` with the next ``out.nbytes`` bytes of the stream
+        (the same bytes :meth:`read` would return), in place, without intermediate copies; returns ``out``."""
+        if not isinstance(out, np.ndarray) or not out.flags.c_contiguous or not out.flags.writeable:
+            raise CryptoError("fill needs a writable, C-contiguous numpy array")
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        nbytes = view.nbytes
+        zeros = bytes(min(nbytes, _CHUNK))
+        for start in range(0, nbytes, _CHUNK):
+            stop = min(nbytes, start + _CHUNK)
+            try:
+                self._encryptor.update_into(zeros[: stop - start], view[start:])
+            except ValueError:  # versions of cryptography that want block-size slack after the output
+                view[start:stop] = self._encryptor.update(zeros[: stop - start])
+        return out
+
+    def uint16(self, count: int) -> np.ndarray:
+        """``count`` independent uniform 16-bit words (a fresh, writable ``uint16`` array)."""
+        return self.fill(np.empty(int(count), dtype=np.uint16))
+
     def uint64(self, count: int) -> np.ndarray:
         """``count`` independent uniform 64-bit words (a fresh, writable ``uint64`` array)."""
         return np.frombuffer(bytearray(self.read(8 * int(count))), dtype="<u8").astype(np.uint64, copy=False)

@@ -65,7 +65,7 @@ __all__ = [
 #: sets how much the norm bound is inflated (the bound is enforced whatever beta is).
 DEFAULT_ROUNDING_BETA = math.exp(-0.5)
 _ROTATION_INFO = b"secfedtl/v1/distributed-dp/rotation-signs"
-_CHUNK_ELEMENTS = 1 << 22
+_CHUNK_BYTES = 1 << 21  # per work array: one chunk's passes stay in cache
 
 
 def _padded(dimension: int) -> int:
@@ -95,34 +95,50 @@ def rotation_signs(padded_dimension: int, seed: bytes) -> np.ndarray:
     return 1.0 - 2.0 * bits[:padded_dimension].astype(np.float64)
 
 
-@functools.lru_cache(maxsize=16)
-def _hadamard_matrix(size: int) -> np.ndarray:
-    h = np.ones((1, 1))
+@functools.lru_cache(maxsize=8)
+def _rotation_signs_cached(padded_dimension: int, seed: bytes) -> np.ndarray:
+    signs = rotation_signs(padded_dimension, seed)
+    signs.setflags(write=False)
+    return signs
+
+
+@functools.lru_cache(maxsize=32)
+def _hadamard_matrix(size: int, dtype: type = np.float64) -> np.ndarray:
+    h = np.ones((1, 1), dtype=dtype)
     while h.shape[0] < size:
         h = np.block([[h, h], [h, -h]])
     h.setflags(write=False)
     return h
 
 
-def _hadamard(x: np.ndarray) -> np.ndarray:
-    """Unnormalised Walsh-Hadamard transform of each row of ``x`` (length a power of two).
+def _hadamard(x: np.ndarray, scratch: np.ndarray | None = None) -> np.ndarray:
+    """Unnormalised Walsh-Hadamard transform of each row of ``x`` (length a power of two), in
+    ``x``'s dtype (float32 or float64).
 
     ``H_n`` is the Kronecker product of small Hadamard matrices (``H_ab = H_a (x) H_b`` in
-    Sylvester's ordering), so the row, viewed as a tensor with axes of size at most 128, is
+    Sylvester's ordering), so the row, viewed as a tensor with axes of size at most 16, is
     multiplied by a small ``H`` along each axis in turn: matrix products, which run at BLAS
-    speed, instead of ``log2(n)`` memory-bound butterfly passes."""
+    speed, instead of ``log2(n)`` memory-bound butterfly passes. With ``scratch`` (an array of
+    ``x``'s shape and dtype) the products alternate between ``x`` and ``scratch`` and nothing is
+    allocated (both are overwritten; the result is one of them); without it ``x`` is left as it was."""
     rows, n = x.shape
     k = n.bit_length() - 1
-    parts = max(1, -(-k // 7))
+    parts = max(1, -(-k // 4))
     dims = [1 << (k // parts + (1 if i < k % parts else 0)) for i in range(parts)]
-    y = np.ascontiguousarray(x, dtype=np.float64)
-    y = (y.reshape(-1, dims[-1]) @ _hadamard_matrix(dims[-1])).reshape(rows, n)  # last axis: one product
+    dtype = x.dtype if x.dtype in (np.float32, np.float64) else np.dtype(np.float64)
+    if scratch is None:
+        x, scratch = np.array(x, dtype=dtype, order="C"), np.empty((rows, n), dtype=dtype)
+    src, dst = x, scratch
+    np.matmul(src.reshape(-1, dims[-1]), _hadamard_matrix(dims[-1], dtype.type), out=dst.reshape(-1, dims[-1]))
+    src, dst = dst, src
     before = rows
-    for i, size in enumerate(dims[:-1]):  # other axes: H @ (size x after) blocks, no transposes
+    for size in dims[:-1]:  # other axes: H @ (size x after) blocks, no transposes
         after = n * rows // (before * size)
-        y = np.matmul(_hadamard_matrix(size), y.reshape(before, size, after))
+        np.matmul(_hadamard_matrix(size, dtype.type), src.reshape(before, size, after),
+                  out=dst.reshape(before, size, after))
+        src, dst = dst, src
         before *= size
-    return y.reshape(rows, n)
+    return src
 
 
 def inflated_l2_bound(norm: float, dimension: int, beta: float = DEFAULT_ROUNDING_BETA) -> float:
@@ -207,50 +223,114 @@ class DistributedEncoding:
         """Word type of the field vectors (what secure aggregation sums)."""
         return np.uint32 if self.bits <= 32 else np.uint64
 
-    def _rotate_rows(self, rows: np.ndarray, signs: np.ndarray | None) -> np.ndarray:
-        n = self.padded_dimension
-        out = np.zeros((rows.shape[0], n), dtype=np.float64)
-        out[:, : self.dimension] = rows
+    @property
+    def _work_dtype(self) -> type:
+        """float32 while every rotated coordinate is below ``2**24`` in absolute value (so float32
+        holds each rounded integer exactly and its precision, about ``1e-7`` of a coordinate, is far
+        below the rounding step); float64 beyond."""
+        return np.float32 if self.clip_norm * self.scale + 2.0 < 2.0**24 else np.float64
+
+    def _clip_factors(self, rows: np.ndarray) -> np.ndarray:
+        """Per row: ``min(1, clip_norm / norm) * scale`` (float64; the norm accumulated in float64)."""
+        norms = np.sqrt(np.einsum("ij,ij->i", rows, rows, dtype=np.float64))
+        return np.minimum(1.0, self.clip_norm / np.maximum(norms, 1e-300)) * self.scale
+
+    def _rotate_rows(self, rows: np.ndarray, signs: np.ndarray | None, *, factor: np.ndarray | None = None,
+                     out: np.ndarray | None = None, scratch: np.ndarray | None = None) -> np.ndarray:
+        """Each row of ``rows`` times ``factor`` (per row; default 1), zero-padded to
+        ``padded_dimension`` and rotated (``signs`` given, else only padded), in
+        :attr:`_work_dtype`. ``out``/``scratch``: preallocated ``(len(rows), padded_dimension)``
+        work arrays (overwritten; the result is one of them)."""
+        n, d = self.padded_dimension, self.dimension
+        dtype = self._work_dtype
+        if out is None:
+            out = np.empty((rows.shape[0], n), dtype=dtype)
+        scale = np.ones(rows.shape[0]) if factor is None else np.asarray(factor, dtype=np.float64)
+        if signs is not None:
+            scale = scale / math.sqrt(n)
+        np.multiply(rows, scale.astype(dtype)[:, None], out=out[:, :d], casting="same_kind")
+        out[:, d:] = 0.0
         if signs is None:
             return out
-        out *= signs
-        out = _hadamard(out)
-        out *= 1.0 / math.sqrt(n)
-        return out
+        out *= signs.astype(dtype, copy=False)
+        if scratch is None:
+            scratch = np.empty_like(out)
+        return _hadamard(out, scratch)
 
-    def round_examples(self, scaled: np.ndarray, stream: KeyStream) -> tuple[np.ndarray, int]:
-        """Conditional stochastic rounding of each row of ``scaled`` (float64, already clipped,
-        scaled and rotated): ``(int64 rows, number of rows rounded toward zero)``."""
-        bound_sq = math.floor(Fraction(self.l2_bound) ** 2)
-        base = np.floor(scaled)
-        # round up with probability frac, to within 2**-32: compare 32 random bits with frac * 2**32.
-        # A tiny negative y has floor -1 and frac 1.0 in float64 (y = -1e-20): frac * 2**32 is then
-        # 2**32, which does not fit in 32 bits; capped, it rounds up with probability 1 - 2**-32.
-        threshold = np.minimum((scaled - base) * 2.0**32, 2.0**32 - 1.0).astype(np.uint32)
-        base = base.astype(np.int64)
+    def _bound_sq(self) -> int:
+        return math.floor(Fraction(self.l2_bound) ** 2)
+
+    @staticmethod
+    def _exceeds(rows: np.ndarray, bound_sq: int) -> np.ndarray:
+        """Exactly which rows of integer-valued ``rows`` have squared L2 norm above ``bound_sq``.
+
+        Below ``2**53`` the float64 sum of the squares is exact: every square and partial sum is an
+        integer below ``2**53``, and once a (nonnegative) partial sum reaches ``2**53`` the computed
+        one is at least ``2**53 > bound_sq`` whatever the summation order (rounding is monotone and
+        ``2**53`` is a float64). Above it, int64 (``__post_init__`` keeps the squares below ``2**62``)."""
+        if bound_sq < 2**53 - 1:
+            return np.einsum("ij,ij->i", rows, rows, dtype=np.float64) > float(bound_sq)
+        ints = rows.astype(np.int64)
+        return np.einsum("ij,ij->i", ints, ints) > bound_sq
+
+    def _round_rows(self, scaled: np.ndarray, stream: KeyStream, work: tuple[np.ndarray, ...] | None = None,
+                    ) -> tuple[np.ndarray, int]:
+        """Conditional stochastic rounding of each row of ``scaled`` (float32 or float64): the rounded
+        rows, integer-valued in ``scaled``'s dtype (``work[0]`` when ``work`` is given), and the
+        number of rows rounded toward zero.
+
+        A coordinate ``y = f + r`` (``f = floor(y)``, ``0 <= r <= 1`` as computed) is rounded up
+        when ``u < 2**16 r`` for 16 fresh uniform bits ``u``: probability ``ceil(2**16 r) / 2**16``,
+        within ``2**-16`` above ``r`` (exact comparison: ``u`` and ``2**16 r`` are exact floats).
+        That bias, and any float error in ``y``, costs utility only: the bound is checked exactly
+        on the integer vector that is summed (:meth:`_exceeds`), whatever the draws were."""
         rows, width = scaled.shape
-        out = base + (stream.uint32(rows * width).reshape(rows, width) < threshold)
-        pending = np.flatnonzero(np.einsum("ij,ij->i", out, out) > bound_sq)
+        dtype = scaled.dtype
+        if work is None:
+            work = (np.empty((rows, width), dtype), np.empty((rows, width), dtype),
+                    np.empty((rows, width), np.uint16), np.empty((rows, width), np.bool_))
+        out, thr, u, up = (a[:rows] for a in work)
+        bound_sq = self._bound_sq()
+        np.floor(scaled, out=out)
+        np.subtract(scaled, out, out=thr)
+        thr *= 65536.0
+        np.less(stream.fill(u), thr, out=up)
+        out += up  # out is now the rounded rows
+        pending = np.flatnonzero(self._exceeds(out, bound_sq))
         for _ in range(self.max_tries - 1):
             if pending.size == 0:
                 break
-            u = stream.uint32(pending.size * width).reshape(pending.size, width)
-            candidate = base[pending] + (u < threshold[pending])
-            ok = np.einsum("ij,ij->i", candidate, candidate) <= bound_sq
+            redraw = stream.uint16(pending.size * width).reshape(pending.size, width) < thr[pending]
+            candidate = out[pending] - up[pending] + redraw
+            ok = ~self._exceeds(candidate, bound_sq)
             out[pending[ok]] = candidate[ok]
+            up[pending[ok]] = redraw[ok]
             pending = pending[~ok]
         fallbacks = int(pending.size)
         if fallbacks:
-            toward_zero = np.trunc(scaled[pending]).astype(np.int64)
+            toward_zero = np.trunc(scaled[pending])
             # |trunc(y)| <= |y| <= clip * scale <= l2_bound up to float rounding of y; check exactly
             # anyway, and send a zero vector (always within the bound) should rounding ever exceed it
-            toward_zero[np.einsum("ij,ij->i", toward_zero, toward_zero) > bound_sq] = 0
+            toward_zero[self._exceeds(toward_zero, bound_sq)] = 0.0
             out[pending] = toward_zero
         return out, fallbacks
 
+    def round_examples(self, scaled: np.ndarray, stream: KeyStream) -> tuple[np.ndarray, int]:
+        """Conditional stochastic rounding of each row of ``scaled`` (already clipped, scaled and
+        rotated, e.g. by :meth:`_rotate_rows`; float32 or float64): ``(int64 rows, number of rows
+        rounded toward zero)``. The same rounding :meth:`encode_examples` applies."""
+        values = np.asarray(scaled)
+        if values.dtype not in (np.float32, np.float64):
+            values = values.astype(np.float64)
+        rounded, fallbacks = self._round_rows(np.ascontiguousarray(values), stream)
+        return rounded.astype(np.int64), fallbacks
+
     def encode_examples(self, gradients: np.ndarray, *, rotation_seed: bytes, stream: KeyStream) -> np.ndarray:
         """The integer sum (int64, ``padded_dimension`` long) of the rounded examples in
-        ``gradients`` (one row per sampled example; clipped here). No noise, no wrap yet."""
+        ``gradients`` (one row per sampled example; clipped here). No noise, no wrap yet.
+
+        Works through the rows in chunks of a few MiB with preallocated work arrays (every pass of
+        a chunk stays in cache and nothing is allocated per chunk)."""
         grads = np.asarray(gradients)
         if grads.ndim != 2 or grads.shape[1] != self.dimension:
             raise EncodingError(f"gradients must be a (batch, {self.dimension}) array, got shape {grads.shape}")
@@ -260,16 +340,25 @@ class DistributedEncoding:
             raise EncodingError("gradients contain NaN or infinite values")
         if not isinstance(stream, KeyStream):
             raise EncodingError(f"stream must be a KeyStream, got {type(stream).__name__}")
-        signs = rotation_signs(self.padded_dimension, rotation_seed) if self.rotate else None
+        signs = _rotation_signs_cached(self.padded_dimension, bytes(rotation_seed)) if self.rotate else None
         total = np.zeros(self.padded_dimension, dtype=np.int64)
-        rows_per_chunk = max(1, _CHUNK_ELEMENTS // self.padded_dimension)
-        for start in range(0, grads.shape[0], rows_per_chunk):
-            rows = grads[start : start + rows_per_chunk].astype(np.float64)
-            norms = np.linalg.norm(rows, axis=1)
-            factor = np.minimum(1.0, self.clip_norm / np.maximum(norms, 1e-300)) * self.scale
-            scaled = self._rotate_rows(rows * factor[:, None], signs)
-            rounded, _ = self.round_examples(scaled, stream)
-            total += rounded.sum(axis=0)
+        n, dtype = self.padded_dimension, self._work_dtype
+        chunk = max(1, min(grads.shape[0], _CHUNK_BYTES // (n * np.dtype(dtype).itemsize)))
+        if grads.shape[0] == 0:
+            return total
+        if not np.issubdtype(grads.dtype, np.floating):
+            grads = grads.astype(np.float64)
+        rotated, scratch = np.empty((chunk, n), dtype), np.empty((chunk, n), dtype)
+        work = (np.empty((chunk, n), dtype), np.empty((chunk, n), dtype), np.empty((chunk, n), np.uint16),
+                np.empty((chunk, n), np.bool_))
+        for start in range(0, grads.shape[0], chunk):
+            rows = grads[start : start + chunk]
+            r = rows.shape[0]
+            scaled = self._rotate_rows(rows, signs, factor=self._clip_factors(rows), out=rotated[:r],
+                                       scratch=scratch[:r])
+            rounded, _ = self._round_rows(scaled, stream, work)
+            # exact: integers, each at most l2_bound < 2**31 in absolute value, fewer than 2**22 rows
+            total += np.add.reduce(rounded, axis=0, dtype=np.float64).astype(np.int64)
         return total
 
     def wrap(self, integers: np.ndarray) -> np.ndarray:
