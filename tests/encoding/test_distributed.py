@@ -94,6 +94,54 @@ def test_tiny_negative_values_round_to_zero_not_minus_one() -> None:
     assert np.count_nonzero(rounded) == 0
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_norm_check_is_exact_on_the_integer_vector(dtype) -> None:
+    """``_exceeds`` decides ``sum r_j^2 > bound`` exactly (Python integers as the reference), for
+    rows whose squares are far beyond float32's exact range, right at the bound, and for a bound
+    above 2**53 (the int64 branch, within the 2**62 that ``__post_init__`` guarantees)."""
+    rng = np.random.default_rng(3)
+    for high, width in ((2**12, 4096), (2**23, 64), (2**28, 16)):  # the last: bound above 2**53
+        rows = rng.integers(-high, high, size=(40, width)).astype(dtype)
+        exact = [sum(int(v) ** 2 for v in row) for row in rows.astype(np.int64)]
+        for bound_sq in (int(np.median(exact)), exact[0], exact[0] - 1, exact[1] + 1):
+            got = DistributedEncoding._exceeds(rows, bound_sq)
+            assert got.tolist() == [e > bound_sq for e in exact]
+
+
+def test_encode_examples_rounds_exactly_as_round_examples() -> None:
+    """The production path (chunked, preallocated, float32) sums the same integer vectors that
+    ``round_examples`` returns for the same rows and the same stream, so the bound tests above
+    are tests of what is sent."""
+    enc = DistributedEncoding(dimension=300, clip_norm=1.0, scale=5000.0, bits=32)
+    rng = np.random.default_rng(8)
+    grads = (rng.normal(size=(12, 300)) * rng.uniform(0.01, 3.0, size=(12, 1))).astype(np.float32)
+    total = enc.encode_examples(grads, rotation_seed=SEED, stream=KeyStream.insecure_seeded(2))
+    signs = rotation_signs(enc.padded_dimension, SEED)
+    rows = enc._rotate_rows(grads, signs, factor=enc._clip_factors(grads))
+    assert rows.dtype == np.float32
+    rounded, _ = enc.round_examples(rows, KeyStream.insecure_seeded(2))
+    assert np.array_equal(total, rounded.sum(axis=0))
+    assert np.all(np.einsum("ij,ij->i", rounded, rounded) <= enc.l2_bound**2)
+    assert np.all(np.abs(rounded).sum(axis=1) <= enc.l1_bound)
+    # several chunks (the work arrays are reused): the sum is still within rounding of the truth
+    many = (rng.normal(size=(200, 300)) * 0.05).astype(np.float32)
+    total = enc.encode_examples(many, rotation_seed=SEED, stream=KeyStream.insecure_seeded(4))
+    decoded = enc.decode_sum(enc.wrap(total), rotation_seed=SEED)
+    assert np.linalg.norm(decoded - clipped(many.astype(np.float64), 1.0).sum(axis=0)) * enc.scale <= 200 * math.sqrt(512)
+
+
+def test_large_coordinates_round_to_a_neighbour_within_the_bound() -> None:
+    """Coordinates near 2**20 (float32 keeps only 3 fraction bits there): still an integer
+    neighbour, still within the bound, and unbiased to within float32's resolution."""
+    enc = DistributedEncoding(dimension=4, clip_norm=1.0, scale=2.0**21, bits=40, rotate=False)
+    row = np.array([[2.0**20 + 0.25, -(2.0**20) - 0.625, 1000.5, -0.125]], dtype=np.float32)
+    stream = KeyStream.insecure_seeded(11)
+    draws = np.array([enc.round_examples(row, stream)[0][0] for _ in range(3000)])
+    assert np.all(np.abs(draws - row[0].astype(np.float64)) < 1.0)
+    assert np.all(np.einsum("ij,ij->i", draws, draws) <= enc.l2_bound**2)
+    assert np.allclose(draws.mean(axis=0), row[0], atol=0.04)
+
+
 def test_rounding_is_unbiased() -> None:
     enc = DistributedEncoding(dimension=8, clip_norm=100.0, scale=1.0, bits=32, rotate=False)
     row = np.array([[0.25, -0.75, 3.5, -2.1, 0.0, 7.9, -0.01, 1.0]])

@@ -109,6 +109,24 @@ def test_a_stream_never_returns_the_same_bits_twice() -> None:
     assert 0.0 <= u.min() and u.max() < 1.0 and abs(u.mean() - 0.5) < 0.01
 
 
+def test_fill_writes_the_bytes_read_would_return_in_place() -> None:
+    """``fill`` (the encoding's rounding draws) is the same stream as ``read``: same bytes, same
+    position afterwards, across its 1 MiB chunks and with an odd-sized tail."""
+    size = (1 << 20) + 4099
+    expected = KeyStream.insecure_seeded(6).read(2 * size + 16)
+    stream = KeyStream.insecure_seeded(6)
+    out = np.empty(size, dtype=np.uint16)
+    assert stream.fill(out) is out
+    assert out.tobytes() == expected[: 2 * size]
+    assert stream.uint16(8).tobytes() == expected[2 * size :]
+    with pytest.raises(CryptoError):
+        stream.fill(np.empty((4, 4), dtype=np.uint16)[:, ::2])  # not contiguous
+    frozen = np.zeros(4, dtype=np.uint16)
+    frozen.setflags(write=False)
+    with pytest.raises(CryptoError):
+        stream.fill(frozen)
+
+
 def test_lookup_resolves_ties_in_the_high_word() -> None:
     """The rare path: a uniform whose high 64 bits equal a threshold's must compare low words."""
     table = skellam_table(0.05)  # tiny mu: thresholds cluster near the top in the far tail
