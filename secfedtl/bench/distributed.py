@@ -5,6 +5,9 @@ Three measurements (never part of the test suite; times depend on the machine):
 * **sampler**: Skellam noise for ``d`` coordinates from a fresh AES-CTR key stream (table build,
   cached once per ``mu``, timed apart), beside the key stream alone and ``os.urandom``;
 * **encoding**: one hospital's step (clip, rotate, conditional rounding, sum) for a batch;
+* **step**: one hospital's whole share of one step at the Fashion-MNIST example's shape (a linear
+  head 3,136 -> 10 on cached features, 31,370 weights, about 820 sampled records, 32-bit field):
+  per-example gradients, encoding, Skellam noise and wrap, rotation on and off;
 * **bits**: the bit-width rule (:func:`secfedtl.encoding.distributed.plan_encoding`): for each
   dimension and party count, the encoding overhead per bit width and the smallest width within
   1% of central DP's noise (:func:`~secfedtl.encoding.distributed.choose_bits`), plus the
@@ -68,6 +71,43 @@ def bench_encoding(dimension: int, batch: int, repeats: int, rotate: bool = True
             "examples_per_s": batch / seconds}
 
 
+def bench_step(*, batch: int = 820, features: int = 3136, classes: int = 10, scale: float = 90628.9,
+               mu: float = 9.0e8, repeats: int = 3) -> list[dict]:
+    """One hospital's share of one distributed step (:func:`secfedtl.privacy.distributed.noisy_share`
+    after :func:`~secfedtl.training.examples.per_example_gradients`), timed piece by piece. The
+    defaults are the Fashion-MNIST example's (``run.py --noise distributed --batch-size 8192``:
+    10 clients, scale and Skellam share of its plan); synthetic features of norm 3."""
+    import torch
+
+    from secfedtl.crypto.stream import KeyStream
+    from secfedtl.encoding.distributed import DistributedEncoding
+    from secfedtl.privacy.discrete_noise import skellam_noise, skellam_table
+    from secfedtl.training.examples import per_example_gradients
+    from secfedtl.transfer.distillation import cross_entropy_loss
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, features, generator=gen)
+    x *= 3.0 / x.norm(dim=1, keepdim=True)
+    y = torch.randint(0, classes, (batch,), generator=gen)
+    head = torch.nn.Linear(features, classes)
+    dimension = features * classes + classes
+    skellam_table(mu)  # built once per process (cached), not per step
+    rows = []
+    for rotate in (True, False):
+        enc = DistributedEncoding(dimension=dimension, clip_norm=1.0, scale=scale, bits=32, rotate=rotate)
+        grads = per_example_gradients(head, x, y, loss_fn=cross_entropy_loss, prefix="head.")
+        gradients_s = _best_of(lambda: per_example_gradients(head, x, y, loss_fn=cross_entropy_loss, prefix="head."),
+                               repeats)
+        encode_s = _best_of(lambda: enc.encode_examples(grads, rotation_seed=b"bench", stream=KeyStream.fresh()),
+                            repeats)
+        noise_s = _best_of(lambda: enc.wrap(skellam_noise(enc.padded_dimension, mu=mu, stream=KeyStream.fresh())),
+                           repeats)
+        rows.append({"batch": batch, "dimension": dimension, "padded": enc.padded_dimension, "rotate": rotate,
+                     "scale": scale, "mu": mu, "gradients_s": gradients_s, "encode_s": encode_s,
+                     "noise_and_wrap_s": noise_s, "step_s": gradients_s + encode_s + noise_s})
+    return rows
+
+
 def bench_bits(dimensions: list[int], parties: list[int], max_batch: int, colluders: int) -> dict:
     from secfedtl.encoding.distributed import choose_bits, plan_encoding
     from secfedtl.errors import ConfigError
@@ -122,6 +162,7 @@ def run_benchmark(*, dimension: int = 10**6, repeats: int = 3) -> dict:
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
         "sampler": bench_sampler(dimension, [50.0, 1.0e4, 1.0e6], repeats),
         "encoding": [bench_encoding(d, 64, repeats, rotate) for d in (10**4, 10**5) for rotate in (True, False)],
+        "step": bench_step(repeats=repeats),
         "bits": bench_bits([10**4, 10**5, 10**6], [3, 10, 100], max_batch=512, colluders=1),
         "accounting": bench_accounting(),
     }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from secfedtl.bench.distributed import bench_bits, bench_encoding, bench_sampler
+from secfedtl.bench.distributed import bench_bits, bench_encoding, bench_sampler, bench_step
 
 
 def test_bench_pieces_run_and_report_the_rule() -> None:
@@ -15,3 +15,11 @@ def test_bench_pieces_run_and_report_the_rule() -> None:
     curve = bits["curves"][0]["curve"]
     assert [p["bits"] for p in curve] == sorted(p["bits"] for p in curve)
     assert curve[-1]["overhead"] < curve[0]["overhead"]
+
+
+def test_bench_step_reports_each_piece_with_and_without_rotation() -> None:
+    rows = bench_step(batch=6, features=20, classes=3, scale=100.0, mu=50.0, repeats=1)
+    assert [r["rotate"] for r in rows] == [True, False]
+    assert [r["padded"] for r in rows] == [64, 63]
+    for row in rows:
+        assert row["step_s"] == row["gradients_s"] + row["encode_s"] + row["noise_and_wrap_s"]
