@@ -35,6 +35,12 @@ wrap-around is post-processing of the noisy integer sum, so it can cost accuracy
 
 numpy only; randomness only from a :class:`KeyStream` (rounding) and SHAKE-256 of a public seed
 (rotation signs).
+
+Cost: steps 1-4 run in float32 (float64 once a coordinate could reach ``2**24``), on chunks of a
+few MiB with preallocated work arrays, and the rounding draws 16 bits per coordinate
+(:meth:`DistributedEncoding._round_rows`). Float error and the ``2**-16`` rounding bias cost
+accuracy only: what privacy needs, the bound on the integer vector that is summed, is checked
+exactly on that vector (:meth:`DistributedEncoding._exceeds`).
 """
 
 from __future__ import annotations
