@@ -23,6 +23,7 @@ import copy
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -347,7 +348,12 @@ class PrivateClient:
             else:
                 module, prefix = work, ""
             chosen = torch.from_numpy(self.randomness.poisson_indices(len(self._data), sample_rate))  # type: ignore[arg-type]
-            x, y = _batch(self._data, chosen)
-            gradients = per_example_gradients(module, x, y, loss_fn=self._loss_fn, prefix=prefix)
+            if chosen.numel() == 0:
+                # An empty Poisson batch is a zero sum and the step still releases its noise share:
+                # failing here would tell the server the batch was empty, which no entry accounts for.
+                gradients = np.zeros((0, encoding.dimension), dtype=np.float64)
+            else:
+                x, y = _batch(self._data, chosen)
+                gradients = per_example_gradients(module, x, y, loss_fn=self._loss_fn, prefix=prefix)
             return noisy_share(encoding, gradients, event=event, rotation_seed=rotation_seed,
                                stream=self.randomness.key_stream())
