@@ -340,6 +340,9 @@ class PrivateClient:
 
         self._check_before_charge(round=round, model_hash=model_hash, global_state=global_state, release=release,
                                   unit="step")
+        if getattr(event, "sample_rate", None) != sample_rate:
+            # what is charged must be what runs: sampling at another rate than the event's is unaccounted
+            raise ConfigError(f"sampling at {sample_rate!r} but the event charges {getattr(event, 'sample_rate', None)!r}")
         with self._guard.charge(event, round=round, model_hash=model_hash, release=release,
                                 randomness=self.randomness.label, params=dict(params)):
             work = model_with_params(self._model, {n: global_state[n] for n in self._trainable})

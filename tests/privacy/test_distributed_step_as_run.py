@@ -2,18 +2,20 @@
 the accounting assumes about it: every charged step releases a share, whatever the secret Poisson
 batch turned out to be. A step that failed only when the batch was empty would tell the server
 that the batch was empty, an event whose probability depends on the records (``(1 - q)^n``) and
-which no ledger entry accounts for."""
+which no ledger entry accounts for. And a step samples at the rate its event charges."""
 
 from __future__ import annotations
 
 import contextlib
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from secfedtl.encoding.distributed import DistributedEncoding
+from secfedtl.errors import ConfigError
 from secfedtl.privacy.events import PoissonSkellamEvent
 from secfedtl.privacy.randomness import Randomness
 from secfedtl.training.client import PrivateClient
@@ -83,3 +85,21 @@ def test_a_non_empty_batch_gives_the_same_share_for_any_dataset() -> None:
     tensor_field, _ = _share(records, 1.0)
     plain_field, _ = _share(_MapStyle(records), 1.0)
     np.testing.assert_array_equal(plain_field, tensor_field)
+
+
+def test_a_step_sampling_at_another_rate_than_it_charges_is_refused_before_charging() -> None:
+    records = _records()
+    torch.manual_seed(0)
+    guard = _Guard()
+    config = DPTrainingConfig(lr=0.1, expected_batch_size=2, max_grad_norm=1.0, steps=1, noise_multiplier=1.0,
+                              public_dataset_size=len(records))
+    client = PrivateClient(client_id="h1", model=nn.Linear(4, 3), train_data=records, config=config, guard=guard,
+                           randomness=Randomness.insecure_seeded(11))
+    encoding = DistributedEncoding(dimension=15, clip_norm=1.0, scale=32.0, bits=32)
+    event = PoissonSkellamEvent(sample_rate=0.1, steps=1, share_variance=50.0, honest_parties=1,
+                                l2_bound=encoding.l2_bound, l1_bound=encoding.l1_bound,
+                                dimension=encoding.padded_dimension, scale=32.0, bits=32)
+    with pytest.raises(ConfigError, match="charges"):
+        client.distributed_share(global_state=client.trainable_state(), round=0, model_hash="h", encoding=encoding,
+                                 event=event, sample_rate=0.5, rotation_seed=b"rotation", params={})
+    assert guard.completed == []
