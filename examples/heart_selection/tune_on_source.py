@@ -105,6 +105,26 @@ SEARCH: list[tuple[str, list[dict[str, dict[str, Any]]]]] = [
 ]
 
 
+#: ``--noise distributed``: where the search starts (the bundled job file's values, with the keys a
+#: distributed-noise job refuses switched off: no personalisation, no L2-SP), and what it searches.
+#: The source model's settings are the bundled ones (the same source model in both modes); only
+#: the DP-SGD and server settings, which the noise mode changes the meaning of, are searched.
+START_DISTRIBUTED: dict[str, dict[str, Any]] = {
+    "model": {"kind": "mlp", "source_weight_decay": 0.01, "hidden": 32},
+    "training": {"lr": 0.05, "epochs": 1, "l2sp": 0.0, "expected_batch_size": 24},
+    "server": {"optimizer": "fedavg", "lr": 1.0},
+    "privacy": {"noise": "distributed", "personalise": False},
+    "job": {"rounds": 3},
+}
+SEARCH_DISTRIBUTED: list[tuple[str, list[dict[str, dict[str, Any]]]]] = [
+    ("training lr", [{"training": {"lr": v}} for v in (0.05, 0.2, 0.5, 1.0, 2.0, 4.0)]),
+    ("expected_batch_size", [{"training": {"expected_batch_size": v}} for v in (24, 48, 96)]),
+    ("epochs", [{"training": {"epochs": v}} for v in (1, 2, 4)]),
+    ("server", [{"server": {"optimizer": "fedavg", "lr": 1.0}}, {"server": {"optimizer": "fedavgm", "lr": 1.0}}]),
+    ("rounds", [{"job": {"rounds": v}} for v in (1, 3, 5)]),
+]
+
+
 def cleveland_train() -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     """Cleveland's training rows, standardised with Cleveland's own training statistics (as the
     job does); every other centre and every test split is dropped here, unread."""
@@ -196,10 +216,13 @@ def run_once(settings: dict[str, dict[str, Any]], repeat: int, data: tuple, sour
             rounds = config["job"]["rounds"]
             job.federation.run(rounds)
             final = ex.accuracy(job.federation.global_params)
-            answers = job.federation.query("personalise", round=rounds)
-            reports = ex.local_reports("personalise", rounds)
-            personal = {n: reports[n] if answers.get(n, {}).get("status") == "done"
-                        and reports[n].get("status") == "done" else final[n] for n in final}
+            if config["privacy"]["personalise"]:
+                answers = job.federation.query("personalise", round=rounds)
+                reports = ex.local_reports("personalise", rounds)
+                personal = {n: reports[n] if answers.get(n, {}).get("status") == "done"
+                            and reports[n].get("status") == "done" else final[n] for n in final}
+            else:  # nothing to personalise: the global model is every hospital's model
+                personal = final
             eps = max(ex.epsilon().values())
         finally:
             job.close()
@@ -208,6 +231,7 @@ def run_once(settings: dict[str, dict[str, Any]], repeat: int, data: tuple, sour
 
 
 _DATA: tuple | None = None  # Cleveland's training rows, set by main() before the workers fork
+_DISTRIBUTED = False  # --noise distributed, set by main()
 
 
 def _worker(task: tuple[dict[str, dict[str, Any]], int, float]) -> dict[str, float]:
@@ -228,7 +252,7 @@ class _Serial:
 
 
 def merged(*overrides: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = copy.deepcopy(START)
+    out: dict[str, dict[str, Any]] = copy.deepcopy(START_DISTRIBUTED if _DISTRIBUTED else START)
     for o in overrides:
         for section, values in o.items():
             out.setdefault(section, {}).update(values)
@@ -247,14 +271,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/tune_on_source"))
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--noise", choices=("local", "distributed"), default="local",
+                        help="tune the local-noise defaults (heart.toml) or a distributed-noise job "
+                             "(START_DISTRIBUTED / SEARCH_DISTRIBUTED: the score is the global model's, no personalisation)")
     args = parser.parse_args()
     from tqdm import tqdm
 
-    global _DATA
+    global _DATA, _DISTRIBUTED
+    _DISTRIBUTED = args.noise == "distributed"
+    search = SEARCH_DISTRIBUTED if _DISTRIBUTED else SEARCH
     _DATA = cleveland_train()
     torch.set_num_threads(1)  # tiny models: one thread per job, --jobs jobs side by side
     pool: Any = multiprocessing.get_context("fork").Pool(args.jobs) if args.jobs > 1 else _Serial()
-    total = args.passes * sum(len(values) for _, values in SEARCH) * args.repeats
+    total = args.passes * sum(len(values) for _, values in search) * args.repeats
     bar = tqdm(total=total, disable=args.no_progress, desc="pseudo-federated jobs (cached ones skipped)",
                file=sys.stderr)
     cache: dict[str, dict[str, Any]] = {}
@@ -262,7 +291,7 @@ def main() -> None:
     table: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     for npass in range(1, args.passes + 1):
-        for setting, values in SEARCH:
+        for setting, values in search:
             rows = []
             for value in values:
                 settings = merged(chosen, value)
@@ -296,7 +325,7 @@ def main() -> None:
     bar.close()
     pool.close()
     result = {"repeats": args.repeats, "passes": args.passes, "source_fraction": args.source_fraction,
-              "start": START, "chosen": merged(chosen), "table": table, "jobs_run": len(cache) * args.repeats,
+              "noise": args.noise, "start": merged(), "chosen": merged(chosen), "table": table, "jobs_run": len(cache) * args.repeats,
               "seconds": round(time.perf_counter() - t0, 1), "cpus": os.cpu_count(), "worker_processes": args.jobs}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "tune_on_source.json").write_text(json.dumps(result, indent=2), encoding="utf-8")

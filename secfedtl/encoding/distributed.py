@@ -223,8 +223,10 @@ class DistributedEncoding:
         scaled and rotated): ``(int64 rows, number of rows rounded toward zero)``."""
         bound_sq = math.floor(Fraction(self.l2_bound) ** 2)
         base = np.floor(scaled)
-        # round up with probability frac, to within 2**-32: compare 32 random bits with frac * 2**32
-        threshold = ((scaled - base) * 2.0**32).astype(np.uint32)
+        # round up with probability frac, to within 2**-32: compare 32 random bits with frac * 2**32.
+        # A tiny negative y has floor -1 and frac 1.0 in float64 (y = -1e-20): frac * 2**32 is then
+        # 2**32, which does not fit in 32 bits; capped, it rounds up with probability 1 - 2**-32.
+        threshold = np.minimum((scaled - base) * 2.0**32, 2.0**32 - 1.0).astype(np.uint32)
         base = base.astype(np.int64)
         rows, width = scaled.shape
         out = base + (stream.uint32(rows * width).reshape(rows, width) < threshold)

@@ -83,6 +83,17 @@ def test_failed_draws_fall_back_to_rounding_toward_zero() -> None:
     assert np.sum(np.all(rounded == 0, axis=1)) == fallbacks  # rounded toward zero
 
 
+def test_tiny_negative_values_round_to_zero_not_minus_one() -> None:
+    """floor(-1e-20) = -1 and its fraction is exactly 1.0 in float64: the threshold must be capped
+    below 2**32 (a cast of 2**32 to uint32 is 0, which rounded every such value to -1: a bias of
+    -1 on every near-zero negative coordinate of a rotated, well-fitted example)."""
+    enc = DistributedEncoding(dimension=64, clip_norm=100.0, scale=1.0, bits=32, rotate=False)
+    row = np.full((3, 64), -1e-20)
+    with np.errstate(invalid="raise"):
+        rounded, _ = enc.round_examples(row, KeyStream.insecure_seeded(4))
+    assert np.count_nonzero(rounded) == 0
+
+
 def test_rounding_is_unbiased() -> None:
     enc = DistributedEncoding(dimension=8, clip_norm=100.0, scale=1.0, bits=32, rotate=False)
     row = np.array([[0.25, -0.75, 3.5, -2.1, 0.0, 7.9, -0.01, 1.0]])
