@@ -139,7 +139,7 @@ def cleveland_train() -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
 
 
 def pseudo_centres(x: np.ndarray, y: np.ndarray, names: tuple[str, ...], *, repeat: int, source_fraction: float,
-                   validation_fraction: float) -> dict[str, Center]:
+                   validation_fraction: float, label_shift: bool = False) -> dict[str, Center]:
     """One repeat's pseudo-source and pseudo-hospitals (see the module docstring).
 
     The job splits a hospital's rows into fit and validation by a keyed hash of each row (the key
@@ -168,10 +168,33 @@ def pseudo_centres(x: np.ndarray, y: np.ndarray, names: tuple[str, ...], *, repe
     for (name, (_, count)), pool, val in zip(PSEUDO.items(), parts(fit_rows[n_source:]), parts(val_rows)):
         if len(pool) == 0 or len(val) == 0:
             raise ValueError(f"{name}: empty pool; use a smaller --source-fraction")
-        rows = np.concatenate([rng.choice(pool, size=count, replace=True), val])
+        if label_shift:
+            # A public prior over how far a hospital's case mix may be from the source's: its
+            # positive rate is drawn from LABEL_SHIFT_PRIOR, fit and validation rows alike
+            # (resampled with replacement; duplicates hash alike, so they stay on their side).
+            rate = rng.uniform(*LABEL_SHIFT_PRIOR)
+            fit, val = _with_rate(pool, y, count, rate, rng), _with_rate(val, y, len(val), rate, rng)
+        else:
+            fit = rng.choice(pool, size=count, replace=True)
+        rows = np.concatenate([fit, val])
         centres[name] = Center(name=name, x_train=x[rows], y_train=y[rows], x_test=x[val], y_test=y[val],
                                feature_names=names)
     return centres
+
+
+#: ``--label-shift``: each pseudo-hospital's positive rate is drawn uniformly from this range (a
+#: public, data-independent prior; Cleveland's own rate is about 0.46).
+LABEL_SHIFT_PRIOR = (0.2, 0.9)
+
+
+def _with_rate(rows: np.ndarray, y: np.ndarray, size: int, rate: float, rng: np.random.Generator) -> np.ndarray:
+    """``size`` of ``rows`` drawn with replacement so that a draw is positive with probability
+    ``rate`` (uniform within each label; one label missing: uniform over ``rows``)."""
+    positive = y[rows] == 1
+    if positive.all() or not positive.any():
+        return rng.choice(rows, size=size, replace=True)
+    weights = np.where(positive, rate / positive.sum(), (1.0 - rate) / (~positive).sum())
+    return rng.choice(rows, size=size, replace=True, p=weights / weights.sum())
 
 
 def _is_validation(x_row: np.ndarray, y_row: Any, fraction: float, key: bytes) -> bool:
@@ -199,7 +222,8 @@ def pooled(infos: dict[str, dict[str, Any]]) -> float:
     return correct / sum(i["samples"]["validation"] for i in infos.values())
 
 
-def run_once(settings: dict[str, dict[str, Any]], repeat: int, data: tuple, source_fraction: float) -> dict[str, float]:
+def run_once(settings: dict[str, dict[str, Any]], repeat: int, data: tuple, source_fraction: float,
+             label_shift: bool = False) -> dict[str, float]:
     """One pseudo-federated job: pooled pseudo-validation accuracy of the source, the global and
     the personalised models, and the largest epsilon spent."""
     x, y, names = data
@@ -207,7 +231,7 @@ def run_once(settings: dict[str, dict[str, Any]], repeat: int, data: tuple, sour
         warnings.simplefilter("ignore")  # insecure_reproducible's warning: public data, on purpose
         config = config_for(settings, repeat)
     centres = pseudo_centres(x, y, names, repeat=repeat, source_fraction=source_fraction,
-                             validation_fraction=config["job"]["validation_fraction"])
+                             validation_fraction=config["job"]["validation_fraction"], label_shift=label_shift)
     with tempfile.TemporaryDirectory() as tmp:
         job = build_job(config, Path(tmp) / "out", workers=0, state_dir=Path(tmp) / "state", centres=centres)
         try:
@@ -234,11 +258,11 @@ _DATA: tuple | None = None  # Cleveland's training rows, set by main() before th
 _DISTRIBUTED = False  # --noise distributed, set by main()
 
 
-def _worker(task: tuple[dict[str, dict[str, Any]], int, float]) -> dict[str, float]:
-    settings, repeat, source_fraction = task
+def _worker(task: tuple[dict[str, dict[str, Any]], int, float, bool]) -> dict[str, float]:
+    settings, repeat, source_fraction, label_shift = task
     torch.set_num_threads(1)
     assert _DATA is not None
-    return run_once(settings, repeat, _DATA, source_fraction)
+    return run_once(settings, repeat, _DATA, source_fraction, label_shift)
 
 
 class _Serial:
@@ -274,6 +298,9 @@ def main() -> None:
     parser.add_argument("--noise", choices=("local", "distributed"), default="local",
                         help="tune the local-noise defaults (heart.toml) or a distributed-noise job "
                              "(START_DISTRIBUTED / SEARCH_DISTRIBUTED: the score is the global model's, no personalisation)")
+    parser.add_argument("--label-shift", action="store_true",
+                        help="each pseudo-hospital's positive rate drawn from LABEL_SHIFT_PRIOR (a public prior), "
+                             "so the search sees hospitals whose case mix differs from the source's")
     args = parser.parse_args()
     from tqdm import tqdm
 
@@ -298,7 +325,8 @@ def main() -> None:
                 key = json.dumps(settings, sort_keys=True)
                 if key not in cache:
                     runs = []
-                    for run in pool.imap(_worker, [(settings, r, args.source_fraction) for r in range(args.repeats)]):
+                    for run in pool.imap(_worker, [(settings, r, args.source_fraction, args.label_shift)
+                                                         for r in range(args.repeats)]):
                         runs.append(run)
                         bar.update(1)
                     cache[key] = {m: float(np.mean([run[m] for run in runs])) for m in runs[0]}
@@ -325,7 +353,7 @@ def main() -> None:
     bar.close()
     pool.close()
     result = {"repeats": args.repeats, "passes": args.passes, "source_fraction": args.source_fraction,
-              "noise": args.noise, "start": merged(), "chosen": merged(chosen), "table": table, "jobs_run": len(cache) * args.repeats,
+              "noise": args.noise, "label_shift": args.label_shift, "start": merged(), "chosen": merged(chosen), "table": table, "jobs_run": len(cache) * args.repeats,
               "seconds": round(time.perf_counter() - t0, 1), "cpus": os.cpu_count(), "worker_processes": args.jobs}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "tune_on_source.json").write_text(json.dumps(result, indent=2), encoding="utf-8")

@@ -80,7 +80,7 @@ def _rdp_one_step(sample_rate: float, noise_multiplier: float) -> tuple[float, .
     return tuple(rdp_poisson_gaussian(sample_rate, noise_multiplier, a) for a in RDP_ORDERS)
 
 
-def _skellam_key(event: PoissonSkellamEvent) -> tuple[float, float, float]:
+def _skellam_key(event: PoissonSkellamEvent) -> tuple[float, float, float, float]:
     return (event.sample_rate, event.total_mu, event.l2_bound, event.l1_bound)
 
 

@@ -28,10 +28,12 @@ total variation distance from ``Sk(mu)`` is at most :func:`sampler_tv_bound` per
 ``(2K + 1) 2**-128`` for the rounding of the table, plus ``2**-139`` for the tails, plus ``2**-150``
 for the decimal arithmetic (a generous allowance: 60 digits is about ``2**-199`` relative per
 operation). For ``K <= 10**6`` this is below ``2**-106`` per coordinate. A mechanism within total
-variation ``eta`` of an ``(epsilon, delta)``-DP one is ``(epsilon, delta + eta)``-DP in each
-direction, so over ``T`` steps of ``d`` coordinates the sampler adds at most ``T d 2**-106`` to
-delta: below ``1e-17`` for ``T d <= 10**15``. The accountant reports the ideal mechanism's
-epsilon and docs/privacy.md states this allowance; it is far below any delta in use.
+variation ``eta`` of an ``(epsilon, delta)``-DP one is ``(epsilon, delta + (1 + e^epsilon) eta)``-DP
+(not ``delta + eta``), and only the ``h = honest_parties`` shares the guarantee counts need their
+exact law, so over ``T`` steps of ``d`` coordinates the sampler adds at most
+``(1 + e^epsilon) h T d 2**-106`` to delta: below ``1e-17 (1 + e^epsilon) h`` for ``T d <= 10**15``.
+The accountant reports the ideal mechanism's epsilon and docs/privacy.md states this allowance;
+it is far below any delta in use.
 
 :func:`skellam_noise` takes the stream explicitly: production code passes
 ``KeyStream.fresh()`` (label ``"csprng"``); tests may pass ``KeyStream.insecure_seeded(seed)``,

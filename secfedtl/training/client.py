@@ -23,6 +23,7 @@ import copy
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -339,6 +340,9 @@ class PrivateClient:
 
         self._check_before_charge(round=round, model_hash=model_hash, global_state=global_state, release=release,
                                   unit="step")
+        if getattr(event, "sample_rate", None) != sample_rate:
+            # what is charged must be what runs: sampling at another rate than the event's is unaccounted
+            raise ConfigError(f"sampling at {sample_rate!r} but the event charges {getattr(event, 'sample_rate', None)!r}")
         with self._guard.charge(event, round=round, model_hash=model_hash, release=release,
                                 randomness=self.randomness.label, params=dict(params)):
             work = model_with_params(self._model, {n: global_state[n] for n in self._trainable})
@@ -347,7 +351,12 @@ class PrivateClient:
             else:
                 module, prefix = work, ""
             chosen = torch.from_numpy(self.randomness.poisson_indices(len(self._data), sample_rate))  # type: ignore[arg-type]
-            x, y = _batch(self._data, chosen)
-            gradients = per_example_gradients(module, x, y, loss_fn=self._loss_fn, prefix=prefix)
+            if chosen.numel() == 0:
+                # An empty Poisson batch is a zero sum and the step still releases its noise share:
+                # failing here would tell the server the batch was empty, which no entry accounts for.
+                gradients = np.zeros((0, encoding.dimension), dtype=np.float64)
+            else:
+                x, y = _batch(self._data, chosen)
+                gradients = per_example_gradients(module, x, y, loss_fn=self._loss_fn, prefix=prefix)
             return noisy_share(encoding, gradients, event=event, rotation_seed=rotation_seed,
                                stream=self.randomness.key_stream())
