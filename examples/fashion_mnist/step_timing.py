@@ -1,7 +1,7 @@
 """Time one hospital's distributed DP step on the Fashion-MNIST example's shapes.
 
 Run with PYTHONPATH pointing at the tree to measure (so before/after run the same script):
-    OMP_NUM_THREADS=1 PYTHONPATH=/work/main python scratch/step_timing.py --clients 2
+    OMP_NUM_THREADS=1 PYTHONPATH=/work/main python examples/fashion_mnist/step_timing.py --clients 2
 Real Fashion-MNIST images through the real frozen conv blocks (digit-recognizer-py weights), the
 plan of `run.py --noise distributed --rounds 3 --batch-size 8192 --lr 10` (10 clients), a head
 after a few plain SGD steps (so the softmax errors are not all equal). Prints JSON.
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "examples" / "fashion_mnist"))
 os.environ.setdefault("FASHION_MNIST_WEIGHTS", "/tmp/deps-fashion/digit_recognizer/models/handwriting_model.pth")
 
