@@ -85,6 +85,9 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epsilon", type=float, default=None, help="per-hospital budget (default 1.0)")
     parser.add_argument("--delta", type=float, default=None, help="default 1e-5")
     parser.add_argument("--seed", type=int, default=None, help="the public job seed (default 0)")
+    parser.add_argument("--noise", choices=("local", "distributed"), default="local",
+                        help="local: secfedtl/configs/heart.toml (each hospital adds the full noise); distributed: "
+                             "secfedtl/configs/heart_distributed.toml (each adds a share; docs/privacy.md)")
 
 
 COMMANDS: dict[str, Command] = {

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -281,3 +282,19 @@ def test_flower_arguments_are_checked_before_anything_starts(tmp_path, capsys):
     assert "cannot read job file" in line
     assert list(tmp_path.iterdir()) == []
 
+
+
+def test_demo_noise_distributed_runs_the_bundled_distributed_job(tmp_path, monkeypatch):
+    """`secfedtl demo --noise distributed` builds secfedtl/configs/heart_distributed.toml (with the
+    demo's overrides) and hands it to the same runner; the default stays heart.toml."""
+    import secfedtl.jobs.demo as demo
+
+    seen = {}
+    monkeypatch.setattr(demo, "run_cli", lambda job, config, args: seen.setdefault("config", config) and 0)
+    for noise, expected in (("distributed", "distributed"), ("local", "local")):
+        seen.clear()
+        args = argparse.Namespace(noise=noise, rounds=2, epsilon=None, delta=None, seed=None, state_dir=None,
+                                  resume=None, out=tmp_path / noise)
+        demo.main(args)
+        assert seen["config"]["privacy"].get("noise", "local") == expected
+        assert seen["config"]["job"]["rounds"] == 2

@@ -3,11 +3,13 @@
 For each job seed S and each setting, one in-process run of the bundled heart job
 (secfedtl/configs/heart.toml) with ``personalise = false`` (a distributed-noise job has no local
 personalisation round, so both sides spend the whole budget on federated training), in a fresh
-privacy state. Local runs use the bundled settings (tuned on public data for local noise);
-distributed runs apply the settings that ``examples/heart_selection/tune_on_source.py --noise
-distributed`` chose on the same public data (``--tuned``, default ``tuned.json`` beside this
-script; ``--tuned none`` runs the bundled settings in both modes). Reports the pooled test
-accuracy of the source model and of the federated model
+privacy state. Both modes use settings chosen by the same search on public data
+(examples/heart_selection/tune_on_source.py with ``--label-shift``, over the same settings, the
+source model fixed): distributed runs the bundled secfedtl/configs/heart_distributed.toml
+(``--noise distributed``; tuned_distributed.json), local runs heart.toml with the chosen values of
+``--side-by-side`` (tuned_local.json). ``--local-settings bundled`` runs heart.toml as shipped
+(tuned without the label-shift prior, with personalisation). Reports the pooled test accuracy of
+the source model and of the federated model
 (``simulation_only``: computed by the experimenter of the simulation, outside the protocol), each
 hospital's epsilon recomputed from its ledger by ``secfedtl audit``, and for distributed runs the
 secure-aggregation seconds per DP step.
@@ -39,24 +41,26 @@ def settings(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-TUNED = Path(__file__).with_name("tuned.json")
+HERE = Path(__file__).parent
 
 
-def tuned_settings(path: str) -> dict[str, dict[str, Any]]:
-    """The ``chosen`` settings of a tune_on_source.py output (``none``: no overrides)."""
-    if path == "none":
+def overrides(path: str) -> dict[str, dict[str, Any]]:
+    """The ``chosen`` settings of a tune_on_source.py output (``bundled``: no overrides)."""
+    if path == "bundled":
         return {}
-    chosen = json.loads(Path(path).read_text(encoding="utf-8"))["chosen"]
-    if chosen.get("privacy", {}).get("noise") != "distributed":
-        raise SystemExit(f"compare.py: error: {path} was not tuned with --noise distributed")
-    return chosen
+    return json.loads(Path(path).read_text(encoding="utf-8"))["chosen"]
 
 
-def run_one(seed: int, extra: dict[str, Any], epsilon: float,
-            tuned: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-    data = HeartConfig.load(None).to_dict()
+def run_one(seed: int, extra: dict[str, Any], epsilon: float, *,
+            local: dict[str, dict[str, Any]] | None = None,
+            distributed: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     if extra.get("noise") == "distributed":
-        for section, values in (tuned or {}).items():
+        data = HeartConfig.load_bundled("heart_distributed.toml").to_dict()
+        for section, values in (distributed or {}).items():
+            data[section].update(values)
+    else:
+        data = HeartConfig.load(None).to_dict()
+        for section, values in (local or {}).items():
             data[section].update(values)
     data["job"]["seed"] = seed
     data["privacy"].update(epsilon=epsilon, personalise=False)
@@ -89,16 +93,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epsilon", type=float, default=1.0)
     parser.add_argument("--bits", type=int, nargs="+", default=[32])
     parser.add_argument("--colluders", type=int, nargs="+", default=[0])
-    parser.add_argument("--tuned", default=str(TUNED),
-                        help="tune_on_source.py --noise distributed output applied to distributed runs ('none': off)")
+    parser.add_argument("--local-settings", default=str(HERE / "tuned_local.json"),
+                        help="tune_on_source.py output whose chosen settings local runs use "
+                             "('bundled': heart.toml's own; default: tuned_local.json)")
+    parser.add_argument("--distributed-settings", default="bundled",
+                        help="tune_on_source.py output whose chosen settings distributed runs use over "
+                             "heart_distributed.toml (default 'bundled': the file as shipped)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    tuned = tuned_settings(args.tuned)
+    local, distributed = overrides(args.local_settings), overrides(args.distributed_settings)
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict[str, Any]]] = {}
     jobs = [(name, extra, s) for name, extra in settings(args) for s in args.seeds]
     for name, extra, seed in tqdm(jobs, desc="runs", file=sys.stderr):
-        results.setdefault(name, []).append(run_one(seed, dict(extra), args.epsilon, tuned))
+        results.setdefault(name, []).append(run_one(seed, dict(extra), args.epsilon, local=local, distributed=distributed))
         (args.out / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
     for name, runs in results.items():
         fed = [r["federated"] for r in runs]

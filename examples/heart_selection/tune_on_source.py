@@ -256,6 +256,7 @@ def run_once(settings: dict[str, dict[str, Any]], repeat: int, data: tuple, sour
 
 _DATA: tuple | None = None  # Cleveland's training rows, set by main() before the workers fork
 _DISTRIBUTED = False  # --noise distributed, set by main()
+_SIDE_BY_SIDE = False  # --noise local --side-by-side, set by main()
 
 
 def _worker(task: tuple[dict[str, dict[str, Any]], int, float, bool]) -> dict[str, float]:
@@ -276,7 +277,11 @@ class _Serial:
 
 
 def merged(*overrides: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = copy.deepcopy(START_DISTRIBUTED if _DISTRIBUTED else START)
+    if _SIDE_BY_SIDE:  # the distributed search space, with local noise
+        out = copy.deepcopy(START_DISTRIBUTED)
+        out["privacy"]["noise"] = "local"
+    else:
+        out = copy.deepcopy(START_DISTRIBUTED if _DISTRIBUTED else START)
     for o in overrides:
         for section, values in o.items():
             out.setdefault(section, {}).update(values)
@@ -301,12 +306,17 @@ def main() -> None:
     parser.add_argument("--label-shift", action="store_true",
                         help="each pseudo-hospital's positive rate drawn from LABEL_SHIFT_PRIOR (a public prior), "
                              "so the search sees hospitals whose case mix differs from the source's")
+    parser.add_argument("--side-by-side", action="store_true",
+                        help="with --noise local: search SEARCH_DISTRIBUTED from START_DISTRIBUTED (same source "
+                             "model, no personalisation) with local noise, for a like-for-like comparison")
     args = parser.parse_args()
+    if args.side_by_side and args.noise != "local":
+        parser.error("--side-by-side goes with --noise local")
     from tqdm import tqdm
 
-    global _DATA, _DISTRIBUTED
-    _DISTRIBUTED = args.noise == "distributed"
-    search = SEARCH_DISTRIBUTED if _DISTRIBUTED else SEARCH
+    global _DATA, _DISTRIBUTED, _SIDE_BY_SIDE
+    _DISTRIBUTED, _SIDE_BY_SIDE = args.noise == "distributed", args.side_by_side
+    search = SEARCH_DISTRIBUTED if _DISTRIBUTED or _SIDE_BY_SIDE else SEARCH
     _DATA = cleveland_train()
     torch.set_num_threads(1)  # tiny models: one thread per job, --jobs jobs side by side
     pool: Any = multiprocessing.get_context("fork").Pool(args.jobs) if args.jobs > 1 else _Serial()
@@ -353,7 +363,7 @@ def main() -> None:
     bar.close()
     pool.close()
     result = {"repeats": args.repeats, "passes": args.passes, "source_fraction": args.source_fraction,
-              "noise": args.noise, "label_shift": args.label_shift, "start": merged(), "chosen": merged(chosen), "table": table, "jobs_run": len(cache) * args.repeats,
+              "noise": args.noise, "label_shift": args.label_shift, "side_by_side": args.side_by_side, "start": merged(), "chosen": merged(chosen), "table": table, "jobs_run": len(cache) * args.repeats,
               "seconds": round(time.perf_counter() - t0, 1), "cpus": os.cpu_count(), "worker_processes": args.jobs}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "tune_on_source.json").write_text(json.dumps(result, indent=2), encoding="utf-8")

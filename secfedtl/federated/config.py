@@ -268,14 +268,28 @@ class JobConfig:
         if path is None:
             if cls.DEFAULT_FILE is None:
                 raise ConfigError("no job file given, and this job has no bundled default")
-            package, name = cls.DEFAULT_FILE
-            text = resources.files(package).joinpath(name).read_text(encoding="utf-8")
+            return cls.load_bundled(cls.DEFAULT_FILE[1])
         else:
             try:
                 text = Path(path).read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as exc:
                 raise ConfigError(f"cannot read job file {os.fspath(path)!r}: "
                                   f"{exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}") from exc
+        try:
+            return cls.from_mapping(tomllib.loads(text))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"invalid TOML: {exc}") from exc
+
+    @classmethod
+    def load_bundled(cls, name: str) -> JobConfig:
+        """Read and check the job file ``name`` shipped beside this job's bundled default (e.g. the
+        heart job's ``heart_distributed.toml``)."""
+        if cls.DEFAULT_FILE is None:
+            raise ConfigError("this job has no bundled job files")
+        try:
+            text = resources.files(cls.DEFAULT_FILE[0]).joinpath(name).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"no bundled job file {name!r}: {exc}") from exc
         try:
             return cls.from_mapping(tomllib.loads(text))
         except tomllib.TOMLDecodeError as exc:

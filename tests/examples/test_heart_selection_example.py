@@ -14,7 +14,8 @@ import pytest
 from secfedtl.data import load_fed_heart_disease, record_split, split_key
 from secfedtl.jobs.heart import HeartConfig
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "heart_selection"
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "heart_selection"
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +91,23 @@ def test_one_pseudo_federated_job_runs_the_dp_pipeline(tune, cleveland) -> None:
     for key in ("source", "global", "personalised"):
         assert 0.0 <= result[key] <= 1.0
     assert result["score"] == pytest.approx((result["global"] + result["personalised"]) / 2)
+
+
+def test_bundled_distributed_job_is_its_public_tuning_result() -> None:
+    """secfedtl/configs/heart_distributed.toml holds what tune_on_source.py --noise distributed
+    --label-shift chose (examples/heart_distributed/tuned_distributed.json), with heart.toml's
+    source model; tuned_local.json (--side-by-side) searched the same settings from the same start."""
+    tuned = json.loads((ROOT / "examples" / "heart_distributed" / "tuned_distributed.json").read_text(encoding="utf-8"))
+    assert tuned["noise"] == "distributed" and tuned["label_shift"] is True
+    bundled = HeartConfig.load_bundled("heart_distributed.toml")
+    for section, values in tuned["chosen"].items():
+        for key, value in values.items():
+            assert bundled[section][key] == value, (section, key)
+    default = HeartConfig.load(None)
+    assert bundled["model"] == default["model"] and bundled["declared"] == default["declared"]
+    assert bundled["privacy"]["epsilon"] == 1.0 and bundled["privacy"]["delta"] == 1e-5
+    local = json.loads((ROOT / "examples" / "heart_distributed" / "tuned_local.json").read_text(encoding="utf-8"))
+    assert local["noise"] == "local" and local["side_by_side"] and local["label_shift"]
+    assert {k: v for k, v in local["start"].items() if k != "privacy"} == {
+        k: v for k, v in tuned["start"].items() if k != "privacy"}
+    assert local["chosen"]["model"] == tuned["chosen"]["model"]
