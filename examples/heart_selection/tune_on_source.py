@@ -121,7 +121,7 @@ SEARCH_DISTRIBUTED: list[tuple[str, list[dict[str, dict[str, Any]]]]] = [
     ("expected_batch_size", [{"training": {"expected_batch_size": v}} for v in (24, 48, 96)]),
     ("epochs", [{"training": {"epochs": v}} for v in (1, 2, 4)]),
     ("server", [{"server": {"optimizer": "fedavg", "lr": 1.0}}, {"server": {"optimizer": "fedavgm", "lr": 1.0}}]),
-    ("rounds", [{"job": {"rounds": v}} for v in (1, 3, 5)]),
+    ("rounds", [{"job": {"rounds": v}} for v in (1, 3, 5, 8, 12)]),
 ]
 
 
