@@ -23,9 +23,12 @@ In this mode a training round is ``steps_per_round`` *steps*; each step is one s
 Everything in :class:`DistributedSettings` and the plan is a function of the job file alone, so
 the server and every hospital compute the same encoding and the same per-party noise share. The
 share is sized so that the noise of ``min_survivors - colluders`` honest hospitals alone reaches
-the job's epsilon over every planned step (:func:`secfedtl.privacy.distributed.plan_distributed`);
-each hospital charges its steps with that honest count, and its budget guard refuses a step that
-would take it over its budget (e.g. a hospital that spent some of it in other jobs).
+the job's epsilon over every planned step (:func:`secfedtl.privacy.distributed.plan_distributed`),
+after the job's own releases before training (a preparation such as DP centring: the same public
+mechanism at every hospital, charged and released before the first step; ``prior_events`` of
+:func:`plan_for`); each hospital charges its steps with that honest count, and its budget guard
+refuses a step that would take it over its budget (e.g. a hospital that spent some of it in other
+jobs: it never adds less noise than the plan, it takes fewer steps).
 """
 
 from __future__ import annotations
@@ -33,19 +36,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from secfedtl.encoding.distributed import DistributedEncoding, EncodingPlan, step_rotation_seed
-from secfedtl.errors import ConfigError, RemoteProtocolError, TooFewSurvivorsError
+from secfedtl.errors import AccountingError, ConfigError, RemoteProtocolError, TooFewSurvivorsError
 from secfedtl.federated import wire
 from secfedtl.federated.config import JobConfig
 from secfedtl.privacy.discrete_noise import MAX_SKELLAM_MU
 from secfedtl.privacy.distributed import CollusionPolicy, calibrate_distributed, plan_distributed
-from secfedtl.privacy.events import PoissonSkellamEvent
+from secfedtl.privacy.events import DpEvent, PoissonSkellamEvent
 from secfedtl.training import PrivateClient, unflatten_params
 
 __all__ = ["RELEASE", "STEP_TASK", "DistributedPlan", "DistributedSettings", "DistributedStepTask",
@@ -93,6 +96,9 @@ class DistributedPlan:
     encoding_plan: EncodingPlan
     event: PoissonSkellamEvent  # one step (steps=1)
     job_id: str
+    #: What every hospital spends in this job before its steps (public, from the job file), which
+    #: the share was calibrated after: the steps' event composed with these is within epsilon.
+    prior_events: tuple[DpEvent, ...] = ()
 
     @property
     def encoding(self) -> DistributedEncoding:
@@ -138,15 +144,16 @@ def settings_for(config: JobConfig) -> DistributedSettings:
 
 
 @functools.lru_cache(maxsize=16)
-def _plan(settings: DistributedSettings, dimension: int) -> tuple[EncodingPlan, PoissonSkellamEvent]:
-    """:func:`plan_distributed` at the job's bit width, with the scale lowered (if needed) until
+def _plan(settings: DistributedSettings, dimension: int,
+          prior_events: tuple[DpEvent, ...]) -> tuple[EncodingPlan, PoissonSkellamEvent]:
+    """:func:`plan_distributed` at the job's bit width, after the job's ``prior_events``, with the scale lowered (if needed) until
     one party's share is within what the exact sampler draws (``MAX_SKELLAM_MU``). A lower scale
     only leaves more of the field unused (the wrap probability can only fall) and costs rounding
     precision, which at that scale is far below the noise (a rounding error under ``1 / scale``
     per coordinate and example against a noise standard deviation of about ``noise_multiplier *
     clip_norm``)."""
     calibrate = dict(policy=settings.policy, target_epsilon=settings.epsilon, target_delta=settings.delta,
-                     sample_rate=settings.sample_rate, steps=settings.total_steps)
+                     sample_rate=settings.sample_rate, steps=settings.total_steps, prior_events=prior_events)
     plan, event = plan_distributed(dimension=dimension, clip_norm=settings.clip_norm, bits=settings.bits,
                                    num_parties=settings.num_parties, max_batch=settings.max_batch,
                                    wrap_probability=WRAP_PROBABILITY, **calibrate)  # type: ignore[arg-type]
@@ -161,13 +168,32 @@ def _plan(settings: DistributedSettings, dimension: int) -> tuple[EncodingPlan, 
     raise ConfigError("no scale keeps one party's Skellam share within the exact sampler's range")
 
 
-def plan_for(config: JobConfig, dimension: int, *, job_id: str) -> DistributedPlan:
+def plan_for(config: JobConfig, dimension: int, *, job_id: str,
+             prior_events: Sequence[DpEvent] = ()) -> DistributedPlan:
     """The encoding and the one-step event of a distributed job whose global model has
-    ``dimension`` trainable weights (the same on the server and at every hospital)."""
+    ``dimension`` trainable weights (the same on the server and at every hospital).
+
+    ``prior_events``: what every hospital of this job spends before its steps, *from the job file
+    alone* (a preparation's public mechanism: :meth:`~secfedtl.federated.job.FederatedJob.prior_events`);
+    the share is calibrated so that they and every planned step compose to at most the job's
+    epsilon. Never a hospital's own earlier spending: every party must compute the same plan, and
+    a hospital that spent more elsewhere must not add less noise (its budget guard refuses the
+    steps it cannot afford instead).
+
+    Raises:
+        ConfigError: a prior event that is not a public DP event, or no share meets the budget.
+    """
     settings = settings_for(config)
-    plan, event = _plan(settings, int(dimension))
+    prior = tuple(prior_events)
+    if not all(isinstance(e, DpEvent) for e in prior):
+        raise ConfigError("prior_events must be DP events (the job's public mechanisms before training)")
+    try:
+        plan, event = _plan(settings, int(dimension), prior)
+    except AccountingError as exc:
+        raise ConfigError(f"no distributed noise share fits the budget after the {len(prior)} releases planned "
+                          f"before training: {exc}") from exc
     return DistributedPlan(settings=settings, encoding_plan=plan, event=dataclasses.replace(event, steps=1),
-                           job_id=job_id)
+                           job_id=job_id, prior_events=prior)
 
 
 def integer_spec(options: Mapping[str, Any]) -> dict[str, int]:

@@ -47,7 +47,7 @@ from secfedtl.aggregation import make_server_optimizer
 from secfedtl.crypto.primitives import SigningKey
 from secfedtl.errors import AccountingError, AggregationError, ConfigError, RemoteProtocolError
 from secfedtl.federated.config import JobConfig
-from secfedtl.federated.distributed import STEP_TASK, DistributedStepTask, plan_for, settings_for
+from secfedtl.federated.distributed import STEP_TASK, DistributedPlan, DistributedStepTask, plan_for, settings_for
 from secfedtl.federated.federation import Federation
 from secfedtl.federated import wire
 from secfedtl.federated.node import ClientNode, LocalReports, Metric, Task, TaskOutput, standard_tasks
@@ -67,7 +67,7 @@ from secfedtl.transfer.regularizers import L2SP
 from secfedtl.transfer.selection import SelectionMechanism, select_candidate
 
 __all__ = ["FederatedJob", "Hospital", "HospitalData", "SourceModel", "build_client_node", "build_selection_node",
-           "DEFAULT_JOB", "Preparation", "build_server", "declaration", "default_state_root", "job_id", "load_job", "node_policy",
+           "DEFAULT_JOB", "Preparation", "build_server", "declaration", "default_state_root", "distributed_plan", "job_id", "load_job", "node_policy",
            "open_hospital_state", "planned_prior_events", "prepare_source", "select_source", "selection_mechanism", "selection_options", "state_root"]
 
 
@@ -338,9 +338,6 @@ def build_client_node(job: FederatedJob, config: JobConfig, name: str, source: S
     jid = job_id(config) if job_ref is None else job_ref
     guard = state.guard(job_id=jid, declaration=declaration(config, name))
     if config.noise() == "distributed":
-        if job.prepare is not None:
-            raise ConfigError(f"job {job.name!r} releases a preparation before training; distributed noise "
-                              "does not support one yet")
         return _distributed_node(job, config, name, source, data, state, guard, jid, identity=identity,
                                  roster=roster, policy=policy)
     planned = config["job"]["rounds"] + (1 if priv["personalise"] else 0)
@@ -423,7 +420,10 @@ def _distributed_node(job: FederatedJob, config: JobConfig, name: str, source: S
                       policy: NodePolicy | None) -> Hospital:
     """A hospital's node of a distributed-noise job: the ``"step"`` task (one DP-SGD step's
     noisy integer share per request, charged as ``poisson_skellam``) and ``"evaluate"``. The plan
-    (encoding, noise share, sample rate, policy) comes from this hospital's own job file."""
+    (encoding, noise share, sample rate, policy) comes from this hospital's own job file
+    (:func:`distributed_plan`). With a preparation, its statistic task and ``prepare`` come first,
+    as in a local-noise job, and ``"step"`` and ``"evaluate"`` are refused until the prepared
+    source model is built (the plan does not depend on it: only on the trainable dimension)."""
     priv, tcfg = config["privacy"], config["training"]
     # The client's DP-SGD settings are unused here (no local training); its noise_multiplier is a
     # placeholder that no task of this node charges.
@@ -434,16 +434,41 @@ def _distributed_node(job: FederatedJob, config: JobConfig, name: str, source: S
     seed = _node_seed(config, name)
     randomness = (Randomness.insecure_seeded(seed) if priv["insecure_reproducible"]
                   else Randomness.secure(secure_mode=priv["secure_mode"]))
-    client = PrivateClient(client_id=name, model=source.model, train_data=data.train, config=dp, guard=guard,
-                           head=source.head, cache_features=source.cache_features, randomness=randomness)
-    plan = plan_for(config, sum(t.numel() for t in source.head_state.values()), job_id=job_id(config))
+    plan = distributed_plan(job, config, source)
     evaluation = dict(data.evaluation)
     reports = LocalReports(state.directory / "reports" / jid)
-    tasks = standard_tasks(client, evaluation, frozen_hash=source.frozen_hash, reports=reports, metric=job.metric)
-    node_tasks = {STEP_TASK: DistributedStepTask(client, plan, frozen_hash=source.frozen_hash),
-                  "evaluate": tasks["evaluate"]}
-    node = ClientNode(name=name, tasks=node_tasks, seed=seed, identity=identity, roster=roster, policy=policy)
-    return Hospital(name=name, node=node, client=client, guard=guard, evaluation=evaluation, reports=reports)
+    hospital = Hospital(name=name, node=None, client=None, guard=guard, evaluation=evaluation,  # type: ignore[arg-type]
+                        reports=reports)
+
+    def client_tasks(model_source: SourceModel) -> dict[str, Task]:
+        hospital.client = PrivateClient(client_id=name, model=model_source.model, train_data=data.train, config=dp,
+                                        guard=guard, head=model_source.head, cache_features=model_source.cache_features,
+                                        feature_buffer=data.feature_buffer if model_source.cache_features else None,
+                                        randomness=randomness)
+        tasks = standard_tasks(hospital.client, evaluation, frozen_hash=model_source.frozen_hash, reports=reports,
+                               metric=job.metric)
+        return {STEP_TASK: DistributedStepTask(hospital.client, plan, frozen_hash=model_source.frozen_hash),
+                "evaluate": tasks["evaluate"]}
+
+    if job.prepare is None:
+        node_tasks = client_tasks(source)
+    else:  # the preparation's release is charged (and its result applied) before any step
+        statistic = job.prepare.statistic(config)
+        later = _Prepared(job.prepare, statistic, source, client_tasks)
+        node_tasks = {statistic.task: StatisticTask(statistic, data=job.prepare.data(data), guard=guard),
+                      "prepare": later.prepare, **{t: later.deferred(t) for t in (STEP_TASK, "evaluate")}}
+    hospital.node = ClientNode(name=name, tasks=node_tasks, seed=seed, identity=identity, roster=roster, policy=policy)
+    return hospital
+
+
+def distributed_plan(job: FederatedJob | None, config: JobConfig, source: SourceModel) -> DistributedPlan:
+    """The plan of a distributed-noise job (:func:`~secfedtl.federated.distributed.plan_for`), the
+    same on the server and at every hospital: from the job file, the source model's trainable
+    dimension, and the job's public releases before training (:meth:`FederatedJob.prior_events`:
+    its preparation's event), never from what a hospital spent elsewhere."""
+    prior = job.prior_events(config) if job is not None else planned_prior_events(config)
+    return plan_for(config, sum(t.numel() for t in source.head_state.values()), job_id=job_id(config),
+                    prior_events=prior)
 
 
 def _calibrated_after(dp: DPTrainingConfig, prior: list[PoissonGaussianEvent]) -> DPTrainingConfig:
@@ -465,15 +490,18 @@ def _calibrated_after(dp: DPTrainingConfig, prior: list[PoissonGaussianEvent]) -
 # -- the server ------------------------------------------------------------------------------------
 
 
-def build_server(config: JobConfig, source: SourceModel, pool: ClientPool, roster: Roster) -> Federation:
+def build_server(config: JobConfig, source: SourceModel, pool: ClientPool, roster: Roster, *,
+                 job: FederatedJob | None = None) -> Federation:
     """The server side: global model (the source head), optimizer and secure-aggregation settings;
-    ``roster`` holds the clients' signing public keys."""
+    ``roster`` holds the clients' signing public keys. ``job``: the job whose preparation (if any)
+    a distributed-noise plan is calibrated after (the hospitals' nodes do the same; a server that
+    left it out would announce a smaller share than theirs, and every step would be refused)."""
     head = source.head_state
     server = config["server"]
     momentum = {"momentum": server["momentum"]} if "momentum" in server else {}
     distributed, colluders = None, None
     if config.noise() == "distributed":  # sessions must tolerate the colluders the hospitals' noise assumes
-        distributed = plan_for(config, sum(t.numel() for t in head.values()), job_id=job_id(config))
+        distributed = distributed_plan(job, config, source)
         colluders = distributed.settings.policy.colluders
     return Federation(distributed=distributed, colluders=colluders,
         pool=pool, roster=roster, names=list(head), global_params=flatten_params(head), frozen_hash=source.frozen_hash,

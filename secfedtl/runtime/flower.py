@@ -330,7 +330,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any], *, clients: Sequence[s
                           poll_interval=settings["poll-interval"], progress=out / "progress.jsonl",
                           view=out / "server_view.jsonl" if settings["record-view"] else None)
         source, preparation = prepare_source(job, config, source, pool, roster, out)
-        federation = build_server(config, source, pool, roster)
+        federation = build_server(config, source, pool, roster, job=job)
         metrics = run_federation(config, source, federation, out, t_start=t_start, progress=False,
                                  preparation=preparation)
     except (SecFedTLError, OSError) as exc:

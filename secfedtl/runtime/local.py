@@ -147,7 +147,7 @@ def build_job(job: FederatedJob, config: JobConfig, out: Path, *, resume: bool =
         for state in states.values():
             state.close()
         raise
-    federation = _job.build_server(config, source, pool, roster)
+    federation = _job.build_server(config, source, pool, roster, job=job)
     if resume and (out / "checkpoint.json").exists():
         federation.load_state_dict(json.loads((out / "checkpoint.json").read_text(encoding="utf-8")))
     return LocalJob(job=job, config=config, out=out, source=source, data=data, hospitals=hospitals, states=states,
