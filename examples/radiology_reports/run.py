@@ -24,6 +24,12 @@ then centres its embeddings on that noisy mean and scales them by a public const
 (--feature-scale), and the DP-SGD noise is calibrated for the rest of the budget. A non-private
 logistic regression on the same embeddings (C chosen on validation) is the reference.
 
+``--noise distributed`` runs the same job with distributed noise (docs/privacy.md, "Distributed
+noise"): after the same centring release, every secure aggregation is one DP-SGD step across the
+hospitals, each adding a Skellam share calibrated (from the job file alone) so that the honest
+hospitals' shares together, composed with the centring release, meet --epsilon; --batch-size is
+then the expected batch across all hospitals and --lr the server's step size.
+
 The hospitals' privacy states (ledger + budget each) live in a THROWAWAY folder,
 <out>/privacy-state, unless --state-dir says otherwise (as for `secfedtl demo`). Accuracy is
 computed by the experimenter of this simulation (who holds every hospital's data) outside the
@@ -93,10 +99,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="part of the budget spent on the DP mean embedding used for centring (0: no centring)")
     p.add_argument("--feature-scale", type=float, default=6.0,
                    help="public constant the (centred) embeddings are multiplied by")
-    p.add_argument("--lr", type=float, default=0.25, help="local learning rate")
-    p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="local optimizer")
-    p.add_argument("--batch-size", type=int, default=64, help="expected (Poisson) batch size")
-    p.add_argument("--epochs", type=int, default=5, help="local epochs per round")
+    p.add_argument("--noise", choices=("local", "distributed"), default="local",
+                   help="local: each hospital adds the full DP noise to its own update (FedAvg of local DP-SGD); "
+                        "distributed: every aggregation is one DP-SGD step across hospitals, each adding a Skellam "
+                        "share of the noise, so the summed gradient carries about the noise of central DP "
+                        "(docs/privacy.md, 'Distributed noise'). With distributed noise --batch-size is the expected "
+                        "batch ACROSS all hospitals, --epochs the passes over the declared records per round, and "
+                        "--lr the server's step size on the averaged noisy gradient")
+    p.add_argument("--colluders", type=int, default=0,
+                   help="with --noise distributed: hospitals assumed to collude with the server (their noise is not "
+                        "counted, so the others add more)")
+    p.add_argument("--bits", type=int, default=32,
+                   help="secure-aggregation field width (with --noise distributed: of the integer sum)")
+    p.add_argument("--lr", type=float, default=0.25,
+                   help="local learning rate (--noise distributed: the server's DP-SGD step size)")
+    p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
+                   help="local optimizer (--noise distributed: sgd only; the server takes each step)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="expected (Poisson) batch size: per hospital with --noise local; with --noise distributed "
+                        "the expected batch across ALL hospitals of one step (each samples at batch / total declared)")
+    p.add_argument("--epochs", type=int, default=5,
+                   help="local epochs per round (--noise distributed: passes over all declared records per round)")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="per-sample clipping norm")
     p.add_argument("--server-optimizer", default="fedavg", choices=("fedavg", "fedavgm", "fedadam", "fedyogi"))
     p.add_argument("--server-lr", type=float, default=1.0)
@@ -127,6 +150,15 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--feature-scale must be a number > 0, got {args.feature_scale:g}")
     if args.archive is not None and not args.archive.is_file():
         raise ConfigError(f"--archive {args.archive}: no such file")
+    if args.noise == "local" and args.colluders:
+        raise ConfigError(f"--colluders ({args.colluders}) only applies with --noise distributed")
+    if args.noise == "distributed":
+        if args.accountant != "rdp":
+            raise ConfigError("--accountant prv: distributed noise (Skellam) is accounted with RDP; use --accountant rdp")
+        if args.optimizer != "sgd":
+            raise ConfigError("--optimizer adam: with --noise distributed the server takes each DP-SGD step (sgd only)")
+        if not 0 <= args.colluders < len(HOSPITALS):
+            raise ConfigError(f"--colluders must be between 0 and {len(HOSPITALS) - 1}, got {args.colluders}")
 
 
 def declared_records(train_size: int, grid: int) -> int:
@@ -143,14 +175,15 @@ def job_config(args: argparse.Namespace, declared: dict[str, int], dim: int,
     return radiology_job.RadiologyConfig.from_mapping({
         "job": {"dataset": "iu_xray_reports", "source": "minilm", "clients": list(declared), "rounds": args.rounds,
                 "seed": args.seed, "id": job_id},
-        "privacy": {"epsilon": args.epsilon, "delta": args.delta, "accountant": args.accountant},
+        "privacy": {"epsilon": args.epsilon, "delta": args.delta, "accountant": args.accountant,
+                    **({"noise": "distributed", "colluders": args.colluders} if args.noise == "distributed" else {})},
         "declared": {"records": declared},
         "model": {"dim": dim, "feature_scale": args.feature_scale, "centre_epsilon": args.centre_epsilon,
                   "max_length": args.max_length},
         "training": {"lr": args.lr, "expected_batch_size": args.batch_size, "max_grad_norm": args.max_grad_norm,
                      "epochs": args.epochs, "optimizer": args.optimizer},
         "server": {"optimizer": args.server_optimizer, "lr": args.server_lr},
-        "secagg": {"clip": 1.0, "max_samples": max(declared.values())}})
+        "secagg": {"clip": 1.0, "max_samples": max(declared.values()), "bits": args.bits}})
 
 
 def _node_settings(args: argparse.Namespace) -> None:
@@ -239,7 +272,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "pooled_test_accuracy": pooled("test"), "pooled_validation_accuracy": pooled("validation"),
                     "per_hospital_test_accuracy": {n: s["test"].accuracy for n, s in scores.items()},
                     "epsilon": {n: compute_epsilon(ev, args.delta, accountant="rdp") for n, ev in spent.items()},
-                    "epsilon_prv": {n: compute_epsilon(ev, args.delta, accountant="prv") for n, ev in spent.items()},
+                    # PRV interprets Gaussian events only: none for distributed noise's Skellam steps
+                    "epsilon_prv": {n: compute_epsilon(ev, args.delta, accountant="prv") for n, ev in spent.items()}
+                    if args.noise == "local" else None,
                     "delta": args.delta, "epsilon_budget": args.epsilon}
     if not args.no_reference:
         t0 = time.perf_counter()
@@ -283,6 +318,14 @@ def _in_process(args: argparse.Namespace, job: Any, config: Any, out: Path) -> t
                      "noise_multiplier": {n: c.noise_multiplier for n, c in clients.items()},
                      "local_steps_per_round": {n: c.local_steps for n, c in clients.items()},
                      "weight": {n: c.weight for n, c in clients.items()}}
+        plan = local.federation.distributed
+        if plan is not None:  # distributed noise: one plan for every hospital (its ledger's poisson_skellam)
+            mechanism = {"note": "public: functions of the job file only (calibrated after the centring release)",
+                         "event_per_step": plan.event.to_dict(), "steps_per_round": plan.settings.steps_per_round,
+                         "sample_rate": plan.settings.sample_rate, "normaliser": plan.settings.normaliser,
+                         "noise_multiplier": plan.encoding_plan.noise_multiplier, "bits": plan.encoding.bits,
+                         "wrap_probability": plan.encoding_plan.wrap_probability,
+                         "prior_events": [e.to_dict() for e in plan.prior_events]}
         metrics["privacy_state"] = {"directory": os.fspath(state_dir),
                                     "note": "a throwaway folder for this example unless --state-dir was given; a "
                                             "real hospital keeps its state across jobs, and a second job on it "
@@ -363,7 +406,7 @@ def plot(metrics: dict[str, Any], path: Path) -> None:
 def print_summary(metrics: dict[str, Any]) -> None:
     sim = metrics["simulation_only"]
     final = sim["final"]
-    print(f"\n{metrics['mode']} ({metrics['transport']}): {metrics['trainable_parameters']:,} trainable parameters, "
+    print(f"\n{metrics['mode']}, {metrics.get('noise', 'local')} noise ({metrics['transport']}): {metrics['trainable_parameters']:,} trainable parameters, "
           f"{metrics['settings']['rounds']} rounds; server saw {[r['status'] for r in metrics['server']['rounds']]}")
     print("(simulation only: computed outside the protocol by whoever holds every dataset)")
     print(f"{'hospital':<12}{'test acc':>10}{'epsilon':>10}")
@@ -378,8 +421,9 @@ def print_summary(metrics: dict[str, Any]) -> None:
     print(f"ledgers ({'all certified' if certified else 'NOT ALL CERTIFIED'} by secfedtl audit): "
           f"{metrics['privacy_state']['directory']}")
     t = metrics["wall_seconds"]
+    prv = f"{max(final['epsilon_prv'].values()):.3f} PRV" if final["epsilon_prv"] else "no PRV figure for Skellam"
     print(f"delta = {final['delta']:g}; budget epsilon = {final['epsilon_budget']:g} per hospital "
-          f"(spent max {max(final['epsilon'].values()):.3f} RDP, {max(final['epsilon_prv'].values()):.3f} PRV); "
+          f"(spent max {max(final['epsilon'].values()):.3f} RDP, {prv}); "
           f"{t['total']:.0f} s in all, {t['federated_training']:.0f} s federated training")
 
 

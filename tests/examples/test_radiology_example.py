@@ -173,9 +173,39 @@ def test_a_second_job_continues_the_hospitals_budgets(tmp_path: Path, synthetic_
         assert len(audit_ledger(first["simulation_only"]["ledgers"][name]).clients[0].releases) == 2
 
 
+def test_distributed_noise_on_synthetic_features(tmp_path: Path, synthetic_reports) -> None:
+    """``--noise distributed``: the centring release first, then one secure aggregation per DP-SGD
+    step across hospitals (``--batch-size`` the expected batch across them), every step's Skellam
+    share the one plan's, charged in every ledger; the ledgers compose within the budget."""
+    synthetic_reports()
+    metrics = run.run(_args(tmp_path / "out", "--noise", "distributed", "--batch-size", "40", "--bits", "24"))
+    assert metrics["noise"] == "distributed" and metrics["job_code"] == "radiology_job:RADIOLOGY"
+    declared = metrics["declared_records"]
+    mechanism = metrics["mechanism"]
+    steps = mechanism["steps_per_round"]
+    assert mechanism["sample_rate"] == pytest.approx(40 / sum(declared.values()))  # the batch across hospitals
+    assert steps == -(-sum(declared.values()) // 40) and mechanism["bits"] == 24
+    assert mechanism["prior_events"] and mechanism["prior_events"][0]["mechanism"] == "poisson_gaussian"
+    assert metrics["server"]["preparation"]["status"] == "ok"
+    assert [(r["status"], r["steps_ok"]) for r in metrics["server"]["rounds"]] == [("ok", steps), ("ok", steps)]
+    sim = metrics["simulation_only"]
+    assert sim["final"]["epsilon_prv"] is None  # PRV has no figure for Skellam steps
+    for name, path in sim["ledgers"].items():
+        report = audit_ledger(path)
+        assert report.certified and sim["audit"][name]["certified"]
+        assert [r.release for r in report.clients[0].releases] == ["feature_mean"] + ["distributed_share"] * 2 * steps
+        assert 1.9 < report.clients[0].epsilon <= 2.0 and sim["final"]["epsilon"][name] <= 2.0
+        pending = [e for e in verify_ledger(path) if e["status"] == "pending"]
+        assert all(e["event"]["share_variance"] == mechanism["event_per_step"]["share_variance"] for e in pending[1:])
+        assert all(e["declaration"] == {"records": declared[name], "participation": True} for e in pending)
+
+
 @pytest.mark.parametrize("extra,flag", [(["--epsilon", "0"], "--epsilon"), (["--epsilon", "-1"], "--epsilon"),
                                         (["--centre-epsilon", "2"], "--centre-epsilon"),
-                                        (["--archive", "nowhere.tgz"], "--archive")])
+                                        (["--archive", "nowhere.tgz"], "--archive"),
+                                        (["--colluders", "1"], "--colluders"),
+                                        (["--noise", "distributed", "--accountant", "prv"], "--accountant"),
+                                        (["--noise", "distributed", "--optimizer", "adam"], "--optimizer")])
 def test_user_errors_name_the_flag_at_fault_in_one_line(tmp_path: Path, capsys, extra, flag) -> None:
     """Bad settings are one line naming the flag the user set (``--epsilon 0`` used to blame
     ``--centre-epsilon``, which the user never set), exit 2, and nothing is created."""

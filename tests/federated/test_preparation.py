@@ -166,3 +166,119 @@ def test_a_node_refuses_personalisation_its_job_file_does_not_plan(tmp_path: Pat
     assert wire.decode(hospital.node.handle(wire.encode(request))[0]).status == "failed"
     assert state.ledger.entries == []
     state.close()
+
+
+# -- with distributed noise ------------------------------------------------------------------------
+
+MEAN_EVENT = MeanMechanism(dim=DIM, noise_multiplier=4.0).event()
+DISTRIBUTED = JobConfig.from_mapping({**CONFIG.to_dict(), "job": {**CONFIG["job"], "rounds": 1},
+                                      "privacy": {**CONFIG["privacy"], "noise": "distributed"}})
+HEAD = DIM * 2 + 2  # the trainable dimension (Linear(DIM, 2))
+
+
+def _charged(state: Path, name: str) -> list[dict]:
+    entries, _ = read_verified_ledger(state / name / "ledger.jsonl")
+    return [e for e in entries if e["status"] == "pending"]
+
+
+def test_a_prepared_distributed_job_charges_the_release_first_and_its_steps_compose_within_the_budget(
+        tmp_path: Path):
+    """The share is calibrated after the preparation's public event (the same at every hospital,
+    from the job file): the release is charged and applied first, then every step; the events
+    each ledger holds compose to at most epsilon, where a share calibrated without the release
+    would have overspent."""
+    from secfedtl.federated.distributed import plan_for, settings_for
+    from secfedtl.privacy.audit import audit_ledger
+
+    steps = settings_for(DISTRIBUTED).total_steps
+    assert node_policy(DISTRIBUTED, JOB).max_sessions == steps + 1  # one for the release, one per step
+    metrics = run_job(JOB, DISTRIBUTED, tmp_path / "out", state_dir=tmp_path / "state", progress=False)
+    prep = metrics["server"]["preparation"]
+    assert prep["status"] == "ok" and prep["prepared"] == ["a", "b", "c"]
+    (row,) = metrics["server"]["rounds"]
+    assert (row["status"], row["steps"], row["steps_ok"]) == ("ok", steps, steps)
+    plan = plan_for(DISTRIBUTED, HEAD, job_id=metrics["job_id"], prior_events=[MEAN_EVENT])
+    for name in "abc":
+        charged = _charged(tmp_path / "state", name)
+        assert [e["release"] for e in charged] == ["feature_mean"] + ["distributed_share"] * steps
+        assert [e["event"]["share_variance"] for e in charged[1:]] == [plan.event.share_variance] * steps
+        entries, _ = read_verified_ledger(tmp_path / "state" / name / "ledger.jsonl")
+        events = [ev for _, ev, _ in spent_events(entries)[name]]
+        assert events == [MEAN_EVENT] + [plan.event] * steps
+        eps = compute_epsilon(events, 1e-5, accountant="rdp")
+        assert 2.9 < eps <= 3.0 and metrics["simulation_only"]["final"]["epsilon"][name] == pytest.approx(eps)
+        audit = audit_ledger(tmp_path / "state" / name / "ledger.jsonl").client(name)
+        assert audit.certified and audit.epsilon == pytest.approx(eps)
+    naive = plan_for(DISTRIBUTED, HEAD, job_id=metrics["job_id"])  # the release left out of the calibration
+    assert naive.event.share_variance < plan.event.share_variance
+    assert compute_epsilon([MEAN_EVENT] + [naive.event] * steps, 1e-5, accountant="rdp") > 3.0
+    assert metrics["simulation_only"]["final"]["pooled_test_accuracy"] > 0.6
+
+
+def test_every_node_plans_what_the_server_plans_and_refuses_a_share_calibrated_without_the_release(
+        tmp_path: Path):
+    """The server's plan (``build_server(..., job=...)``) is the one every prepared node checks
+    requests against: a server announcing the smaller share of a plan that leaves the
+    preparation out is refused before anything is charged."""
+    from secfedtl.federated.distributed import STEP_TASK, plan_for
+    from secfedtl.federated.job import distributed_plan, job_id
+
+    job = build_job(JOB, DISTRIBUTED, tmp_path / "out", state_dir=tmp_path / "state")
+    try:
+        fed = job.federation
+        jid = job_id(DISTRIBUTED)
+        assert fed.distributed == plan_for(DISTRIBUTED, HEAD, job_id=jid, prior_events=[MEAN_EVENT])
+        assert fed.distributed == distributed_plan(JOB, DISTRIBUTED, JOB.build_source(DISTRIBUTED))
+        naive = plan_for(DISTRIBUTED, HEAD, job_id=jid)
+        for name in "abc":
+            before = len(_charged(tmp_path / "state", name))
+            assert before == 1  # the preparation's release, charged while the job was built
+
+            def ask(plan, round: int) -> str:  # noqa: A002
+                request = wire.TaskRequest.with_weights(
+                    round=round, task=STEP_TASK, weights=fed.global_params,
+                    options={**fed.task_options(), "distributed": plan.announcement(),
+                             "integer": {"bits": plan.encoding.bits, "length": plan.encoding.padded_dimension,
+                                         "num_clients": 3}})
+                return wire.decode(job.nodes[name].handle(wire.encode(request))[0]).status
+
+            assert ask(naive, 0) == "failed" and len(_charged(tmp_path / "state", name)) == before
+            assert ask(fed.distributed, 1) == "ready"  # the server's plan is the node's own
+            (entry,) = _charged(tmp_path / "state", name)[before:]
+            assert entry["event"]["share_variance"] == fed.distributed.event.share_variance
+    finally:
+        job.close()
+
+
+def test_a_hospital_that_spent_elsewhere_adds_the_same_share_and_refuses_steps_instead(tmp_path: Path):
+    """The plan never follows one hospital's own ledger: hospital ``a``, which spent part of its
+    budget in an earlier job, computes the same share as the others (never less noise); its
+    budget guard refuses the steps it cannot afford (the steps then fail: no sum of fewer than
+    ``min_survivors`` parties is unmasked), and its ledger stays within its budget."""
+    from secfedtl.federated.distributed import settings_for
+    from secfedtl.federated.job import declaration, open_hospital_state
+    from secfedtl.privacy.events import PoissonGaussianEvent
+
+    earlier = PoissonGaussianEvent(sample_rate=1.0, noise_multiplier=3.0, steps=1)
+    state = open_hospital_state(DISTRIBUTED, "a", _data(DISTRIBUTED, "a"), tmp_path / "state")
+    try:
+        with state.guard(job_id="an-earlier-job", declaration=declaration(DISTRIBUTED, "a")).charge(
+                earlier, round=0, model_hash="0" * 64):
+            pass
+    finally:
+        state.close()
+    assert compute_epsilon([earlier], 1e-5, accountant="rdp") > 1.0
+    metrics = run_job(JOB, DISTRIBUTED, tmp_path / "out", state_dir=tmp_path / "state", progress=False)
+    steps = settings_for(DISTRIBUTED).total_steps
+    (row,) = metrics["server"]["rounds"]
+    shares = {}
+    for name in "abc":
+        charged = [e for e in _charged(tmp_path / "state", name) if e["release"] == "distributed_share"]
+        shares[name] = {e["event"]["share_variance"] for e in charged}
+        entries, _ = read_verified_ledger(tmp_path / "state" / name / "ledger.jsonl")
+        assert compute_epsilon([ev for _, ev, _ in spent_events(entries)[name]], 1e-5, accountant="rdp") <= 3.0
+        if name == "a":
+            assert 0 < len(charged) < steps  # refused the steps over its budget, charged nothing for them
+    assert shares["a"] == shares["b"] == shares["c"] and len(shares["a"]) == 1
+    assert row["steps_ok"] == len([e for e in _charged(tmp_path / "state", "a") if e["release"] == "distributed_share"])
+    assert "a" in row["budget_refused"]
