@@ -40,7 +40,7 @@ Cost: steps 1-4 run in float32 (float64 once a coordinate could reach ``2**24``)
 few MiB with preallocated work arrays, and the rounding draws 16 bits per coordinate
 (:meth:`DistributedEncoding._round_rows`). Float error and the ``2**-16`` rounding bias cost
 accuracy only: what privacy needs, the bound on the integer vector that is summed, is checked
-exactly on that vector (:meth:`DistributedEncoding._exceeds`).
+exactly on that vector (:meth:`DistributedEncoding._outside`: L2 and L1).
 """
 
 from __future__ import annotations
@@ -274,10 +274,39 @@ class DistributedEncoding:
         integer below ``2**53``, and once a (nonnegative) partial sum reaches ``2**53`` the computed
         one is at least ``2**53 > bound_sq`` whatever the summation order (rounding is monotone and
         ``2**53`` is a float64). Above it, int64 (``__post_init__`` keeps the squares below ``2**62``)."""
+        return DistributedEncoding._squared_norms(rows, bound_sq) > bound_sq
+
+    @staticmethod
+    def _squared_norms(rows: np.ndarray, bound_sq: int) -> np.ndarray:
+        """The squared L2 norms of integer-valued ``rows``, exact wherever they are at most
+        ``bound_sq`` and above it otherwise (:meth:`_exceeds`): float64 below ``2**53``, else int64."""
         if bound_sq < 2**53 - 1:
-            return np.einsum("ij,ij->i", rows, rows, dtype=np.float64) > float(bound_sq)
+            return np.einsum("ij,ij->i", rows, rows, dtype=np.float64)
         ints = rows.astype(np.int64)
-        return np.einsum("ij,ij->i", ints, ints) > bound_sq
+        return np.einsum("ij,ij->i", ints, ints)
+
+    def _limits(self) -> tuple[int, int, int]:
+        """``(floor(l2_bound^2), floor(l1_bound), t)``: the exact integer limits on a rounded row's
+        squared L2 and L1 norms, and the squared L2 norm ``t`` below which its L1 norm cannot exceed
+        ``floor(l1_bound)`` (Cauchy-Schwarz: ``L1^2 <= n L2^2``)."""
+        l1 = math.floor(Fraction(self.l1_bound))
+        return self._bound_sq(), l1, -(-((l1 + 1) ** 2) // self.padded_dimension)
+
+    def _outside(self, rows: np.ndarray, limits: tuple[int, int, int]) -> np.ndarray:
+        """Exactly which integer-valued rows break the L2 bound or the L1 bound (:meth:`_limits`).
+
+        ``l1_bound`` is a float, ``min(l2^2, sqrt(n) l2)``, and can sit an ulp below the L1 norm of
+        a row whose squared L2 norm is exactly ``floor(l2_bound^2)``; the ledger records that float,
+        so it must bound every summed row too. Only rows with squared norm at least ``t`` can break
+        it: their L1 norms are summed exactly (int64), the rest cost a comparison per row."""
+        bound_sq, l1, l1_from = limits
+        squares = self._squared_norms(rows, bound_sq)
+        over = squares > bound_sq
+        if l1_from <= bound_sq:  # exact comparisons: l1_from <= bound_sq (see _exceeds)
+            near = np.flatnonzero(~over & (squares >= l1_from))
+            if near.size:
+                over[near] = np.abs(rows[near].astype(np.int64)).sum(axis=1) > l1
+        return over
 
     def _round_rows(self, scaled: np.ndarray, stream: KeyStream, work: tuple[np.ndarray, ...] | None = None,
                     ) -> tuple[np.ndarray, int]:
@@ -289,26 +318,26 @@ class DistributedEncoding:
         when ``u < 2**16 r`` for 16 fresh uniform bits ``u``: probability ``ceil(2**16 r) / 2**16``,
         within ``2**-16`` above ``r`` (exact comparison: ``u`` and ``2**16 r`` are exact floats).
         That bias, and any float error in ``y``, costs utility only: the bound is checked exactly
-        on the integer vector that is summed (:meth:`_exceeds`), whatever the draws were."""
+        on the integer vector that is summed (:meth:`_outside`, L2 and L1), whatever the draws were."""
         rows, width = scaled.shape
         dtype = scaled.dtype
         if work is None:
             work = (np.empty((rows, width), dtype), np.empty((rows, width), dtype),
                     np.empty((rows, width), np.uint16), np.empty((rows, width), np.bool_))
         out, thr, u, up = (a[:rows] for a in work)
-        bound_sq = self._bound_sq()
+        limits = self._limits()
         np.floor(scaled, out=out)
         np.subtract(scaled, out, out=thr)
         thr *= 65536.0
         np.less(stream.fill(u), thr, out=up)
         out += up  # out is now the rounded rows
-        pending = np.flatnonzero(self._exceeds(out, bound_sq))
+        pending = np.flatnonzero(self._outside(out, limits))
         for _ in range(self.max_tries - 1):
             if pending.size == 0:
                 break
             redraw = stream.uint16(pending.size * width).reshape(pending.size, width) < thr[pending]
             candidate = out[pending] - up[pending] + redraw
-            ok = ~self._exceeds(candidate, bound_sq)
+            ok = ~self._outside(candidate, limits)
             out[pending[ok]] = candidate[ok]
             up[pending[ok]] = redraw[ok]
             pending = pending[~ok]
@@ -317,7 +346,7 @@ class DistributedEncoding:
             toward_zero = np.trunc(scaled[pending])
             # |trunc(y)| <= |y| <= clip * scale <= l2_bound up to float rounding of y; check exactly
             # anyway, and send a zero vector (always within the bound) should rounding ever exceed it
-            toward_zero[self._exceeds(toward_zero, bound_sq)] = 0.0
+            toward_zero[self._outside(toward_zero, limits)] = 0.0
             out[pending] = toward_zero
         return out, fallbacks
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -106,6 +107,26 @@ def test_the_norm_check_is_exact_on_the_integer_vector(dtype) -> None:
         for bound_sq in (int(np.median(exact)), exact[0], exact[0] - 1, exact[1] + 1):
             got = DistributedEncoding._exceeds(rows, bound_sq)
             assert got.tolist() == [e > bound_sq for e in exact]
+
+
+def test_every_summed_vector_is_within_the_l1_bound_exactly() -> None:
+    """``l1_bound = min(l2^2, sqrt(n) l2)`` is a float and can land one ulp below the L1 norm of an
+    integer vector the exact L2 check accepts: here (n = 6, no rotation) ``(1056,) * 6`` has
+    squared L2 norm exactly ``floor(l2_bound^2)`` and L1 norm 6336, one ulp above
+    ``l1_bound = 6335.999999999999``; rows at the clip round to it about a quarter of the time.
+    The ledger's l1_bound must bound every summed vector exactly (Python integers as the reference)."""
+    enc = DistributedEncoding(dimension=6, clip_norm=1.0, scale=2586.1606900123425, bits=40, rotate=False)
+    assert 6 * 1056**2 <= math.floor(Fraction(enc.l2_bound) ** 2) and Fraction(enc.l1_bound) < 6 * 1056
+    grads = np.full((200, 6), 1.0 / math.sqrt(6.0))  # norm 1: at the clip
+    rows = enc._rotate_rows(grads, None, factor=enc._clip_factors(grads))
+    rounded, _ = enc.round_examples(rows, KeyStream.insecure_seeded(6))
+    l1, bound_sq = Fraction(enc.l1_bound), math.floor(Fraction(enc.l2_bound) ** 2)
+    for row in rounded.tolist():
+        assert sum(abs(v) for v in row) <= l1
+        assert sum(v * v for v in row) <= bound_sq
+    assert np.all(np.abs(rounded - rows) < 1.0)  # still rounded to neighbours
+    total = enc.encode_examples(grads, rotation_seed=SEED, stream=KeyStream.insecure_seeded(6))
+    assert np.array_equal(total, rounded.sum(axis=0))  # and that is what the share sums
 
 
 def test_encode_examples_rounds_exactly_as_round_examples() -> None:
