@@ -71,18 +71,11 @@ class KeyStream:
         """The next ``nbytes`` bytes of the stream."""
         if isinstance(nbytes, bool) or not isinstance(nbytes, (int, np.integer)) or nbytes < 0:
             raise CryptoError(f"nbytes must be a non-negative int, got {nbytes!r}")
-        nbytes = int(nbytes)
-        out = bytearray(nbytes)
-        view = memoryview(out)
-        zeros = bytes(min(nbytes, _CHUNK))
-        for start in range(0, nbytes, _CHUNK):
-            stop = min(nbytes, start + _CHUNK)
-            view[start:stop] = self._encryptor.update(zeros[: stop - start])
-        return bytes(out)
+        return self.fill(np.empty(int(nbytes), dtype=np.uint8)).tobytes()
 
     def fill(self, out: np.ndarray) -> np.ndarray:
         """Overwrite the C-contiguous array ``out`` with the next ``out.nbytes`` bytes of the stream
-        (the same bytes :meth:`read` would return), in place, without intermediate copies; returns ``out``."""
+        (what :meth:`read` returns too), in place, without intermediate copies; returns ``out``."""
         if not isinstance(out, np.ndarray) or not out.flags.c_contiguous or not out.flags.writeable:
             raise CryptoError("fill needs a writable, C-contiguous numpy array")
         view = memoryview(out.reshape(-1).view(np.uint8))
@@ -102,11 +95,11 @@ class KeyStream:
 
     def uint64(self, count: int) -> np.ndarray:
         """``count`` independent uniform 64-bit words (a fresh, writable ``uint64`` array)."""
-        return np.frombuffer(bytearray(self.read(8 * int(count))), dtype="<u8").astype(np.uint64, copy=False)
+        return self.fill(np.empty(int(count), dtype="<u8")).astype(np.uint64, copy=False)
 
     def uint32(self, count: int) -> np.ndarray:
         """``count`` independent uniform 32-bit words (a fresh, writable ``uint32`` array)."""
-        return np.frombuffer(bytearray(self.read(4 * int(count))), dtype="<u4").astype(np.uint32, copy=False)
+        return self.fill(np.empty(int(count), dtype="<u4")).astype(np.uint32, copy=False)
 
     def uniform(self, count: int) -> np.ndarray:
         """``count`` independent uniforms on the grid ``{k / 2**53 : 0 <= k < 2**53}`` (float64,

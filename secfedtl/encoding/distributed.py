@@ -147,6 +147,13 @@ def _hadamard(x: np.ndarray, scratch: np.ndarray | None = None) -> np.ndarray:
     return src
 
 
+def _rounding_work(rows: int, width: int, dtype: type) -> tuple[np.ndarray, ...]:
+    """The work arrays of :meth:`DistributedEncoding._round_rows` for up to ``rows`` rows: rounded
+    values and thresholds (``dtype``), 16-bit draws, round-up flags."""
+    shape = (rows, width)
+    return np.empty(shape, dtype), np.empty(shape, dtype), np.empty(shape, np.uint16), np.empty(shape, np.bool_)
+
+
 def inflated_l2_bound(norm: float, dimension: int, beta: float = DEFAULT_ROUNDING_BETA) -> float:
     """The L2 norm bound conditional rounding enforces on an integer vector rounded from a real
     vector of norm at most ``norm`` in ``dimension`` coordinates (KLS21 Theorem 3; TFF):
@@ -263,23 +270,15 @@ class DistributedEncoding:
             scratch = np.empty_like(out)
         return _hadamard(out, scratch)
 
-    def _bound_sq(self) -> int:
-        return math.floor(Fraction(self.l2_bound) ** 2)
-
     @staticmethod
-    def _exceeds(rows: np.ndarray, bound_sq: int) -> np.ndarray:
-        """Exactly which rows of integer-valued ``rows`` have squared L2 norm above ``bound_sq``.
+    def _squared_norms(rows: np.ndarray, bound_sq: int) -> np.ndarray:
+        """The squared L2 norms of integer-valued ``rows``, exact wherever they are at most
+        ``bound_sq`` and above it otherwise, so ``_squared_norms(rows, b) > b`` decides exactly.
 
         Below ``2**53`` the float64 sum of the squares is exact: every square and partial sum is an
         integer below ``2**53``, and once a (nonnegative) partial sum reaches ``2**53`` the computed
         one is at least ``2**53 > bound_sq`` whatever the summation order (rounding is monotone and
         ``2**53`` is a float64). Above it, int64 (``__post_init__`` keeps the squares below ``2**62``)."""
-        return DistributedEncoding._squared_norms(rows, bound_sq) > bound_sq
-
-    @staticmethod
-    def _squared_norms(rows: np.ndarray, bound_sq: int) -> np.ndarray:
-        """The squared L2 norms of integer-valued ``rows``, exact wherever they are at most
-        ``bound_sq`` and above it otherwise (:meth:`_exceeds`): float64 below ``2**53``, else int64."""
         if bound_sq < 2**53 - 1:
             return np.einsum("ij,ij->i", rows, rows, dtype=np.float64)
         ints = rows.astype(np.int64)
@@ -290,7 +289,7 @@ class DistributedEncoding:
         squared L2 and L1 norms, and the squared L2 norm ``t`` below which its L1 norm cannot exceed
         ``floor(l1_bound)`` (Cauchy-Schwarz: ``L1^2 <= n L2^2``)."""
         l1 = math.floor(Fraction(self.l1_bound))
-        return self._bound_sq(), l1, -(-((l1 + 1) ** 2) // self.padded_dimension)
+        return math.floor(Fraction(self.l2_bound) ** 2), l1, -(-((l1 + 1) ** 2) // self.padded_dimension)
 
     def _outside(self, rows: np.ndarray, limits: tuple[int, int, int]) -> np.ndarray:
         """Exactly which integer-valued rows break the L2 bound or the L1 bound (:meth:`_limits`).
@@ -302,7 +301,7 @@ class DistributedEncoding:
         bound_sq, l1, l1_from = limits
         squares = self._squared_norms(rows, bound_sq)
         over = squares > bound_sq
-        if l1_from <= bound_sq:  # exact comparisons: l1_from <= bound_sq (see _exceeds)
+        if l1_from <= bound_sq:  # exact comparisons: l1_from <= bound_sq (see _squared_norms)
             near = np.flatnonzero(~over & (squares >= l1_from))
             if near.size:
                 over[near] = np.abs(rows[near].astype(np.int64)).sum(axis=1) > l1
@@ -322,8 +321,7 @@ class DistributedEncoding:
         rows, width = scaled.shape
         dtype = scaled.dtype
         if work is None:
-            work = (np.empty((rows, width), dtype), np.empty((rows, width), dtype),
-                    np.empty((rows, width), np.uint16), np.empty((rows, width), np.bool_))
+            work = _rounding_work(rows, width, dtype)
         out, thr, u, up = (a[:rows] for a in work)
         limits = self._limits()
         np.floor(scaled, out=out)
@@ -384,8 +382,7 @@ class DistributedEncoding:
         if not np.issubdtype(grads.dtype, np.floating):
             grads = grads.astype(np.float64)
         rotated, scratch = np.empty((chunk, n), dtype), np.empty((chunk, n), dtype)
-        work = (np.empty((chunk, n), dtype), np.empty((chunk, n), dtype), np.empty((chunk, n), np.uint16),
-                np.empty((chunk, n), np.bool_))
+        work = _rounding_work(chunk, n, dtype)
         for start in range(0, grads.shape[0], chunk):
             rows = grads[start : start + chunk]
             r = rows.shape[0]

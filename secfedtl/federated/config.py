@@ -275,10 +275,7 @@ class JobConfig:
             except (OSError, UnicodeDecodeError) as exc:
                 raise ConfigError(f"cannot read job file {os.fspath(path)!r}: "
                                   f"{exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}") from exc
-        try:
-            return cls.from_mapping(tomllib.loads(text))
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"invalid TOML: {exc}") from exc
+        return cls._from_toml(text)
 
     @classmethod
     def load_bundled(cls, name: str) -> JobConfig:
@@ -290,6 +287,10 @@ class JobConfig:
             text = resources.files(cls.DEFAULT_FILE[0]).joinpath(name).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"no bundled job file {name!r}: {exc}") from exc
+        return cls._from_toml(text)
+
+    @classmethod
+    def _from_toml(cls, text: str) -> JobConfig:
         try:
             return cls.from_mapping(tomllib.loads(text))
         except tomllib.TOMLDecodeError as exc:

@@ -97,7 +97,7 @@ def test_tiny_negative_values_round_to_zero_not_minus_one() -> None:
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_the_norm_check_is_exact_on_the_integer_vector(dtype) -> None:
-    """``_exceeds`` decides ``sum r_j^2 > bound`` exactly (Python integers as the reference), for
+    """``_squared_norms(rows, b) > b`` decides ``sum r_j^2 > bound`` exactly (Python integers as the reference), for
     rows whose squares are far beyond float32's exact range, right at the bound, and for a bound
     above 2**53 (the int64 branch, within the 2**62 that ``__post_init__`` guarantees)."""
     rng = np.random.default_rng(3)
@@ -105,7 +105,7 @@ def test_the_norm_check_is_exact_on_the_integer_vector(dtype) -> None:
         rows = rng.integers(-high, high, size=(40, width)).astype(dtype)
         exact = [sum(int(v) ** 2 for v in row) for row in rows.astype(np.int64)]
         for bound_sq in (int(np.median(exact)), exact[0], exact[0] - 1, exact[1] + 1):
-            got = DistributedEncoding._exceeds(rows, bound_sq)
+            got = DistributedEncoding._squared_norms(rows, bound_sq) > bound_sq
             assert got.tolist() == [e > bound_sq for e in exact]
 
 
