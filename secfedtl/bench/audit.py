@@ -23,7 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=None, help="job TOML (default: the bundled heart job)")
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--epsilon", type=float, default=None, help="override [privacy] epsilon")
-    parser.add_argument("--canaries", type=int, default=1000)
+    parser.add_argument("--canaries", type=int, default=None,
+                        help="default: as `secfedtl audit-run` (1000 white-box, one per sign-following feature "
+                             "for the server, 32 server-replicas)")
     parser.add_argument("--client", default=None)
     parser.add_argument("--adversary", choices=("whitebox", "server", "server-replicas"), default="whitebox")
     parser.add_argument("--rounds", type=int, default=None, help="override [job] rounds")
@@ -41,12 +43,13 @@ def main(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             t = time.perf_counter()
             if args.adversary == "server-replicas":
-                r = run_replica_audit(config, Path(tmp), canaries=args.canaries, client=args.client)
+                r = run_replica_audit(config, Path(tmp), canaries=32 if args.canaries is None else args.canaries,
+                                      client=args.client)
             else:
                 r = run_audit(config, Path(tmp), canaries=args.canaries, client=args.client, adversary=args.adversary,
                               baseline=args.baseline and i == 0)
             g = r["fdp_gaussian"]
-            row = {"run": i, "lower": r["bound"]["epsilon_lower"], "ledger": r["ledger_epsilon"],
+            row = {"run": i, "canaries": r["canaries"], "lower": r["bound"]["epsilon_lower"], "ledger": r["ledger_epsilon"],
                    "fdp_mu": g["mu_lower"], "fdp_epsilon": g["epsilon_lower"], "fdp_ratio": g["ratio"],
                    "fdp_above_ledger": bool(g["epsilon_lower"] > r["ledger_epsilon"]),
                    "ledger_prv": r["ledger_epsilon_prv"], "violation": r["violation"], "ratio": r["ratio"],
@@ -60,7 +63,7 @@ def main(args: argparse.Namespace) -> int:
     lows = [r["lower"] for r in rows]
     fdp = [r["fdp_epsilon"] for r in rows]
     prv = rows[0]["ledger_prv"]
-    print(f"{len(rows)} runs, {args.adversary}, {args.canaries} canaries: violations {sum(r['violation'] for r in rows)}; "
+    print(f"{len(rows)} runs, {args.adversary}, {rows[0]['canaries']} canaries: violations {sum(r['violation'] for r in rows)}; "
           f"(epsilon, delta) lower bound median {statistics.median(lows):.4f}, max {max(lows):.4f}; "
           f"f-DP (Gaussian) epsilon median {statistics.median(fdp):.4f}, max {max(fdp):.4f} "
           f"({sum(r['fdp_above_ledger'] for r in rows)} above the ledger); ledger epsilon {rows[0]['ledger']:.4f}"

@@ -141,13 +141,34 @@ def predicted_sampling_scores(observed: np.ndarray, *, seed: int, data_size: int
     return scores
 
 
+def canary_features(num_features: int, *, scale: float, source: torch.nn.Module) -> list[int]:
+    """The features an input-space canary may sit on: those where the public source model predicts
+    different classes for ``+scale`` and ``-scale`` (0 elsewhere). Only there does the canary's label
+    (the class the source rejects) depend on its secret sign; on a feature the source ignores, both
+    signs get the same label, and the hospital's own rows can teach the model that label before the
+    canary does, which leaves an included canary with nothing to move."""
+    x = np.zeros((2 * num_features, num_features), dtype=np.float32)
+    x[np.arange(num_features), np.arange(num_features)] = scale
+    x[num_features + np.arange(num_features), np.arange(num_features)] = -scale
+    with torch.no_grad():
+        predicted = source(torch.as_tensor(x)).argmax(dim=1).numpy()
+    return [j for j in range(num_features) if predicted[j] != predicted[num_features + j]]
+
+
 def input_canaries(num: int, num_features: int, *, scale: float, source: torch.nn.Module) -> tuple[np.ndarray, np.ndarray]:
     """``num`` out-of-distribution, mislabelled records, public (only their coins are secret):
-    canary ``j`` is ``+-scale`` (sign from ``os.urandom``) on feature ``j mod num_features`` and 0
-    elsewhere, labelled with the class the public source model does *not* predict for it."""
+    canary ``j`` is ``+-scale`` (sign from ``os.urandom``) on the ``j``-th of
+    :func:`canary_features` and 0 elsewhere, labelled with the class the public source model does
+    *not* predict for it. One canary per feature: two on one feature would move each other's
+    margin, so more canaries than such features is refused."""
+    usable = canary_features(num_features, scale=scale, source=source)
+    if num > len(usable):
+        raise ConfigError(f"the server adversary places one canary per feature on which the source model's "
+                          f"prediction follows the sign; this job has {len(usable)} such features, "
+                          f"so at most {len(usable)} canaries, not {num}")
     signs = np.where(draw_coins(num), 1.0, -1.0)
     x = np.zeros((num, num_features), dtype=np.float32)
-    x[np.arange(num), np.arange(num) % num_features] = scale * signs
+    x[np.arange(num), np.asarray(usable[:num], dtype=np.int64)] = scale * signs
     with torch.no_grad():
         predicted = source(torch.as_tensor(x)).argmax(dim=1).numpy()
     return x, (1 - predicted).astype(np.int64)
@@ -374,21 +395,20 @@ def plot_report(scores: np.ndarray, included: np.ndarray, report: dict[str, Any]
     plt.close(fig)
 
 
-def run_audit(config: Any, out: Path, *, canaries: int = 1000, client: str | None = None,
+def run_audit(config: Any, out: Path, *, canaries: int | None = None, client: str | None = None,
               adversary: str = "whitebox", scale: float = 100.0, baseline: bool = False,
               progress: bool = False) -> dict[str, Any]:
     """Run the job once with ``canaries`` canaries in ``client``'s training (default: its first
-    hospital), on a throwaway privacy state in ``out/privacy-state``; write ``out/audit.json`` and
+    hospital; default canaries: 1000 white-box, one per :func:`canary_features` for the server), on a throwaway privacy state in ``out/privacy-state``; write ``out/audit.json`` and
     ``out/audit.png``; return the report. ``baseline`` also runs the job without canaries (another
     throwaway state) to report the audit's extra time and the canaries' accuracy cost."""
     from secfedtl.jobs.heart import build_job, job_id, prepare_run, run_federation
 
     if adversary not in ADVERSARIES:
         raise ConfigError(f"adversary must be one of {ADVERSARIES}")
-    if canaries < 2:
+    if canaries is not None and canaries < 2:
         raise ConfigError("need at least 2 canaries")
     name = _audited_client(config, client, out)
-    included = draw_coins(canaries)
     pc = None
     t0, c0 = time.perf_counter(), time.process_time()
     cfg = prepare_run(config, out / "job", resume=False)
@@ -400,12 +420,20 @@ def run_audit(config: Any, out: Path, *, canaries: int = 1000, client: str | Non
         k = cfg["job"]["clients"].index(name)
         hook: GradientCanaries | None = None
         if adversary == "whitebox":
+            canaries = 1000 if canaries is None else canaries
+            included = draw_coins(canaries)
             hook = GradientCanaries(included)
             pc.audit_hook = hook
             data_size = len(pc._data)  # type: ignore[arg-type]
         else:
-            x_c, y_c = input_canaries(canaries, job.source.centres[name].x_train.shape[1], scale=scale,
-                                      source=job.source.model)
+            num_features = job.source.centres[name].x_train.shape[1]
+            if canaries is None:
+                canaries = len(canary_features(num_features, scale=scale, source=job.source.model))
+                if canaries < 2:
+                    raise ConfigError(f"the source model's prediction follows the sign of only {canaries} "
+                                      "feature(s): the server adversary needs at least 2")
+            included = draw_coins(canaries)
+            x_c, y_c = input_canaries(canaries, num_features, scale=scale, source=job.source.model)
             backbone = job.source.model.backbone
             with torch.no_grad():
                 f_c = backbone(torch.as_tensor(x_c)).float()
@@ -450,7 +478,7 @@ def run_audit(config: Any, out: Path, *, canaries: int = 1000, client: str | Non
         delta = float(cfg["privacy"]["delta"])
         # The server's few canaries cannot pay for a search over k: it guesses the top and bottom
         # quarter, fixed up front. The white-box audit searches the public grid (Bonferroni).
-        k_fixed = max(1, canaries // 4) if adversary == "server" else None
+        k_fixed = max(1, (canaries + 2) // 4) if adversary == "server" else None  # a quarter, to the nearest
         best_name, bound, results, gdp_name, gdp, gdp_results = analyse(scorers, included, delta=delta, k=k_fixed)
         entries, _ = read_verified_ledger(ledger_path)
         events = [ev for _, ev, _ in spent_events(entries).get(name, [])]
@@ -504,7 +532,8 @@ def run_audit(config: Any, out: Path, *, canaries: int = 1000, client: str | Non
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", type=Path, help="job TOML file (schema: docs/config.md)")
     parser.add_argument("--canaries", type=int, default=None, metavar="M",
-                        help="number of canaries (default: 1000 white-box, 16 server, 32 server-replicas)")
+                        help="number of canaries (default: 1000 white-box, 32 server-replicas, and for the server one per "
+                             "feature on which the source's prediction follows the sign: 13 for the heart job)")
     parser.add_argument("--client", default=None, help="the hospital to audit (default: the job's first)")
     parser.add_argument("--adversary", choices=ADVERSARIES, default="whitebox")
     parser.add_argument("--out", type=Path, default=Path("runs/audit"), help="output directory (audit.json, audit.png)")
@@ -519,9 +548,9 @@ def main(args: argparse.Namespace) -> int:
     from secfedtl.jobs.heart import HeartConfig
 
     config = HeartConfig.load(args.config).updated({("job", "seed"): args.seed})
-    m = args.canaries if args.canaries is not None else {"whitebox": 1000, "server": 16, "server-replicas": 32}[args.adversary]
+    m = args.canaries
     if args.adversary == "server-replicas":
-        report = run_replica_audit(config, args.out, canaries=m, client=args.client, progress=not args.no_progress)
+        report = run_replica_audit(config, args.out, canaries=32 if m is None else m, client=args.client, progress=not args.no_progress)
     else:
         report = run_audit(config, args.out, canaries=m, client=args.client, adversary=args.adversary,
                            baseline=args.baseline, progress=not args.no_progress)
