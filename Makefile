@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,data]'
+	$(PY) -m pip install -q -e '.[dev,data,fashion]'
 	touch $(STAMP)
 
 # The Flower extras (flwr 1.41, Ray for its simulation engine) go into the same venv, after the core.

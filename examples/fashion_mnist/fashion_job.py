@@ -1,11 +1,13 @@
-"""The Fashion-MNIST example as a :class:`~secfedtl.federated.job.FederatedJob`: an MNIST CNN
-(digit-recognizer-py's weights) transferred to Fashion-MNIST; each client caches the frozen conv
-blocks' features once and trains a new linear head with DP-SGD.
+"""The Fashion-MNIST example as a :class:`~secfedtl.federated.job.FederatedJob`: a frozen feature
+extractor, either an MNIST CNN (digit-recognizer-py's weights) transferred to Fashion-MNIST or
+the handcrafted ScatterNet features of Tramer and Boneh (kymatio's wavelet scattering); each
+client caches the frozen features once and trains a new linear head with DP-SGD.
 
 ``run.py`` runs it in process or on Flower; a node agent runs it with
 ``secfedtl node JOB.toml --job fashion_job:FASHION ...`` (this folder on ``PYTHONPATH``).
 
-Public settings (the job file): ``[model]`` ``num_conv`` (frozen conv blocks below the head),
+Public settings (the job file): ``[model]`` ``backbone`` (``"mnist_cnn"``, the default, or
+``"scatternet"``), ``num_conv`` (the CNN's frozen conv blocks below the head; unused by ScatterNet),
 ``feature_scale`` (norm of every feature vector), ``alpha`` (the simulation's Dirichlet label
 skew: which share of Fashion-MNIST's training split each simulated client holds). Each node's
 own settings (never in the job file, never from the server): ``FASHION_MNIST_DIR`` (the IDX
@@ -29,7 +31,7 @@ from torch.utils.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # source_model.py beside this file
 
-from source_model import FashionNet, load_mnist_cnn, to_inputs  # noqa: E402
+from source_model import FashionNet, ScatterNet, load_mnist_cnn, to_inputs  # noqa: E402
 
 from secfedtl.data.fashion_mnist import FashionMNIST, client_splits, load_fashion_mnist  # noqa: E402
 from secfedtl.errors import ConfigError  # noqa: E402
@@ -38,12 +40,17 @@ from secfedtl.privacy.state import data_fingerprint  # noqa: E402
 
 
 class FashionConfig(JobConfig):
-    MODEL_SCHEMA: ClassVar[dict[str, type] | None] = {"num_conv": int, "feature_scale": float, "alpha": float}
-    MODEL_OPTIONAL: ClassVar[dict[str, Any]] = {"num_conv": 2, "feature_scale": 3.0, "alpha": 0.5}
+    MODEL_SCHEMA: ClassVar[dict[str, type] | None] = {"backbone": str, "num_conv": int, "feature_scale": float,
+                                                      "alpha": float}
+    MODEL_OPTIONAL: ClassVar[dict[str, Any]] = {"backbone": "mnist_cnn", "num_conv": 2, "feature_scale": 3.0,
+                                                "alpha": 0.5}
+    BACKBONES: ClassVar[tuple[str, ...]] = ("mnist_cnn", "scatternet")
     DATASETS: ClassVar[tuple[str, ...]] = ("fashion_mnist",)
 
     @classmethod
     def check_model(cls, model: dict[str, Any]) -> None:
+        if model["backbone"] not in cls.BACKBONES:
+            raise ConfigError(f"[model] backbone must be one of {', '.join(cls.BACKBONES)}, got {model['backbone']!r}")
         if model["num_conv"] not in (1, 2, 3):
             raise ConfigError("[model] num_conv must be 1, 2 or 3")
         for key in ("feature_scale", "alpha"):
@@ -96,10 +103,15 @@ def splits(config: JobConfig) -> list[Any]:
 
 
 def source(config: JobConfig, spec: Any) -> SourceModel:
+    if spec["backbone"] == "scatternet":
+        return SourceModel(model=ScatterNet(feature_scale=spec["feature_scale"]), head="head", cache_features=True,
+                           info={"backbone": "scatternet", "feature_scale": spec["feature_scale"]},
+                           feature_batch_size=1024)  # kymatio's transform has a large fixed cost per call
     weights = os.environ.get("FASHION_MNIST_WEIGHTS") or None
     model = FashionNet(load_mnist_cnn(weights), num_conv=spec["num_conv"], feature_scale=spec["feature_scale"])
     return SourceModel(model=model, head="head", cache_features=True,
-                       info={"num_conv": spec["num_conv"], "feature_scale": spec["feature_scale"]})
+                       info={"backbone": "mnist_cnn", "num_conv": spec["num_conv"],
+                             "feature_scale": spec["feature_scale"]})
 
 
 def hospital_data(config: JobConfig, name: str) -> HospitalData:

@@ -87,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--colluders", type=int, default=0,
                    help="with --noise distributed: clients assumed to collude with the server (their noise is not counted)")
     p.add_argument("--bits", type=int, default=32, help="secure-aggregation field width (distributed noise: of the integer sum)")
+    p.add_argument("--backbone", choices=("mnist_cnn", "scatternet"), default="mnist_cnn",
+                   help="frozen features below the head: the MNIST CNN's conv blocks (transfer), or ScatterNet "
+                        "(Tramer and Boneh's handcrafted wavelet features, 81x7x7 = 3969; needs kymatio)")
     p.add_argument("--num-conv", type=int, default=2, choices=(1, 2, 3),
                    help="frozen source conv blocks below the head (2: 64x7x7 = 3136 features)")
     p.add_argument("--epochs", type=int, default=1, help="local epochs per round (of the declared count)")
@@ -144,12 +147,12 @@ def job_config(args: argparse.Namespace, declared: dict[str, int], job_id: str) 
     if args.server == "fedavgm" and args.server_momentum is not None:
         server["momentum"] = args.server_momentum
     return FashionConfig.from_mapping({
-        "job": {"dataset": "fashion_mnist", "source": "mnist", "clients": list(declared), "rounds": args.rounds,
+        "job": {"dataset": "fashion_mnist", "source": "mnist" if args.backbone == "mnist_cnn" else "scatternet", "clients": list(declared), "rounds": args.rounds,
                 "seed": args.seed, "id": job_id},
         "privacy": {"epsilon": args.epsilon, "delta": DELTA, "accountant": ACCOUNTANT,
                     **({"noise": "distributed", "colluders": args.colluders} if args.noise == "distributed" else {})},
         "declared": {"records": declared},
-        "model": {"num_conv": args.num_conv, "feature_scale": args.feature_scale, "alpha": args.alpha},
+        "model": {"backbone": args.backbone, "num_conv": args.num_conv, "feature_scale": args.feature_scale, "alpha": args.alpha},
         "training": {"lr": args.lr, "expected_batch_size": args.batch_size, "max_grad_norm": args.max_grad_norm,
                      "epochs": args.epochs},
         "server": server,
@@ -245,7 +248,7 @@ def run(args: argparse.Namespace, *, on_clients: Any = None) -> dict[str, Any]:
     backbone.eval()
 
     def features(x: np.ndarray, y: np.ndarray) -> TensorDataset:
-        return cache_features(backbone, Images(x, y), batch_size=64)
+        return cache_features(backbone, Images(x, y), batch_size=source.feature_batch_size)
 
     # The experimenter's evaluation data (outside the protocol): the public test split and the
     # clients' validation rows pooled (each client's rows a slice of it), as features of the same

@@ -107,6 +107,44 @@ class FashionNet(nn.Module):
         return self.head(self.normalize(self.features(x).flatten(1)))
 
 
+class ScatterNet(nn.Module):
+    """``head(normalize(group_norm(scattering(x))))``: the handcrafted ScatterNet features of
+    Tramer and Boneh (ICLR 2021) and a new linear ``head``; only ``head`` trains.
+
+    The scattering transform (kymatio's ``Scattering2D``, ``J=2``, 8 angles) is a fixed cascade
+    of Morlet wavelets, complex modulus and local averaging: 81 channels of 7 x 7 on a 28 x 28
+    image, defined by the wavelets alone (nothing learned, nothing from anyone's data). It reads
+    pixel values in ``[0, 1]``, so the MNIST normalisation of :func:`to_inputs` is undone first.
+    ``GroupNorm(27, 81)`` without affine parameters normalises each example by its own statistics
+    (27 groups of 3 channels), then every feature vector is scaled to norm ``feature_scale`` as in
+    :class:`FashionNet`: both are per-example maps, so each client computes them on its own.
+    """
+
+    J, ANGLES, GROUPS = 2, 8, 27
+
+    def __init__(self, *, feature_scale: float = 1.0) -> None:
+        super().__init__()
+        try:
+            # the 2-D frontend only: kymatio's package-level import also loads its 3-D transform,
+            # which needs scipy.special.sph_harm (removed in SciPy 1.15)
+            from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
+        except ImportError as exc:
+            raise ModelError("the ScatterNet backbone needs kymatio: pip install kymatio==0.3.0") from exc
+        self.scattering = ScatteringTorch2D(J=self.J, shape=(28, 28), L=self.ANGLES)
+        self.channels = 1 + self.J * self.ANGLES + self.ANGLES**2 * self.J * (self.J - 1) // 2  # 81
+        self.group_norm = nn.GroupNorm(self.GROUPS, self.channels, affine=False)
+        self.normalize = L2Normalize(feature_scale)
+        self.head = nn.Linear(self.channels * 7 * 7, 10)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        HeadOnly(head="head").apply(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pixels = x * MNIST_STD + MNIST_MEAN
+        s = self.scattering(pixels).reshape(x.shape[0], self.channels, 7, 7)
+        return self.head(self.normalize(self.group_norm(s).flatten(1)))
+
+
 def to_inputs(images: np.ndarray) -> torch.Tensor:
     """uint8 images ``(n, 28, 28)`` -> float ``(n, 1, 28, 28)`` normalised as the source expects."""
     x = torch.from_numpy(np.ascontiguousarray(images)).to(torch.float32).div_(255.0)

@@ -76,17 +76,22 @@ class SourceModel:
     """The public source/transfer model of a job: ``model`` with its submodule ``head`` trainable
     and everything else frozen (:class:`~secfedtl.transfer.freezing.HeadOnly` is applied when it
     is built). ``cache_features``: the frozen part is deterministic, so each hospital may compute
-    its features once and train the head on them. ``info``: public facts about how it was built
-    (recorded in metrics.json)."""
+    its features once and train the head on them, ``feature_batch_size`` rows at a time (a backbone
+    with a large fixed cost per call, such as a wavelet scattering, wants large batches).
+    ``info``: public facts about how it was built (recorded in metrics.json)."""
 
     model: nn.Module
     head: str = "head"
     cache_features: bool = True
     info: Mapping[str, Any] = field(default_factory=dict)
+    feature_batch_size: int = 64
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, nn.Module):
             raise ConfigError(f"a source model must be a torch nn.Module, not {type(self.model).__name__}")
+        size = self.feature_batch_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ConfigError(f"feature_batch_size must be a positive int, got {size!r}")
         HeadOnly(head=self.head).apply(self.model)
 
     @property
@@ -370,6 +375,7 @@ def build_client_node(job: FederatedJob, config: JobConfig, name: str, source: S
                                                                       source=model_source.head_state),
                                         head=model_source.head, cache_features=model_source.cache_features,
                                         feature_buffer=data.feature_buffer if model_source.cache_features else None,
+                                        cache_batch_size=model_source.feature_batch_size,
                                         randomness=randomness)
         tasks = standard_tasks(hospital.client, evaluation, frozen_hash=model_source.frozen_hash, reports=reports,
                                metric=job.metric)
@@ -444,6 +450,7 @@ def _distributed_node(job: FederatedJob, config: JobConfig, name: str, source: S
         hospital.client = PrivateClient(client_id=name, model=model_source.model, train_data=data.train, config=dp,
                                         guard=guard, head=model_source.head, cache_features=model_source.cache_features,
                                         feature_buffer=data.feature_buffer if model_source.cache_features else None,
+                                        cache_batch_size=model_source.feature_batch_size,
                                         randomness=randomness)
         tasks = standard_tasks(hospital.client, evaluation, frozen_hash=model_source.frozen_hash, reports=reports,
                                metric=job.metric)

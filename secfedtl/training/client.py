@@ -89,7 +89,7 @@ class PrivateClient:
     ``cache_features=True``) is where: a float32 tensor of shape ``(len(train_data), d)``, e.g. a
     row slice of one buffer that holds several datasets' features, or ``torch.from_numpy`` of a
     ``np.memmap``; the client then trains on that storage itself (see
-    :func:`~secfedtl.transfer.caching.cache_features`).
+    :func:`~secfedtl.transfer.caching.cache_features`), ``cache_batch_size`` rows per backbone call.
 
     Randomness: Poisson batches and noise come from ``randomness``
     (:class:`~secfedtl.privacy.randomness.Randomness`; default :meth:`Randomness.secure`: batch
@@ -118,6 +118,7 @@ class PrivateClient:
         cache_features: bool = False,
         feature_buffer: torch.Tensor | None = None,
         randomness: Randomness | None = None,
+        cache_batch_size: int = 64,
     ) -> None:
         if not isinstance(client_id, str) or not client_id:
             raise InputError("client_id must be a non-empty string")
@@ -187,11 +188,11 @@ class PrivateClient:
         self._data: Dataset = train_data
         self._cached = False
         if cache_features:
-            self._data = self._build_cache(train_data, head, loss_fn, feature_buffer)
+            self._data = self._build_cache(train_data, head, loss_fn, feature_buffer, cache_batch_size)
             self._cached = True
 
     def _build_cache(self, train_data: Dataset, head: str | None, loss_fn: PerSampleLoss | None,
-                     feature_buffer: torch.Tensor | None) -> Dataset:
+                     feature_buffer: torch.Tensor | None, batch_size: int) -> Dataset:
         if head is None:
             raise ConfigError("cache_features needs the name of the head module")
         if loss_fn is not None:
@@ -203,7 +204,7 @@ class PrivateClient:
             raise ConfigError(f"cannot cache features: trainable parameters outside the head: {', '.join(extra)}")
         backbone.train()  # pinned modules stay in eval: this is what private training would see
         check_frozen_deterministic(backbone)
-        features = cache_features(backbone, train_data, batch_size=64, out=feature_buffer)
+        features = cache_features(backbone, train_data, batch_size=batch_size, out=feature_buffer)
         # The split must reproduce the model: head(backbone(x)) == model(x) on a probe batch.
         probe_x = torch.stack([train_data[i][0] for i in range(min(4, len(features)))])  # type: ignore[index]
         was = self._model.training

@@ -105,6 +105,58 @@ def test_feature_scale_sets_the_norm_of_every_feature_vector() -> None:
             source_model.FashionNet(source, feature_scale=bad)
 
 
+def test_scatternet_features_are_fixed_per_example_and_only_the_head_trains() -> None:
+    pytest.importorskip("kymatio")
+    from secfedtl.transfer import split_head
+
+    net = source_model.ScatterNet(feature_scale=3.0)
+    assert [n for n, p in net.named_parameters() if p.requires_grad] == ["head.weight", "head.bias"]
+    assert net.head.in_features == 81 * 7 * 7
+    assert not net.head.weight.any() and not net.head.bias.any()
+    images = np.random.default_rng(2).integers(0, 256, (6, 28, 28), dtype=np.uint8)
+    backbone, head = split_head(net, "head")
+    backbone.eval()
+    feats = backbone(source_model.to_inputs(images))
+    torch.testing.assert_close(feats.norm(dim=1), torch.full((6,), 3.0))
+    torch.testing.assert_close(head(feats), net(source_model.to_inputs(images)))
+    # per example: an example's features do not depend on the other rows of its batch
+    torch.testing.assert_close(backbone(source_model.to_inputs(images[2:3])), feats[2:3], atol=1e-5, rtol=1e-5)
+    # the transform reads pixels in [0, 1]: undoing to_inputs' normalisation gives kymatio's own
+    # scattering of the raw pixels, group-normalised
+    from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
+
+    raw = torch.from_numpy(images).float().div(255).unsqueeze(1)
+    s = ScatteringTorch2D(J=2, shape=(28, 28), L=8)(raw).reshape(6, 81, 7, 7)
+    want = torch.nn.functional.group_norm(s, 27).flatten(1)
+    torch.testing.assert_close(feats, 3.0 * want / want.norm(dim=1, keepdim=True), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ConfigError, match="feature scale"):
+        source_model.ScatterNet(feature_scale=0.0)
+
+
+def test_scatternet_job_trains_a_head_on_cached_scattering_features(tmp_path: Path, monkeypatch) -> None:
+    """``[model] backbone = "scatternet"`` through the generic in-process runner: the source is the
+    wavelet transform (no weights file is read), the features are cached in batches of 1024,
+    every round ok, every ledger certified; an unknown backbone is refused."""
+    pytest.importorskip("kymatio")
+    from secfedtl.privacy.audit import audit_ledger
+    from secfedtl.runtime.local import run_job
+
+    fashion_job, config = _tiny_job(tmp_path, monkeypatch)
+    monkeypatch.setenv("FASHION_MNIST_WEIGHTS", str(tmp_path / "missing.pth"))  # never read
+    data = config.to_dict()
+    data["model"]["backbone"] = "scatternet"
+    config = fashion_job.FashionConfig.from_mapping(data)
+    source = fashion_job.FASHION.build_source(config)
+    assert source.feature_batch_size == 1024 and source.model.head.in_features == 3969
+    metrics = run_job(fashion_job.FASHION, config, tmp_path / "out", state_dir=tmp_path / "state", progress=False)
+    assert [r["status"] for r in metrics["server"]["rounds"]] == ["ok", "ok"]
+    for name in config["job"]["clients"]:
+        assert audit_ledger(tmp_path / "state" / name / "ledger.jsonl").certified
+    data["model"]["backbone"] = "resnet"
+    with pytest.raises(ConfigError, match="backbone must be one of"):
+        fashion_job.FashionConfig.from_mapping(data)
+
+
 def test_declared_records_are_a_round_figure_of_the_fit_size() -> None:
     run = _load("run")
     assert run.declared_records(2729, 500) == 2500

@@ -79,6 +79,9 @@ def test_hospital_data_and_source_model_check_what_a_job_returns():
     assert torch.equal(moved.backbone.weight, source.model.backbone.weight)
     with pytest.raises(ConfigError):
         SourceModel(model="not a module")  # type: ignore[arg-type]
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ConfigError, match="feature_batch_size"):
+            SourceModel(model=Net(), head="head", feature_batch_size=bad)  # type: ignore[arg-type]
 
     job = FederatedJob(name="bad", source=lambda c, s: Net(), data=lambda c, n: (x, y))  # type: ignore[arg-type,return-value]
     config = JobConfig.from_mapping(MINIMAL)
