@@ -157,7 +157,13 @@ def test_audit_catches_seeded_defect(defect, monkeypatch, tmp_path):
     assert report["bound"]["epsilon_lower"] > report["ledger_epsilon"]
 
 
-@pytest.mark.parametrize("adversary,m,settings", [("whitebox", 400, {}), ("server", SERVER_CANARIES, SERVER_JOB)])
+# The correct pipeline under the server audit runs at epsilon 0.6, above the 0.43 that 13 canaries
+# can prove at all: with only 6 guesses even pure chance gets all right 1 time in 64, and a nearly
+# tight mechanism at epsilon 0.3 up to (e^0.3 / (1 + e^0.3))^6 = 3.6% of runs, a false alarm the
+# 95% test allows (measured: 3 of 40 runs at epsilon 0.3, scale 100). The false-alarm check with
+# power is the white-box one (400 canaries can prove far above its ledger's epsilon).
+@pytest.mark.parametrize("adversary,m,settings", [("whitebox", 400, {}),
+                                                  ("server", SERVER_CANARIES, {**SERVER_JOB, "epsilon": 0.6})])
 def test_correct_pipeline_stays_below_the_ledger(adversary, m, settings, tmp_path):
     report = run_audit(small_job(**settings), tmp_path, canaries=m, client="hungary", adversary=adversary)
     assert not report["violation"]
