@@ -8,6 +8,8 @@ client caches the frozen features once and trains a new linear head with DP-SGD.
 
 Public settings (the job file): ``[model]`` ``backbone`` (``"mnist_cnn"``, the default, or
 ``"scatternet"``), ``num_conv`` (the CNN's frozen conv blocks below the head; unused by ScatterNet),
+``centre_epsilon`` (ScatterNet only: the part of ``[privacy] epsilon`` spent on DP centring of the
+features before training, :data:`FASHION_CENTRED`; 0, the default, is no centring),
 ``feature_scale`` (norm of every feature vector), ``alpha`` (the simulation's Dirichlet label
 skew: which share of Fashion-MNIST's training split each simulated client holds). Each node's
 own settings (never in the job file, never from the server): ``FASHION_MNIST_DIR`` (the IDX
@@ -36,14 +38,17 @@ from source_model import FashionNet, ScatterNet, load_mnist_cnn, to_inputs  # no
 from secfedtl.data.fashion_mnist import FashionMNIST, client_splits, load_fashion_mnist  # noqa: E402
 from secfedtl.errors import ConfigError  # noqa: E402
 from secfedtl.federated import FederatedJob, HospitalData, JobConfig, SourceModel  # noqa: E402
+from secfedtl.federated.centring import centring  # noqa: E402
+from secfedtl.transfer.caching import iter_batches  # noqa: E402
+from secfedtl.transfer.centring import MeanMechanism  # noqa: E402
 from secfedtl.privacy.state import data_fingerprint  # noqa: E402
 
 
 class FashionConfig(JobConfig):
     MODEL_SCHEMA: ClassVar[dict[str, type] | None] = {"backbone": str, "num_conv": int, "feature_scale": float,
-                                                      "alpha": float}
+                                                      "alpha": float, "centre_epsilon": float}
     MODEL_OPTIONAL: ClassVar[dict[str, Any]] = {"backbone": "mnist_cnn", "num_conv": 2, "feature_scale": 3.0,
-                                                "alpha": 0.5}
+                                                "alpha": 0.5, "centre_epsilon": 0.0}
     BACKBONES: ClassVar[tuple[str, ...]] = ("mnist_cnn", "scatternet")
     DATASETS: ClassVar[tuple[str, ...]] = ("fashion_mnist",)
 
@@ -56,6 +61,16 @@ class FashionConfig(JobConfig):
         for key in ("feature_scale", "alpha"):
             if not (math.isfinite(model[key]) and model[key] > 0):
                 raise ConfigError(f"[model] {key} must be a finite number > 0")
+        if model["centre_epsilon"] != 0 and model["backbone"] != "scatternet":
+            raise ConfigError("[model] centre_epsilon: only the scatternet backbone has a centring layer")
+
+    @classmethod
+    def _check(cls, sections: dict[str, dict[str, Any]]) -> None:
+        super()._check(sections)
+        centre, epsilon = sections["model"]["centre_epsilon"], sections["privacy"]["epsilon"]
+        if not (math.isfinite(centre) and 0 <= centre < epsilon):
+            raise ConfigError(f"[model] centre_epsilon ({centre:g}) is part of the budget: it must be >= 0 and below "
+                              f"[privacy] epsilon ({epsilon:g})")
 
 
 class Images(Dataset):
@@ -121,4 +136,49 @@ def hospital_data(config: JobConfig, name: str) -> HospitalData:
                         fingerprint=data_fingerprint([split.x_fit, split.y_fit, split.x_val, split.y_val]))
 
 
-FASHION = FederatedJob(name="fashion_mnist", source=source, data=hospital_data, config_type=FashionConfig)
+def _uncentred(config: JobConfig, name: str) -> HospitalData:
+    if config["model"]["centre_epsilon"] > 0:
+        raise ConfigError("fashion_job:FASHION does not centre: [model] centre_epsilon > 0 is fashion_job:FASHION_CENTRED")
+    return hospital_data(config, name)
+
+
+def _centred(config: JobConfig, name: str) -> HospitalData:
+    if config["model"]["backbone"] != "scatternet" or config["model"]["centre_epsilon"] <= 0:
+        raise ConfigError("fashion_job:FASHION_CENTRED needs [model] backbone = \"scatternet\" and centre_epsilon > 0")
+    return hospital_data(config, name)
+
+
+def centre_mechanism(config: JobConfig) -> MeanMechanism:
+    """DP centring's mechanism, public, from the job file: the Gaussian mean of unit vectors."""
+    priv = config["privacy"]
+    return MeanMechanism.calibrate(dim=ScatterNet.dim_of(), target_epsilon=config["model"]["centre_epsilon"],
+                                   target_delta=priv["delta"], accountant=priv["accountant"])
+
+
+@functools.lru_cache(maxsize=1)
+def _scatter() -> ScatterNet:
+    return ScatterNet().eval()
+
+
+@torch.no_grad()
+def unit_feature_rows(data: HospitalData) -> np.ndarray:
+    """What a hospital's DP centring averages: the unit ScatterNet features of its training rows,
+    computed at the hospital (1,024 images per call)."""
+    net, rows = _scatter(), []
+    for x, _ in iter_batches(data.train, 1024):
+        rows.append(net.unit_features(x).numpy())
+    return np.concatenate(rows)
+
+
+#: Without DP centring (``[model] centre_epsilon = 0``).
+FASHION = FederatedJob(name="fashion_mnist", source=source, data=_uncentred, config_type=FashionConfig)
+#: ScatterNet features centred on the hospitals' DP mean first (``[model] centre_epsilon > 0``).
+FASHION_CENTRED = FederatedJob(name="fashion_mnist", source=source, data=_centred, config_type=FashionConfig,
+                               prepare=centring(centre_mechanism, unit_feature_rows, layer="centring"))
+
+
+def job_for(config: JobConfig) -> tuple[FederatedJob, str]:
+    """The job (and its ``MODULE:ATTR`` for a node agent) the config's ``centre_epsilon`` asks for."""
+    if config["model"]["centre_epsilon"] > 0:
+        return FASHION_CENTRED, "fashion_job:FASHION_CENTRED"
+    return FASHION, "fashion_job:FASHION"

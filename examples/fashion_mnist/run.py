@@ -6,7 +6,7 @@ Set up with ``examples/fashion_mnist/setup.sh``, then from the repository root:
     .venv/bin/python examples/fashion_mnist/run.py --out runs/fashion_mnist
     .venv/bin/python examples/fashion_mnist/run.py --out runs/fashion_mnist_flower --flower simulate
 
-The job is :data:`fashion_job.FASHION`, a :class:`~secfedtl.federated.job.FederatedJob` (the same
+The job is :data:`fashion_job.FASHION` (or :data:`fashion_job.FASHION_CENTRED` with DP centring), a :class:`~secfedtl.federated.job.FederatedJob` (the same
 description the heart job uses): in process by default; ``--flower local|simulate`` runs the same
 job on a local Flower deployment (SuperLink, a node agent per client running
 ``secfedtl node --job fashion_job:FASHION``, the secfedtl ServerApp).
@@ -48,7 +48,7 @@ from torch.utils.data import TensorDataset
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # source_model.py and fashion_job.py beside this file
 
-from fashion_job import FASHION, FashionConfig, Images, client_names, load_data, splits  # noqa: E402
+from fashion_job import FashionConfig, Images, client_names, job_for, load_data, splits  # noqa: E402
 
 from secfedtl.aggregation.optimizers import decode_vector  # noqa: E402
 from secfedtl.data.fashion_mnist import CLASS_NAMES, DEBIAN_DIR, ZALANDO_URL  # noqa: E402
@@ -90,6 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backbone", choices=("mnist_cnn", "scatternet"), default="mnist_cnn",
                    help="frozen features below the head: the MNIST CNN's conv blocks (transfer), or ScatterNet "
                         "(Tramer and Boneh's handcrafted wavelet features, 81x7x7 = 3969; needs kymatio)")
+    p.add_argument("--centre-epsilon", type=float, default=0.0,
+                   help="with --backbone scatternet: the part of --epsilon spent on DP centring of the features before "
+                        "training (the job's preparation; 0: none). Not with --flower in this example")
     p.add_argument("--num-conv", type=int, default=2, choices=(1, 2, 3),
                    help="frozen source conv blocks below the head (2: 64x7x7 = 3136 features)")
     p.add_argument("--epochs", type=int, default=1, help="local epochs per round (of the declared count)")
@@ -123,6 +126,14 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--epsilon must be a number > 0, got {args.epsilon:g}")
     if args.rounds < 1 or args.clients < 3 or args.epochs < 1 or args.batch_size < 1:
         raise ConfigError("--rounds, --epochs and --batch-size must be >= 1, and --clients >= 3")
+    if not (math.isfinite(args.centre_epsilon) and 0 <= args.centre_epsilon < args.epsilon):
+        raise ConfigError(f"--centre-epsilon ({args.centre_epsilon:g}) is part of the budget: it must be >= 0 and "
+                          f"below --epsilon ({args.epsilon:g})")
+    if args.centre_epsilon > 0 and args.backbone != "scatternet":
+        raise ConfigError("--centre-epsilon: only --backbone scatternet has a centring layer")
+    if args.centre_epsilon > 0 and args.flower is not None:
+        raise ConfigError("--centre-epsilon with --flower: not supported by this example (the experimenter would "
+                          "have to rebuild the centred model from the server's preparation record)")
     if args.declared_grid < 1:
         raise ConfigError("--declared-grid must be >= 1")
     if not (math.isfinite(args.alpha) and args.alpha > 0):
@@ -152,7 +163,8 @@ def job_config(args: argparse.Namespace, declared: dict[str, int], job_id: str) 
         "privacy": {"epsilon": args.epsilon, "delta": DELTA, "accountant": ACCOUNTANT,
                     **({"noise": "distributed", "colluders": args.colluders} if args.noise == "distributed" else {})},
         "declared": {"records": declared},
-        "model": {"backbone": args.backbone, "num_conv": args.num_conv, "feature_scale": args.feature_scale, "alpha": args.alpha},
+        "model": {"backbone": args.backbone, "centre_epsilon": args.centre_epsilon, "num_conv": args.num_conv,
+                  "feature_scale": args.feature_scale, "alpha": args.alpha},
         "training": {"lr": args.lr, "expected_batch_size": args.batch_size, "max_grad_norm": args.max_grad_norm,
                      "epochs": args.epochs},
         "server": server,
@@ -235,7 +247,8 @@ def run(args: argparse.Namespace, *, on_clients: Any = None) -> dict[str, Any]:
     declared = {n: declared_records(len(s.y_fit), args.declared_grid) for n, s in zip(names, shares)}
     job_id = "fashion_mnist-" + uuid.uuid4().hex  # public; every ledger entry of this run carries it
     config = job_config(args, declared, job_id)
-    source = FASHION.build_source(config)  # the source weights load (or fail) before anything is created
+    job, job_code = job_for(config)
+    source = job.build_source(config)  # the source weights load (or fail) before anything is created
     timings["load"] = time.perf_counter() - t0
 
     out: Path = args.out
@@ -243,22 +256,28 @@ def run(args: argparse.Namespace, *, on_clients: Any = None) -> dict[str, Any]:
     if args.state_dir is None and args.flower is None:
         print(f"fashion_mnist: throwaway privacy states in {out / 'privacy-state'} "
               "(real clients keep theirs across jobs)", file=sys.stderr)
-    t0 = time.perf_counter()
-    backbone, _ = split_head(source.model, "head")
-    backbone.eval()
-
-    def features(x: np.ndarray, y: np.ndarray) -> TensorDataset:
-        return cache_features(backbone, Images(x, y), batch_size=source.feature_batch_size)
-
-    # The experimenter's evaluation data (outside the protocol): the public test split and the
-    # clients' validation rows pooled (each client's rows a slice of it), as features of the same
-    # frozen layers: each round scores only the head.
-    test = features(data.x_test, data.y_test)
+    test_images, test_labels = data.x_test, data.y_test
     del data  # the clients' shares are their own arrays: the whole training split need not stay
-    val = features(np.concatenate([s.x_val for s in shares]), np.concatenate([s.y_val for s in shares]))
-    client_val = dict(zip(names, row_slices(val, [len(s.y_val) for s in shares])))
-    timings["eval_features"] = time.perf_counter() - t0
-    head = copy.deepcopy(source.model.head)
+    ev: dict[str, Any] = {}
+
+    def evaluation_features(prepared: Any) -> dict[str, dict[str, TensorDataset]]:
+        """The experimenter's evaluation data (outside the protocol): the public test split and the
+        clients' validation rows pooled (each client's rows a slice of it), as features of the
+        frozen layers of the job's source once prepared (with DP centring they include the
+        released centre): each round scores only the head. Returns each client's rows."""
+        t = time.perf_counter()
+        backbone, _ = split_head(prepared.model, "head")
+        backbone.eval()
+
+        def features(x: np.ndarray, y: np.ndarray) -> TensorDataset:
+            return cache_features(backbone, Images(x, y), batch_size=prepared.feature_batch_size)
+
+        ev["features"] = features
+        ev["test"] = features(test_images, test_labels)
+        ev["val"] = features(np.concatenate([s.x_val for s in shares]), np.concatenate([s.y_val for s in shares]))
+        client_val = dict(zip(names, row_slices(ev["val"], [len(s.y_val) for s in shares])))
+        timings["eval_features"] = time.perf_counter() - t
+        return {n: {"validation": v} for n, v in client_val.items()}
 
     def head_with(params: np.ndarray) -> nn.Module:
         model = source.with_params(params)
@@ -266,26 +285,27 @@ def run(args: argparse.Namespace, *, on_clients: Any = None) -> dict[str, Any]:
 
     def round_metrics(params: np.ndarray) -> dict[str, float]:
         h = head_with(params)
-        return {"public_test_accuracy": head_accuracy(h, test), "pooled_validation_accuracy": head_accuracy(h, val)}
+        return {"public_test_accuracy": head_accuracy(h, ev["test"]),
+                "pooled_validation_accuracy": head_accuracy(h, ev["val"])}
 
     t0 = time.perf_counter()
     if args.flower is None:
         # One buffer for every client's cached training features, each client's a row slice
         # (allocated, not yet written: the clients fill it); the reference head reads it whole.
-        fit_x = torch.empty((sum(len(s.y_fit) for s in shares), val.tensors[0].shape[1]), dtype=torch.float32)
+        fit_x = torch.empty((sum(len(s.y_fit) for s in shares), source.model.head.in_features), dtype=torch.float32)
         fit_rows = [t.tensors[0] for t in row_slices(TensorDataset(fit_x), [len(s.y_fit) for s in shares])]
-        job = with_feature_buffers(FASHION, dict(zip(names, fit_rows)))
-        metrics, ledgers, mechanism, params = _in_process(args, job, config, out, round_metrics, on_clients,
-                                                          experimenter_features={n: {"validation": v}
-                                                                                 for n, v in client_val.items()})
+        buffered = with_feature_buffers(job, dict(zip(names, fit_rows)))
+        metrics, ledgers, mechanism, params = _in_process(args, buffered, config, out, round_metrics, on_clients,
+                                                          experimenter_features=evaluation_features)
         fit = TensorDataset(fit_x, torch.as_tensor(np.concatenate([s.y_fit for s in shares]), dtype=torch.long))
     else:
         if on_clients is not None:
             raise ConfigError("on Flower the clients live in their node agents: no in-process hook")
-        metrics, ledgers, mechanism, params = _on_flower(args, config, out, round_metrics)
+        evaluation_features(source)
+        metrics, ledgers, mechanism, params = _on_flower(args, config, out, round_metrics, job_code)
         fit = None  # the clients' features are in their node agents
     timings["federated_training"] = time.perf_counter() - t0
-    head = head_with(params)
+    head, test, val, features = head_with(params), ev["test"], ev["val"], ev["features"]
     spent = {n: [ev for _, ev, _ in spent_events(read_verified_ledger(p)[0]).get(n, [])] for n, p in ledgers.items()}
     audits = {n: audit_ledger(p) for n, p in ledgers.items()}
     sim = metrics.setdefault("simulation_only", {"rounds": []})
@@ -329,7 +349,10 @@ def run(args: argparse.Namespace, *, on_clients: Any = None) -> dict[str, Any]:
 
 
 def _in_process(args: argparse.Namespace, job: Any, config: FashionConfig, out: Path, round_metrics: Any,
-                on_clients: Any = None, *, experimenter_features: Any = None) -> tuple[Any, ...]:
+                on_clients: Any = None, *, experimenter_features: Any) -> tuple[Any, ...]:
+    """Every client's node and the server in this process: the job's preparation (DP centring,
+    if any) runs as the job is built; ``experimenter_features(prepared_source)`` then gives the
+    experimenter's per-client evaluation features; then the rounds."""
     from secfedtl.federated.run import run_federation
     from secfedtl.runtime.local import build_job
 
@@ -340,8 +363,10 @@ def _in_process(args: argparse.Namespace, job: Any, config: FashionConfig, out: 
         local.warn_earlier_spend(epsilon=args.epsilon, delta=DELTA, accountant=ACCOUNTANT)
         if on_clients is not None:
             on_clients(local.clients, local.states, config["job"]["id"])
+        evaluation = experimenter_features(local.source)
         metrics = run_federation(config, local.source, local.federation, run_dir, progress=not args.no_progress,
-                                 experimenter=local.experimenter(experimenter_features), round_metrics=round_metrics)
+                                 preparation=local.preparation, experimenter=local.experimenter(evaluation),
+                                 round_metrics=round_metrics)
         clients = local.clients
         mechanism = {"note": "public: functions of the settings and the declared counts only",
                      "sample_rate": {n: c.sample_rate for n, c in clients.items()},
@@ -363,13 +388,14 @@ def _in_process(args: argparse.Namespace, job: Any, config: FashionConfig, out: 
         local.close()
 
 
-def _on_flower(args: argparse.Namespace, config: FashionConfig, out: Path, round_metrics: Any) -> tuple[Any, ...]:
+def _on_flower(args: argparse.Namespace, config: FashionConfig, out: Path, round_metrics: Any,
+               job_code: str) -> tuple[Any, ...]:
     from secfedtl.runtime.deploy import run_local
 
     job_file = out / "job.toml"
     job_file.write_text(config.to_toml(), encoding="utf-8")
     metrics = run_local(job_file, out / "flower", simulation=args.flower == "simulate",
-                        phase_timeout=args.phase_timeout, job_code="fashion_job:FASHION")
+                        phase_timeout=args.phase_timeout, job_code=job_code)
     checkpoint = json.loads((out / "flower" / "server" / "checkpoint.json").read_text(encoding="utf-8"))
     params = decode_vector(checkpoint["global_params"])
     ledgers = {n: out / "flower" / "hospitals" / n / "privacy" / n / "ledger.jsonl" for n in config["job"]["clients"]}

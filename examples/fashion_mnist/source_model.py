@@ -108,16 +108,19 @@ class FashionNet(nn.Module):
 
 
 class ScatterNet(nn.Module):
-    """``head(normalize(group_norm(scattering(x))))``: the handcrafted ScatterNet features of
+    """``head(normalize(centring(unit_features(x))))``: the handcrafted ScatterNet features of
     Tramer and Boneh (ICLR 2021) and a new linear ``head``; only ``head`` trains.
 
-    The scattering transform (kymatio's ``Scattering2D``, ``J=2``, 8 angles) is a fixed cascade
-    of Morlet wavelets, complex modulus and local averaging: 81 channels of 7 x 7 on a 28 x 28
-    image, defined by the wavelets alone (nothing learned, nothing from anyone's data). It reads
-    pixel values in ``[0, 1]``, so the MNIST normalisation of :func:`to_inputs` is undone first.
-    ``GroupNorm(27, 81)`` without affine parameters normalises each example by its own statistics
-    (27 groups of 3 channels), then every feature vector is scaled to norm ``feature_scale`` as in
-    :class:`FashionNet`: both are per-example maps, so each client computes them on its own.
+    :meth:`unit_features`: the scattering transform (kymatio's ``Scattering2D``, ``J=2``, 8
+    angles) is a fixed cascade of Morlet wavelets, complex modulus and local averaging: 81 channels
+    of 7 x 7 on a 28 x 28 image, defined by the wavelets alone (nothing learned, nothing from
+    anyone's data). It reads pixel values in ``[0, 1]``, so the MNIST normalisation of
+    :func:`to_inputs` is undone first. ``GroupNorm(27, 81)`` without affine parameters normalises
+    each example by its own statistics (27 groups of 3 channels), and the vector is scaled to norm
+    1. ``centring`` subtracts a centre that is zero unless the job's preparation (DP centring,
+    ``[model] centre_epsilon > 0``) set it to the hospitals' noisy mean of those unit vectors; the
+    result is scaled to norm ``feature_scale`` as in :class:`FashionNet`. Every step is a
+    per-example map, so each client computes its features on its own.
     """
 
     J, ANGLES, GROUPS = 2, 8, 27
@@ -130,19 +133,34 @@ class ScatterNet(nn.Module):
             from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
         except ImportError as exc:
             raise ModelError("the ScatterNet backbone needs kymatio: pip install kymatio==0.3.0") from exc
+        from secfedtl.federated.centring import Centring
+
         self.scattering = ScatteringTorch2D(J=self.J, shape=(28, 28), L=self.ANGLES)
-        self.channels = 1 + self.J * self.ANGLES + self.ANGLES**2 * self.J * (self.J - 1) // 2  # 81
+        self.dim = self.dim_of()
+        self.channels = self.dim // 49  # 81
         self.group_norm = nn.GroupNorm(self.GROUPS, self.channels, affine=False)
+        self.unit = L2Normalize(1.0)
+        self.centring = Centring(self.dim)
         self.normalize = L2Normalize(feature_scale)
-        self.head = nn.Linear(self.channels * 7 * 7, 10)
+        self.head = nn.Linear(self.dim, 10)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
         HeadOnly(head="head").apply(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @classmethod
+    def dim_of(cls) -> int:
+        """The feature dimension (81 x 7 x 7 = 3969), without building the transform."""
+        return (1 + cls.J * cls.ANGLES + cls.ANGLES**2 * cls.J * (cls.J - 1) // 2) * 7 * 7
+
+    def unit_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The unit-norm, group-normalised scattering features of model inputs ``x`` (what DP
+        centring averages)."""
         pixels = x * MNIST_STD + MNIST_MEAN
         s = self.scattering(pixels).reshape(x.shape[0], self.channels, 7, 7)
-        return self.head(self.normalize(self.group_norm(s).flatten(1)))
+        return self.unit(self.group_norm(s).flatten(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.normalize(self.centring(self.unit_features(x))))
 
 
 def to_inputs(images: np.ndarray) -> torch.Tensor:

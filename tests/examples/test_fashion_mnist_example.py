@@ -157,6 +157,44 @@ def test_scatternet_job_trains_a_head_on_cached_scattering_features(tmp_path: Pa
         fashion_job.FashionConfig.from_mapping(data)
 
 
+def test_scatternet_dp_centring_with_distributed_noise(tmp_path: Path, monkeypatch) -> None:
+    """``[model] centre_epsilon > 0`` is FASHION_CENTRED: every client releases its noisy sum of
+    unit ScatterNet features first (charged to its ledger before the training steps, which are
+    calibrated after it), the source's centring layer takes the server's mean, and the training
+    steps are distributed noise; every ledger certified within the budget. The centre reaches the
+    model the clients train (the source info says so)."""
+    pytest.importorskip("kymatio")
+    from secfedtl.privacy.audit import audit_ledger
+    from secfedtl.privacy.ledger import read_verified_ledger, spent_events
+    from secfedtl.runtime.local import run_job
+
+    fashion_job, config = _tiny_job(tmp_path, monkeypatch)
+    data = config.to_dict()
+    data["model"].update(backbone="scatternet", centre_epsilon=0.5, feature_scale=10.0)
+    data["privacy"].update(noise="distributed")
+    config = fashion_job.FashionConfig.from_mapping(data)
+    job, code = fashion_job.job_for(config)
+    assert job is fashion_job.FASHION_CENTRED and code == "fashion_job:FASHION_CENTRED"
+    with pytest.raises(ConfigError, match="does not centre"):
+        run_job(fashion_job.FASHION, config, tmp_path / "wrong", state_dir=tmp_path / "wrong-state", progress=False)
+    metrics = run_job(job, config, tmp_path / "out", state_dir=tmp_path / "state", progress=False)
+    assert [r["status"] for r in metrics["server"]["rounds"]] == ["ok", "ok"]
+    assert metrics["server"]["preparation"]["status"] == "ok"
+    assert metrics["server"]["source"]["centred"] is True
+    for name in config["job"]["clients"]:
+        path = tmp_path / "state" / name / "ledger.jsonl"
+        report = audit_ledger(path)
+        assert report.certified and 0 < report.clients[0].epsilon <= 3.0
+        kinds = [type(ev).__name__ for _, ev, _ in spent_events(read_verified_ledger(path)[0])[name]]
+        assert kinds[0] == "PoissonGaussianEvent" and set(kinds[1:]) == {"PoissonSkellamEvent"}
+    bad = dict(data, model={**data["model"], "backbone": "mnist_cnn"})
+    with pytest.raises(ConfigError, match="only the scatternet backbone"):
+        fashion_job.FashionConfig.from_mapping(bad)
+    bad = dict(data, model={**data["model"], "centre_epsilon": 3.0})
+    with pytest.raises(ConfigError, match="part of the budget"):
+        fashion_job.FashionConfig.from_mapping(bad)
+
+
 def test_declared_records_are_a_round_figure_of_the_fit_size() -> None:
     run = _load("run")
     assert run.declared_records(2729, 500) == 2500
@@ -314,7 +352,10 @@ def test_user_errors_are_one_line_before_anything_is_created(tmp_path: Path, cap
     run = _load("run")
     out = tmp_path / "out"
     for extra, words in ((["--epsilon", "0"], "--epsilon"), (["--epsilon", "-1"], "--epsilon"),
-                         (["--data-dir", str(tmp_path / "nowhere")], "--data-dir")):
+                         (["--data-dir", str(tmp_path / "nowhere")], "--data-dir"),
+                         (["--centre-epsilon", "0.5"], "only --backbone scatternet"),
+                         (["--backbone", "scatternet", "--centre-epsilon", "3"], "part of the budget"),
+                         (["--backbone", "scatternet", "--centre-epsilon", "0.5", "--flower", "local"], "--flower")):
         assert run.main(["--out", str(out), "--no-progress", *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and words in err[0], err
