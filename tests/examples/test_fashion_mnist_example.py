@@ -342,6 +342,12 @@ def test_the_example_is_a_federated_job_run_in_process(tmp_path: Path, monkeypat
     fashion_job, config = _tiny_job(tmp_path, monkeypatch)
     metrics = run_job(fashion_job.FASHION, config, tmp_path / "out", state_dir=tmp_path / "state", progress=False)
     assert [r["status"] for r in metrics["server"]["rounds"]] == ["ok", "ok"]
+    # the clients hold no test rows: the pooled test accuracy is null, and the files are strict JSON
+    for name in ("metrics.json", "simulation_rounds.json"):
+        def no_nan(token: str) -> None:
+            raise AssertionError(f"{name} holds {token}")
+        json.loads((tmp_path / "out" / name).read_text(), parse_constant=no_nan)
+    assert metrics["simulation_only"]["final"]["pooled_test_accuracy"] is None
     final = metrics["simulation_only"]["final"]
     assert all(0 < e <= 3.0 for e in final["epsilon"].values())
     for name in config["job"]["clients"]:
