@@ -119,12 +119,14 @@ class Experimenter:
         return eps
 
 
-def _pooled(infos: dict[str, dict[str, Any]], split: str) -> tuple[dict[str, float], float]:
+def _pooled(infos: dict[str, dict[str, Any]], split: str) -> tuple[dict[str, float], float | None]:
+    """Per-hospital accuracy on ``split`` and the pooled one; ``None`` when no hospital scored that
+    split (a job whose hospitals hold no test rows): JSON has no NaN."""
     per = {n: float(i["accuracy"][split]) for n, i in infos.items()
            if i.get("status") == "done" and split in i.get("accuracy", {})}
     total = sum(int(infos[n]["samples"][split]) for n in per)
     correct = sum(round(per[n] * int(infos[n]["samples"][split])) for n in per)
-    return per, (correct / total if total else float("nan"))
+    return per, (correct / total if total else None)
 
 
 def run_federation(config: JobConfig, source: SourceModel, federation: Federation, out: Path, *,
@@ -172,7 +174,7 @@ def run_federation(config: JobConfig, source: SourceModel, federation: Federatio
                              "epsilon": eps,
                              **(round_metrics(federation.global_params) if round_metrics is not None else {})})
             (out / "simulation_rounds.json").write_text(json.dumps(sim_rows, indent=2), encoding="utf-8")
-            postfix.update(acc=f"{pooled:.3f}", eps=f"{max(eps.values(), default=0.0):.3f}")
+            postfix.update(acc="-" if pooled is None else f"{pooled:.3f}", eps=f"{max(eps.values(), default=0.0):.3f}")
         bar.update(1)
         bar.set_postfix(**postfix)
 

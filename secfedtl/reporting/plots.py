@@ -10,6 +10,11 @@ from typing import Any
 __all__ = ["plot_epsilon_per_round", "plot_job_report"]
 
 
+def _or_nan(value: float | None) -> float:
+    """A pooled accuracy for plotting: ``None`` (no hospital scored that split) is a gap."""
+    return math.nan if value is None else value
+
+
 def plot_epsilon_per_round(ax: Any, rounds: Sequence[Mapping[str, Any]], *, clients: Iterable[str], budget: float,
                            accountant: str, delta: float, ticks: Sequence[int] | None = None,
                            label_clients: bool = True, title: str = "Privacy spent per hospital") -> None:
@@ -58,11 +63,12 @@ def plot_job_report(metrics: Mapping[str, Any], path: Any) -> None:
     for name in sim["final"]["per_client_test_accuracy"]:
         ax1.plot(xs, [r["test_accuracy"].get(name, math.nan) for r in rows], marker="." if many else "o",
                  linewidth=0.8 if many else 1.5, label=None if many else name)
-    ax1.plot(xs, [r["pooled_test_accuracy"] for r in rows], color="black", linewidth=2, label="pooled")
+    ax1.plot(xs, [_or_nan(r["pooled_test_accuracy"]) for r in rows], color="black", linewidth=2, label="pooled")
     if sim["final"].get("personalised_pooled_test_accuracy") is not None and labels and labels[-1] == "pers.":
         ax1.plot([ticks[-1]], [sim["final"]["personalised_pooled_test_accuracy"]], color="black", marker="*",
                  markersize=12, linestyle="none", label="personalised (pooled)")
-    ax1.axhline(sim["source"]["pooled_test_accuracy"], color="grey", linestyle="--", label="source (pooled)")
+    if sim["source"]["pooled_test_accuracy"] is not None:
+        ax1.axhline(sim["source"]["pooled_test_accuracy"], color="grey", linestyle="--", label="source (pooled)")
     ax1.set_xticks(ticks, labels=labels)
     ax1.set_xlabel("round")
     ax1.set_ylabel("test accuracy")

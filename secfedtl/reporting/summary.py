@@ -28,8 +28,9 @@ def print_summary(metrics: Mapping[str, Any]) -> None:
         print(f"{name:<14}{src[name]:>9.3f}{acc:>11.3f}{pers_s:>14}{final['epsilon'][name]:>10.3f}")
     pooled_pers = final.get("personalised_pooled_test_accuracy")
     pooled_pers_s = f"{pooled_pers:.3f}" if pooled_pers is not None else "-"
-    print(f"{'pooled':<14}{sim['source']['pooled_test_accuracy']:>9.3f}{final['pooled_test_accuracy']:>11.3f}"
-          f"{pooled_pers_s:>14}")
+    src_pooled, fed_pooled = sim["source"]["pooled_test_accuracy"], final["pooled_test_accuracy"]
+    print(f"{'pooled':<14}{'-' if src_pooled is None else f'{src_pooled:.3f}':>9}"
+          f"{'-' if fed_pooled is None else f'{fed_pooled:.3f}':>11}{pooled_pers_s:>14}")
     sel = metrics["server"].get("selection")
     if sel:
         chosen = sel["candidates"][sel["index"]]

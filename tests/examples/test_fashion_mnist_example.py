@@ -342,6 +342,12 @@ def test_the_example_is_a_federated_job_run_in_process(tmp_path: Path, monkeypat
     fashion_job, config = _tiny_job(tmp_path, monkeypatch)
     metrics = run_job(fashion_job.FASHION, config, tmp_path / "out", state_dir=tmp_path / "state", progress=False)
     assert [r["status"] for r in metrics["server"]["rounds"]] == ["ok", "ok"]
+    # the clients hold no test rows: the pooled test accuracy is null, and the files are strict JSON
+    for name in ("metrics.json", "simulation_rounds.json"):
+        def no_nan(token: str) -> None:
+            raise AssertionError(f"{name} holds {token}")
+        json.loads((tmp_path / "out" / name).read_text(), parse_constant=no_nan)
+    assert metrics["simulation_only"]["final"]["pooled_test_accuracy"] is None
     final = metrics["simulation_only"]["final"]
     assert all(0 < e <= 3.0 for e in final["epsilon"].values())
     for name in config["job"]["clients"]:
@@ -419,3 +425,17 @@ def test_whitebox_audit_refuses_a_privacy_state_it_would_continue(tmp_path: Path
     (tmp_path / "b" / "privacy-state").mkdir(parents=True)
     with pytest.raises(ConfigError, match="earlier"):
         audit.main(["--out", str(tmp_path / "b"), "--no-progress"])
+
+
+def test_central_dp_simulation_screens_settings_on_validation(tmp_path: Path, capsys) -> None:
+    """The tuning script runs on cached features (synthetic here: ten separable classes) and
+    reports validation accuracy; it learns the classes at a generous epsilon."""
+    sim = _load("central_dp_sim")
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(3000) % 10
+    x = torch.nn.functional.one_hot(y, 16).float() + 0.1 * torch.randn(3000, 16, generator=g)
+    torch.save({"x": x / x.norm(dim=1, keepdim=True), "y": y}, tmp_path / "cache.pt")
+    sim.main(["--cache", str(tmp_path / "cache.pt"), "--fit", "2500", "--batch", "500", "--epochs", "5",
+              "--epsilon", "50", "--lr", "2", "--centre-epsilon", "1"])
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "validation accuracy" in ln]
+    assert lines and float(lines[-1].split()[-1]) > 0.9
