@@ -43,8 +43,7 @@ def main(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             t = time.perf_counter()
             if args.adversary == "server-replicas":
-                r = run_replica_audit(config, Path(tmp), canaries=32 if args.canaries is None else args.canaries,
-                                      client=args.client)
+                r = run_replica_audit(config, Path(tmp), canaries=args.canaries, client=args.client)
             else:
                 r = run_audit(config, Path(tmp), canaries=args.canaries, client=args.client, adversary=args.adversary,
                               baseline=args.baseline and i == 0)

@@ -240,11 +240,11 @@ def _audited_client(config: Any, client: str | None, out: Path) -> str:
     return name
 
 
-def run_replica_audit(config: Any, out: Path, *, canaries: int = 32, client: str | None = None,
+def run_replica_audit(config: Any, out: Path, *, canaries: int | None = None, client: str | None = None,
                       progress: bool = False) -> dict[str, Any]:
     """The server adversary against everything a hospital sends outside the masked sums.
 
-    One canary record per hospital, in ``canaries`` replicas of ``client`` (same rows, same
+    One canary record per hospital, in ``canaries`` (default 32) replicas of ``client`` (same rows, same
     declaration, each its own node, privacy state and ledger), in one run of the job on those
     replicas: replica ``i``'s canary is a training record for even ``i`` and a held-out test
     record for odd ``i`` (public), present when its secret coin says so. Four more replicas with
@@ -260,6 +260,7 @@ def run_replica_audit(config: Any, out: Path, *, canaries: int = 32, client: str
     from secfedtl.data import in_validation, split_key
     from secfedtl.jobs.heart import build_centres, build_job, job_id
 
+    canaries = 32 if canaries is None else canaries
     if canaries < 4:
         raise ConfigError("need at least 4 replica canaries")
     name = _audited_client(config, client, out)
@@ -399,7 +400,8 @@ def run_audit(config: Any, out: Path, *, canaries: int | None = None, client: st
               adversary: str = "whitebox", scale: float = 100.0, baseline: bool = False,
               progress: bool = False) -> dict[str, Any]:
     """Run the job once with ``canaries`` canaries in ``client``'s training (default: its first
-    hospital; default canaries: 1000 white-box, one per :func:`canary_features` for the server), on a throwaway privacy state in ``out/privacy-state``; write ``out/audit.json`` and
+    hospital; default canaries: 1000 white-box, one per :func:`canary_features` for the server),
+    on a throwaway privacy state in ``out/privacy-state``; write ``out/audit.json`` and
     ``out/audit.png``; return the report. ``baseline`` also runs the job without canaries (another
     throwaway state) to report the audit's extra time and the canaries' accuracy cost."""
     from secfedtl.jobs.heart import build_job, job_id, prepare_run, run_federation
@@ -548,11 +550,11 @@ def main(args: argparse.Namespace) -> int:
     from secfedtl.jobs.heart import HeartConfig
 
     config = HeartConfig.load(args.config).updated({("job", "seed"): args.seed})
-    m = args.canaries
     if args.adversary == "server-replicas":
-        report = run_replica_audit(config, args.out, canaries=32 if m is None else m, client=args.client, progress=not args.no_progress)
+        report = run_replica_audit(config, args.out, canaries=args.canaries, client=args.client,
+                                   progress=not args.no_progress)
     else:
-        report = run_audit(config, args.out, canaries=m, client=args.client, adversary=args.adversary,
+        report = run_audit(config, args.out, canaries=args.canaries, client=args.client, adversary=args.adversary,
                            baseline=args.baseline, progress=not args.no_progress)
     b = report["bound"]
     print(f"{report['client']}: {report['adversary']} adversary, {report['canaries']} {report['canary_kind']} canaries "
