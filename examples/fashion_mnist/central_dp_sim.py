@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--centre-epsilon", type=float, default=0.0, help="0: no centring")
     p.add_argument("--fit", type=int, default=54_000, help="rows trained on; the rest are the validation split")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--local-clients", type=int, default=1,
+                   help="screen local noise: each of K clients adds the full noise to its part of the batch, "
+                        "so the sum carries sqrt(K) times the central noise std (1: central / distributed)")
     a = p.parse_args(argv)
     torch.manual_seed(a.seed)
     x, y = unit_features(a.cache)
@@ -82,7 +85,10 @@ def main(argv: list[str] | None = None) -> None:
     steps = int(round(a.epochs / q))
     sigma = calibrate_noise_multiplier(target_epsilon=a.epsilon, target_delta=1e-5, sample_rate=q, steps=steps,
                                        prior_events=prior)
-    print(f"q {q:.4f}, {steps} steps, noise multiplier {sigma:.3f}", flush=True)
+    if a.local_clients < 1:
+        p.error("--local-clients must be at least 1")
+    sigma *= a.local_clients ** 0.5
+    print(f"q {q:.4f}, {steps} steps, noise multiplier on the sum {sigma:.3f}", flush=True)
     w, b = torch.zeros(10, x.shape[1]), torch.zeros(10)
     mw, mb = torch.zeros_like(w), torch.zeros_like(b)
     xf, yf = x[fit], y[fit]

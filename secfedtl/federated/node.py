@@ -33,6 +33,7 @@ node crash while training or fall silent from a protocol phase in a given round.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -64,6 +65,8 @@ from secfedtl.secagg import codec
 from secfedtl.secagg.client import ClientSession
 from secfedtl.secagg.driver import PHASES, REPLY_PHASE
 from secfedtl.training import PrivateClient, evaluate, flatten_params, model_with_params, unflatten_params
+
+log = logging.getLogger(__name__)
 
 #: Faults a node can be told to simulate, per round: ``"train"`` (crash while training, after the
 #: budget was charged) or a protocol phase from :data:`secfedtl.secagg.PHASES` (silent from there).
@@ -379,8 +382,11 @@ class ClientNode:
         except TooFewSurvivorsError:
             # The announced cohort (public) is below this node's own policy: refused before charging.
             return [wire.TaskReply(round=request.round, status="refused", info={"reason": "policy"})]
-        except (_SimulatedCrash, SecFedTLError, RuntimeError, TypeError, ValueError, KeyError):
-            # whatever the server's options made a task trip over: a failed reply, never a crash
+        except Exception as exc:  # noqa: BLE001
+            # whatever a task trips over (the server's options, the node's own data): a failed
+            # reply with a fixed reason, never a crash of the node; the log names the type only
+            log.warning("node %s: task %r of round %d failed: %s", self.name, request.task, request.round,
+                        type(exc).__name__)
             return [wire.TaskReply(round=request.round, status="failed", info={"reason": "failed"})]
         if not secure:
             if output.vector is not None:

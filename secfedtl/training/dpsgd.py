@@ -42,9 +42,9 @@ from secfedtl.errors import ConfigError, TrainingError
 from secfedtl.privacy.noise import secure_gaussian_array
 from secfedtl.privacy.randomness import Randomness
 from secfedtl.training.config import DPTrainingConfig
-from secfedtl.transfer.distillation import cross_entropy_loss
+from secfedtl.transfer.distillation import check_class_labels, cross_entropy_loss
 
-__all__ = ["AuditHook", "PerSampleLoss", "secure_gaussian", "run_dp_sgd"]
+__all__ = ["AuditHook", "PerSampleLoss", "linear_ce_residual", "secure_gaussian", "run_dp_sgd"]
 
 
 class PerSampleLoss(Protocol):
@@ -137,6 +137,20 @@ def _is_linear_ce_fast_path(model: nn.Module, data: Dataset, loss_fn: PerSampleL
     )
 
 
+def linear_ce_residual(layer: nn.Linear, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the logits ``z = layer(x)``: the log-probabilities and the residual
+    ``e = softmax(z) - onehot(y)``, the per-example gradient of cross entropy with respect to
+    ``z`` (no autograd). The closed forms of the linear head's per-example gradients (this module's
+    DP-SGD fast path, :mod:`secfedtl.training.examples`) are built on it. Labels outside
+    ``[0, classes)`` raise :class:`~secfedtl.errors.InputError` (:func:`check_class_labels`)."""
+    check_class_labels(y, layer.out_features)
+    with torch.no_grad():
+        log_p = F.log_softmax(F.linear(x, layer.weight, layer.bias), dim=1)
+        e = log_p.exp()
+        e[torch.arange(len(y), device=y.device), y] -= 1.0
+    return log_p, e
+
+
 def _linear_ce_clipped_sum(
     layer: nn.Linear, x: torch.Tensor, y: torch.Tensor, max_grad_norm: float
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -147,12 +161,9 @@ def _linear_ce_clipped_sum(
     Clip factors follow Opacus exactly: ``min(1, C / (norm + 1e-6))``. Returns the summed weight
     and bias gradients and the per-sample losses.
     """
+    log_p, e = linear_ce_residual(layer, x, y)
     with torch.no_grad():
-        z = F.linear(x, layer.weight, layer.bias)
-        log_p = F.log_softmax(z, dim=1)
         losses = -log_p.gather(1, y.view(-1, 1)).squeeze(1)
-        e = log_p.exp()
-        e[torch.arange(len(y), device=y.device), y] -= 1.0
         sq = (x * x).sum(dim=1) + (1.0 if layer.bias is not None else 0.0)
         norms = torch.sqrt((e * e).sum(dim=1) * sq)
         # A record whose loss or gradient is not finite contributes zero (within the clip norm),

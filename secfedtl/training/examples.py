@@ -26,7 +26,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from secfedtl.errors import TrainingError
-from secfedtl.training.dpsgd import PerSampleLoss
+from secfedtl.training.dpsgd import PerSampleLoss, linear_ce_residual
 from secfedtl.training.update import param_names
 from secfedtl.transfer.distillation import cross_entropy_loss
 
@@ -84,10 +84,9 @@ def _is_linear_cross_entropy(module: nn.Module, inputs: torch.Tensor, targets: t
 def _linear_cross_entropy_rows(layer: nn.Linear, x: torch.Tensor, y: torch.Tensor, order: list[str]) -> torch.Tensor:
     """Per-example gradients of ``CE(layer(x_i), y_i)``, columns in ``order`` (``bias``/``weight``);
     zero rows for examples whose gradient is not finite."""
+    x = x.to(layer.weight.dtype)
+    _, e = linear_ce_residual(layer, x, y)
     with torch.no_grad():
-        x = x.to(layer.weight.dtype)
-        e = torch.softmax(torch.nn.functional.linear(x, layer.weight, layer.bias), dim=1)
-        e[torch.arange(len(y), device=y.device), y] -= 1.0
         # |e| <= 1, so a row is finite exactly when its e and x are: zero both for the others
         bad = ~(torch.isfinite(e).all(dim=1) & torch.isfinite(x).all(dim=1))
         if bool(bad.any()):

@@ -18,7 +18,7 @@ from torch import nn
 
 from secfedtl.errors import ConfigError, InputError
 
-__all__ = ["distillation_loss", "DistillationLoss", "cross_entropy_loss"]
+__all__ = ["check_class_labels", "distillation_loss", "DistillationLoss", "cross_entropy_loss"]
 
 
 def distillation_loss(
@@ -49,9 +49,32 @@ def distillation_loss(
     return ce + alpha * t * t * kl
 
 
+def check_class_labels(targets: torch.Tensor, classes: int) -> None:
+    """Cross entropy takes class indices in ``[0, classes)``; anything else raises
+    :class:`InputError`. torch would silently read a negative index from the end (the closed
+    forms) or skip the record (``-100``, ``F.cross_entropy``'s ignore index), and raise a bare
+    ``IndexError`` for one too large."""
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise InputError(f"class labels must be integers, got dtype {targets.dtype}")
+    if targets.dim() != 1:
+        raise InputError(f"class labels must be a 1-D tensor, got shape {tuple(targets.shape)}")
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= classes):
+        raise InputError(f"class labels must lie in [0, {classes}), got {int(targets.min())}..{int(targets.max())}")
+
+
 def cross_entropy_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The default per-sample loss: cross entropy of ``model(inputs)``, shape ``(batch,)``."""
-    return F.cross_entropy(model(inputs), targets, reduction="none")
+    """The default per-sample loss: cross entropy of ``model(inputs)``, shape ``(batch,)``
+    (class-index labels checked by :func:`check_class_labels`, except inside ``torch.func.vmap``)."""
+    logits = model(inputs)
+    # class indices (float targets are probabilities); inside torch.func's vmap (the generic
+    # per-example gradients of distributed noise) a check that reads values cannot run
+    if not targets.dtype.is_floating_point and not _is_batched(targets):
+        check_class_labels(targets, logits.shape[-1])
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
+def _is_batched(tensor: torch.Tensor) -> bool:
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(tensor))  # noqa: SLF001
 
 
 @dataclass(frozen=True, kw_only=True)

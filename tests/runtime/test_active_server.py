@@ -475,3 +475,31 @@ def test_the_server_cannot_make_a_node_write_evaluation_reports_without_end(tmp_
         assert statuses == ["done"] * (limit + 2) + ["refused by policy"]
     finally:
         job.close()
+
+
+class Tripping(Fixed):
+    """Trips over an exception type the node did not list before (IndexError, AssertionError,
+    ZeroDivisionError: e.g. a label too large for the head, in torch)."""
+
+    def __init__(self, vector: np.ndarray, error: type[Exception]) -> None:
+        super().__init__(vector)
+        self.error = error
+
+    def __call__(self, request: wire.TaskRequest, digest: str) -> TaskOutput:
+        if request.round == 0:
+            raise self.error("tripped")
+        return super().__call__(request, digest)
+
+
+@pytest.mark.parametrize("error", [IndexError, AssertionError, ZeroDivisionError, AttributeError])
+def test_any_exception_in_a_task_is_a_failed_reply_and_the_node_goes_on(error, caplog):
+    roster, keys = Roster.generate(HOSPITALS)
+    node = ClientNode(name="hungary", tasks={"train": Tripping(np.full(LENGTH, 0.1), error)},
+                      identity=keys["hungary"], roster=roster)
+    encoding = {"clip": 1.0, "bits": 32, "num_clients": 3, "max_weight": 1}
+    with caplog.at_level(logging.WARNING, logger="secfedtl.federated.node"):
+        [failed] = node.handle(wire.encode(wire.TaskRequest(round=0, task="train", options={"encoding": encoding})))
+    assert wire.decode(failed).status == "failed" and wire.decode(failed).info == {"reason": "failed"}
+    assert error.__name__ in caplog.text and "tripped" not in caplog.text  # the type, never the text
+    [ready] = node.handle(wire.encode(wire.TaskRequest(round=1, task="train", options={"encoding": encoding})))
+    assert wire.decode(ready).status == "ready"

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from secfedtl.errors import ConfigError, TrainingError
+from secfedtl.errors import ConfigError, InputError, TrainingError
 from secfedtl.training.config import DPTrainingConfig
 from secfedtl.privacy.randomness import Randomness
 from secfedtl.training.dpsgd import run_dp_sgd, secure_gaussian
@@ -240,3 +240,29 @@ def test_trainable_batchnorm_is_a_training_error():
     m = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
     with pytest.raises(TrainingError, match="Opacus cannot train"):
         _train(m, _identical(5), _cfg(), sample_rate=1.0, loss_fn=_hooked_ce)
+
+
+@pytest.mark.parametrize("label", [-1, -100, 4, 7])
+@pytest.mark.parametrize("loss_fn", [cross_entropy_loss, _hooked_ce], ids=["closed form", "opacus hooks"])
+def test_a_label_outside_the_classes_is_an_input_error(label, loss_fn):
+    """Both DP-SGD paths refuse a class index outside [0, classes): torch would read -1 as the last
+    class in the closed form, skip -100 in F.cross_entropy, and raise a bare IndexError above."""
+    torch.manual_seed(0)
+    y = torch.randint(0, 4, (30,))
+    y[5] = label
+    data = TensorDataset(torch.randn(30, 6), y)
+    with pytest.raises(InputError, match=r"class labels must lie in \[0, 4\)"):
+        _train(nn.Linear(6, 4), data, _cfg(expected_batch_size=30, steps=1), sample_rate=1.0, loss_fn=loss_fn)
+
+
+def test_float_labels_reach_the_loss_as_probabilities_and_bool_labels_are_refused():
+    from secfedtl.transfer.distillation import check_class_labels
+
+    with pytest.raises(InputError, match="integers"):
+        check_class_labels(torch.tensor([True, False]), 2)
+    with pytest.raises(InputError, match="1-D"):
+        check_class_labels(torch.tensor([[0, 1]]), 2)
+    check_class_labels(torch.tensor([0, 1], dtype=torch.int32), 2)
+    check_class_labels(torch.zeros(0, dtype=torch.long), 2)
+    soft = torch.full((3, 2), 0.5)  # probabilities: no index check, the loss runs
+    assert cross_entropy_loss(nn.Linear(4, 2), torch.randn(3, 4), soft).shape == (3,)

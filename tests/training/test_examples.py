@@ -11,6 +11,8 @@ import pytest
 import torch
 from torch import nn
 
+from secfedtl.errors import InputError
+from secfedtl.errors import InputError
 from secfedtl.training.examples import per_example_gradients
 from secfedtl.transfer.distillation import cross_entropy_loss
 
@@ -45,3 +47,13 @@ def test_the_closed_form_is_not_used_for_other_models_or_losses() -> None:
     by_name = dict(zip([n for n, _ in model.named_parameters()], one))
     assert np.allclose(rows[0], torch.cat([by_name[n].reshape(-1) for n in names]).numpy(), atol=1e-6)
     assert per_example_gradients(model, x[:0], y[:0], loss_fn=cross_entropy_loss).shape == (0, rows.shape[1])
+
+
+@pytest.mark.parametrize("label", [-1, 5])
+def test_the_closed_form_refuses_labels_outside_the_classes(label: int) -> None:
+    """A negative index would silently take the last class's row; too large a one used to raise a
+    bare IndexError from torch (which a node did not catch)."""
+    layer = nn.Linear(13, 5)
+    y = torch.tensor([0, 4, label])
+    with pytest.raises(InputError, match=r"class labels must lie in \[0, 5\)"):
+        per_example_gradients(layer, torch.randn(3, 13), y, loss_fn=cross_entropy_loss)
