@@ -359,37 +359,57 @@ def build_client_node(job: FederatedJob, config: JobConfig, name: str, source: S
         spent = f"{len(earlier)} releases of earlier jobs in {os.fspath(state.ledger.path)!r}; " if earlier else ""
         raise ConfigError(f"hospital {name!r} has too little privacy budget left for this job ({spent}"
                           f"budget epsilon {priv['epsilon']:g}): {exc}") from exc
-    seed = _node_seed(config, name)
-    randomness = (Randomness.insecure_seeded(seed) if priv["insecure_reproducible"]
-                  else Randomness.secure(secure_mode=priv["secure_mode"]))
-    evaluation = dict(data.evaluation)
-    reports = LocalReports(state.directory / "reports" / jid)
-    hospital = Hospital(name=name, node=None, client=None, guard=guard, evaluation=evaluation,  # type: ignore[arg-type]
-                        reports=reports)
+    hospital, seed, randomness = _hospital(config, name, data, state, guard, jid)
     # the tasks this job plans: "personalise" (a charged DP round) only where the job file asks for it
     planned_tasks = ("train", "evaluate", "personalise") if priv["personalise"] else ("train", "evaluate")
 
     def client_tasks(model_source: SourceModel) -> dict[str, Task]:
-        hospital.client = PrivateClient(client_id=name, model=model_source.model, train_data=data.train, config=dp,
-                                        guard=guard, regularizer=L2SP(strength=tcfg["l2sp"],
-                                                                      source=model_source.head_state),
-                                        head=model_source.head, cache_features=model_source.cache_features,
-                                        feature_buffer=data.feature_buffer if model_source.cache_features else None,
-                                        cache_batch_size=model_source.feature_batch_size,
-                                        randomness=randomness)
-        tasks = standard_tasks(hospital.client, evaluation, frozen_hash=model_source.frozen_hash, reports=reports,
-                               metric=job.metric)
+        hospital.client = _private_client(name, model_source, data, dp, guard, randomness,
+                                          regularizer=L2SP(strength=tcfg["l2sp"], source=model_source.head_state))
+        tasks = standard_tasks(hospital.client, hospital.evaluation, frozen_hash=model_source.frozen_hash,
+                               reports=hospital.reports, metric=job.metric)
         return {t: tasks[t] for t in planned_tasks}
 
-    if job.prepare is None:
-        tasks = client_tasks(source)
-    else:
-        statistic = job.prepare.statistic(config)
-        later = _Prepared(job.prepare, statistic, source, client_tasks)
-        tasks = {statistic.task: StatisticTask(statistic, data=job.prepare.data(data), guard=guard),
-                 "prepare": later.prepare, **{t: later.deferred(t) for t in planned_tasks}}
+    tasks = _node_tasks(job, config, source, data, guard, client_tasks, planned_tasks)
     hospital.node = ClientNode(name=name, tasks=tasks, seed=seed, identity=identity, roster=roster, policy=policy)
     return hospital
+
+
+def _hospital(config: JobConfig, name: str, data: HospitalData, state: PrivacyState, guard: BudgetGuard,
+              jid: str) -> tuple[Hospital, int, Randomness]:
+    """The parts every node builder shares: the hospital record (no node or client yet, its
+    local reports under ``state.directory/reports/<jid>``), the node's public rounding seed and
+    the DP randomness (the OS CSPRNG unless the job file asks for insecure reproducibility)."""
+    priv = config["privacy"]
+    seed = _node_seed(config, name)
+    randomness = (Randomness.insecure_seeded(seed) if priv["insecure_reproducible"]
+                  else Randomness.secure(secure_mode=priv["secure_mode"]))
+    hospital = Hospital(name=name, node=None, client=None, guard=guard, evaluation=dict(data.evaluation),  # type: ignore[arg-type]
+                        reports=LocalReports(state.directory / "reports" / jid))
+    return hospital, seed, randomness
+
+
+def _private_client(name: str, model_source: SourceModel, data: HospitalData, dp: DPTrainingConfig,
+                    guard: BudgetGuard, randomness: Randomness, *, regularizer: Any = None) -> PrivateClient:
+    """The hospital's DP client on ``data.train`` for ``model_source`` (its features cached when
+    the source says so)."""
+    return PrivateClient(client_id=name, model=model_source.model, train_data=data.train, config=dp, guard=guard,
+                         regularizer=regularizer, head=model_source.head, cache_features=model_source.cache_features,
+                         feature_buffer=data.feature_buffer if model_source.cache_features else None,
+                         cache_batch_size=model_source.feature_batch_size, randomness=randomness)
+
+
+def _node_tasks(job: FederatedJob, config: JobConfig, source: SourceModel, data: HospitalData, guard: BudgetGuard,
+                client_tasks: Callable[[SourceModel], dict[str, Task]], planned: Sequence[str]) -> dict[str, Task]:
+    """The node's task table: ``client_tasks(source)`` directly, or, with a preparation, its
+    statistic task and ``prepare`` first and the ``planned`` tasks refused until the prepared
+    source model is built (:class:`_Prepared`)."""
+    if job.prepare is None:
+        return client_tasks(source)
+    statistic = job.prepare.statistic(config)
+    later = _Prepared(job.prepare, statistic, source, client_tasks)
+    return {statistic.task: StatisticTask(statistic, data=job.prepare.data(data), guard=guard),
+            "prepare": later.prepare, **{t: later.deferred(t) for t in planned}}
 
 
 class _Prepared:
@@ -437,33 +457,18 @@ def _distributed_node(job: FederatedJob, config: JobConfig, name: str, source: S
                           max_grad_norm=tcfg["max_grad_norm"], epochs=tcfg["epochs"], noise_multiplier=1.0,
                           device="cpu", secure_mode=priv["secure_mode"], accountant=priv["accountant"],
                           public_dataset_size=config["declared"]["records"][name])
-    seed = _node_seed(config, name)
-    randomness = (Randomness.insecure_seeded(seed) if priv["insecure_reproducible"]
-                  else Randomness.secure(secure_mode=priv["secure_mode"]))
+    hospital, seed, randomness = _hospital(config, name, data, state, guard, jid)
     plan = distributed_plan(job, config, source)
-    evaluation = dict(data.evaluation)
-    reports = LocalReports(state.directory / "reports" / jid)
-    hospital = Hospital(name=name, node=None, client=None, guard=guard, evaluation=evaluation,  # type: ignore[arg-type]
-                        reports=reports)
 
     def client_tasks(model_source: SourceModel) -> dict[str, Task]:
-        hospital.client = PrivateClient(client_id=name, model=model_source.model, train_data=data.train, config=dp,
-                                        guard=guard, head=model_source.head, cache_features=model_source.cache_features,
-                                        feature_buffer=data.feature_buffer if model_source.cache_features else None,
-                                        cache_batch_size=model_source.feature_batch_size,
-                                        randomness=randomness)
-        tasks = standard_tasks(hospital.client, evaluation, frozen_hash=model_source.frozen_hash, reports=reports,
-                               metric=job.metric)
+        hospital.client = _private_client(name, model_source, data, dp, guard, randomness)
+        tasks = standard_tasks(hospital.client, hospital.evaluation, frozen_hash=model_source.frozen_hash,
+                               reports=hospital.reports, metric=job.metric)
         return {STEP_TASK: DistributedStepTask(hospital.client, plan, frozen_hash=model_source.frozen_hash),
                 "evaluate": tasks["evaluate"]}
 
-    if job.prepare is None:
-        node_tasks = client_tasks(source)
-    else:  # the preparation's release is charged (and its result applied) before any step
-        statistic = job.prepare.statistic(config)
-        later = _Prepared(job.prepare, statistic, source, client_tasks)
-        node_tasks = {statistic.task: StatisticTask(statistic, data=job.prepare.data(data), guard=guard),
-                      "prepare": later.prepare, **{t: later.deferred(t) for t in (STEP_TASK, "evaluate")}}
+    # with a preparation, its release is charged (and its result applied) before any step
+    node_tasks = _node_tasks(job, config, source, data, guard, client_tasks, (STEP_TASK, "evaluate"))
     hospital.node = ClientNode(name=name, tasks=node_tasks, seed=seed, identity=identity, roster=roster, policy=policy)
     return hospital
 
