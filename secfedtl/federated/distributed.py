@@ -258,7 +258,7 @@ class DistributedStepTask:
         r, s = plan.settings.split(request.round)
         field = self._client.distributed_share(
             global_state=state, round=request.round, model_hash=digest, encoding=plan.encoding, event=plan.event,
-            sample_rate=plan.settings.sample_rate, rotation_seed=plan.rotation_seed(request.round),
+            rotation_seed=plan.rotation_seed(request.round),
             params={**plan.ledger_params(), "training_round": r, "step": s}, release=RELEASE)
         return TaskOutput(field=field, min_survivors=self.min_survivors, colluders=plan.settings.policy.colluders)
 

@@ -325,11 +325,12 @@ class PrivateClient:
         return ClientUpdate(model_update=model_update, weight=self.weight, event=event)
 
     def distributed_share(self, *, global_state: Mapping[str, torch.Tensor], round: int, model_hash: str,
-                          encoding: Any, event: Any, sample_rate: float, rotation_seed: bytes,
+                          encoding: Any, event: Any, rotation_seed: bytes,
                           params: Mapping[str, Any], release: str = "distributed_share") -> Any:
         """One distributed DP-SGD step (:mod:`secfedtl.federated.distributed`): charge ``event``
         (a :class:`~secfedtl.privacy.events.PoissonSkellamEvent` of one step) to the guard, then
-        Poisson-sample this client's records at the public ``sample_rate`` (secretly, from
+        Poisson-sample this client's records at the event's public ``sample_rate`` (what is
+        charged is what runs: there is no other rate to pass; secretly, from
         :attr:`randomness`), compute their per-example gradients at ``global_state`` and return
         this client's field vector: the encoded sum plus its Skellam noise share, modulo
         ``2**encoding.bits`` (:func:`secfedtl.privacy.distributed.noisy_share`; rounding and noise
@@ -341,9 +342,11 @@ class PrivateClient:
 
         self._check_before_charge(round=round, model_hash=model_hash, global_state=global_state, release=release,
                                   unit="step")
-        if getattr(event, "sample_rate", None) != sample_rate:
-            # what is charged must be what runs: sampling at another rate than the event's is unaccounted
-            raise ConfigError(f"sampling at {sample_rate!r} but the event charges {getattr(event, 'sample_rate', None)!r}")
+        sample_rate = getattr(event, "sample_rate", None)
+        if (isinstance(sample_rate, bool) or not isinstance(sample_rate, float | int)
+                or not 0.0 < float(sample_rate) <= 1.0):
+            raise ConfigError(f"a distributed step charges a Poisson-sampled event; {type(event).__name__} has "
+                              f"sample rate {sample_rate!r}")
         with self._guard.charge(event, round=round, model_hash=model_hash, release=release,
                                 randomness=self.randomness.label, params=dict(params)):
             work = model_with_params(self._model, {n: global_state[n] for n in self._trainable})
@@ -351,7 +354,7 @@ class PrivateClient:
                 module, prefix = work.get_submodule(self._head), self._head + "."
             else:
                 module, prefix = work, ""
-            chosen = torch.from_numpy(self.randomness.poisson_indices(len(self._data), sample_rate))  # type: ignore[arg-type]
+            chosen = torch.from_numpy(self.randomness.poisson_indices(len(self._data), float(sample_rate)))  # type: ignore[arg-type]
             if chosen.numel() == 0:
                 # An empty Poisson batch is a zero sum and the step still releases its noise share:
                 # failing here would tell the server the batch was empty, which no entry accounts for.

@@ -7,6 +7,7 @@ which no ledger entry accounts for. And a step samples at the rate its event cha
 from __future__ import annotations
 
 import contextlib
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -59,7 +60,7 @@ def _share(data: Dataset, sample_rate: float) -> tuple[np.ndarray, _Guard]:
                                 l2_bound=encoding.l2_bound, l1_bound=encoding.l1_bound,
                                 dimension=encoding.padded_dimension, scale=32.0, bits=32)
     field = client.distributed_share(global_state=state, round=0, model_hash="h", encoding=encoding, event=event,
-                                     sample_rate=sample_rate, rotation_seed=b"rotation", params={})
+                                     rotation_seed=b"rotation", params={})
     return field, guard
 
 
@@ -87,19 +88,28 @@ def test_a_non_empty_batch_gives_the_same_share_for_any_dataset() -> None:
     np.testing.assert_array_equal(plain_field, tensor_field)
 
 
-def test_a_step_sampling_at_another_rate_than_it_charges_is_refused_before_charging() -> None:
+def test_a_step_samples_at_the_rate_its_event_charges_and_refuses_an_event_without_one(monkeypatch) -> None:
     records = _records()
     torch.manual_seed(0)
     guard = _Guard()
     config = DPTrainingConfig(lr=0.1, expected_batch_size=2, max_grad_norm=1.0, steps=1, noise_multiplier=1.0,
                               public_dataset_size=len(records))
+    randomness = Randomness.insecure_seeded(11)
+    rates: list[float] = []
+    real = Randomness.poisson_indices
+    monkeypatch.setattr(Randomness, "poisson_indices", lambda self, n, rate: rates.append(rate) or real(self, n, rate))
     client = PrivateClient(client_id="h1", model=nn.Linear(4, 3), train_data=records, config=config, guard=guard,
-                           randomness=Randomness.insecure_seeded(11))
+                           randomness=randomness)
     encoding = DistributedEncoding(dimension=15, clip_norm=1.0, scale=32.0, bits=32)
     event = PoissonSkellamEvent(sample_rate=0.1, steps=1, share_variance=50.0, honest_parties=1,
                                 l2_bound=encoding.l2_bound, l1_bound=encoding.l1_bound,
                                 dimension=encoding.padded_dimension, scale=32.0, bits=32)
-    with pytest.raises(ConfigError, match="charges"):
-        client.distributed_share(global_state=client.trainable_state(), round=0, model_hash="h", encoding=encoding,
-                                 event=event, sample_rate=0.5, rotation_seed=b"rotation", params={})
-    assert guard.completed == []
+    client.distributed_share(global_state=client.trainable_state(), round=0, model_hash="h", encoding=encoding,
+                             event=event, rotation_seed=b"rotation", params={})
+    assert rates == [0.1] and len(guard.completed) == 1
+    for bad in (object(), SimpleNamespace(sample_rate=0.0), SimpleNamespace(sample_rate=True),
+                SimpleNamespace(sample_rate="0.1")):
+        with pytest.raises(ConfigError, match="Poisson-sampled"):
+            client.distributed_share(global_state=client.trainable_state(), round=1, model_hash="h",
+                                     encoding=encoding, event=bad, rotation_seed=b"rotation", params={})
+    assert len(guard.completed) == 1 and rates == [0.1]  # refused before charging or sampling
