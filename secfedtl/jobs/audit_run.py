@@ -155,13 +155,15 @@ def canary_features(num_features: int, *, scale: float, source: torch.nn.Module)
     return [j for j in range(num_features) if predicted[j] != predicted[num_features + j]]
 
 
-def input_canaries(num: int, num_features: int, *, scale: float, source: torch.nn.Module) -> tuple[np.ndarray, np.ndarray]:
+def input_canaries(num: int, num_features: int, *, scale: float, source: torch.nn.Module,
+                   features: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``num`` out-of-distribution, mislabelled records, public (only their coins are secret):
     canary ``j`` is ``+-scale`` (sign from ``os.urandom``) on the ``j``-th of
     :func:`canary_features` and 0 elsewhere, labelled with the class the public source model does
     *not* predict for it. One canary per feature: two on one feature would move each other's
-    margin, so more canaries than such features is refused."""
-    usable = canary_features(num_features, scale=scale, source=source)
+    margin, so more canaries than such features is refused. ``features``: those features, when
+    the caller has already computed them for this ``source`` and ``scale``."""
+    usable = canary_features(num_features, scale=scale, source=source) if features is None else features
     if num > len(usable):
         raise ConfigError(f"the server adversary places one canary per feature on which the source model's "
                           f"prediction follows the sign; this job has {len(usable)} such features, "
@@ -429,13 +431,14 @@ def run_audit(config: Any, out: Path, *, canaries: int | None = None, client: st
             data_size = len(pc._data)  # type: ignore[arg-type]
         else:
             num_features = job.source.centres[name].x_train.shape[1]
+            usable = canary_features(num_features, scale=scale, source=job.source.model)
             if canaries is None:
-                canaries = len(canary_features(num_features, scale=scale, source=job.source.model))
+                canaries = len(usable)
                 if canaries < 2:
                     raise ConfigError(f"the source model's prediction follows the sign of only {canaries} "
                                       "feature(s): the server adversary needs at least 2")
             included = draw_coins(canaries)
-            x_c, y_c = input_canaries(canaries, num_features, scale=scale, source=job.source.model)
+            x_c, y_c = input_canaries(canaries, num_features, scale=scale, source=job.source.model, features=usable)
             backbone = job.source.model.backbone
             with torch.no_grad():
                 f_c = backbone(torch.as_tensor(x_c)).float()
