@@ -469,7 +469,9 @@ def _distributed_node(job: FederatedJob, config: JobConfig, name: str, source: S
 
     # with a preparation, its release is charged (and its result applied) before any step
     node_tasks = _node_tasks(job, config, source, data, guard, client_tasks, (STEP_TASK, "evaluate"))
-    hospital.node = ClientNode(name=name, tasks=node_tasks, seed=seed, identity=identity, roster=roster, policy=policy)
+    # its step sessions may be set up before their steps (checked against its own plan)
+    hospital.node = ClientNode(name=name, tasks=node_tasks, seed=seed, identity=identity, roster=roster, policy=policy,
+                               prekey=(STEP_TASK, plan.check_session))
     return hospital
 
 
