@@ -238,3 +238,28 @@ def test_a_refused_step_leaves_its_prekeyed_session_unanswered(job, tmp_path) ->
     empty = m.ShareDelivery(session_id=bytes([2]) * 16, round=1, recipient=0, ciphertexts=())
     assert node.handle(wire.encode(wire.SecAggFrame(round=1, data=codec.encode(empty)))) == []
     assert _pending(tmp_path / "state", "hungary") == 0
+
+
+def test_the_job_file_turns_prekeying_off_for_the_server_and_every_node(tmp_path) -> None:
+    from secfedtl.errors import ConfigError
+    from secfedtl.jobs.heart import HeartConfig
+
+    data = _seeded_config().to_dict()
+    data["secagg"]["prekeyed"] = False
+    config = HeartConfig.from_mapping(data)
+    local = HeartConfig.load(None).to_dict()
+    local["secagg"]["prekeyed"] = True
+    with pytest.raises(ConfigError, match="prekeyed only applies"):
+        HeartConfig.from_mapping(local)
+    job = build_job(config, tmp_path / "out", state_dir=tmp_path / "state")
+    try:
+        assert job.federation.prekeyed is False
+        with pytest.raises(RemoteProtocolError, match="without a contribution"):
+            job.nodes["hungary"].handle(wire.encode(_join(job, 0)))
+        # a server that pre-keys anyway gets no session set up: every step fails, nothing is charged
+        job.federation.prekeyed = True
+        report = job.federation.run_round()
+        assert (report.status, report.steps_ok) == ("failed", 0)
+        assert all(_pending(tmp_path / "state", n) == 0 for n in HOSPITALS)
+    finally:
+        job.close()
