@@ -411,7 +411,9 @@ class Federation:
         with the session's ``ShareDelivery``, the survivor list, the unmask request) instead of
         six. A session is bound to its step's request without the weights
         (:func:`~secfedtl.federated.wire.step_context`); each party's input is the step's share,
-        computed when that request arrives."""
+        computed when that request arrives, and its pairwise masks are bound to the whole
+        request (the weights too: :meth:`~secfedtl.secagg.ClientSession.provide_input`), so
+        hospitals shown different weights get masks that do not cancel."""
         plan = self.distributed
         assert plan is not None
         r, settings = self.rounds_done, plan.settings
@@ -498,6 +500,7 @@ class Federation:
                 request = wire.TaskRequest.with_weights(round=step, task=STEP_TASK, weights=self.global_params,
                                                         options=options)
                 digest = wire.request_digest(request)
+                driver.server.bind_input_context(bytes.fromhex(digest))  # the inputs answer this exact request
                 blob = wire.encode(request)
                 out = frames_out({step: driver})
                 for i in asked:

@@ -377,11 +377,18 @@ class ClientNode:
         self._round = request.round
         self._silent.discard(request.round)
         self._digest = wire.request_digest(request)
-        prekeyed = self._prekeyed.get(request.round) if self._prekey is not None and request.task == self._prekey[0] else None
-        if prekeyed is not None and prekeyed.params.context != wire.step_context(request):
-            # before anything runs: the session's keys were set up for another request
-            self._drop_prekeyed(request.round)
-            raise RemoteProtocolError("the pre-keyed session of this step is bound to another request")
+        prekeyed = None
+        if self._prekey is not None and request.task == self._prekey[0]:
+            for earlier in [r for r in self._prekeyed if r < request.round]:
+                self._drop_prekeyed(earlier)  # steps run one after another: earlier sessions are over
+            prekeyed = self._prekeyed.get(request.round)
+        if prekeyed is not None:
+            try:  # before anything runs or is charged
+                self._check_prekeyed_request(request, prekeyed)
+            except SecFedTLError:
+                self._drop_prekeyed(request.round)
+                self._declined.add(request.round)
+                raise
         task = self._tasks.get(request.task)
         if task is None:
             return [wire.TaskReply(round=request.round, status="failed", info={"reason": "unknown task"})]
@@ -469,7 +476,18 @@ class ClientNode:
         answered or keyed yet, the session against this node's own plan (the ``prekey`` check:
         field, length, fewest survivors, colluders), the parties against the roster and the
         session against the policy. The input follows with the step's request, which must be
-        the one the session is bound to (:func:`~secfedtl.federated.wire.step_context`)."""
+        the one the session is bound to (:func:`~secfedtl.federated.wire.step_context`).
+
+        A refused session is *declined*: no reply and a log line naming the refusal's type, not
+        an exception, so the other steps' ``Join`` of the same batch still get their answers."""
+        try:
+            return self._prejoin_checked(join)
+        except SecFedTLError as exc:
+            log.warning("node %s: declined the pre-keyed session of step %d: %s", self.name, join.round,
+                        type(exc).__name__)
+            return []
+
+    def _prejoin_checked(self, join: wire.Join) -> list[bytes]:
         assert self._prekey is not None
         task, check = self._prekey
         if (join.round, task) in self._answered or join.round in self._declined:
@@ -490,14 +508,34 @@ class ClientNode:
         self._prekeyed[join.round] = session
         return [wire.encode(wire.SecAggFrame(round=join.round, data=codec.encode(advert)))]
 
+    @staticmethod
+    def _check_prekeyed_request(request: wire.TaskRequest, session: ClientSession) -> None:
+        """A step request against its pre-keyed session, before the step runs: the session's
+        binding (the request without weights) and the announced field and cohort."""
+        if session.params.context != wire.step_context(request):
+            raise RemoteProtocolError("the pre-keyed session of this step is bound to another request")
+        spec = integer_spec(request.options)
+        cfg = session.params.config
+        if (cfg.num_clients > spec["num_clients"] or cfg.bits != spec["bits"]
+                or session.params.vector_length != spec["length"]):
+            raise RemoteProtocolError("the pre-keyed session's field or cohort is not the one the step announces")
+
     def _feed_prekeyed(self, round: int, session: ClientSession, replies: list[wire.TaskReply]) -> list[wire.TaskReply]:  # noqa: A002
         """The step's contribution goes into its pre-keyed session (after the same checks a
-        ``Join`` gets) and is not kept anywhere else: no second session can take it."""
+        ``Join`` gets), under the digest of the whole request (weights included) as its input
+        context, and is kept nowhere else: no second session can take it. Should a check fail,
+        the share goes nowhere (the session is dropped and the step declined)."""
         if [r.status for r in replies] != ["ready"]:
             return replies
         assert self._field is not None
-        self._check_session(session.params)
-        session.provide_input(self._field)
+        try:
+            self._check_session(session.params)
+            session.provide_input(self._field, context=bytes.fromhex(self._digest))
+        except SecFedTLError:
+            self._drop_prekeyed(round)
+            self._forget()
+            self._declined.add(round)
+            raise
         self._field = None
         self._session = session
         return replies
@@ -560,9 +598,16 @@ class ClientNode:
         except TooFewSurvivorsError:
             self._end_session(frame.round, session)  # refuses to go on: a dropout
             return []
-        except SecFedTLError:
+        except SecFedTLError as exc:
+            prekeyed = self._prekeyed.get(frame.round) is session
             self._end_session(frame.round, session)  # the session is aborted: drop its keys
-            raise
+            if not prekeyed:
+                raise
+            # one pre-keyed session's refusal silences that session only, not the batch it came in
+            log.warning("node %s: aborted the pre-keyed session of step %d: %s", self.name, frame.round,
+                        type(exc).__name__)
+            self._declined.add(frame.round)
+            return []
         if phase == "unmask":
             self._end_session(frame.round, session)  # round done: drop the keys and the vector
         return [wire.encode(wire.SecAggFrame(round=frame.round, data=codec.encode(r))) for r in replies]

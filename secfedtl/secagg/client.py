@@ -92,6 +92,7 @@ class ClientSession:
         self.params = params
         self.client_id = client_id
         self._input = None if input_vector is None else params.check_field_vector(input_vector).copy()
+        self._input_context = b""
         self._identity = identity
         self._peer_identities = dict(peer_identities or {})
         self._neighbours = params.neighbours[client_id]
@@ -127,15 +128,20 @@ class ClientSession:
     def has_input(self) -> bool:
         return self._input is not None
 
-    def provide_input(self, input_vector: np.ndarray) -> None:
-        """Give the session its input, once, before the ``ShareDelivery`` arrives. A second input,
-        or one after the masked input was sent, raises :class:`LocalProtocolError` and aborts the
-        session; a vector of the wrong shape or field raises and changes nothing."""
+    def provide_input(self, input_vector: np.ndarray, *, context: bytes = b"") -> None:
+        """Give the session its input, once, before the ``ShareDelivery`` arrives. ``context``
+        (at most 64 bytes; e.g. the digest of the request the input answers) goes into the
+        pairwise masks' binding (:meth:`SessionParams.mask_binding`): parties that give their
+        inputs under different contexts get masks that do not cancel. A second input, or one
+        after the masked input was sent, raises :class:`LocalProtocolError` and aborts the
+        session; a bad vector or context raises and changes nothing."""
         if self._input is not None or self.state not in (ClientState.INIT, ClientState.ADVERTISED,
                                                           ClientState.SHARES_SENT):
             self.state = ClientState.ABORTED
             raise LocalProtocolError("the session's input can be given once, before its masked input is due")
+        self.params.mask_binding(context)  # checks the context
         self._input = self.params.check_field_vector(input_vector).copy()
+        self._input_context = context
 
     def receive(self, message: m.Message) -> list[m.Message]:
         """Handle one server message; returns the messages to send back."""
@@ -230,8 +236,9 @@ class ClientSession:
         self._threshold_or_refuse(len(shares), "neighbours that shared their secrets")
         seeds = [(self._self_seed, 1)]
         for v in sorted(shares):
-            s_uv = cp.agree(self._mask.private, self._peers[v].mask_public_key, binding=p.binding,
-                            purpose=PURPOSE_MASK, party_a=self.client_id, party_b=v)
+            s_uv = cp.agree(self._mask.private, self._peers[v].mask_public_key,
+                            binding=p.mask_binding(self._input_context), purpose=PURPOSE_MASK,
+                            party_a=self.client_id, party_b=v)
             seeds.append((s_uv, sign_of(self.client_id, v)))
         masked = add_masks(self._input.copy(), seeds)
         p.config.encoding.reduce(masked)

@@ -134,6 +134,15 @@ def _request(job: Any, step: int, **kw: Any) -> wire.TaskRequest:
                                          options={**_options(job), **kw})
 
 
+def _declined(node: Any, join: wire.Join, caplog: Any, error: str) -> None:
+    """A pre-keyed session the node refuses: no reply (the batch's other steps still get theirs),
+    nothing set up, and a log line naming the refusal's type."""
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="secfedtl.federated.node"):
+        assert node.handle(wire.encode(join)) == []
+    assert error in caplog.text and f"step {join.round}" in caplog.text
+
+
 def _pending(state: Path, name: str) -> int:
     path = state / name / "ledger.jsonl"
     return 0 if not path.exists() else len([e for e in _entries(state, name) if e["status"] == "pending"])
@@ -146,34 +155,43 @@ def job(tmp_path):
     job.close()
 
 
-def test_a_node_sets_up_a_step_session_before_the_step_and_masks_only_after_its_request(job, tmp_path) -> None:
+def test_a_node_sets_up_a_step_session_before_the_step_and_masks_only_after_its_request(job, tmp_path,
+                                                                                         caplog) -> None:
     node = job.nodes["hungary"]
     (advert,) = [wire.decode(b) for b in node.handle(wire.encode(_join(job, 0)))]
     assert isinstance(advert, wire.SecAggFrame) and isinstance(codec.decode(advert.data), m.AdvertiseKeys)
     assert _pending(tmp_path / "state", "hungary") == 0  # keys only: nothing charged, nothing computed
-    with pytest.raises(ReplayError):  # one session per step
-        node.handle(wire.encode(_join(job, 0)))
+    _declined(node, _join(job, 0), caplog, "ReplayError")  # one session per step
     # a ShareDelivery before the step's request: the session has no input and aborts; nothing is sent
     empty = m.ShareDelivery(session_id=bytes([1]) * 16, round=0, recipient=0, ciphertexts=())
-    with pytest.raises(SecFedTLError):
-        node.handle(wire.encode(wire.SecAggFrame(round=0, data=codec.encode(empty))))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="secfedtl.federated.node"):
+        assert node.handle(wire.encode(wire.SecAggFrame(round=0, data=codec.encode(empty)))) == []
+    assert "aborted the pre-keyed session of step 0" in caplog.text and 0 not in node._prekeyed
     assert _pending(tmp_path / "state", "hungary") == 0
+    _declined(node, _join(job, 0), caplog, "ReplayError")  # and it is not set up again
 
 
-def test_a_node_refuses_a_prekeyed_session_its_plan_refuses(job, tmp_path) -> None:
+def test_a_node_refuses_a_prekeyed_session_its_plan_refuses(job, tmp_path, caplog) -> None:
     node = job.nodes["hungary"]
-    steps = job.federation.distributed.settings.total_steps
+    plan = job.federation.distributed
+    steps = plan.settings.total_steps
     with pytest.raises(PolicyError, match="unmask a sum of 2"):
-        node.handle(wire.encode(_join(job, 0, min_survivors=2)))
+        plan.check_session(0, _join(job, 0, min_survivors=2).session)
+    _declined(node, _join(job, 0, min_survivors=2), caplog, "PolicyError")
     with pytest.raises(RemoteProtocolError, match="field or vector length"):
-        node.handle(wire.encode(_join(job, 0, vector_length=8)))
+        plan.check_session(0, _join(job, 0, vector_length=8).session)
+    _declined(node, _join(job, 0, vector_length=8), caplog, "RemoteProtocolError")
     with pytest.raises(RemoteProtocolError, match="not one of the job's"):
-        node.handle(wire.encode(_join(job, steps)))
+        plan.check_session(steps, _join(job, steps).session)
+    _declined(node, _join(job, steps), caplog, "RemoteProtocolError")
+    assert node._prekeyed == {}
     # the plan of a job that assumes two colluders refuses a session of three (which tolerates one)
     strict = build_job(_seeded_config(colluders=2, min_survivors=3), tmp_path / "out2", state_dir=tmp_path / "s2")
     try:
         with pytest.raises(PolicyError, match="tolerates 1 colluders"):
-            strict.nodes["hungary"].handle(wire.encode(_join(strict, 0)))
+            strict.federation.distributed.check_session(0, _join(strict, 0).session)
+        _declined(strict.nodes["hungary"], _join(strict, 0), caplog, "PolicyError")
     finally:
         strict.close()
     # and a step already run cannot get a session set up afterwards: while it is the node's current
@@ -183,20 +201,23 @@ def test_a_node_refuses_a_prekeyed_session_its_plan_refuses(job, tmp_path) -> No
     with pytest.raises(RemoteProtocolError, match="bound to another request"):
         node.handle(wire.encode(_join(job, 3)))
     node.handle(wire.encode(_request(job, 4)))
-    with pytest.raises(ReplayError, match="already run"):
-        node.handle(wire.encode(_join(job, 3)))
+    _declined(node, _join(job, 3), caplog, "ReplayError")
 
 
-def test_a_node_holds_at_most_max_prekeyed_sessions(job, monkeypatch) -> None:
+def test_a_node_holds_at_most_max_prekeyed_sessions_and_drops_those_of_earlier_steps(job, monkeypatch,
+                                                                                      caplog) -> None:
     monkeypatch.setattr(nodemod, "MAX_PREKEYED", 2)
     node = job.nodes["hungary"]
     node.handle(wire.encode(_join(job, 0)))
     node.handle(wire.encode(_join(job, 1)))
-    with pytest.raises(PolicyError, match="pre-keyed sessions"):
-        node.handle(wire.encode(_join(job, 2)))
+    _declined(node, _join(job, 2), caplog, "PolicyError")
+    assert sorted(node._prekeyed) == [0, 1]
+    # steps run one after another: step 1's request ends step 0's session (its keys are dropped)
+    (reply,) = [wire.decode(b) for b in node.handle(wire.encode(_request(job, 1)))]
+    assert reply.status == "ready" and sorted(node._prekeyed) == [1]
 
 
-def test_a_step_request_other_than_the_sessions_is_refused_before_charging(job, tmp_path) -> None:
+def test_a_step_request_other_than_the_sessions_is_refused_before_charging(job, tmp_path, caplog) -> None:
     node = job.nodes["hungary"]
     node.handle(wire.encode(_join(job, 0)))
     # the session is bound to the step's request without weights; another option is another request
@@ -209,14 +230,34 @@ def test_a_step_request_other_than_the_sessions_is_refused_before_charging(job, 
         node.handle(wire.encode(_request(job, 0)))
 
 
-def test_the_steps_input_goes_into_its_prekeyed_session_only(job, tmp_path) -> None:
+def test_the_steps_input_goes_into_its_prekeyed_session_only(job, tmp_path, caplog) -> None:
     node = job.nodes["hungary"]
     node.handle(wire.encode(_join(job, 2)))
     (reply,) = [wire.decode(b) for b in node.handle(wire.encode(_request(job, 2)))]
     assert reply.status == "ready" and _pending(tmp_path / "state", "hungary") == 1
+    assert node._field is None and node._prekeyed[2].has_input
     # a second session for the same step (a server trying to get the input masked twice) finds nothing
-    with pytest.raises(ReplayError):
-        node.handle(wire.encode(_join(job, 2, context=bytes.fromhex(wire.request_digest(_request(job, 2))))))
+    _declined(node, _join(job, 2, context=bytes.fromhex(wire.request_digest(_request(job, 2)))), caplog,
+              "ReplayError")
+
+
+def test_a_step_announcing_another_cohort_than_its_session_is_refused_before_charging(tmp_path, caplog) -> None:
+    """A server pre-keys a session of 3 and then announces a cohort of 2 in the step (the same
+    value in the session's binding, so the binding check alone would pass)."""
+    job = build_job(_seeded_config(), tmp_path / "out", state_dir=tmp_path / "state")
+    try:
+        node = job.nodes["hungary"]
+        small = _request(job, 1, integer={"bits": job.federation.distributed.encoding.bits,
+                                          "length": job.federation.distributed.encoding.padded_dimension,
+                                          "num_clients": 2})
+        node.handle(wire.encode(_join(job, 1, context=wire.step_context(small))))
+        with pytest.raises(RemoteProtocolError, match="field or cohort"):
+            node.handle(wire.encode(small))
+        assert _pending(tmp_path / "state", "hungary") == 0 and node._field is None and node._prekeyed == {}
+        # nothing was kept for a later session of that step
+        _declined(node, _join(job, 1, context=bytes.fromhex(wire.request_digest(small))), caplog, "ReplayError")
+    finally:
+        job.close()
 
 
 def test_a_node_without_prekeying_refuses_a_join_before_its_task(job) -> None:
@@ -226,15 +267,13 @@ def test_a_node_without_prekeying_refuses_a_join_before_its_task(job) -> None:
         plain.handle(wire.encode(_join(job, 0)))
 
 
-def test_a_refused_step_leaves_its_prekeyed_session_unanswered(job, tmp_path) -> None:
+def test_a_failed_step_leaves_its_prekeyed_session_unanswered(job, tmp_path) -> None:
     node = job.nodes["hungary"]
-    # a step announcing a cohort of 2 (below the node's 3), with a session bound to exactly that request
-    small = _request(job, 1, integer={"bits": job.federation.distributed.encoding.bits,
-                                      "length": job.federation.distributed.encoding.padded_dimension,
-                                      "num_clients": 2})
-    node.handle(wire.encode(_join(job, 1, context=wire.step_context(small))))
-    (reply,) = [wire.decode(b) for b in node.handle(wire.encode(small))]
-    assert (reply.status, reply.info) == ("refused", {"reason": "policy"})
+    node.handle(wire.encode(_join(job, 1)))
+    # weights of the wrong size (not part of the session's binding): the task fails, before charging
+    bad = wire.TaskRequest.with_weights(round=1, task=STEP_TASK, weights=np.zeros(5), options=_options(job))
+    (reply,) = [wire.decode(b) for b in node.handle(wire.encode(bad))]
+    assert (reply.status, reply.info) == ("failed", {"reason": "failed"})
     empty = m.ShareDelivery(session_id=bytes([2]) * 16, round=1, recipient=0, ciphertexts=())
     assert node.handle(wire.encode(wire.SecAggFrame(round=1, data=codec.encode(empty)))) == []
     assert _pending(tmp_path / "state", "hungary") == 0
@@ -263,3 +302,56 @@ def test_the_job_file_turns_prekeying_off_for_the_server_and_every_node(tmp_path
         assert all(_pending(tmp_path / "state", n) == 0 for n in HOSPITALS)
     finally:
         job.close()
+
+
+def test_a_server_showing_one_hospital_other_weights_gets_a_sum_still_masked(tmp_path, monkeypatch) -> None:
+    """The weights are not in a pre-keyed session's binding, but each hospital gives its input
+    under the digest of the whole request it was sent (ClientSession.provide_input's context),
+    so a hospital shown other weights has pairwise masks that do not cancel: the server cannot
+    isolate it (a model-inconsistency attack), and an honest step still sums exactly."""
+    from secfedtl.federated import federation as fedmod
+    from secfedtl.secagg.client import ClientSession
+
+    inputs: dict[int, list[np.ndarray]] = {}
+    real_provide = ClientSession.provide_input
+
+    def spy(self, vector, *, context=b""):  # type: ignore[no-untyped-def]
+        inputs.setdefault(self.params.round, []).append(np.array(vector, copy=True))
+        return real_provide(self, vector, context=context)
+
+    sums: dict[int, np.ndarray] = {}
+    real_decode = fedmod.decode_step
+
+    def record(plan, field_sum, step):  # type: ignore[no-untyped-def]
+        sums[step] = np.array(field_sum, copy=True)
+        return real_decode(plan, field_sum, step)
+
+    monkeypatch.setattr(ClientSession, "provide_input", spy)
+    monkeypatch.setattr(fedmod, "decode_step", record)
+    job = build_job(_seeded_config(), tmp_path / "out", state_dir=tmp_path / "state")
+    try:
+        real = job.federation.pool.exchange
+
+        def tamper(requests, *, phase):  # type: ignore[no-untyped-def]
+            out = {}
+            for name, blobs in requests.items():
+                msgs = [wire.decode(b) for b in blobs]
+                out[name] = [wire.encode(wire.TaskRequest.with_weights(
+                    round=x.round, task=x.task, weights=x.weights() + 0.5, options=x.options))
+                    if name == "hungary" and isinstance(x, wire.TaskRequest) and x.round == 0 else b
+                    for x, b in zip(msgs, blobs)]
+            return real(out, phase=phase)
+
+        job.federation.pool.exchange = tamper  # type: ignore[method-assign]
+        job.federation.run_round()
+    finally:
+        job.close()
+    bits = job.federation.distributed.encoding.bits
+    for step, field_sum in sums.items():
+        true = (np.sum(np.array(inputs[step], dtype=np.uint64), axis=0) % (1 << bits)).astype(field_sum.dtype)
+        wrong = np.count_nonzero(field_sum != true)
+        if step == 0:
+            assert wrong >= 0.9 * field_sum.size  # masks left on nearly every word: nothing isolated
+        else:
+            assert wrong == 0  # honest steps sum exactly
+    assert 0 in sums and len(sums) == settings_for(_seeded_config()).steps_per_round
