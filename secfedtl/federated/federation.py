@@ -11,7 +11,8 @@ training round (:meth:`Federation.run_round`) is a *secure round* of the ``"trai
    fixed-point encoding). Each client computes the SHA-256 of the request it received; that
    digest is the ledger's ``model_hash`` and the secure-aggregation ``context``, so a server
    that sends different models (or options) to different clients makes their keys disagree and
-   the round fail. The client charges its budget (ledger entry written *before* training),
+   the round fail (a pre-keyed distributed step completes instead, with a sum that stays masked:
+   :meth:`Federation._run_prekeyed_round`). The client charges its budget (ledger entry written *before* training),
    fine-tunes with DP-SGD, clips and encodes ``(w_k * u_k, w_k)`` (``u_k`` its model update, ``w_k`` its declared public
    weight) and replies ``ready``; or ``refused`` (budget) or ``failed``, with no details;
 2. ``advertise``, ``share``, ``mask``, ``consistency``, ``unmask``: the secure aggregation of the

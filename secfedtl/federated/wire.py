@@ -309,7 +309,8 @@ def _reject_constant(name: str) -> Any:
 def request_digest(request: TaskRequest) -> str:
     """SHA-256 (hex) of the request's canonical bytes. Every client of a round computes it over
     the request it received and binds it into the secure aggregation, so clients shown
-    different models (or options) cannot complete a round together."""
+    different models (or options) cannot complete a round together (a pre-keyed step binds it
+    into its pairwise masks: such clients get a sum that stays masked; :func:`step_context`)."""
     return hashlib.sha256(b"secfedtl/task-request/v1\0" + encode(request)).hexdigest()
 
 
