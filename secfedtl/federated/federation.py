@@ -514,8 +514,11 @@ class Federation:
                     if reply.round == step and reply.status == "refused":
                         refused.add(name)
                 participants.update(cohort[i] for i in asked if cohort[i] not in refused)
+                # a party that answers another request than the one sent (its digest echoed) has
+                # masks that would not cancel: it is left out, a dropout of this step
                 masked = {i: msgs for i, msgs in by_step[step].items()
-                          if answers.get(cohort[i]) is not None and answers[cohort[i]].status == "ready"}
+                          if answers.get(cohort[i]) is not None and answers[cohort[i]].status == "ready"
+                          and answers[cohort[i]].info == {"digest": digest}}
                 driver.answer(masked)
                 while driver.phase is not None:
                     phase = driver.phase.name

@@ -328,11 +328,15 @@ class ClientNode:
         message = wire.decode(blob)
         if isinstance(message, wire.TaskRequest):
             replies = self._on_task(message)
-            if (self._prekey is not None and message.task == self._prekey[0] and message.round in self._prekeyed
-                    and any(r.status != "ready" for r in replies)):
-                # refused or failed: the pre-keyed session gets no input; its frames go unanswered
-                self._drop_prekeyed(message.round)
-                self._declined.add(message.round)
+            if self._prekey is not None and message.task == self._prekey[0]:
+                if any(r.status != "ready" for r in replies):
+                    if message.round in self._prekeyed:
+                        # refused or failed: the pre-keyed session gets no input; its frames go unanswered
+                        self._drop_prekeyed(message.round)
+                        self._declined.add(message.round)
+                else:  # steps run one after another: the sessions of earlier steps are over
+                    for earlier in [r for r in self._prekeyed if r < message.round]:
+                        self._drop_prekeyed(earlier)
             return [wire.encode(reply) for reply in replies]
         if isinstance(message, wire.Join):
             return self._on_join(message)
@@ -379,8 +383,9 @@ class ClientNode:
         self._digest = wire.request_digest(request)
         prekeyed = None
         if self._prekey is not None and request.task == self._prekey[0]:
-            for earlier in [r for r in self._prekeyed if r < request.round]:
-                self._drop_prekeyed(earlier)  # steps run one after another: earlier sessions are over
+            if request.round in self._declined:
+                # its pre-keyed session was refused or aborted: the step runs nowhere else
+                raise ReplayError(f"step {request.round}'s session was declined; the step is not run")
             prekeyed = self._prekeyed.get(request.round)
         if prekeyed is not None:
             try:  # before anything runs or is charged
@@ -483,8 +488,8 @@ class ClientNode:
         try:
             return self._prejoin_checked(join)
         except SecFedTLError as exc:
-            log.warning("node %s: declined the pre-keyed session of step %d: %s", self.name, join.round,
-                        type(exc).__name__)
+            log.warning("node %s: declined a Join for step %d (no contribution ready, so a session ahead of its "
+                        "step): %s", self.name, join.round, type(exc).__name__)
             return []
 
     def _prejoin_checked(self, join: wire.Join) -> list[bytes]:
@@ -538,7 +543,9 @@ class ClientNode:
             raise
         self._field = None
         self._session = session
-        return replies
+        # the digest of the request this share answers (the server's own request, not data): an
+        # honest server leaves out a party that received another one, whose masks would not cancel
+        return [wire.TaskReply(round=round, status="ready", info={"digest": self._digest})]
 
     def _drop_prekeyed(self, round: int) -> None:  # noqa: A002
         session = self._prekeyed.pop(round, None)

@@ -170,6 +170,9 @@ def test_a_node_sets_up_a_step_session_before_the_step_and_masks_only_after_its_
     assert "aborted the pre-keyed session of step 0" in caplog.text and 0 not in node._prekeyed
     assert _pending(tmp_path / "state", "hungary") == 0
     _declined(node, _join(job, 0), caplog, "ReplayError")  # and it is not set up again
+    with pytest.raises(ReplayError, match="declined"):  # nor is the step run anywhere else
+        node.handle(wire.encode(_request(job, 0)))
+    assert _pending(tmp_path / "state", "hungary") == 0 and node._field is None
 
 
 def test_a_node_refuses_a_prekeyed_session_its_plan_refuses(job, tmp_path, caplog) -> None:
@@ -212,9 +215,14 @@ def test_a_node_holds_at_most_max_prekeyed_sessions_and_drops_those_of_earlier_s
     node.handle(wire.encode(_join(job, 1)))
     _declined(node, _join(job, 2), caplog, "PolicyError")
     assert sorted(node._prekeyed) == [0, 1]
+    # a request the step task refuses (a step beyond the job) changes no session
+    steps = job.federation.distributed.settings.total_steps
+    (reply,) = [wire.decode(b) for b in node.handle(wire.encode(_request(job, steps + 5)))]
+    assert reply.status == "failed" and sorted(node._prekeyed) == [0, 1]
     # steps run one after another: step 1's request ends step 0's session (its keys are dropped)
     (reply,) = [wire.decode(b) for b in node.handle(wire.encode(_request(job, 1)))]
-    assert reply.status == "ready" and sorted(node._prekeyed) == [1]
+    assert reply.status == "ready" and reply.info == {"digest": wire.request_digest(_request(job, 1))}
+    assert sorted(node._prekeyed) == [1]
 
 
 def test_a_step_request_other_than_the_sessions_is_refused_before_charging(job, tmp_path, caplog) -> None:
@@ -304,11 +312,59 @@ def test_the_job_file_turns_prekeying_off_for_the_server_and_every_node(tmp_path
         job.close()
 
 
+def _tamper_step_zero(job: Any, *, forge_echo: bool) -> None:
+    """hungary gets other weights in step 0 (in transit, after the server built its request);
+    ``forge_echo``: the digest hungary echoes is replaced by the one the server sent (a server
+    that ignores the echo)."""
+    real = job.federation.pool.exchange
+    sent: dict[int, str] = {}
+
+    def tamper(requests, *, phase):  # type: ignore[no-untyped-def]
+        out = {}
+        for name, blobs in requests.items():
+            msgs = [wire.decode(b) for b in blobs]
+            for x in msgs:
+                if isinstance(x, wire.TaskRequest):
+                    sent[x.round] = wire.request_digest(x)
+            out[name] = [wire.encode(wire.TaskRequest.with_weights(
+                round=x.round, task=x.task, weights=x.weights() + 0.5, options=x.options))
+                if name == "hungary" and isinstance(x, wire.TaskRequest) and x.round == 0 else b
+                for x, b in zip(msgs, blobs)]
+        raw = real(out, phase=phase)
+        if forge_echo and "hungary" in raw:
+            replies = [wire.decode(b) for b in raw["hungary"]]
+            raw["hungary"] = [wire.encode(wire.TaskReply(round=r.round, status=r.status,
+                                                         info={"digest": sent[r.round]}))
+                              if isinstance(r, wire.TaskReply) and "digest" in r.info else b
+                              for r, b in zip(replies, raw["hungary"])]
+        return raw
+
+    job.federation.pool.exchange = tamper  # type: ignore[method-assign]
+
+
+def test_a_hospital_that_answers_another_request_is_left_out_of_the_step(tmp_path) -> None:
+    """A hospital that received other weights than the server sent (version skew, tampering)
+    echoes another digest; the server leaves it out of that step (a dropout: the step fails
+    here, where every hospital's noise is needed) instead of applying a sum whose masks would not
+    cancel. The other steps run."""
+    config = _seeded_config()
+    steps = settings_for(config).steps_per_round
+    job = build_job(config, tmp_path / "out", state_dir=tmp_path / "state")
+    try:
+        _tamper_step_zero(job, forge_echo=False)
+        report = job.federation.run_round()
+    finally:
+        job.close()
+    assert (report.status, report.steps_ok) == ("ok", steps - 1)
+    assert report.silent == {"hungary": "step 0: mask"} and report.reason.startswith("step 0:")
+
+
 def test_a_server_showing_one_hospital_other_weights_gets_a_sum_still_masked(tmp_path, monkeypatch) -> None:
     """The weights are not in a pre-keyed session's binding, but each hospital gives its input
     under the digest of the whole request it was sent (ClientSession.provide_input's context),
-    so a hospital shown other weights has pairwise masks that do not cancel: the server cannot
-    isolate it (a model-inconsistency attack), and an honest step still sums exactly."""
+    so a hospital shown other weights has pairwise masks that do not cancel, even for a server
+    that ignores the echoed digest: it cannot isolate it (a model-inconsistency attack), and an
+    honest step still sums exactly."""
     from secfedtl.federated import federation as fedmod
     from secfedtl.secagg.client import ClientSession
 
@@ -330,19 +386,7 @@ def test_a_server_showing_one_hospital_other_weights_gets_a_sum_still_masked(tmp
     monkeypatch.setattr(fedmod, "decode_step", record)
     job = build_job(_seeded_config(), tmp_path / "out", state_dir=tmp_path / "state")
     try:
-        real = job.federation.pool.exchange
-
-        def tamper(requests, *, phase):  # type: ignore[no-untyped-def]
-            out = {}
-            for name, blobs in requests.items():
-                msgs = [wire.decode(b) for b in blobs]
-                out[name] = [wire.encode(wire.TaskRequest.with_weights(
-                    round=x.round, task=x.task, weights=x.weights() + 0.5, options=x.options))
-                    if name == "hungary" and isinstance(x, wire.TaskRequest) and x.round == 0 else b
-                    for x, b in zip(msgs, blobs)]
-            return real(out, phase=phase)
-
-        job.federation.pool.exchange = tamper  # type: ignore[method-assign]
+        _tamper_step_zero(job, forge_echo=True)
         job.federation.run_round()
     finally:
         job.close()
