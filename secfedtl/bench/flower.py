@@ -40,6 +40,43 @@ def _per_round(rounds: list[dict[str, Any]]) -> list[dict[str, float]]:
             for r in rounds]
 
 
+def run_prekeyed_comparison(config_path: Path | None, rounds: int, out: Path) -> dict[str, Any]:
+    """A distributed-noise job on Flower twice in one run: its steps pre-keyed (``[secagg]
+    prekeyed = true``, ``2 + 3T`` exchanges a round) and one full session per step (``false``,
+    ``6T``); per step, the server's wall clock of the task and of secure aggregation."""
+    from secfedtl.runtime.deploy import run_local
+    from secfedtl.jobs.heart import HeartConfig
+
+    report: dict[str, Any] = {"rounds": rounds}
+    for prekeyed in (True, False):
+        data = HeartConfig.load(config_path).to_dict()
+        if data["privacy"].get("noise", "local") != "distributed":
+            raise ConfigError("--prekeyed both compares the steps of a distributed-noise job ([privacy] noise)")
+        data["job"]["rounds"] = rounds
+        data["job"]["workers"] = 0
+        data["secagg"]["prekeyed"] = prekeyed
+        config = HeartConfig.from_mapping(data)
+        folder = out / ("prekeyed" if prekeyed else "full-sessions")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "job.toml").write_text(config.to_toml(), encoding="utf-8")
+        t0 = time.perf_counter()
+        metrics = run_local(folder / "job.toml", folder / "flower", simulation=False)
+        wall = time.perf_counter() - t0
+        rows = metrics["server"]["rounds"]
+        steps = sum(r["steps"] for r in rows)
+        report["prekeyed" if prekeyed else "full_sessions"] = {
+            "steps": steps, "steps_ok": sum(r["steps_ok"] for r in rows), "wall_seconds": wall,
+            "task_seconds_per_step": sum(r["times"]["task_phase"] for r in rows) / steps,
+            "secure_aggregation_seconds_per_step": sum(r["times"]["secure_aggregation"] for r in rows) / steps,
+            "step_seconds": sum(r["times"]["task_phase"] + r["times"]["secure_aggregation"] for r in rows) / steps,
+            "wire_bytes_per_step": sum(r["wire_bytes"] for r in rows) / steps,
+            "exchanges": len([line for line in (folder / "flower" / "server" / "progress.jsonl").read_text(
+                encoding="utf-8").splitlines() if not json.loads(line)["phase"].endswith(":start")]),
+        }
+    (out / "bench.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    return report
+
+
 def run_bench(config_path: Path | None, rounds: int, out: Path, *, simulation: bool = False) -> dict[str, Any]:
     from secfedtl.runtime.deploy import run_local
     from secfedtl.jobs.heart import HeartConfig, run_job
@@ -114,12 +151,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--simulation", action="store_true",
                         help="also run on Flower's simulation engine (needs secfedtl[flower-sim])")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--prekeyed-vs-full", action="store_true",
+                        help="distributed-noise job only: Flower twice, pre-keyed steps against one full session "
+                             "per step (docs/protocol.md, \"Pre-keyed steps\"); no in-process run")
 
 
 def main(args: argparse.Namespace) -> int:
     if args.rounds < 1:
         raise ConfigError("--rounds must be >= 1")
     out = args.out or Path(tempfile.mkdtemp(prefix="secfedtl-bench-flower-"))
+    if args.prekeyed_vs_full:
+        report = run_prekeyed_comparison(args.config, args.rounds, out)
+        print(json.dumps(report, indent=None if args.json else 1, sort_keys=True))
+        return 0
     report = run_bench(args.config, args.rounds, out, simulation=args.simulation)
     if args.json:
         print(json.dumps(report, sort_keys=True))

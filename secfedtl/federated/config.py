@@ -54,7 +54,8 @@ _OPTIONAL: dict[str, dict[str, Any]] = {"job": {"workers": 0, "id": "", "validat
                                        "secagg": {"bits": 32}}
 #: Keys that may be left out and then stay out (no default is written into the config).
 _MAY_OMIT: dict[str, dict[str, type]] = {"server": {"momentum": float},
-                                         "privacy": {"noise": str, "colluders": int, "min_survivors": int}}
+                                         "privacy": {"noise": str, "colluders": int, "min_survivors": int},
+                                         "secagg": {"prekeyed": bool}}
 #: ``[privacy] noise``: ``"local"`` (each hospital adds the full DP noise to its own update; the
 #: default) or ``"distributed"`` (each aggregation is one DP-SGD step across hospitals, each adding
 #: a share of Skellam noise: :mod:`secfedtl.federated.distributed`).
@@ -241,6 +242,8 @@ class JobConfig:
             extra = sorted(k for k in ("colluders", "min_survivors") if k in priv)
             if extra:
                 raise ConfigError(f"[privacy] {', '.join(extra)} only apply to noise = \"distributed\"")
+            if "prekeyed" in sections["secagg"]:
+                raise ConfigError("[secagg] prekeyed only applies to noise = \"distributed\" (its steps' sessions)")
             return
         colluders = priv.get("colluders", 0)
         survivors = priv.get("min_survivors", len(clients))

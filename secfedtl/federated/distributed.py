@@ -43,12 +43,13 @@ from typing import Any
 import numpy as np
 
 from secfedtl.encoding.distributed import DistributedEncoding, EncodingPlan, step_rotation_seed
-from secfedtl.errors import AccountingError, ConfigError, RemoteProtocolError, TooFewSurvivorsError
+from secfedtl.errors import AccountingError, ConfigError, PolicyError, RemoteProtocolError, TooFewSurvivorsError
 from secfedtl.federated import wire
 from secfedtl.federated.config import JobConfig
 from secfedtl.privacy.discrete_noise import MAX_SKELLAM_MU
 from secfedtl.privacy.distributed import CollusionPolicy, calibrate_distributed, plan_distributed
 from secfedtl.privacy.events import DpEvent, PoissonSkellamEvent
+from secfedtl.secagg.session import SessionParams
 from secfedtl.training import PrivateClient, unflatten_params
 
 __all__ = ["RELEASE", "STEP_TASK", "DistributedPlan", "DistributedSettings", "DistributedStepTask",
@@ -113,6 +114,25 @@ class DistributedPlan:
         enc = self.encoding
         return {"scale": float(enc.scale), "dimension": enc.dimension, "rotate": enc.rotate,
                 "share_variance": float(self.event.share_variance), "sample_rate": self.settings.sample_rate}
+
+    def check_session(self, step: int, session: SessionParams) -> None:
+        """What a hospital checks before it sets up a pre-keyed step session (the keys of step
+        ``step``'s secure aggregation, set up before the step's request exists; docs/protocol.md,
+        "Pre-keyed steps"): a step of this job, this job's field and vector length, and a session
+        that never unmasks a sum of fewer parties than the noise share assumes and tolerates as
+        many colluders as it assumes. Raises :class:`PolicyError` / :class:`RemoteProtocolError`."""
+        cfg, settings = session.config, self.settings
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < settings.total_steps:
+            raise RemoteProtocolError(f"step {step!r} is not one of the job's {settings.total_steps} steps")
+        if cfg.bits != self.encoding.bits or session.vector_length != self.encoding.padded_dimension:
+            raise RemoteProtocolError("the session's field or vector length is not this job's")
+        needed = settings.policy.min_survivors
+        if cfg.num_clients < needed or cfg.min_survivors < needed:
+            raise PolicyError(f"the session may unmask a sum of {cfg.min_survivors} parties; this hospital's "
+                              f"noise share needs at least {needed}")
+        if cfg.tolerated_colluders < settings.policy.colluders:
+            raise PolicyError(f"the session tolerates {max(0, cfg.tolerated_colluders)} colluders; this "
+                              f"hospital's noise share assumes {settings.policy.colluders}")
 
     def ledger_params(self) -> dict[str, Any]:
         """The public parameters recorded with each step beyond its event."""

@@ -11,7 +11,8 @@ training round (:meth:`Federation.run_round`) is a *secure round* of the ``"trai
    fixed-point encoding). Each client computes the SHA-256 of the request it received; that
    digest is the ledger's ``model_hash`` and the secure-aggregation ``context``, so a server
    that sends different models (or options) to different clients makes their keys disagree and
-   the round fail. The client charges its budget (ledger entry written *before* training),
+   the round fail (a pre-keyed distributed step completes instead, with a sum that stays masked:
+   :meth:`Federation._run_prekeyed_round`). The client charges its budget (ledger entry written *before* training),
    fine-tunes with DP-SGD, clips and encodes ``(w_k * u_k, w_k)`` (``u_k`` its model update, ``w_k`` its declared public
    weight) and replies ``ready``; or ``refused`` (budget) or ``failed``, with no details;
 2. ``advertise``, ``share``, ``mask``, ``consistency``, ``unmask``: the secure aggregation of the
@@ -50,7 +51,7 @@ from secfedtl.federated.pool import ClientPool
 from secfedtl.federated.roster import Roster
 from secfedtl.secagg import codec
 from secfedtl.secagg.config import SecAggConfig, active_threshold
-from secfedtl.secagg.driver import Phase, drive
+from secfedtl.secagg.driver import Phase, RoundDriver, drive
 from secfedtl.secagg.server import ServerSession
 from secfedtl.secagg.session import SessionParams
 
@@ -140,6 +141,7 @@ class Federation:
     colluders: int | None = None
     seed: int = 0
     distributed: DistributedPlan | None = None
+    prekeyed: bool = True  # distributed noise: set up each round's step sessions before its steps
     rounds_done: int = 0
     history: list[RoundReport] = field(default_factory=list)
 
@@ -357,6 +359,8 @@ class Federation:
         step that fails leaves the model as it was; the round is ``ok`` if any step was applied."""
         plan = self.distributed
         assert plan is not None
+        if self.prekeyed:
+            return self._run_prekeyed_round()
         r, settings = self.rounds_done, plan.settings
         cohort = self.sample(r)
         times = dict.fromkeys(TIMES, 0.0)
@@ -393,6 +397,152 @@ class Federation:
         status = "ok" if ok else "failed"
         report = RoundReport(round=r, status=status, reason="; ".join(reasons[:3]), participants=tuple(sorted(participants)),
                              included=tuple(sorted(included)),
+                             dropped=tuple(sorted(participants - included)), budget_refused=tuple(sorted(refused)),
+                             total_weight=0, times=times, wire_bytes=wire_bytes, model_hash=digest, silent=silent,
+                             steps=settings.steps_per_round, steps_ok=ok)
+        self.history.append(report)
+        self.rounds_done = r + 1
+        return report
+
+    def _run_prekeyed_round(self) -> RoundReport:
+        """A distributed-noise round with its step sessions *pre-keyed* (docs/protocol.md,
+        "Pre-keyed steps"): one fresh, independent secure-aggregation session per step, as in
+        :meth:`run_distributed_round`, but every step's ``Join`` and share phase travel in two
+        exchanges at the start of the round; each step then costs three exchanges (its request
+        with the session's ``ShareDelivery``, the survivor list, the unmask request) instead of
+        six. A session is bound to its step's request without the weights
+        (:func:`~secfedtl.federated.wire.step_context`); each party's input is the step's share,
+        computed when that request arrives, and its pairwise masks are bound to the whole
+        request (the weights too: :meth:`~secfedtl.secagg.ClientSession.provide_input`), so
+        hospitals shown different weights get masks that do not cancel."""
+        plan = self.distributed
+        assert plan is not None
+        r, settings = self.rounds_done, plan.settings
+        cohort = sorted(self.sample(r))
+        times = dict.fromkeys(TIMES, 0.0)
+        wire_bytes, ok, reasons, digest = 0, 0, [], ""
+        participants: set[str] = set()
+        included: set[str] = set()
+        refused: set[str] = set()
+        silent: dict[str, str] = {}
+        steps = [r * settings.steps_per_round + s for s in range(settings.steps_per_round)]
+        options = {**self.task_options(), "distributed": plan.announcement(),
+                   "integer": {"bits": self.bits, "length": plan.encoding.padded_dimension, "num_clients": len(cohort)}}
+        index = {name: i for i, name in enumerate(cohort)}
+        parties = tuple(self.roster.key_of(name) for name in cohort)
+
+        def exchange(requests: dict[str, list[bytes]], phase: str) -> dict[str, list[bytes]]:
+            nonlocal wire_bytes
+            wire_bytes += sum(len(b) for blobs in requests.values() for b in blobs)
+            raw = self.pool.exchange(requests, phase=phase)
+            wire_bytes += sum(len(b) for blobs in raw.values() for b in blobs)
+            return raw
+
+        def frames_out(drivers: Mapping[int, RoundDriver]) -> dict[str, list[bytes]]:
+            out: dict[str, list[bytes]] = {}
+            for step, driver in drivers.items():
+                for i, msgs in driver.requests().items():
+                    if driver.phase is not None and driver.phase.request is None:  # open the session
+                        blobs = [wire.encode(wire.Join(round=step, index=i, session=driver.server.params,
+                                                       parties=parties))]
+                    else:
+                        blobs = [wire.encode(wire.SecAggFrame(round=step, data=codec.encode(msg))) for msg in msgs]
+                    out.setdefault(cohort[i], []).extend(blobs)
+            return out
+
+        def frames_in(raw: Mapping[str, list[bytes]], drivers: Mapping[int, RoundDriver]
+                      ) -> tuple[dict[int, dict[int, list[Any]]], dict[str, wire.TaskReply]]:
+            """Each step's replies by party (secure-aggregation frames of that step's round) and
+            the task replies; a node that sent anything malformed is silent for all of them."""
+            by_step: dict[int, dict[int, list[Any]]] = {step: {} for step in drivers}
+            tasks: dict[str, wire.TaskReply] = {}
+            for name, blobs in raw.items():
+                if name not in index:
+                    continue
+                try:
+                    messages = [wire.decode(b) for b in blobs]
+                    decoded = [(msg.round, codec.decode(msg.data)) for msg in messages if isinstance(msg, wire.SecAggFrame)]
+                except DecodeError:
+                    continue
+                replies = [msg for msg in messages if isinstance(msg, wire.TaskReply)]
+                if len(replies) + len(decoded) != len(messages) or len(replies) > 1:
+                    continue
+                if replies:
+                    tasks[name] = replies[0]
+                for step, message in decoded:
+                    if step in by_step:
+                        by_step[step].setdefault(index[name], []).append(message)
+            return by_step, tasks
+
+        # 1. set-up: every step's session, its Join and share phase in two exchanges
+        drivers: dict[int, RoundDriver] = {}
+        contexts: dict[int, bytes] = {}
+        t0 = time.perf_counter()
+        for step in steps:
+            template = wire.TaskRequest(round=step, task=STEP_TASK, options=options)
+            contexts[step] = wire.step_context(template)
+            cfg = self._secagg_config(len(cohort), clip=1.0, max_weight=1, min_survivors=settings.policy.min_survivors)
+            params = SessionParams(config=cfg, session_id=os.urandom(16), round=step,
+                                   vector_length=plan.encoding.padded_dimension, context=contexts[step])
+            drivers[step] = RoundDriver(ServerSession(params=params, identities=dict(enumerate(parties))), None)
+        for phase in ("advertise", "share"):
+            live = {step: d for step, d in drivers.items() if d.phase is not None and d.phase.name == phase}
+            if live:
+                by_step, _ = frames_in(exchange(frames_out(live), phase), live)
+                for step, driver in live.items():
+                    driver.answer(by_step[step])
+        times["secure_aggregation"] += time.perf_counter() - t0
+
+        # 2. the steps: request + masked input, then survivors and unmasking
+        for s, step in enumerate(steps):
+            driver = drivers[step]
+            if driver.phase is not None and driver.phase.name == "mask":
+                asked = driver.requests()
+                request = wire.TaskRequest.with_weights(round=step, task=STEP_TASK, weights=self.global_params,
+                                                        options=options)
+                digest = wire.request_digest(request)
+                driver.server.bind_input_context(bytes.fromhex(digest))  # the inputs answer this exact request
+                blob = wire.encode(request)
+                out = frames_out({step: driver})
+                for i in asked:
+                    out[cohort[i]] = [blob, *out.get(cohort[i], [])]
+                t0 = time.perf_counter()
+                by_step, answers = frames_in(exchange(out, "mask"), {step: driver})
+                times["task_phase"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                for name, reply in answers.items():
+                    if reply.round == step and reply.status == "refused":
+                        refused.add(name)
+                participants.update(cohort[i] for i in asked if cohort[i] not in refused)
+                # a party that answers another request than the one sent (its digest echoed) has
+                # masks that would not cancel: it is left out, a dropout of this step
+                masked = {i: msgs for i, msgs in by_step[step].items()
+                          if answers.get(cohort[i]) is not None and answers[cohort[i]].status == "ready"
+                          and answers[cohort[i]].info == {"digest": digest}}
+                driver.answer(masked)
+                while driver.phase is not None:
+                    phase = driver.phase.name
+                    by_step, _ = frames_in(exchange(frames_out({step: driver}), phase), {step: driver})
+                    driver.answer(by_step[step])
+                times["secure_aggregation"] += time.perf_counter() - t0
+            outcome = driver.outcome() if driver.finished else None
+            if outcome is not None:
+                for i, phase in outcome.silent.items():
+                    if cohort[i] not in refused:
+                        silent.setdefault(cohort[i], f"step {s}: {phase}")
+            if outcome is None or outcome.result is None:
+                reasons.append(f"step {s}: {outcome.reason if outcome is not None else 'not set up'}")
+                continue
+            t0 = time.perf_counter()
+            pseudo_gradient = decode_step(plan, outcome.result.field_sum, step)
+            self.global_params = self.optimizer.step(self.global_params, pseudo_gradient, settings.normaliser)
+            times["aggregation"] += time.perf_counter() - t0
+            included.update(cohort[i] for i in outcome.result.included)
+            ok += 1
+        times["secagg_overhead"] = times["secure_aggregation"] - times["plain_fedavg_sum"]
+        status = "ok" if ok else "failed"
+        report = RoundReport(round=r, status=status, reason="; ".join(reasons[:3]),
+                             participants=tuple(sorted(participants)), included=tuple(sorted(included)),
                              dropped=tuple(sorted(participants - included)), budget_refused=tuple(sorted(refused)),
                              total_weight=0, times=times, wire_bytes=wire_bytes, model_hash=digest, silent=silent,
                              steps=settings.steps_per_round, steps_ok=ok)

@@ -63,6 +63,7 @@ from secfedtl.federated.distributed import integer_spec
 from secfedtl.federated.roster import NodePolicy, Roster
 from secfedtl.secagg import codec
 from secfedtl.secagg.client import ClientSession
+from secfedtl.secagg.session import SessionParams
 from secfedtl.secagg.driver import PHASES, REPLY_PHASE
 from secfedtl.training import PrivateClient, evaluate, flatten_params, model_with_params, unflatten_params
 
@@ -71,6 +72,8 @@ log = logging.getLogger(__name__)
 #: Faults a node can be told to simulate, per round: ``"train"`` (crash while training, after the
 #: budget was charged) or a protocol phase from :data:`secfedtl.secagg.PHASES` (silent from there).
 FAULTS = ("train", *PHASES)
+#: The most pre-keyed sessions (set up before their step's request) a node holds at once.
+MAX_PREKEYED = 1024
 #: Tasks a node answers more than once per round (public queries); every other task runs once.
 REPEATABLE_TASKS = frozenset({"evaluate"})
 
@@ -273,7 +276,8 @@ class ClientNode:
     """
 
     def __init__(self, *, name: str, tasks: Mapping[str, Task], identity: SigningKey, roster: Roster,
-                 policy: NodePolicy | None = None, seed: int = 0, faults: Mapping[int, str] | None = None) -> None:
+                 policy: NodePolicy | None = None, seed: int = 0, faults: Mapping[int, str] | None = None,
+                 prekey: tuple[str, Callable[[int, SessionParams], None]] | None = None) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigError("a node needs a non-empty name")
         if not isinstance(identity, SigningKey) or not isinstance(roster, Roster):
@@ -308,7 +312,13 @@ class ClientNode:
         self._colluders = 0
         self._field: np.ndarray | None = None
         self._session: ClientSession | None = None
-        self._silent = False
+        self._silent: set[int] = set()  # rounds this node fell silent in (fault plan)
+        if prekey is not None and (not isinstance(prekey, tuple) or len(prekey) != 2 or prekey[0] not in self._tasks
+                                   or not callable(prekey[1])):
+            raise ConfigError("prekey must be (the name of one of the node's tasks, its session check)")
+        self._prekey = prekey
+        self._prekeyed: dict[int, ClientSession] = {}  # round -> session set up before its task
+        self._declined: set[int] = set()  # pre-keyed rounds whose task this node refused or failed
 
     def __repr__(self) -> str:  # never shows vectors or keys
         return f"ClientNode(name={self.name!r}, tasks={sorted(self._tasks)}, round={self._round})"
@@ -317,18 +327,29 @@ class ClientNode:
         """Answer one message (bytes of :mod:`~secfedtl.federated.wire`) with zero or more replies."""
         message = wire.decode(blob)
         if isinstance(message, wire.TaskRequest):
-            return [wire.encode(reply) for reply in self._on_task(message)]
+            replies = self._on_task(message)
+            if self._prekey is not None and message.task == self._prekey[0]:
+                if any(r.status != "ready" for r in replies):
+                    if message.round in self._prekeyed:
+                        # refused or failed: the pre-keyed session gets no input; its frames go unanswered
+                        self._drop_prekeyed(message.round)
+                        self._declined.add(message.round)
+                else:  # steps run one after another: the sessions of earlier steps are over
+                    for earlier in [r for r in self._prekeyed if r < message.round]:
+                        self._drop_prekeyed(earlier)
+            return [wire.encode(reply) for reply in replies]
         if isinstance(message, wire.Join):
             return self._on_join(message)
         if isinstance(message, wire.SecAggFrame):
             return self._on_frame(message)
         raise RemoteProtocolError(f"a node does not accept {type(message).__name__}")
 
-    def _silent_from(self, phase: str) -> bool:
-        fault = self.faults.get(self._round) if self._round is not None else None
+    def _silent_from(self, phase: str, round: int | None = None) -> bool:  # noqa: A002
+        round = self._round if round is None else round  # noqa: A001
+        fault = self.faults.get(round) if round is not None else None
         if fault in PHASES and PHASES.index(fault) <= PHASES.index(phase):
-            self._silent = True
-        return self._silent
+            self._silent.add(round)  # type: ignore[arg-type]
+        return round in self._silent
 
     def _forget(self) -> None:
         self._field = None
@@ -357,8 +378,22 @@ class ClientNode:
                                   "its policy's maximum")
             self._repeated.add(key)
         self._forget()
-        self._round, self._silent = request.round, False
+        self._round = request.round
+        self._silent.discard(request.round)
         self._digest = wire.request_digest(request)
+        prekeyed = None
+        if self._prekey is not None and request.task == self._prekey[0]:
+            if request.round in self._declined:
+                # its pre-keyed session was refused or aborted: the step runs nowhere else
+                raise ReplayError(f"step {request.round}'s session was declined; the step is not run")
+            prekeyed = self._prekeyed.get(request.round)
+        if prekeyed is not None:
+            try:  # before anything runs or is charged
+                self._check_prekeyed_request(request, prekeyed)
+            except SecFedTLError:
+                self._drop_prekeyed(request.round)
+                self._declined.add(request.round)
+                raise
         task = self._tasks.get(request.task)
         if task is None:
             return [wire.TaskReply(round=request.round, status="failed", info={"reason": "unknown task"})]
@@ -393,7 +428,10 @@ class ClientNode:
                 raise ConfigError(f"task {request.task!r} returned a vector but the request announced no encoding")
             return [wire.TaskReply(round=request.round, status="done", info={})]
         if spec is not None:
-            return self._keep_integer(request.round, spec, output)
+            replies = self._keep_integer(request.round, spec, output)
+            if prekeyed is not None:
+                return self._feed_prekeyed(request.round, prekeyed, replies)
+            return replies
         assert encoding is not None
         if output.vector is None:
             return [wire.TaskReply(round=request.round, status="failed", info={"reason": "failed"})]
@@ -420,11 +458,111 @@ class ClientNode:
     def _on_join(self, join: wire.Join) -> list[bytes]:
         if (join.round != self._round or self._field is None or self._session is not None
                 or (self._encoding is None and self._integer is None)):
+            if self._prekey is not None:  # no contribution ready for it: a session set up ahead of its step
+                return self._prejoin(join)
             raise RemoteProtocolError("join without a contribution ready for this round")
         session = join.session
-        cfg = session.config
         if session.context != bytes.fromhex(self._digest):
             raise RemoteProtocolError("the session is bound to another request than the one this node ran")
+        self._check_session(session)
+        self._check_parties(join)
+        self._policy.check(session.config, roster=self._roster, sessions_joined=self._sessions_joined)
+        if self._silent_from("advertise"):
+            return []
+        self._session = ClientSession(params=session, client_id=join.index, input_vector=self._field,
+                                      identity=self._identity, peer_identities=dict(enumerate(join.parties)))
+        self._sessions_joined += 1
+        advert = self._session.start()
+        return [wire.encode(wire.SecAggFrame(round=join.round, data=codec.encode(advert)))]
+
+    def _prejoin(self, join: wire.Join) -> list[bytes]:
+        """Set up the session of a step whose request has not come yet (docs/protocol.md,
+        "Pre-keyed steps"): its keys and shares only, no input. Checked first: the step is not
+        answered or keyed yet, the session against this node's own plan (the ``prekey`` check:
+        field, length, fewest survivors, colluders), the parties against the roster and the
+        session against the policy. The input follows with the step's request, which must be
+        the one the session is bound to (:func:`~secfedtl.federated.wire.step_context`).
+
+        A refused session is *declined*: no reply and a log line naming the refusal's type, not
+        an exception, so the other steps' ``Join`` of the same batch still get their answers."""
+        try:
+            return self._prejoin_checked(join)
+        except SecFedTLError as exc:
+            log.warning("node %s: declined a Join for step %d (no contribution ready, so a session ahead of its "
+                        "step): %s", self.name, join.round, type(exc).__name__)
+            return []
+
+    def _prejoin_checked(self, join: wire.Join) -> list[bytes]:
+        assert self._prekey is not None
+        task, check = self._prekey
+        if (join.round, task) in self._answered or join.round in self._declined:
+            raise ReplayError(f"step {join.round} was already run; its session cannot be set up again")
+        if join.round in self._prekeyed:
+            raise ReplayError(f"the session of step {join.round} is already set up")
+        if len(self._prekeyed) >= MAX_PREKEYED:
+            raise PolicyError(f"this node already holds {len(self._prekeyed)} pre-keyed sessions, the most it holds")
+        check(join.round, join.session)
+        self._check_parties(join)
+        self._policy.check(join.session.config, roster=self._roster, sessions_joined=self._sessions_joined)
+        if self._silent_from("advertise", join.round):
+            return []
+        session = ClientSession(params=join.session, client_id=join.index, identity=self._identity,
+                                peer_identities=dict(enumerate(join.parties)))
+        self._sessions_joined += 1
+        advert = session.start()
+        self._prekeyed[join.round] = session
+        return [wire.encode(wire.SecAggFrame(round=join.round, data=codec.encode(advert)))]
+
+    @staticmethod
+    def _check_prekeyed_request(request: wire.TaskRequest, session: ClientSession) -> None:
+        """A step request against its pre-keyed session, before the step runs: the session's
+        binding (the request without weights) and the announced field and cohort."""
+        if session.params.context != wire.step_context(request):
+            raise RemoteProtocolError("the pre-keyed session of this step is bound to another request")
+        spec = integer_spec(request.options)
+        cfg = session.params.config
+        if (cfg.num_clients > spec["num_clients"] or cfg.bits != spec["bits"]
+                or session.params.vector_length != spec["length"]):
+            raise RemoteProtocolError("the pre-keyed session's field or cohort is not the one the step announces")
+
+    def _feed_prekeyed(self, round: int, session: ClientSession, replies: list[wire.TaskReply]) -> list[wire.TaskReply]:  # noqa: A002
+        """The step's contribution goes into its pre-keyed session (after the same checks a
+        ``Join`` gets), under the digest of the whole request (weights included) as its input
+        context, and is kept nowhere else: no second session can take it. Should a check fail,
+        the share goes nowhere (the session is dropped and the step declined)."""
+        if [r.status for r in replies] != ["ready"]:
+            return replies
+        assert self._field is not None
+        try:
+            self._check_session(session.params)
+            session.provide_input(self._field, context=bytes.fromhex(self._digest))
+        except SecFedTLError:
+            self._drop_prekeyed(round)
+            self._forget()
+            self._declined.add(round)
+            raise
+        self._field = None
+        self._session = session
+        # the digest of the request this share answers (the server's own request, not data): an
+        # honest server leaves out a party that received another one, whose masks would not cancel
+        return [wire.TaskReply(round=round, status="ready", info={"digest": self._digest})]
+
+    def _drop_prekeyed(self, round: int) -> None:  # noqa: A002
+        session = self._prekeyed.pop(round, None)
+        if session is not None and session is self._session:
+            self._forget()
+
+    def _check_parties(self, join: wire.Join) -> None:
+        if any(self._roster.name_of(key) is None for key in join.parties):
+            raise UnknownPartyError("the session names a party that is not in this node's roster")
+        if join.parties[join.index] != self._identity.public:
+            raise UnknownPartyError("the session puts another party at this node's index")
+
+    def _check_session(self, session: SessionParams) -> None:
+        """The session against the contribution this node holds for its round (the announced
+        field or encoding, cohort, fewest survivors, colluders, vector length)."""
+        cfg = session.config
+        assert self._field is not None
         if self._integer is not None:
             spec = self._integer
             if cfg.num_clients > spec["num_clients"] or cfg.bits != spec["bits"]:
@@ -441,18 +579,6 @@ class ClientNode:
             raise RemoteProtocolError("the session's encoding or cohort is not the one announced with the task")
         if session.vector_length != self._field.size:
             raise RemoteProtocolError("the session's vector length does not match this node's contribution")
-        if any(self._roster.name_of(key) is None for key in join.parties):
-            raise UnknownPartyError("the session names a party that is not in this node's roster")
-        if join.parties[join.index] != self._identity.public:
-            raise UnknownPartyError("the session puts another party at this node's index")
-        self._policy.check(cfg, roster=self._roster, sessions_joined=self._sessions_joined)
-        if self._silent_from("advertise"):
-            return []
-        self._session = ClientSession(params=session, client_id=join.index, input_vector=self._field,
-                                      identity=self._identity, peer_identities=dict(enumerate(join.parties)))
-        self._sessions_joined += 1
-        advert = self._session.start()
-        return [wire.encode(wire.SecAggFrame(round=join.round, data=codec.encode(advert)))]
 
     def _fixed_point_matches(self, cfg: Any) -> bool:
         enc = self._encoding
@@ -461,22 +587,43 @@ class ClientNode:
                     or cfg.max_weight != enc.max_weight or cfg.encoding.scale != enc.scale)
 
     def _on_frame(self, frame: wire.SecAggFrame) -> list[bytes]:
-        if frame.round != self._round or self._session is None:
+        session = self._prekeyed.get(frame.round)
+        if session is None and frame.round == self._round:
+            session = self._session
+        if session is None:
+            if frame.round in self._declined:
+                return []  # this node refused or failed the step: it has no input to mask
             raise RemoteProtocolError("secure-aggregation message outside this node's round")
         message = codec.decode(frame.data)
         phase = REPLY_PHASE.get(type(message))
         if phase is None:
             raise RemoteProtocolError(f"a node does not accept {type(message).__name__}")
-        if self._silent_from(phase):
+        if self._silent_from(phase, frame.round):
             return []
         try:
-            replies = self._session.receive(message)
+            replies = session.receive(message)
         except TooFewSurvivorsError:
-            self._forget()  # refuses to go on: a dropout
+            self._end_session(frame.round, session)  # refuses to go on: a dropout
+            return []
+        except SecFedTLError as exc:
+            prekeyed = self._prekeyed.get(frame.round) is session
+            self._end_session(frame.round, session)  # the session is aborted: drop its keys
+            if not prekeyed:
+                raise
+            # one pre-keyed session's refusal silences that session only, not the batch it came in
+            log.warning("node %s: aborted the pre-keyed session of step %d: %s", self.name, frame.round,
+                        type(exc).__name__)
+            self._declined.add(frame.round)
             return []
         if phase == "unmask":
-            self._forget()  # round done: drop the keys and the vector
+            self._end_session(frame.round, session)  # round done: drop the keys and the vector
         return [wire.encode(wire.SecAggFrame(round=frame.round, data=codec.encode(r))) for r in replies]
+
+    def _end_session(self, round: int, session: ClientSession) -> None:  # noqa: A002
+        if self._prekeyed.get(round) is session:
+            del self._prekeyed[round]
+        if session is self._session:
+            self._forget()
 
 
 __all__ = ["FAULTS", "ClientNode", "EvaluateTask", "LocalReports", "PersonaliseTask", "Task", "TaskOutput", "TrainTask",

@@ -309,5 +309,15 @@ def _reject_constant(name: str) -> Any:
 def request_digest(request: TaskRequest) -> str:
     """SHA-256 (hex) of the request's canonical bytes. Every client of a round computes it over
     the request it received and binds it into the secure aggregation, so clients shown
-    different models (or options) cannot complete a round together."""
+    different models (or options) cannot complete a round together (a pre-keyed step binds it
+    into its pairwise masks: such clients get a sum that stays masked; :func:`step_context`)."""
     return hashlib.sha256(b"secfedtl/task-request/v1\0" + encode(request)).hexdigest()
+
+
+def step_context(request: TaskRequest) -> bytes:
+    """The context a *pre-keyed* step session is bound to (docs/protocol.md, "Pre-keyed steps"):
+    SHA-256 of the step's request with its weights left out (round, task and options), since the
+    session's keys are set up before the weights of that step exist. Every hospital compares it
+    with the request it is then sent, before it runs anything."""
+    blank = TaskRequest(round=request.round, task=request.task, options=request.options)
+    return hashlib.sha256(b"secfedtl/pre-keyed-step/v1\0" + encode(blank)).digest()

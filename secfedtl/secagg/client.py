@@ -73,12 +73,15 @@ class ClientSession:
     """One client's part in one aggregation.
 
     ``input_vector`` is the already encoded field vector (see
-    :meth:`secfedtl.encoding.FixedPointEncoding.encode`). In authenticated mode ``identity`` is
-    this client's long-term Ed25519 key and ``peer_identities`` maps every client id to its
-    Ed25519 public key.
+    :meth:`secfedtl.encoding.FixedPointEncoding.encode`). It may be left out and given later with
+    :meth:`provide_input`, any time before the ``ShareDelivery`` (which the masked input answers):
+    the key advertisement and the share phase do not depend on it, so a session can be set up
+    before its input exists (the pre-keyed steps of a distributed-noise round). In authenticated
+    mode ``identity`` is this client's long-term Ed25519 key and ``peer_identities`` maps every
+    client id to its Ed25519 public key.
     """
 
-    def __init__(self, *, params: SessionParams, client_id: int, input_vector: np.ndarray,
+    def __init__(self, *, params: SessionParams, client_id: int, input_vector: np.ndarray | None = None,
                  identity: cp.SigningKey | None = None,
                  peer_identities: Mapping[int, bytes] | None = None) -> None:
         cfg = params.config
@@ -88,7 +91,8 @@ class ClientSession:
             raise ConfigError("authenticated mode needs identity and peer_identities")
         self.params = params
         self.client_id = client_id
-        self._input = params.check_field_vector(input_vector).copy()
+        self._input = None if input_vector is None else params.check_field_vector(input_vector).copy()
+        self._input_context = b""
         self._identity = identity
         self._peer_identities = dict(peer_identities or {})
         self._neighbours = params.neighbours[client_id]
@@ -119,6 +123,25 @@ class ClientSession:
                                  mask_public_key=self._mask.public, signature=sig)
         self.state = ClientState.ADVERTISED
         return advert
+
+    @property
+    def has_input(self) -> bool:
+        return self._input is not None
+
+    def provide_input(self, input_vector: np.ndarray, *, context: bytes = b"") -> None:
+        """Give the session its input, once, before the ``ShareDelivery`` arrives. ``context``
+        (at most 64 bytes; e.g. the digest of the request the input answers) goes into the
+        pairwise masks' binding (:meth:`SessionParams.mask_binding`): parties that give their
+        inputs under different contexts get masks that do not cancel. A second input, or one
+        after the masked input was sent, raises :class:`LocalProtocolError` and aborts the
+        session; a bad vector or context raises and changes nothing."""
+        if self._input is not None or self.state not in (ClientState.INIT, ClientState.ADVERTISED,
+                                                          ClientState.SHARES_SENT):
+            self.state = ClientState.ABORTED
+            raise LocalProtocolError("the session's input can be given once, before its masked input is due")
+        self.params.mask_binding(context)  # checks the context
+        self._input = self.params.check_field_vector(input_vector).copy()
+        self._input_context = context
 
     def receive(self, message: m.Message) -> list[m.Message]:
         """Handle one server message; returns the messages to send back."""
@@ -198,6 +221,8 @@ class ClientSession:
 
     def _on_share_delivery(self, msg: m.ShareDelivery) -> m.MaskedInput:
         p = self.params
+        if self._input is None:
+            raise LocalProtocolError("the masked input is due but the session was given no input")
         shares: dict[int, tuple[bytes, bytes]] = {}
         for v, box in msg.ciphertexts:
             if v not in self._peers:
@@ -211,8 +236,9 @@ class ClientSession:
         self._threshold_or_refuse(len(shares), "neighbours that shared their secrets")
         seeds = [(self._self_seed, 1)]
         for v in sorted(shares):
-            s_uv = cp.agree(self._mask.private, self._peers[v].mask_public_key, binding=p.binding,
-                            purpose=PURPOSE_MASK, party_a=self.client_id, party_b=v)
+            s_uv = cp.agree(self._mask.private, self._peers[v].mask_public_key,
+                            binding=p.mask_binding(self._input_context), purpose=PURPOSE_MASK,
+                            party_a=self.client_id, party_b=v)
             seeds.append((s_uv, sign_of(self.client_id, v)))
         masked = add_masks(self._input.copy(), seeds)
         p.config.encoding.reduce(masked)

@@ -117,10 +117,12 @@ class RoundDriver:
 
     ``run()`` plays to the end (or stops before the phase named ``stop``, leaving that phase's
     server messages in :attr:`pending`, so a caller can play them itself); ``step()`` plays one
-    phase. ``clock`` (e.g. ``time.perf_counter``) turns on the server timings.
+    phase; ``requests()`` and ``answer()`` are its two halves, for a caller that moves several
+    sessions' phases in one exchange (``exchange`` may then be None). ``clock`` (e.g.
+    ``time.perf_counter``) turns on the server timings.
     """
 
-    def __init__(self, server: ServerSession, exchange: Exchange, *,
+    def __init__(self, server: ServerSession, exchange: Exchange | None, *,
                  clock: Callable[[], float] | None = None) -> None:
         if server.state is not ServerState.ADVERTISE or server.advertised:
             raise LocalProtocolError("a driver starts from a fresh server session")
@@ -154,11 +156,29 @@ class RoundDriver:
 
     def step(self) -> None:
         """Play the current phase: exchange, hand the replies to the server, close the phase."""
+        if self._phase is None:
+            raise LocalProtocolError("the round has ended")
+        if self._exchange is None:
+            raise LocalProtocolError("this driver has no exchange: play it with requests() and answer()")
+        self.answer(self._exchange(self._phase, self.requests()))
+
+    def requests(self) -> dict[int, tuple[m.Message, ...]]:
+        """The current phase's server messages by party (every party still asked; an empty tuple
+        in ``advertise``: *open your session*). With :meth:`answer`, a caller can move several
+        drivers' phases in one exchange of its own (:meth:`step` is ``answer(exchange(phase,
+        requests()))``)."""
+        if self._phase is None:
+            raise LocalProtocolError("the round has ended")
+        return {u: tuple(self.pending[u]) for u in sorted(self.pending)}
+
+    def answer(self, replies: Mapping[int, Sequence[m.Message]]) -> None:
+        """Close the current phase with the parties' ``replies`` (the rules of the module
+        docstring: a party left out, or one whose answer is not one message of the phase's reply
+        type under its own id or is refused by the server, is silent from this phase)."""
         phase = self._phase
         if phase is None:
             raise LocalProtocolError("the round has ended")
         asked = sorted(self.pending)
-        replies = self._exchange(phase, {u: tuple(self.pending[u]) for u in asked})
         for party in asked:
             answer = list(replies.get(party, ()))
             if not answer:

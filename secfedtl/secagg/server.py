@@ -104,6 +104,17 @@ class ServerSession:
         self._requests: dict[int, m.UnmaskRequest] = {}
         self._responses: dict[int, m.UnmaskResponse] = {}  # U5
         self._result: AggregateResult | None = None
+        self._input_context = b""
+
+    def bind_input_context(self, context: bytes) -> None:
+        """The context under which the clients were given their inputs
+        (:meth:`~secfedtl.secagg.ClientSession.provide_input`): the server removes dropped
+        clients' pairwise masks under it. Set once, before the result; anything else raises
+        :class:`LocalProtocolError` and changes nothing."""
+        if self._input_context or self._result is not None or self.state in (ServerState.DONE, ServerState.ABORTED):
+            raise LocalProtocolError("the input context is set once, before the sum is unmasked")
+        self.params.mask_binding(context)  # checks it
+        self._input_context = context
 
     def __repr__(self) -> str:
         return f"ServerSession(state={self.state.value}, clients={self.params.config.num_clients})"
@@ -298,8 +309,9 @@ class ServerSession:
                 continue
             private = recovered[("key", owner)]
             for w in partners[owner]:
-                s_wd = cp.agree(private, self._adverts[w].mask_public_key, binding=p.binding,
-                                purpose=PURPOSE_MASK, party_a=owner, party_b=w)
+                s_wd = cp.agree(private, self._adverts[w].mask_public_key,
+                                binding=p.mask_binding(self._input_context), purpose=PURPOSE_MASK,
+                                party_a=owner, party_b=w)
                 seeds.append((s_wd, -sign_of(w, owner)))
         total = add_masks(self._sum.copy(), seeds)
         p.config.encoding.reduce(total)

@@ -21,6 +21,16 @@ PURPOSE_ADVERT = b"advertise-keys"
 PURPOSE_CONSISTENCY = b"consistency"
 
 
+#: The most bytes an input context (:meth:`SessionParams.mask_binding`) may have.
+MAX_INPUT_CONTEXT = 64
+
+
+def check_input_context(context: bytes) -> bytes:
+    if not isinstance(context, bytes) or len(context) > MAX_INPUT_CONTEXT:
+        raise ConfigError(f"an input context must be at most {MAX_INPUT_CONTEXT} bytes")
+    return context
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SessionParams:
     """Public parameters both sides must agree on for one aggregation.
@@ -56,6 +66,18 @@ class SessionParams:
     def binding(self) -> Binding:
         return Binding(version=PROTOCOL_VERSION, session_id=self.session_id, round=self.round,
                        context=self.context)
+
+    def mask_binding(self, input_context: bytes = b"") -> Binding:
+        """The binding of the pairwise masks: the session's own, and, for an input given after
+        the set-up (:meth:`ClientSession.provide_input`), the input's context too (the digest of
+        the request it answers). Two parties that give the same session inputs under different
+        contexts derive different pairwise masks, so their masks do not cancel and the sum stays
+        masked."""
+        if not input_context:
+            return self.binding
+        check_input_context(input_context)
+        return Binding(version=PROTOCOL_VERSION, session_id=self.session_id, round=self.round,
+                       context=len(self.context).to_bytes(2, "big") + self.context + input_context)
 
     @property
     def dtype(self) -> type:

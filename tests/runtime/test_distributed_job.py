@@ -124,6 +124,9 @@ def test_a_distributed_job_charges_skellam_steps_and_the_server_sees_only_masked
                 digests[msg.round] = wire.request_digest(msg)
             continue
         kind, content = classify(blob)
+        if kind == "status" and content[0] == "ready" and content[1]:
+            # a pre-keyed step echoes the digest of the request this node was sent, nothing else
+            assert content[1] == (("digest", digests[wire.decode(blob).round]),)
         if kind == "masked":
             # the integer path: padded_dimension words of the field, no weight word
             assert len(content) == plan.encoding.padded_dimension * np.dtype(plan.encoding.dtype).itemsize
