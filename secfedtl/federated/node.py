@@ -361,6 +361,10 @@ class ClientNode:
 
     def _on_task(self, request: wire.TaskRequest) -> list[wire.TaskReply]:
         key = (request.round, request.task)
+        if self._prekey is not None and request.task == self._prekey[0] and request.round in self._declined:
+            # its pre-keyed session was aborted or its step refused: the step runs nowhere else
+            # (checked before anything is touched: the node's state stays as it is)
+            raise ReplayError(f"step {request.round}'s session was declined; the step is not run")
         if request.task not in REPEATABLE_TASKS:
             if key in self._answered:  # before anything is touched: the node's state stays as it is
                 raise ReplayError(f"task {request.task!r} of round {request.round} was already answered")
@@ -383,9 +387,6 @@ class ClientNode:
         self._digest = wire.request_digest(request)
         prekeyed = None
         if self._prekey is not None and request.task == self._prekey[0]:
-            if request.round in self._declined:
-                # its pre-keyed session was refused or aborted: the step runs nowhere else
-                raise ReplayError(f"step {request.round}'s session was declined; the step is not run")
             prekeyed = self._prekeyed.get(request.round)
         if prekeyed is not None:
             try:  # before anything runs or is charged

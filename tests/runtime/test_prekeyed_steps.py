@@ -170,9 +170,12 @@ def test_a_node_sets_up_a_step_session_before_the_step_and_masks_only_after_its_
     assert "aborted the pre-keyed session of step 0" in caplog.text and 0 not in node._prekeyed
     assert _pending(tmp_path / "state", "hungary") == 0
     _declined(node, _join(job, 0), caplog, "ReplayError")  # and it is not set up again
+    node.handle(wire.encode(_join(job, 1)))
+    before = (node._round, node._digest, set(node._answered), sorted(node._prekeyed))
     with pytest.raises(ReplayError, match="declined"):  # nor is the step run anywhere else
         node.handle(wire.encode(_request(job, 0)))
     assert _pending(tmp_path / "state", "hungary") == 0 and node._field is None
+    assert (node._round, node._digest, set(node._answered), sorted(node._prekeyed)) == before  # untouched
 
 
 def test_a_node_refuses_a_prekeyed_session_its_plan_refuses(job, tmp_path, caplog) -> None:
