@@ -85,6 +85,9 @@ class RoundReport:
     silent: dict[str, str] = field(default_factory=dict)
     steps: int = 0  # distributed noise: DP steps (secure aggregations) planned in the round
     steps_ok: int = 0  # ... and how many of them completed and were applied
+    #: distributed noise: the digest of each step's request as the server sent it (the
+    #: ``model_hash`` each hospital's ledger records for that step; "" for a step never requested)
+    step_hashes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -370,6 +373,7 @@ class Federation:
         refused: set[str] = set()
         silent: dict[str, str] = {}
         digest = ""
+        hashes: list[str] = []
         for s in range(settings.steps_per_round):
             step = r * settings.steps_per_round + s
             outcome = self.secure_round(STEP_TASK, round=step, cohort=cohort,
@@ -384,6 +388,7 @@ class Federation:
             for name, phase in outcome.silent.items():
                 silent.setdefault(name, f"step {s}: {phase}")
             digest = outcome.digest
+            hashes.append(digest)
             if outcome.status != "ok" or outcome.field_sum is None:
                 reasons.append(f"step {s}: {outcome.reason}")
                 continue
@@ -399,7 +404,7 @@ class Federation:
                              included=tuple(sorted(included)),
                              dropped=tuple(sorted(participants - included)), budget_refused=tuple(sorted(refused)),
                              total_weight=0, times=times, wire_bytes=wire_bytes, model_hash=digest, silent=silent,
-                             steps=settings.steps_per_round, steps_ok=ok)
+                             steps=settings.steps_per_round, steps_ok=ok, step_hashes=tuple(hashes))
         self.history.append(report)
         self.rounds_done = r + 1
         return report
@@ -494,13 +499,14 @@ class Federation:
         times["secure_aggregation"] += time.perf_counter() - t0
 
         # 2. the steps: request + masked input, then survivors and unmasking
+        hashes = [""] * len(steps)
         for s, step in enumerate(steps):
             driver = drivers[step]
             if driver.phase is not None and driver.phase.name == "mask":
                 asked = driver.requests()
                 request = wire.TaskRequest.with_weights(round=step, task=STEP_TASK, weights=self.global_params,
                                                         options=options)
-                digest = wire.request_digest(request)
+                digest = hashes[s] = wire.request_digest(request)
                 driver.server.bind_input_context(bytes.fromhex(digest))  # the inputs answer this exact request
                 blob = wire.encode(request)
                 out = frames_out({step: driver})
@@ -545,7 +551,7 @@ class Federation:
                              participants=tuple(sorted(participants)), included=tuple(sorted(included)),
                              dropped=tuple(sorted(participants - included)), budget_refused=tuple(sorted(refused)),
                              total_weight=0, times=times, wire_bytes=wire_bytes, model_hash=digest, silent=silent,
-                             steps=settings.steps_per_round, steps_ok=ok)
+                             steps=settings.steps_per_round, steps_ok=ok, step_hashes=tuple(hashes))
         self.history.append(report)
         self.rounds_done = r + 1
         return report
@@ -568,7 +574,8 @@ class Federation:
         self.global_params = params
         self.rounds_done = int(state["rounds_done"])
         self.history = [RoundReport(**{**h, **{k: tuple(h[k]) for k in
-                                               ("participants", "included", "dropped", "budget_refused")}})
+                                               ("participants", "included", "dropped", "budget_refused",
+                                                "step_hashes") if k in h}})
                         for h in state["history"]]
 
     def save_checkpoint(self, path: str | os.PathLike[str]) -> None:

@@ -144,6 +144,8 @@ def test_a_distributed_job_charges_skellam_steps_and_the_server_sees_only_masked
         # each masked input answers a request this hospital charged, for that exact request
         assert sorted(masked[name]) == list(range(steps))
         assert {(e["round"], e["model_hash"]) for e in charged} == {(r, digests[r]) for r in masked[name]}
+        # the server's record names each step's request: an auditor can match it to every ledger
+        assert {(e["round"], e["model_hash"]) for e in charged} == set(enumerate(row["step_hashes"]))
         # the audit recomputes the spent epsilon from the ledger alone
         audit = audit_ledger(state / name / "ledger.jsonl").client(name)
         eps = metrics["simulation_only"]["final"]["epsilon"][name]

@@ -63,7 +63,7 @@ def _counting(job: Any) -> list[str]:
 def test_a_prekeyed_round_equals_one_session_per_step_in_fewer_exchanges(tmp_path) -> None:
     config = _seeded_config()
     steps = settings_for(config).steps_per_round
-    models, ledgers, exchanges = {}, {}, {}
+    models, ledgers, exchanges, hashes = {}, {}, {}, {}
     for prekeyed in (False, True):
         state = tmp_path / f"state-{prekeyed}"
         job = build_job(config, tmp_path / f"out-{prekeyed}", state_dir=state)
@@ -74,12 +74,15 @@ def test_a_prekeyed_round_equals_one_session_per_step_in_fewer_exchanges(tmp_pat
             assert (report.status, report.steps_ok, report.silent) == ("ok", steps, {})
             assert report.included == HOSPITALS
             models[prekeyed] = job.federation.global_params.copy()
+            hashes[prekeyed] = report.step_hashes
             ledgers[prekeyed] = {n: _entries(state, n) for n in HOSPITALS}
             exchanges[prekeyed] = phases
         finally:
             job.close()
     assert np.array_equal(models[True], models[False])
     assert ledgers[True] == ledgers[False]  # the same steps charged, for the same requests
+    assert hashes[True] == hashes[False] and len(hashes[True]) == steps
+    assert [e["model_hash"] for e in ledgers[True]["va"] if e["status"] == "pending"] == list(hashes[True])
     assert len(exchanges[False]) == 6 * steps
     assert len(exchanges[True]) == 2 + 3 * steps
     assert exchanges[True][:2] == ["advertise", "share"]
