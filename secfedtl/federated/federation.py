@@ -115,6 +115,46 @@ class SecureSum:
     field_sum: np.ndarray | None = None  # the integer input path: the unmasked sum in Z_2^bits
 
 
+class _CountedExchange:
+    """``pool.exchange`` for one phase, counting the bytes that cross the wire both ways
+    (:attr:`bytes`)."""
+
+    def __init__(self, pool: ClientPool) -> None:
+        self.pool = pool
+        self.bytes = 0
+
+    def __call__(self, requests: dict[str, list[bytes]], phase: str) -> dict[str, list[bytes]]:
+        self.bytes += sum(len(b) for blobs in requests.values() for b in blobs)
+        raw = self.pool.exchange(requests, phase=phase)
+        self.bytes += sum(len(b) for blobs in raw.values() for b in blobs)
+        return raw
+
+
+@dataclass(kw_only=True)
+class _StepTally:
+    """What the steps of one distributed-noise round add up to, for its :class:`RoundReport`."""
+
+    times: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIMES, 0.0))
+    wire_bytes: int = 0
+    ok: int = 0
+    reasons: list[str] = field(default_factory=list)
+    participants: set[str] = field(default_factory=set)
+    included: set[str] = field(default_factory=set)
+    refused: set[str] = field(default_factory=set)
+    silent: dict[str, str] = field(default_factory=dict)
+    hashes: list[str] = field(default_factory=list)  # each step's request digest ("" if never requested)
+
+    def report(self, round: int, steps: int) -> RoundReport:  # noqa: A002
+        times = dict(self.times)
+        times["secagg_overhead"] = times["secure_aggregation"] - times["plain_fedavg_sum"]
+        return RoundReport(round=round, status="ok" if self.ok else "failed", reason="; ".join(self.reasons[:3]),
+                           participants=tuple(sorted(self.participants)), included=tuple(sorted(self.included)),
+                           dropped=tuple(sorted(self.participants - self.included)),
+                           budget_refused=tuple(sorted(self.refused)), total_weight=0, times=times,
+                           wire_bytes=self.wire_bytes, model_hash=next((h for h in reversed(self.hashes) if h), ""),
+                           silent=self.silent, steps=steps, steps_ok=self.ok, step_hashes=tuple(self.hashes))
+
+
 @dataclass(kw_only=True)
 class Federation:
     """A server, and a pool of client nodes it reaches only through messages.
@@ -252,14 +292,7 @@ class Federation:
                                                 options={**self.task_options(), **(options or {}), **announce})
         digest = wire.request_digest(request)
         blob = wire.encode(request)
-        wire_bytes = 0
-
-        def exchange(requests: dict[str, list[bytes]], phase: str) -> dict[str, list[bytes]]:
-            nonlocal wire_bytes
-            wire_bytes += sum(len(b) for blobs in requests.values() for b in blobs)
-            raw = self.pool.exchange(requests, phase=phase)
-            wire_bytes += sum(len(b) for blobs in raw.values() for b in blobs)
-            return raw
+        exchange = _CountedExchange(self.pool)
 
         t0 = time.perf_counter()
         replies = self._replies(exchange({n: [blob] for n in cohort}, "task"), round, wire.TaskReply)
@@ -276,7 +309,7 @@ class Federation:
             return SecureSum(round=round, status=state, reason=reason, digest=digest, participants=participants,
                              included=tuple(included), dropped=tuple(n for n in participants if n not in included),
                              refused=refused, total=total, total_weight=total_weight, times=times,
-                             wire_bytes=wire_bytes, info=info, silent=silent)
+                             wire_bytes=exchange.bytes, info=info, silent=silent)
 
         if len(members) < max(3, min_survivors or 0):
             return finish("failed", f"{len(members)} clients ready; the sum needs {max(3, min_survivors or 0)}")
@@ -351,9 +384,7 @@ class Federation:
                              budget_refused=outcome.refused, total_weight=outcome.total_weight if ok else 0,
                              times=times, wire_bytes=outcome.wire_bytes, model_hash=outcome.digest,
                              silent=dict(outcome.silent))
-        self.history.append(report)
-        self.rounds_done = r + 1
-        return report
+        return self._record(report)
 
     def run_distributed_round(self) -> RoundReport:
         """One training round of a distributed-noise job (:mod:`secfedtl.federated.distributed`):
@@ -366,14 +397,7 @@ class Federation:
             return self._run_prekeyed_round()
         r, settings = self.rounds_done, plan.settings
         cohort = self.sample(r)
-        times = dict.fromkeys(TIMES, 0.0)
-        wire_bytes, ok, reasons = 0, 0, []
-        participants: set[str] = set()
-        included: set[str] = set()
-        refused: set[str] = set()
-        silent: dict[str, str] = {}
-        digest = ""
-        hashes: list[str] = []
+        tally = _StepTally()
         for s in range(settings.steps_per_round):
             step = r * settings.steps_per_round + s
             outcome = self.secure_round(STEP_TASK, round=step, cohort=cohort,
@@ -381,32 +405,31 @@ class Federation:
                                         options={"distributed": plan.announcement()},
                                         min_survivors=settings.policy.min_survivors)
             for key, value in outcome.times.items():
-                times[key] = times.get(key, 0.0) + value
-            wire_bytes += outcome.wire_bytes
-            participants.update(outcome.participants)
-            refused.update(outcome.refused)
+                tally.times[key] = tally.times.get(key, 0.0) + value
+            tally.wire_bytes += outcome.wire_bytes
+            tally.participants.update(outcome.participants)
+            tally.refused.update(outcome.refused)
             for name, phase in outcome.silent.items():
-                silent.setdefault(name, f"step {s}: {phase}")
-            digest = outcome.digest
-            hashes.append(digest)
+                tally.silent.setdefault(name, f"step {s}: {phase}")
+            tally.hashes.append(outcome.digest)
             if outcome.status != "ok" or outcome.field_sum is None:
-                reasons.append(f"step {s}: {outcome.reason}")
+                tally.reasons.append(f"step {s}: {outcome.reason}")
                 continue
-            t0 = time.perf_counter()
-            pseudo_gradient = decode_step(plan, outcome.field_sum, step)
-            self.global_params = self.optimizer.step(self.global_params, pseudo_gradient, settings.normaliser)
-            times["aggregation"] += time.perf_counter() - t0
-            included.update(outcome.included)
-            ok += 1
-        times["secagg_overhead"] = times["secure_aggregation"] - times["plain_fedavg_sum"]
-        status = "ok" if ok else "failed"
-        report = RoundReport(round=r, status=status, reason="; ".join(reasons[:3]), participants=tuple(sorted(participants)),
-                             included=tuple(sorted(included)),
-                             dropped=tuple(sorted(participants - included)), budget_refused=tuple(sorted(refused)),
-                             total_weight=0, times=times, wire_bytes=wire_bytes, model_hash=digest, silent=silent,
-                             steps=settings.steps_per_round, steps_ok=ok, step_hashes=tuple(hashes))
+            self._apply_step(plan, outcome.field_sum, step, tally)
+            tally.included.update(outcome.included)
+        return self._record(tally.report(r, settings.steps_per_round))
+
+    def _apply_step(self, plan: DistributedPlan, field_sum: np.ndarray, step: int, tally: _StepTally) -> None:
+        """Decode a step's noisy sum and apply it: the optimizer over the public normaliser."""
+        t0 = time.perf_counter()
+        pseudo_gradient = decode_step(plan, field_sum, step)
+        self.global_params = self.optimizer.step(self.global_params, pseudo_gradient, plan.settings.normaliser)
+        tally.times["aggregation"] += time.perf_counter() - t0
+        tally.ok += 1
+
+    def _record(self, report: RoundReport) -> RoundReport:
         self.history.append(report)
-        self.rounds_done = r + 1
+        self.rounds_done = report.round + 1
         return report
 
     def _run_prekeyed_round(self) -> RoundReport:
@@ -424,24 +447,14 @@ class Federation:
         assert plan is not None
         r, settings = self.rounds_done, plan.settings
         cohort = sorted(self.sample(r))
-        times = dict.fromkeys(TIMES, 0.0)
-        wire_bytes, ok, reasons, digest = 0, 0, [], ""
-        participants: set[str] = set()
-        included: set[str] = set()
-        refused: set[str] = set()
-        silent: dict[str, str] = {}
+        tally = _StepTally()
+        times, refused = tally.times, tally.refused
         steps = [r * settings.steps_per_round + s for s in range(settings.steps_per_round)]
         options = {**self.task_options(), "distributed": plan.announcement(),
                    "integer": {"bits": self.bits, "length": plan.encoding.padded_dimension, "num_clients": len(cohort)}}
         index = {name: i for i, name in enumerate(cohort)}
         parties = tuple(self.roster.key_of(name) for name in cohort)
-
-        def exchange(requests: dict[str, list[bytes]], phase: str) -> dict[str, list[bytes]]:
-            nonlocal wire_bytes
-            wire_bytes += sum(len(b) for blobs in requests.values() for b in blobs)
-            raw = self.pool.exchange(requests, phase=phase)
-            wire_bytes += sum(len(b) for blobs in raw.values() for b in blobs)
-            return raw
+        exchange = _CountedExchange(self.pool)
 
         def frames_out(drivers: Mapping[int, RoundDriver]) -> dict[str, list[bytes]]:
             out: dict[str, list[bytes]] = {}
@@ -481,14 +494,12 @@ class Federation:
 
         # 1. set-up: every step's session, its Join and share phase in two exchanges
         drivers: dict[int, RoundDriver] = {}
-        contexts: dict[int, bytes] = {}
         t0 = time.perf_counter()
+        cfg = self._secagg_config(len(cohort), clip=1.0, max_weight=1, min_survivors=settings.policy.min_survivors)
         for step in steps:
-            template = wire.TaskRequest(round=step, task=STEP_TASK, options=options)
-            contexts[step] = wire.step_context(template)
-            cfg = self._secagg_config(len(cohort), clip=1.0, max_weight=1, min_survivors=settings.policy.min_survivors)
+            context = wire.step_context(wire.TaskRequest(round=step, task=STEP_TASK, options=options))
             params = SessionParams(config=cfg, session_id=os.urandom(16), round=step,
-                                   vector_length=plan.encoding.padded_dimension, context=contexts[step])
+                                   vector_length=plan.encoding.padded_dimension, context=context)
             drivers[step] = RoundDriver(ServerSession(params=params, identities=dict(enumerate(parties))), None)
         for phase in ("advertise", "share"):
             live = {step: d for step, d in drivers.items() if d.phase is not None and d.phase.name == phase}
@@ -499,14 +510,14 @@ class Federation:
         times["secure_aggregation"] += time.perf_counter() - t0
 
         # 2. the steps: request + masked input, then survivors and unmasking
-        hashes = [""] * len(steps)
+        tally.hashes = [""] * len(steps)
         for s, step in enumerate(steps):
             driver = drivers[step]
             if driver.phase is not None and driver.phase.name == "mask":
                 asked = driver.requests()
                 request = wire.TaskRequest.with_weights(round=step, task=STEP_TASK, weights=self.global_params,
                                                         options=options)
-                digest = hashes[s] = wire.request_digest(request)
+                digest = tally.hashes[s] = wire.request_digest(request)
                 driver.server.bind_input_context(bytes.fromhex(digest))  # the inputs answer this exact request
                 blob = wire.encode(request)
                 out = frames_out({step: driver})
@@ -519,7 +530,7 @@ class Federation:
                 for name, reply in answers.items():
                     if reply.round == step and reply.status == "refused":
                         refused.add(name)
-                participants.update(cohort[i] for i in asked if cohort[i] not in refused)
+                tally.participants.update(cohort[i] for i in asked if cohort[i] not in refused)
                 # a party that answers another request than the one sent (its digest echoed) has
                 # masks that would not cancel: it is left out, a dropout of this step
                 masked = {i: msgs for i, msgs in by_step[step].items()
@@ -535,26 +546,14 @@ class Federation:
             if outcome is not None:
                 for i, phase in outcome.silent.items():
                     if cohort[i] not in refused:
-                        silent.setdefault(cohort[i], f"step {s}: {phase}")
+                        tally.silent.setdefault(cohort[i], f"step {s}: {phase}")
             if outcome is None or outcome.result is None:
-                reasons.append(f"step {s}: {outcome.reason if outcome is not None else 'not set up'}")
+                tally.reasons.append(f"step {s}: {outcome.reason if outcome is not None else 'not set up'}")
                 continue
-            t0 = time.perf_counter()
-            pseudo_gradient = decode_step(plan, outcome.result.field_sum, step)
-            self.global_params = self.optimizer.step(self.global_params, pseudo_gradient, settings.normaliser)
-            times["aggregation"] += time.perf_counter() - t0
-            included.update(cohort[i] for i in outcome.result.included)
-            ok += 1
-        times["secagg_overhead"] = times["secure_aggregation"] - times["plain_fedavg_sum"]
-        status = "ok" if ok else "failed"
-        report = RoundReport(round=r, status=status, reason="; ".join(reasons[:3]),
-                             participants=tuple(sorted(participants)), included=tuple(sorted(included)),
-                             dropped=tuple(sorted(participants - included)), budget_refused=tuple(sorted(refused)),
-                             total_weight=0, times=times, wire_bytes=wire_bytes, model_hash=digest, silent=silent,
-                             steps=settings.steps_per_round, steps_ok=ok, step_hashes=tuple(hashes))
-        self.history.append(report)
-        self.rounds_done = r + 1
-        return report
+            self._apply_step(plan, outcome.result.field_sum, step, tally)
+            tally.included.update(cohort[i] for i in outcome.result.included)
+        tally.wire_bytes = exchange.bytes
+        return self._record(tally.report(r, settings.steps_per_round))
 
     # -- checkpoints --------------------------------------------------------------------------
 
