@@ -51,7 +51,7 @@ def run_prekeyed_comparison(config_path: Path | None, rounds: int, out: Path) ->
     for prekeyed in (True, False):
         data = HeartConfig.load(config_path).to_dict()
         if data["privacy"].get("noise", "local") != "distributed":
-            raise ConfigError("--prekeyed both compares the steps of a distributed-noise job ([privacy] noise)")
+            raise ConfigError("--prekeyed-vs-full compares the steps of a distributed-noise job ([privacy] noise)")
         data["job"]["rounds"] = rounds
         data["job"]["workers"] = 0
         data["secagg"]["prekeyed"] = prekeyed

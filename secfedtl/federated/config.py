@@ -265,6 +265,10 @@ class JobConfig:
         """``[privacy] noise`` (``"local"`` when the job file leaves it out)."""
         return str(self.sections["privacy"].get("noise", "local"))
 
+    def prekeyed(self) -> bool:
+        """``[secagg] prekeyed`` (``True`` when the job file leaves it out; distributed noise only)."""
+        return bool(self.sections["secagg"].get("prekeyed", True))
+
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None) -> JobConfig:
         """Read and check a job file (``None``: this job's bundled default, if it has one)."""

@@ -471,7 +471,7 @@ def _distributed_node(job: FederatedJob, config: JobConfig, name: str, source: S
     node_tasks = _node_tasks(job, config, source, data, guard, client_tasks, (STEP_TASK, "evaluate"))
     # its step sessions may be set up before their steps (checked against its own plan), unless its
     # own job file says [secagg] prekeyed = false
-    prekey = (STEP_TASK, plan.check_session) if config["secagg"].get("prekeyed", True) else None
+    prekey = (STEP_TASK, plan.check_session) if config.prekeyed() else None
     hospital.node = ClientNode(name=name, tasks=node_tasks, seed=seed, identity=identity, roster=roster, policy=policy,
                                prekey=prekey)
     return hospital
@@ -519,7 +519,7 @@ def build_server(config: JobConfig, source: SourceModel, pool: ClientPool, roste
     if config.noise() == "distributed":  # sessions must tolerate the colluders the hospitals' noise assumes
         distributed = distributed_plan(job, config, source)
         colluders = distributed.settings.policy.colluders
-    return Federation(distributed=distributed, colluders=colluders, prekeyed=config["secagg"].get("prekeyed", True),
+    return Federation(distributed=distributed, colluders=colluders, prekeyed=config.prekeyed(),
         pool=pool, roster=roster, names=list(head), global_params=flatten_params(head), frozen_hash=source.frozen_hash,
         optimizer=make_server_optimizer(server["optimizer"], server_lr=server["lr"], **momentum),
         clip=config["secagg"]["clip"], bits=config["secagg"]["bits"], max_samples=config["secagg"]["max_samples"],

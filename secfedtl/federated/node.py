@@ -328,7 +328,7 @@ class ClientNode:
         message = wire.decode(blob)
         if isinstance(message, wire.TaskRequest):
             replies = self._on_task(message)
-            if self._prekey is not None and message.task == self._prekey[0]:
+            if self._is_step(message):
                 if any(r.status != "ready" for r in replies):
                     if message.round in self._prekeyed:
                         # refused or failed: the pre-keyed session gets no input; its frames go unanswered
@@ -343,6 +343,10 @@ class ClientNode:
         if isinstance(message, wire.SecAggFrame):
             return self._on_frame(message)
         raise RemoteProtocolError(f"a node does not accept {type(message).__name__}")
+
+    def _is_step(self, request: wire.TaskRequest) -> bool:
+        """Whether ``request`` is for the task whose sessions may be pre-keyed (``prekey``)."""
+        return self._prekey is not None and request.task == self._prekey[0]
 
     def _silent_from(self, phase: str, round: int | None = None) -> bool:  # noqa: A002
         round = self._round if round is None else round  # noqa: A001
@@ -361,7 +365,7 @@ class ClientNode:
 
     def _on_task(self, request: wire.TaskRequest) -> list[wire.TaskReply]:
         key = (request.round, request.task)
-        if self._prekey is not None and request.task == self._prekey[0] and request.round in self._declined:
+        if self._is_step(request) and request.round in self._declined:
             # its pre-keyed session was aborted or its step refused: the step runs nowhere else
             # (checked before anything is touched: the node's state stays as it is)
             raise ReplayError(f"step {request.round}'s session was declined; the step is not run")
@@ -385,9 +389,7 @@ class ClientNode:
         self._round = request.round
         self._silent.discard(request.round)
         self._digest = wire.request_digest(request)
-        prekeyed = None
-        if self._prekey is not None and request.task == self._prekey[0]:
-            prekeyed = self._prekeyed.get(request.round)
+        prekeyed = self._prekeyed.get(request.round) if self._is_step(request) else None
         if prekeyed is not None:
             try:  # before anything runs or is charged
                 self._check_prekeyed_request(request, prekeyed)
