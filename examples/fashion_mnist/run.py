@@ -50,7 +50,7 @@ sys.path.insert(0, str(HERE))  # source_model.py and fashion_job.py beside this 
 
 from fashion_job import FashionConfig, Images, client_names, job_for, load_data, splits  # noqa: E402
 
-from secfedtl.aggregation.optimizers import decode_vector  # noqa: E402
+from secfedtl.federated.federation import released_params_of  # noqa: E402
 from secfedtl.data.fashion_mnist import CLASS_NAMES, DEBIAN_DIR, ZALANDO_URL  # noqa: E402
 from secfedtl.errors import ConfigError, SecFedTLError  # noqa: E402
 from secfedtl.privacy.accountants import compute_epsilon  # noqa: E402
@@ -105,6 +105,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--server", default="fedavgm", help="server optimizer (fedavg, fedavgm, fedadam, ...)")
     p.add_argument("--server-lr", type=float, default=1.0)
     p.add_argument("--server-momentum", type=float, default=0.5, help="momentum of fedavgm (ignored by others)")
+    p.add_argument("--ema", type=float, default=0.0,
+                   help="[server] ema: release a moving average of the server's iterates with this decay "
+                        "(post-processing, no budget; 0: the last iterate)")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="folder with the four Fashion-MNIST IDX files, gzipped or not (default: Debian's "
                         f"dataset-fashion-mnist in {DEBIAN_DIR}; without apt, download them from "
@@ -157,6 +160,8 @@ def job_config(args: argparse.Namespace, declared: dict[str, int], job_id: str) 
     server: dict[str, Any] = {"optimizer": args.server, "lr": args.server_lr}
     if args.server == "fedavgm" and args.server_momentum is not None:
         server["momentum"] = args.server_momentum
+    if args.ema:
+        server["ema"] = args.ema
     return FashionConfig.from_mapping({
         "job": {"dataset": "fashion_mnist", "source": "mnist" if args.backbone == "mnist_cnn" else "scatternet", "clients": list(declared), "rounds": args.rounds,
                 "seed": args.seed, "id": job_id},
@@ -383,7 +388,7 @@ def _in_process(args: argparse.Namespace, job: Any, config: FashionConfig, out: 
                                     "note": "a throwaway folder for this example unless --state-dir was given; a "
                                             "real client keeps its state across jobs, and a second job on it "
                                             "continues its budget"}
-        return metrics, {n: s.ledger.path for n, s in local.states.items()}, mechanism, local.federation.global_params
+        return metrics, {n: s.ledger.path for n, s in local.states.items()}, mechanism, local.federation.released_params
     finally:
         local.close()
 
@@ -397,7 +402,7 @@ def _on_flower(args: argparse.Namespace, config: FashionConfig, out: Path, round
     metrics = run_local(job_file, out / "flower", simulation=args.flower == "simulate",
                         phase_timeout=args.phase_timeout, job_code=job_code)
     checkpoint = json.loads((out / "flower" / "server" / "checkpoint.json").read_text(encoding="utf-8"))
-    params = decode_vector(checkpoint["global_params"])
+    params = released_params_of(checkpoint)
     ledgers = {n: out / "flower" / "hospitals" / n / "privacy" / n / "ledger.jsonl" for n in config["job"]["clients"]}
     metrics["simulation_only"] = {"rounds": []}  # the server kept no global model per round
     metrics["privacy_state"] = {"directory": os.fspath(out / "flower" / "hospitals"),

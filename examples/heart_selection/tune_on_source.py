@@ -239,7 +239,7 @@ def run_once(settings: dict[str, dict[str, Any]], repeat: int, data: tuple, sour
             source = pooled(ex.accuracy(job.federation.global_params))
             rounds = config["job"]["rounds"]
             job.federation.run(rounds)
-            final = ex.accuracy(job.federation.global_params)
+            final = ex.accuracy(job.federation.released_params)
             if config["privacy"]["personalise"]:
                 answers = job.federation.query("personalise", round=rounds)
                 reports = ex.local_reports("personalise", rounds)

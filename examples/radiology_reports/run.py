@@ -61,7 +61,7 @@ sys.path.insert(0, str(HERE))  # radiology_job.py beside this file
 
 import radiology_job  # noqa: E402
 
-from secfedtl.aggregation.optimizers import decode_vector  # noqa: E402
+from secfedtl.federated.federation import released_params_of  # noqa: E402
 from secfedtl.data.radiology import RadiologyData  # noqa: E402
 from secfedtl.errors import ConfigError, SecFedTLError  # noqa: E402
 from secfedtl.privacy.accountants import compute_epsilon  # noqa: E402
@@ -123,6 +123,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="per-sample clipping norm")
     p.add_argument("--server-optimizer", default="fedavg", choices=("fedavg", "fedavgm", "fedadam", "fedyogi"))
     p.add_argument("--server-lr", type=float, default=1.0)
+    p.add_argument("--ema", type=float, default=0.0,
+                   help="[server] ema: release a moving average of the server's iterates with this decay "
+                        "(post-processing, no budget; 0: the last iterate)")
     p.add_argument("--max-length", type=int, default=256, help="tokens per report")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-reference", action="store_true", help="skip the non-private logistic regression")
@@ -182,7 +185,7 @@ def job_config(args: argparse.Namespace, declared: dict[str, int], dim: int,
                   "max_length": args.max_length},
         "training": {"lr": args.lr, "expected_batch_size": args.batch_size, "max_grad_norm": args.max_grad_norm,
                      "epochs": args.epochs, "optimizer": args.optimizer},
-        "server": {"optimizer": args.server_optimizer, "lr": args.server_lr},
+        "server": {"optimizer": args.server_optimizer, "lr": args.server_lr, **({"ema": args.ema} if args.ema else {})},
         "secagg": {"clip": 1.0, "max_samples": max(declared.values()), "bits": args.bits}})
 
 
@@ -331,7 +334,7 @@ def _in_process(args: argparse.Namespace, job: Any, config: Any, out: Path) -> t
                                             "real hospital keeps its state across jobs, and a second job on it "
                                             "continues its budget"}
         ledgers = {n: s.ledger.path for n, s in local.states.items()}
-        return metrics, ledgers, mechanism, local.source, local.federation.global_params.copy()
+        return metrics, ledgers, mechanism, local.source, local.federation.released_params.copy()
     finally:
         local.close()
 
@@ -347,7 +350,7 @@ def _on_flower(args: argparse.Namespace, job: Any, job_ref: str, config: Any, ou
     metrics = run_local(job_file, out / "flower", simulation=args.flower == "simulate",
                         phase_timeout=args.phase_timeout, job_code=job_ref)
     server = out / "flower" / "server"
-    params = decode_vector(json.loads((server / "checkpoint.json").read_text(encoding="utf-8"))["global_params"])
+    params = released_params_of(json.loads((server / "checkpoint.json").read_text(encoding="utf-8")))
     source = job.build_source(config)
     if job.prepare is not None:
         centre = np.asarray(json.loads((server / "preparation.json").read_text(encoding="utf-8"))["result"])

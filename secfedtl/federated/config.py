@@ -53,7 +53,7 @@ _OPTIONAL: dict[str, dict[str, Any]] = {"job": {"workers": 0, "id": "", "validat
                                        "server": {"optimizer": "fedavg", "lr": 1.0},
                                        "secagg": {"bits": 32}}
 #: Keys that may be left out and then stay out (no default is written into the config).
-_MAY_OMIT: dict[str, dict[str, type]] = {"server": {"momentum": float},
+_MAY_OMIT: dict[str, dict[str, type]] = {"server": {"momentum": float, "ema": float},
                                          "privacy": {"noise": str, "colluders": int, "min_survivors": int},
                                          "secagg": {"prekeyed": bool}}
 #: ``[privacy] noise``: ``"local"`` (each hospital adds the full DP noise to its own update; the
@@ -86,6 +86,9 @@ def _check_components(sections: dict[str, dict[str, Any]]) -> None:
     with _section("server"):
         make_server_optimizer(server["optimizer"], server_lr=server["lr"],
                               **({"momentum": server["momentum"]} if "momentum" in server else {}))
+        ema = server.get("ema", 0.0)
+        if not (math.isfinite(ema) and 0.0 <= ema < 1.0):
+            raise ConfigError(f"ema must be in [0, 1) (the released model's moving-average decay), got {ema!r}")
     with _section("training"):
         for records in sections["declared"]["records"].values():
             DPTrainingConfig(lr=tcfg["lr"], expected_batch_size=tcfg["expected_batch_size"],

@@ -185,8 +185,10 @@ class Federation:
     seed: int = 0
     distributed: DistributedPlan | None = None
     prekeyed: bool = True  # distributed noise: set up each round's step sessions before its steps
+    ema: float = 0.0  # [server] ema: decay of the released model's moving average of the iterates (0: off)
     rounds_done: int = 0
     history: list[RoundReport] = field(default_factory=list)
+    ema_params: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.pool, ClientPool):
@@ -200,6 +202,25 @@ class Federation:
             raise ConfigError("global_params must be a non-empty vector")
         if self.clients_per_round is not None and not 3 <= self.clients_per_round <= len(self.pool.names):
             raise ConfigError("clients_per_round must be between 3 and the number of clients")
+        if isinstance(self.ema, bool) or not isinstance(self.ema, (int, float)) or not 0.0 <= self.ema < 1.0:
+            raise ConfigError(f"ema must be a number in [0, 1), got {self.ema!r}")
+        self.ema_params = self.global_params.copy() if self.ema > 0.0 else None
+
+    @property
+    def released_params(self) -> np.ndarray:
+        """The model the server releases (evaluated and deployed): with ``ema`` > 0 the exponential
+        moving average of the iterates, ``a <- ema * a + (1 - ema) * x`` after every applied
+        optimizer step (each round; each DP step with distributed noise), started at the source
+        head; else the last iterate ``global_params``. Training always continues from the iterate,
+        the only model sent to clients: averaging is post-processing of what the server already
+        holds, so it spends no privacy budget and changes nothing on the wire."""
+        return self.global_params if self.ema_params is None else self.ema_params
+
+    def _step_to(self, params: np.ndarray) -> None:
+        """Take the optimizer's new iterate, and fold it into the moving average."""
+        self.global_params = params
+        if self.ema_params is not None:
+            self.ema_params = self.ema * self.ema_params + (1.0 - self.ema) * params
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -373,7 +394,7 @@ class Federation:
         if status == "ok":
             assert outcome.total is not None
             t0 = time.perf_counter()
-            self.global_params = self.optimizer.step(self.global_params, outcome.total, outcome.total_weight)
+            self._step_to(self.optimizer.step(self.global_params, outcome.total, outcome.total_weight))
             outcome.times["aggregation"] = time.perf_counter() - t0
         times = dict(outcome.times)
         times["secagg_overhead"] = times["secure_aggregation"] - times["plain_fedavg_sum"]
@@ -423,7 +444,7 @@ class Federation:
         """Decode a step's noisy sum and apply it: the optimizer over the public normaliser."""
         t0 = time.perf_counter()
         pseudo_gradient = decode_step(plan, field_sum, step)
-        self.global_params = self.optimizer.step(self.global_params, pseudo_gradient, plan.settings.normaliser)
+        self._step_to(self.optimizer.step(self.global_params, pseudo_gradient, plan.settings.normaliser))
         tally.times["aggregation"] += time.perf_counter() - t0
         tally.ok += 1
 
@@ -558,10 +579,15 @@ class Federation:
     # -- checkpoints --------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-able server state: global weights, optimizer state, rounds done, history."""
-        return {"version": CHECKPOINT_VERSION, "rounds_done": self.rounds_done, "names": list(self.names),
-                "global_params": encode_vector(self.global_params), "optimizer": self.optimizer.state_dict(),
-                "history": [h.to_dict() for h in self.history]}
+        """JSON-able server state: global weights, optimizer state, rounds done, history, and with
+        ``ema`` the moving average (``ema_params``: the released model, :func:`released_params_of`)."""
+        state = {"version": CHECKPOINT_VERSION, "rounds_done": self.rounds_done, "names": list(self.names),
+                 "global_params": encode_vector(self.global_params), "optimizer": self.optimizer.state_dict(),
+                 "history": [h.to_dict() for h in self.history]}
+        if self.ema_params is not None:
+            state["ema"] = self.ema
+            state["ema_params"] = encode_vector(self.ema_params)
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("version") != CHECKPOINT_VERSION or list(state.get("names", [])) != list(self.names):
@@ -569,8 +595,18 @@ class Federation:
         params = decode_vector(state["global_params"])
         if params.shape != self.global_params.shape:
             raise ConfigError("checkpoint weights have the wrong shape")
+        average = None
+        if state.get("ema", 0.0) != self.ema:
+            raise ConfigError(f"checkpoint was written with ema {state.get('ema', 0.0)!r}, this server has {self.ema!r}")
+        if self.ema_params is not None:
+            if not isinstance(state.get("ema_params"), str):
+                raise ConfigError("checkpoint has no ema_params")
+            average = decode_vector(state["ema_params"])
+            if average.shape != params.shape:
+                raise ConfigError("checkpoint's ema_params have the wrong shape")
         self.optimizer.load_state_dict(state["optimizer"])
         self.global_params = params
+        self.ema_params = average
         self.rounds_done = int(state["rounds_done"])
         self.history = [RoundReport(**{**h, **{k: tuple(h[k]) for k in
                                                ("participants", "included", "dropped", "budget_refused",
@@ -592,3 +628,9 @@ class Federation:
             if checkpoint is not None:
                 self.save_checkpoint(checkpoint)
         return self.history
+
+
+def released_params_of(state: Mapping[str, Any]) -> np.ndarray:
+    """The released model of a checkpoint (:meth:`Federation.state_dict`): its moving average when
+    it was written with ``ema``, else its last iterate."""
+    return decode_vector(state["ema_params"] if "ema_params" in state else state["global_params"])

@@ -520,7 +520,7 @@ def build_server(config: JobConfig, source: SourceModel, pool: ClientPool, roste
         distributed = distributed_plan(job, config, source)
         colluders = distributed.settings.policy.colluders
     return Federation(distributed=distributed, colluders=colluders, prekeyed=config.prekeyed(),
-        pool=pool, roster=roster, names=list(head), global_params=flatten_params(head), frozen_hash=source.frozen_hash,
+        ema=server.get("ema", 0.0), pool=pool, roster=roster, names=list(head), global_params=flatten_params(head), frozen_hash=source.frozen_hash,
         optimizer=make_server_optimizer(server["optimizer"], server_lr=server["lr"], **momentum),
         clip=config["secagg"]["clip"], bits=config["secagg"]["bits"], max_samples=config["secagg"]["max_samples"],
         seed=config["job"]["seed"])

@@ -165,14 +165,14 @@ def run_federation(config: JobConfig, source: SourceModel, federation: Federatio
         (out / "rounds.json").write_text(json.dumps(round_rows, indent=2), encoding="utf-8")
         postfix: dict[str, str] = {"status": report.status}
         if experimenter is not None:
-            infos = experimenter.accuracy(federation.global_params)
+            infos = experimenter.accuracy(federation.released_params)
             per, pooled = _pooled(infos, "test")
             val_per, val_pooled = _pooled(infos, "validation")
             eps = experimenter.epsilon()
             sim_rows.append({"round": report.round, "test_accuracy": per, "pooled_test_accuracy": pooled,
                              "validation_accuracy": val_per, "pooled_validation_accuracy": val_pooled,
                              "epsilon": eps,
-                             **(round_metrics(federation.global_params) if round_metrics is not None else {})})
+                             **(round_metrics(federation.released_params) if round_metrics is not None else {})})
             (out / "simulation_rounds.json").write_text(json.dumps(sim_rows, indent=2), encoding="utf-8")
             postfix.update(acc="-" if pooled is None else f"{pooled:.3f}", eps=f"{max(eps.values(), default=0.0):.3f}")
         bar.update(1)
@@ -203,7 +203,7 @@ def run_federation(config: JobConfig, source: SourceModel, federation: Federatio
         "wall_seconds": 0.0,
     }
     if experimenter is not None:
-        final = experimenter.accuracy(federation.global_params)
+        final = experimenter.accuracy(federation.released_params)
         federated_acc, federated_pooled = _pooled(final, "test")
         personal: dict[str, float] = {}
         personalised = experimenter.local_reports("personalise", rounds) if personalise else {}
