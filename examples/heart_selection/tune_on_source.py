@@ -120,7 +120,9 @@ SEARCH_DISTRIBUTED: list[tuple[str, list[dict[str, dict[str, Any]]]]] = [
     ("training lr", [{"training": {"lr": v}} for v in (0.05, 0.2, 0.5, 1.0, 2.0, 4.0)]),
     ("expected_batch_size", [{"training": {"expected_batch_size": v}} for v in (24, 48, 96)]),
     ("epochs", [{"training": {"epochs": v}} for v in (1, 2, 4)]),
-    ("server", [{"server": {"optimizer": "fedavg", "lr": 1.0}}, {"server": {"optimizer": "fedavgm", "lr": 1.0}}]),
+    ("l2sp", [{"training": {"l2sp": v}} for v in (0.0, 0.01, 0.05, 0.2)]),  # the server's pull toward the source
+    ("server", [{"server": {"optimizer": "fedavg", "lr": 1.0}}, {"server": {"optimizer": "fedavgm", "lr": 1.0}}]
+     + [{"server": {"optimizer": "fedadam", "lr": v}} for v in (0.01, 0.03, 0.1)]),
     ("rounds", [{"job": {"rounds": v}} for v in (1, 3, 5, 8, 12)]),
 ]
 

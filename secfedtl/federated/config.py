@@ -257,7 +257,6 @@ class JobConfig:
         why = {"accountant": (priv["accountant"] == "rdp", "the Skellam accountant is RDP: set accountant = \"rdp\""),
                "personalise": (not priv["personalise"], "personalise is a local-noise round: set personalise = false"),
                "selection": ("selection" not in sections, "[selection] is not supported with distributed noise yet"),
-               "l2sp": (sections["training"]["l2sp"] == 0.0, "[training] l2sp must be 0 with distributed noise"),
                "optimizer": (sections["training"]["optimizer"] == "sgd",
                              "[training] optimizer must be \"sgd\": the server takes each step")}
         for ok, message in why.values():

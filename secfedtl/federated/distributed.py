@@ -79,6 +79,9 @@ class DistributedSettings:
     epsilon: float
     delta: float
     job_seed: int
+    #: ``[training] l2sp``: the server's step adds the L2-SP pull ``2 * l2sp * (w - w_source)`` to
+    #: the noisy mean gradient (data-independent: post-processing, never announced or charged)
+    l2sp: float = 0.0
 
     @property
     def total_steps(self) -> int:
@@ -160,7 +163,7 @@ def settings_for(config: JobConfig) -> DistributedSettings:
                                steps_per_round=steps, rounds=job["rounds"],
                                max_batch=math.ceil(batch + 6.0 * math.sqrt(batch) + 1), clip_norm=tcfg["max_grad_norm"],
                                bits=config["secagg"]["bits"], lr=tcfg["lr"], epsilon=priv["epsilon"],
-                               delta=priv["delta"], job_seed=job["seed"])
+                               delta=priv["delta"], job_seed=job["seed"], l2sp=tcfg["l2sp"])
 
 
 @functools.lru_cache(maxsize=16)
@@ -291,8 +294,16 @@ def _same(announced: Any, own: Any) -> bool:
     return bool(announced == own)
 
 
-def decode_step(plan: DistributedPlan, field_sum: np.ndarray, step: int) -> np.ndarray:
-    """The server's decode of one step: the pseudo-gradient ``-lr * noisy sum`` (float64) that
-    its optimiser averages over the public normaliser."""
+def decode_step(plan: DistributedPlan, field_sum: np.ndarray, step: int, *, params: np.ndarray,
+                source: np.ndarray) -> np.ndarray:
+    """The server's decode of one step at the global weights ``params``: the pseudo-gradient
+    ``-lr * (noisy sum + normaliser * 2 * l2sp * (params - source))`` (float64) that its optimiser
+    averages over the public normaliser, i.e. ``-lr`` times the noisy mean gradient plus the
+    gradient of the L2-SP penalty ``l2sp * ||w - w_source||^2`` toward the source head ``source``
+    (``[training] l2sp``; 0: none). The penalty involves no record, so adding it after the noise
+    is post-processing, as it is for a local-noise client (docs/privacy.md)."""
+    settings = plan.settings
     noisy_sum = plan.encoding.decode_sum(field_sum, rotation_seed=plan.rotation_seed(step))
-    return -plan.settings.lr * noisy_sum
+    if settings.l2sp:
+        noisy_sum = noisy_sum + settings.normaliser * 2.0 * settings.l2sp * (params - source)
+    return -settings.lr * noisy_sum

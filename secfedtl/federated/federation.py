@@ -189,6 +189,7 @@ class Federation:
     rounds_done: int = 0
     history: list[RoundReport] = field(default_factory=list)
     ema_params: np.ndarray | None = None
+    source_params: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.pool, ClientPool):
@@ -205,6 +206,7 @@ class Federation:
         if isinstance(self.ema, bool) or not isinstance(self.ema, (int, float)) or not 0.0 <= self.ema < 1.0:
             raise ConfigError(f"ema must be a number in [0, 1), got {self.ema!r}")
         self.ema_params = self.global_params.copy() if self.ema > 0.0 else None
+        self.source_params = self.global_params.copy()  # the source head: L2-SP's anchor (distributed steps)
 
     @property
     def released_params(self) -> np.ndarray:
@@ -443,7 +445,7 @@ class Federation:
     def _apply_step(self, plan: DistributedPlan, field_sum: np.ndarray, step: int, tally: _StepTally) -> None:
         """Decode a step's noisy sum and apply it: the optimizer over the public normaliser."""
         t0 = time.perf_counter()
-        pseudo_gradient = decode_step(plan, field_sum, step)
+        pseudo_gradient = decode_step(plan, field_sum, step, params=self.global_params, source=self.source_params)
         self._step_to(self.optimizer.step(self.global_params, pseudo_gradient, plan.settings.normaliser))
         tally.times["aggregation"] += time.perf_counter() - t0
         tally.ok += 1

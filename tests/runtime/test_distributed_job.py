@@ -69,7 +69,7 @@ def test_local_is_the_default_and_distributed_refuses_what_it_cannot_do() -> Non
     for section, key, value in [("privacy", "noise", "central"), ("privacy", "personalise", True),
                                 ("privacy", "accountant", "prv"), ("privacy", "min_survivors", 2),
                                 ("privacy", "min_survivors", 4), ("privacy", "colluders", 3),
-                                ("training", "l2sp", 0.1), ("training", "optimizer", "adam")]:
+                                ("training", "l2sp", -0.1), ("training", "optimizer", "adam")]:
         bad = json.loads(json.dumps(data))
         bad[section][key] = value
         with pytest.raises(ConfigError):

@@ -157,3 +157,56 @@ def test_the_job_evaluates_and_saves_the_released_model(tmp_path, monkeypatch) -
     assert len(scored) == 3 and all(np.array_equal(p, released) for p in scored[1:])
     assert metrics["simulation_only"]["rounds"][0]["pooled_test_accuracy"] == (
         metrics["simulation_only"]["final"]["pooled_test_accuracy"])
+
+
+# -- [training] l2sp with distributed noise: the server's step pulls toward the source head -------------
+
+
+def test_a_distributed_step_adds_the_l2sp_pull_toward_the_source_after_the_noise(tmp_path, monkeypatch) -> None:
+    from secfedtl.encoding.distributed import DistributedEncoding
+
+    data = distributed_config(rounds=1, secure_mode=False, insecure_reproducible=True).to_dict()
+    data["training"]["l2sp"] = 0.3
+    config = HeartConfig.from_mapping(data)
+    decoded: list[np.ndarray] = []
+    real_decode = DistributedEncoding.decode_sum
+
+    def decode_sum(self: DistributedEncoding, *args: Any, **kwargs: Any) -> np.ndarray:
+        out = real_decode(self, *args, **kwargs)
+        decoded.append(out.copy())
+        return out
+
+    monkeypatch.setattr(DistributedEncoding, "decode_sum", decode_sum)
+    job = build_job(config, tmp_path / "out", state_dir=tmp_path / "state")
+    try:
+        fed = job.federation
+        source = fed.global_params.copy()
+        calls: list[tuple[np.ndarray, np.ndarray, float]] = []
+        real_step = fed.optimizer.step
+
+        def step(params: np.ndarray, update: np.ndarray, weight: float) -> np.ndarray:
+            calls.append((params.copy(), update.copy(), weight))
+            return real_step(params, update, weight)
+
+        fed.optimizer.step = step
+        report = fed.run_round()
+        settings = fed.distributed.settings
+        assert report.status == "ok" and len(calls) == len(decoded) == report.steps_ok > 2
+        assert settings.l2sp == 0.3
+        for (params, update, weight), noisy_sum in zip(calls, decoded):
+            assert weight == settings.normaliser
+            pull = weight * 2 * 0.3 * (params - source)
+            np.testing.assert_allclose(update, -settings.lr * (noisy_sum + pull), rtol=1e-12, atol=1e-12)
+        assert np.abs(calls[-1][0] - source).max() > 0  # the pull was not zero after the first step
+        # what the hospitals charge does not depend on it: the plan they announce and charge is the same
+        plain = distributed_config(rounds=1)
+        assert fed.distributed.announcement() == job_plan_announcement(plain, fed)
+    finally:
+        job.close()
+
+
+def job_plan_announcement(config: HeartConfig, fed: Federation) -> dict[str, Any]:
+    from secfedtl.federated.distributed import plan_for
+
+    return plan_for(config, fed.global_params.size, job_id=fed.distributed.job_id,
+                    prior_events=fed.distributed.prior_events).announcement()
