@@ -99,10 +99,12 @@ def test_a_failed_step_is_not_averaged(tmp_path) -> None:
         job.close()
 
 
-def test_a_failed_distributed_step_is_not_averaged(tmp_path) -> None:
+@pytest.mark.parametrize("prekeyed", [True, False], ids=["prekeyed", "session-per-step"])
+def test_a_failed_distributed_step_is_not_averaged(tmp_path, prekeyed) -> None:
     job = build_job(_config(ema=0.5, distributed=True, rounds=1), tmp_path / "out", state_dir=tmp_path / "state")
     try:
         fed = job.federation
+        fed.prekeyed = prekeyed
         iterates = _recording(job)
         job.nodes["va"].faults[1] = "mask"  # va sends no masked input in step 1: that step fails
         start = fed.released_params.copy()
