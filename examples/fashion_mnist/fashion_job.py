@@ -105,16 +105,19 @@ def load_data() -> FashionMNIST:
 
 
 @functools.lru_cache(maxsize=2)
-def _splits(root: str | None, checksums: bool, num_clients: int, alpha: float, seed: int) -> tuple[Any, ...]:
+def _splits(root: str | None, checksums: bool, num_clients: int, alpha: float, seed: int,
+            validation_fraction: float) -> tuple[Any, ...]:
     data = _dataset(root, checksums)  # not kept: the shares are copies (the whole split is not held twice)
-    return tuple(client_splits(data.x_train, data.y_train, num_clients=num_clients, alpha=alpha, seed=seed))
+    return tuple(client_splits(data.x_train, data.y_train, num_clients=num_clients, alpha=alpha, seed=seed,
+                               validation_fraction=validation_fraction))
 
 
 def splits(config: JobConfig) -> list[Any]:
     """Every simulated client's share (the public partition seed and alpha decide who holds what);
     computed once per setting, so the hospitals of one process and the experimenter share the
     same arrays instead of each holding a copy of the training images."""
-    return list(_splits(*_settings(), len(config["job"]["clients"]), config["model"]["alpha"], config["job"]["seed"]))
+    return list(_splits(*_settings(), len(config["job"]["clients"]), config["model"]["alpha"], config["job"]["seed"],
+                        config["job"]["validation_fraction"]))
 
 
 def source(config: JobConfig, spec: Any) -> SourceModel:

@@ -70,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epsilon", type=float, default=3.0, help=f"each client's budget (delta = {DELTA:g})")
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label-skew concentration")
+    p.add_argument("--validation-fraction", type=float, default=0.1,
+                   help="each client's share of rows held out for validation, record by record ([job] "
+                        "validation_fraction); the rest are trained on")
     p.add_argument("--seed", type=int, default=0,
                    help="partition and validation-split seed (public); Poisson batches and DP noise come from os.urandom")
     p.add_argument("--out", type=Path, default=Path("runs/fashion_mnist"))
@@ -164,7 +167,7 @@ def job_config(args: argparse.Namespace, declared: dict[str, int], job_id: str) 
         server["ema"] = args.ema
     return FashionConfig.from_mapping({
         "job": {"dataset": "fashion_mnist", "source": "mnist" if args.backbone == "mnist_cnn" else "scatternet", "clients": list(declared), "rounds": args.rounds,
-                "seed": args.seed, "id": job_id},
+                "seed": args.seed, "id": job_id, "validation_fraction": args.validation_fraction},
         "privacy": {"epsilon": args.epsilon, "delta": DELTA, "accountant": ACCOUNTANT,
                     **({"noise": "distributed", "colluders": args.colluders} if args.noise == "distributed" else {})},
         "declared": {"records": declared},

@@ -28,7 +28,7 @@ from torch.func import functional_call, grad, vmap
 from secfedtl.errors import TrainingError
 from secfedtl.training.dpsgd import PerSampleLoss, linear_ce_residual
 from secfedtl.training.update import param_names
-from secfedtl.transfer.distillation import cross_entropy_loss
+from secfedtl.transfer.distillation import check_class_labels, cross_entropy_loss
 
 __all__ = ["per_example_gradients"]
 
@@ -60,6 +60,16 @@ def per_example_gradients(module: nn.Module, inputs: torch.Tensor, targets: torc
         return loss_fn(call, x.unsqueeze(0), y.unsqueeze(0)).sum()  # type: ignore[arg-type]
 
     was = module.training
+    if loss_fn is cross_entropy_loss and not targets.is_floating_point():
+        # the loss cannot read label values inside vmap: check them here, against the classes of
+        # one row's logits (eval mode, so that batch statistics never see a single row)
+        module.eval()
+        try:
+            with torch.no_grad():
+                classes = functional_call(module, {**local, **fixed}, (inputs[:1],)).shape[-1]
+        finally:
+            module.train(was)
+        check_class_labels(targets, classes)
     module.train()
     try:
         grads = vmap(grad(loss_one), in_dims=(None, 0, 0))(local, inputs, targets)

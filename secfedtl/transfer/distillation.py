@@ -64,7 +64,8 @@ def check_class_labels(targets: torch.Tensor, classes: int) -> None:
 
 def cross_entropy_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The default per-sample loss: cross entropy of ``model(inputs)``, shape ``(batch,)``
-    (class-index labels checked by :func:`check_class_labels`, except inside ``torch.func.vmap``)."""
+    (class-index labels checked by :func:`check_class_labels`; inside ``torch.func.vmap`` the caller
+    checks them: :func:`~secfedtl.training.examples.per_example_gradients`)."""
     logits = model(inputs)
     # class indices (float targets are probabilities); inside torch.func's vmap (the generic
     # per-example gradients of distributed noise) a check that reads values cannot run

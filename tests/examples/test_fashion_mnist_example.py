@@ -439,3 +439,18 @@ def test_central_dp_simulation_screens_settings_on_validation(tmp_path: Path, ca
               "--epsilon", "50", "--lr", "2", "--centre-epsilon", "1"])
     lines = [ln for ln in capsys.readouterr().out.splitlines() if "validation accuracy" in ln]
     assert lines and float(lines[-1].split()[-1]) > 0.9
+
+
+def test_the_job_files_validation_fraction_decides_the_split(tmp_path: Path, monkeypatch) -> None:
+    """``[job] validation_fraction`` is what each client holds out (it was once ignored: the data
+    always held out 10 % while config.json said 20 %); a record's side depends on it alone."""
+    fashion_job, config = _tiny_job(tmp_path, monkeypatch)
+    sizes = {}
+    for fraction in (0.1, 0.4):
+        data = config.to_dict()
+        data["job"]["validation_fraction"] = fraction
+        shares = fashion_job.splits(fashion_job.FashionConfig.from_mapping(data))
+        val = sum(len(s.y_val) for s in shares)
+        sizes[fraction] = (val, val + sum(len(s.y_fit) for s in shares))
+    assert sizes[0.1][1] == sizes[0.4][1] == 300
+    assert 10 <= sizes[0.1][0] <= 55 and 85 <= sizes[0.4][0] <= 155

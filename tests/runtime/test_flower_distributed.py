@@ -49,3 +49,40 @@ def test_a_distributed_job_on_flower_charges_every_step_and_completes(tmp_path: 
         assert len(charged) == steps and {e["event"]["mechanism"] for e in charged} == {"poisson_skellam"}
         audit = audit_ledger(ledgers[0]).client(name)
         assert audit.steps == steps and 0 < audit.epsilon <= config["privacy"]["epsilon"]
+
+
+def test_a_prepared_distributed_job_on_flower_releases_first_then_every_step(tmp_path: Path, monkeypatch) -> None:
+    """A job with a preparation (DP centring, tests/federated/test_preparation.py's synthetic job)
+    and distributed noise, over Flower: the centring is released and applied first (one secure
+    round), then every DP step of the round; each hospital's ledger holds the release, then one
+    ``poisson_skellam`` entry per step, composing within its budget."""
+    import os
+
+    from secfedtl.federated.config import JobConfig
+    from secfedtl.privacy.ledger import read_verified_ledger
+
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    monkeypatch.syspath_prepend(str(root))
+    from tests.federated.test_preparation import DISTRIBUTED
+
+    data = DISTRIBUTED.to_dict()
+    data["training"]["expected_batch_size"] = 150  # q = 1/4: four steps
+    config = JobConfig.from_mapping(data)
+    job = tmp_path / "job.toml"
+    job.write_text(config.to_toml(), encoding="utf-8")
+    metrics = run_local(job, tmp_path / "run", simulation=False, phase_timeout=60.0, timeout=1500,
+                        job_code="tests.federated.test_preparation:JOB")
+    steps = settings_for(config).steps_per_round
+    assert steps == 4
+    assert metrics["server"]["preparation"]["status"] == "ok"
+    assert metrics["server"]["preparation"]["prepared"] == ["a", "b", "c"]
+    (row,) = metrics["server"]["rounds"]
+    assert (row["status"], row["steps"], row["steps_ok"]) == ("ok", steps, steps)
+    for name in config["job"]["clients"]:
+        (ledger,) = (tmp_path / "run").rglob(f"{name}/ledger.jsonl")
+        entries, _ = read_verified_ledger(ledger)
+        charged = [e for e in entries if e["status"] == "pending"]
+        assert [e["release"] for e in charged] == ["feature_mean"] + ["distributed_share"] * steps
+        audit = audit_ledger(ledger).client(name)
+        assert audit.certified and 0 < audit.epsilon <= config["privacy"]["epsilon"]

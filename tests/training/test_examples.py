@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from secfedtl.errors import InputError
-from secfedtl.errors import InputError
 from secfedtl.training.examples import per_example_gradients
 from secfedtl.transfer.distillation import cross_entropy_loss
 
@@ -57,3 +56,23 @@ def test_the_closed_form_refuses_labels_outside_the_classes(label: int) -> None:
     y = torch.tensor([0, 4, label])
     with pytest.raises(InputError, match=r"class labels must lie in \[0, 5\)"):
         per_example_gradients(layer, torch.randn(3, 13), y, loss_fn=cross_entropy_loss)
+
+
+@pytest.mark.parametrize("label", [-1, 2, -100])
+def test_the_generic_path_refuses_labels_outside_the_classes(label: int) -> None:
+    """Inside vmap the loss cannot read label values, so the generic path (a non-linear head, as the
+    heart job's MLP under distributed noise) checks them first: before, -1 took the last class and
+    -100 was skipped, silently."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    x = torch.randn(5, 4)
+    with pytest.raises(InputError, match=r"class labels must lie in \[0, 2\)"):
+        per_example_gradients(model, x, torch.tensor([0, 1, label, 0, 1]), loss_fn=cross_entropy_loss)
+    with pytest.raises(InputError, match="1-D"):
+        per_example_gradients(model, x, torch.zeros(5, 1, dtype=torch.long), loss_fn=cross_entropy_loss)
+    # valid labels still pass, and the check leaves the module's mode as it was
+    for training in (True, False):
+        model.train(training)
+        rows = per_example_gradients(model, x, torch.tensor([0, 1, 1, 0, 1]), loss_fn=cross_entropy_loss)
+        assert rows.shape == (5, sum(p.numel() for p in model.parameters())) and np.isfinite(rows).all()
+        assert model.training is training
