@@ -24,7 +24,7 @@ import numpy as np
 
 from secfedtl.errors import ConfigError, EncodingError
 
-MIN_BITS = 16
+MIN_BITS = 8
 MAX_BITS = 64
 
 

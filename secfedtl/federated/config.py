@@ -60,6 +60,10 @@ _MAY_OMIT: dict[str, dict[str, type]] = {"server": {"momentum": float, "ema": fl
 #: default) or ``"distributed"`` (each aggregation is one DP-SGD step across hospitals, each adding
 #: a share of Skellam noise: :mod:`secfedtl.federated.distributed`).
 NOISE_MODES = ("local", "distributed")
+#: ``[secagg] bits`` with local noise: a fixed-point field narrower than 16 bits leaves a float
+#: update almost no precision (distributed noise's integer sessions take
+#: :data:`~secfedtl.encoding.fixed_point.MIN_BITS` and up: docs/privacy.md, "Encoding")
+LOCAL_MIN_BITS = 16
 
 
 def _typed(value: Any, kind: type, where: str) -> Any:
@@ -75,7 +79,7 @@ def _check_components(sections: dict[str, dict[str, Any]]) -> None:
     privacy state or data is touched: a bad value is a :class:`ConfigError` here, not after the
     source model trained."""
     from secfedtl.aggregation import make_server_optimizer
-    from secfedtl.encoding.fixed_point import FixedPointEncoding
+    from secfedtl.encoding.fixed_point import MAX_BITS, MIN_BITS, FixedPointEncoding
     from secfedtl.privacy.accountants import ACCOUNTANTS
     from secfedtl.training import DPTrainingConfig
 
@@ -101,8 +105,16 @@ def _check_components(sections: dict[str, dict[str, Any]]) -> None:
     with _section("secagg"):
         if scfg["max_samples"] < 1:
             raise ConfigError(f"max_samples must be >= 1, got {scfg['max_samples']!r}")
-        FixedPointEncoding(clip=scfg["clip"], bits=scfg["bits"], num_clients=len(job["clients"]),
-                           max_weight=scfg["max_samples"])
+        bits, low = scfg["bits"], (MIN_BITS if priv.get("noise", "local") == "distributed" else LOCAL_MIN_BITS)
+        if isinstance(bits, bool) or not isinstance(bits, int) or not low <= bits <= MAX_BITS:
+            raise ConfigError(f"bits must be an integer in [{low}, {MAX_BITS}]"
+                              + (" with local noise (distributed noise takes 8 and up)" if low == LOCAL_MIN_BITS else "")
+                              + f", got {bits!r}")
+        if priv.get("noise", "local") == "distributed":  # integer sessions: no clip, no weight word
+            FixedPointEncoding(clip=1.0, bits=bits, num_clients=len(job["clients"]), max_weight=1)
+        else:
+            FixedPointEncoding(clip=scfg["clip"], bits=bits, num_clients=len(job["clients"]),
+                               max_weight=scfg["max_samples"])
 
 
 @contextlib.contextmanager

@@ -150,7 +150,7 @@ def test_accepted_bit_widths(bits):
 
 
 @pytest.mark.parametrize("kwargs", [
-    dict(clip=1.0, bits=8, num_clients=3),
+    dict(clip=1.0, bits=7, num_clients=3),
     dict(clip=1.0, bits=65, num_clients=3),
     dict(clip=1.0, bits=32.0, num_clients=3),
     dict(clip=0.0, bits=32, num_clients=3),

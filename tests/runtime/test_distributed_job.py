@@ -280,3 +280,50 @@ def test_a_node_refuses_a_session_that_tolerates_fewer_colluders_than_its_noise_
             node.handle(wire.encode(wire.Join(round=0, index=0, session=params, parties=parties)))
     finally:
         job.close()
+
+
+def test_distributed_noise_takes_fields_below_16_bits_and_local_noise_does_not() -> None:
+    """Integer sessions carry no fixed-point weight word, so distributed noise takes 8 bits and up
+    (the encoding rule then says whether the noise fits); a local-noise job's float updates keep 16."""
+    for bits in (8, 12, 15):
+        data = distributed_config().to_dict()
+        data["secagg"]["bits"] = bits
+        assert HeartConfig.from_mapping(data)["secagg"]["bits"] == bits
+    data = distributed_config().to_dict()
+    data["secagg"]["bits"] = 7
+    with pytest.raises(ConfigError, match=r"bits must be an integer in \[8, 64\]"):
+        HeartConfig.from_mapping(data)
+    local = HeartConfig.load(None).to_dict()
+    local["secagg"]["bits"] = 12
+    with pytest.raises(ConfigError, match=r"bits must be an integer in \[16, 64\] with local noise"):
+        HeartConfig.from_mapping(local)
+
+
+def test_a_12_bit_distributed_round_completes_in_its_field_and_an_8_bit_one_is_refused(tmp_path) -> None:
+    data = distributed_config(secure_mode=False, insecure_reproducible=True).to_dict()
+    data["secagg"]["bits"] = 12
+    config = HeartConfig.from_mapping(data)
+    job = build_job(config, tmp_path / "out", state_dir=tmp_path / "state")
+    try:
+        plan = job.federation.distributed
+        assert plan.encoding.bits == 12 and plan.encoding_plan.wrap_probability <= 1e-6
+        sums: list[np.ndarray] = []
+        real = job.federation._apply_step
+
+        def spy(plan_, field_sum, step, tally):  # type: ignore[no-untyped-def]
+            sums.append(np.asarray(field_sum).copy())
+            return real(plan_, field_sum, step, tally)
+
+        job.federation._apply_step = spy  # type: ignore[method-assign]
+        report = job.federation.run_round()
+        steps = settings_for(config).steps_per_round
+        assert (report.status, report.steps_ok) == ("ok", steps) and len(sums) == steps
+        assert all(int(s.max()) < 2 ** 12 for s in sums) and any(int(s.max()) >= 2 ** 11 for s in sums)
+        for name in HOSPITALS:
+            charged = [e for e in ledger(tmp_path / "state", name) if e["status"] == "pending"]
+            assert {e["event"]["bits"] for e in charged} == {12}
+    finally:
+        job.close()
+    data["secagg"]["bits"] = 8  # the rule finds no scale at which three parties' noise fits 8 bits
+    with pytest.raises(ConfigError, match="8 bits cannot hold the noise of 3 parties"):
+        build_job(HeartConfig.from_mapping(data), tmp_path / "out8", state_dir=tmp_path / "state8")

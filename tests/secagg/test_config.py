@@ -27,7 +27,7 @@ from secfedtl.secagg.config import failure_probabilities, tolerated_colluders
     dict(num_clients=20, threshold=11, min_survivors=10),  # below threshold
     dict(num_clients=20, threshold=11, min_survivors=21),  # above n
     dict(num_clients=20, threshold=11.0),
-    dict(num_clients=20, threshold=11, bits=8),
+    dict(num_clients=20, threshold=11, bits=7),
     dict(num_clients=20, threshold=11, clip=-1.0),
     dict(num_clients=20, threshold=11, bits=16, scale=2.0**20),  # explicit scale wraps
 ])
