@@ -44,7 +44,7 @@ import numpy as np
 from secfedtl._atomic import atomic_write
 from secfedtl.aggregation import ServerOptimizer
 from secfedtl.aggregation.optimizers import decode_vector, encode_vector
-from secfedtl.errors import ConfigError, DecodeError
+from secfedtl.errors import ConfigError, DecodeError, InputError
 from secfedtl.federated import wire
 from secfedtl.federated.distributed import STEP_TASK, DistributedPlan, decode_step
 from secfedtl.federated.pool import ClientPool
@@ -592,8 +592,27 @@ class Federation:
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output. Everything is checked before anything is changed:
+        :class:`ConfigError` for a checkpoint of another model or setting, :class:`InputError`
+        for a malformed one; either leaves this server as it was."""
+        if not isinstance(state, Mapping):
+            raise InputError(f"a checkpoint must be a mapping, got {type(state).__name__}")
         if state.get("version") != CHECKPOINT_VERSION or list(state.get("names", [])) != list(self.names):
             raise ConfigError("checkpoint is of another version or another model")
+        missing = sorted({"global_params", "optimizer", "rounds_done", "history"} - set(state))
+        if missing:
+            raise InputError(f"checkpoint lacks {missing}")
+        rounds_done, history_rows = state["rounds_done"], state["history"]
+        if isinstance(rounds_done, bool) or not isinstance(rounds_done, int) or not isinstance(history_rows, list) \
+                or rounds_done != len(history_rows):
+            raise InputError("checkpoint's rounds_done must be an int equal to the number of rounds in its history")
+        try:
+            history = [RoundReport(**{**h, **{k: tuple(h[k]) for k in
+                                              ("participants", "included", "dropped", "budget_refused",
+                                               "step_hashes") if k in h}})
+                       for h in history_rows]
+        except (TypeError, ValueError) as exc:  # a row that is not a RoundReport's fields
+            raise InputError(f"checkpoint's history is malformed: {exc}") from exc
         params = decode_vector(state["global_params"])
         if params.shape != self.global_params.shape:
             raise ConfigError("checkpoint weights have the wrong shape")
@@ -606,14 +625,13 @@ class Federation:
             average = decode_vector(state["ema_params"])
             if average.shape != params.shape:
                 raise ConfigError("checkpoint's ema_params have the wrong shape")
+        elif "ema_params" in state:  # state_dict writes them only with its ema: released_params_of would disagree
+            raise ConfigError("checkpoint has ema_params but was written without ema")
         self.optimizer.load_state_dict(state["optimizer"])
         self.global_params = params
         self.ema_params = average
-        self.rounds_done = int(state["rounds_done"])
-        self.history = [RoundReport(**{**h, **{k: tuple(h[k]) for k in
-                                               ("participants", "included", "dropped", "budget_refused",
-                                                "step_hashes") if k in h}})
-                        for h in state["history"]]
+        self.rounds_done = rounds_done
+        self.history = history
 
     def save_checkpoint(self, path: str | os.PathLike[str]) -> None:
         """Write the server state atomically (temp file, fsync, rename)."""

@@ -384,9 +384,9 @@ def test_a_server_showing_one_hospital_other_weights_gets_a_sum_still_masked(tmp
     sums: dict[int, np.ndarray] = {}
     real_decode = fedmod.decode_step
 
-    def record(plan, field_sum, step):  # type: ignore[no-untyped-def]
+    def record(plan, field_sum, step, **kwargs):  # type: ignore[no-untyped-def]
         sums[step] = np.array(field_sum, copy=True)
-        return real_decode(plan, field_sum, step)
+        return real_decode(plan, field_sum, step, **kwargs)
 
     monkeypatch.setattr(ClientSession, "provide_input", spy)
     monkeypatch.setattr(fedmod, "decode_step", record)

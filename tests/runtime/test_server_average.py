@@ -85,13 +85,35 @@ def test_the_released_model_averages_every_applied_step_and_training_is_unchange
 
 
 def test_a_failed_step_is_not_averaged(tmp_path) -> None:
-    job = build_job(_config(ema=0.5, distributed=False, rounds=1), tmp_path / "out", state_dir=tmp_path / "state")
+    job = build_job(_config(ema=0.5, distributed=False, rounds=2), tmp_path / "out", state_dir=tmp_path / "state")
     try:
-        job.nodes["va"].faults = {0: "train"}  # one of three hospitals lost: the round fails
+        assert job.federation.run_round().status == "ok"
+        # the average now differs from the iterate, so averaging the unchanged iterate in would show
+        assert not np.allclose(job.federation.released_params, job.federation.global_params)
+        job.nodes["va"].faults = {1: "train"}  # one of three hospitals lost: the round fails
         before = job.federation.released_params.copy()
         report = job.federation.run_round()
         assert report.status == "failed"
         assert np.array_equal(job.federation.released_params, before)
+    finally:
+        job.close()
+
+
+@pytest.mark.parametrize("prekeyed", [True, False], ids=["prekeyed", "session-per-step"])
+def test_a_failed_distributed_step_is_not_averaged(tmp_path, prekeyed) -> None:
+    job = build_job(_config(ema=0.5, distributed=True, rounds=1), tmp_path / "out", state_dir=tmp_path / "state")
+    try:
+        fed = job.federation
+        fed.prekeyed = prekeyed
+        iterates = _recording(job)
+        job.nodes["va"].faults[1] = "mask"  # va sends no masked input in step 1: that step fails
+        start = fed.released_params.copy()
+        report = fed.run_round()
+        assert report.status == "ok" and report.steps_ok == fed.distributed.settings.steps_per_round - 1
+        expected = start
+        for x in iterates:  # the applied steps only
+            expected = 0.5 * expected + 0.5 * x
+        np.testing.assert_allclose(fed.released_params, expected, rtol=1e-12, atol=1e-15)
     finally:
         job.close()
 
@@ -119,6 +141,17 @@ def test_the_checkpoint_keeps_the_average_and_refuses_another_setting_unchanged(
             assert fed.rounds_done == saved[2]
         plain = {k: v for k, v in state.items() if k not in ("ema", "ema_params")}
         np.testing.assert_array_equal(released_params_of(plain), fed.global_params)
+        # a malformed rest of the checkpoint is refused before anything (the average included) changes
+        fed.run(2)
+        saved = (fed.global_params.copy(), fed.ema_params.copy(), fed.rounds_done, list(fed.history),
+                 fed.optimizer.state_dict())
+        malformed = [{**state, "rounds_done": "1"}, {**state, "rounds_done": 5}, {**state, "history": [{"x": 1}]},
+                     {k: v for k, v in state.items() if k != "history"}, [state]]
+        for bad in malformed:
+            with pytest.raises(InputError):
+                fed.load_state_dict(bad)
+            assert np.array_equal(fed.global_params, saved[0]) and np.array_equal(fed.ema_params, saved[1])
+            assert (fed.rounds_done, fed.history, fed.optimizer.state_dict()) == saved[2:]
     finally:
         job.close()
 
@@ -210,3 +243,44 @@ def job_plan_announcement(config: HeartConfig, fed: Federation) -> dict[str, Any
 
     return plan_for(config, fed.global_params.size, job_id=fed.distributed.job_id,
                     prior_events=fed.distributed.prior_events).announcement()
+
+
+def test_a_resumed_job_keeps_the_source_head_as_anchor_and_continues_the_average(tmp_path, monkeypatch) -> None:
+    """``--resume`` (build_job(resume=True) loads checkpoint.json): the L2-SP pull still points at
+    the source head, not at the checkpointed iterate, and the average goes on from ema_params."""
+    from secfedtl.federated import federation as federation_module
+    from secfedtl.training import flatten_params
+
+    data = _config(ema=0.7, distributed=True, rounds=2).to_dict()
+    data["training"]["l2sp"] = 0.3
+    config = HeartConfig.from_mapping(data)
+    out, state_dir = tmp_path / "out", tmp_path / "state"
+    job = build_job(config, out, state_dir=state_dir)
+    try:
+        job.federation.run(1, checkpoint=out / "checkpoint.json")
+    finally:
+        job.close()
+    state = json.loads((out / "checkpoint.json").read_text(encoding="utf-8"))
+    job = build_job(config, out, resume=True, state_dir=state_dir)
+    try:
+        fed = job.federation
+        head = flatten_params(job.source.head_state)
+        assert fed.rounds_done == 1 and not np.allclose(fed.global_params, head)
+        anchors: list[np.ndarray] = []
+        real_decode = federation_module.decode_step
+
+        def decode_step(*args: Any, source: np.ndarray, **kwargs: Any) -> np.ndarray:
+            anchors.append(source.copy())
+            return real_decode(*args, source=source, **kwargs)
+
+        iterates = _recording(job)
+        monkeypatch.setattr(federation_module, "decode_step", decode_step)
+        fed.run(2)
+        assert len(anchors) == len(iterates) == fed.history[-1].steps_ok > 0
+        assert all(np.array_equal(a, head) for a in anchors)
+        expected = released_params_of(state)
+        for x in iterates:
+            expected = 0.7 * expected + 0.3 * x
+        np.testing.assert_allclose(fed.released_params, expected, rtol=1e-12, atol=1e-15)
+    finally:
+        job.close()
