@@ -116,7 +116,11 @@ class DistributedPlan:
         """What a step request announces (``options["distributed"]``); nodes compare it with their own plan."""
         enc = self.encoding
         return {"scale": float(enc.scale), "dimension": enc.dimension, "rotate": enc.rotate,
-                "share_variance": float(self.event.share_variance), "sample_rate": self.settings.sample_rate}
+                "share_variance": float(self.event.share_variance), "sample_rate": self.settings.sample_rate,
+                # what every step's public rotation seed comes from: a server whose job file names
+                # another job (e.g. a hashed id over a file that differs in a server-only key) is
+                # refused here, instead of un-rotating every step's sum with the wrong seed
+                "job_id": self.job_id, "job_seed": self.settings.job_seed}
 
     def check_session(self, step: int, session: SessionParams) -> None:
         """What a hospital checks before it sets up a pre-keyed step session (the keys of step

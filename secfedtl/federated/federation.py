@@ -273,9 +273,10 @@ class Federation:
               options: Mapping[str, Any] | None = None, clients: Sequence[str] | None = None
               ) -> dict[str, dict[str, Any]]:
         """Run a public task (``"evaluate"``, ``"personalise"``) on ``weights`` (default: the
-        global weights); return each answering client's ``info`` (with its ``status``)."""
+        released model, :attr:`released_params`: the hospitals evaluate and personalise the model
+        the federation releases); return each answering client's ``info`` (with its ``status``)."""
         r = self.rounds_done if round is None else round
-        w = self.global_params if weights is None else weights
+        w = self.released_params if weights is None else weights
         request = wire.TaskRequest.with_weights(round=r, task=task, weights=w,
                                                 options={**self.task_options(), **(options or {})})
         blob = wire.encode(request)

@@ -327,3 +327,30 @@ def test_a_12_bit_distributed_round_completes_in_its_field_and_an_8_bit_one_is_r
     data["secagg"]["bits"] = 8  # the rule finds no scale at which three parties' noise fits 8 bits
     with pytest.raises(ConfigError, match="8 bits cannot hold the noise of 3 parties"):
         build_job(HeartConfig.from_mapping(data), tmp_path / "out8", state_dir=tmp_path / "state8")
+
+
+@pytest.mark.parametrize("prekeyed", [True, False])
+def test_a_server_of_another_job_id_is_refused_before_any_step_is_charged(tmp_path, prekeyed) -> None:
+    """Every step's rotation seed comes from the job id and seed. A server whose file names another
+    job (a hashed id over a file that differs in, say, ``[server] ema``) announces it, and every
+    hospital refuses the step before charging it, where it used to charge and mask a step the
+    server then un-rotated with the wrong seed (found by helper-28's red team)."""
+    import dataclasses
+
+    job = build_job(distributed_config(), tmp_path / "out", state_dir=tmp_path / "state")
+    try:
+        fed = job.federation
+        fed.prekeyed = prekeyed
+        for other in (dataclasses.replace(fed.distributed, job_id=fed.distributed.job_id + "-x"),
+                      dataclasses.replace(fed.distributed, settings=dataclasses.replace(
+                          fed.distributed.settings, job_seed=fed.distributed.settings.job_seed + 1))):
+            fed.distributed = other
+            before = fed.global_params.copy()
+            report = fed.run_round()
+            assert report.status == "failed" and report.steps_ok == 0
+            assert np.array_equal(fed.global_params, before)
+        for name in HOSPITALS:  # nothing charged: no ledger entry was ever written
+            path = tmp_path / "state" / name / "ledger.jsonl"
+            assert not path.exists() or [e for e in ledger(tmp_path / "state", name) if e["status"] == "pending"] == []
+    finally:
+        job.close()

@@ -284,3 +284,31 @@ def test_a_resumed_job_keeps_the_source_head_as_anchor_and_continues_the_average
         np.testing.assert_allclose(fed.released_params, expected, rtol=1e-12, atol=1e-15)
     finally:
         job.close()
+
+
+def test_hospitals_evaluate_and_personalise_the_released_model(tmp_path) -> None:
+    data = _config(ema=0.5, distributed=False, rounds=1).to_dict()
+    data["privacy"]["personalise"] = True
+    job = build_job(HeartConfig.from_mapping(data), tmp_path / "out", state_dir=tmp_path / "state")
+    try:
+        sent: list[tuple[str, np.ndarray]] = []
+        real = job.federation.pool.exchange
+
+        def exchange(requests, *, phase):  # type: ignore[no-untyped-def]
+            from secfedtl.federated import wire
+
+            for blobs in requests.values():
+                message = wire.decode(blobs[0])
+                if isinstance(message, wire.TaskRequest) and message.task in ("evaluate", "personalise"):
+                    sent.append((message.task, message.weights()))
+            return real(requests, phase=phase)
+
+        job.federation.pool.exchange = exchange
+        job.federation.run(1)
+        assert not np.allclose(job.federation.released_params, job.federation.global_params)
+        for task in ("evaluate", "personalise"):
+            job.federation.query(task, round=1)
+        assert {t for t, _ in sent} == {"evaluate", "personalise"}
+        assert all(np.array_equal(w, job.federation.released_params) for _, w in sent)
+    finally:
+        job.close()
