@@ -24,8 +24,11 @@ import numpy as np
 
 from secfedtl.errors import ConfigError, EncodingError
 
-MIN_BITS = 8
+MIN_BITS = 8  # the field: distributed noise's integer sessions (no weight word) go this low
 MAX_BITS = 64
+#: A float update (local noise, selection statistics, a preparation's sums) needs at least this
+#: many bits of field: the job file's check and every node refuse a fixed-point encoding below it
+MIN_FIXED_POINT_BITS = 16
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -28,6 +28,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+from secfedtl.encoding.fixed_point import MIN_FIXED_POINT_BITS
 from secfedtl.errors import ConfigError
 
 __all__ = ["JobConfig"]
@@ -63,7 +64,7 @@ NOISE_MODES = ("local", "distributed")
 #: ``[secagg] bits`` with local noise: a fixed-point field narrower than 16 bits leaves a float
 #: update almost no precision (distributed noise's integer sessions take
 #: :data:`~secfedtl.encoding.fixed_point.MIN_BITS` and up: docs/privacy.md, "Encoding")
-LOCAL_MIN_BITS = 16
+LOCAL_MIN_BITS = MIN_FIXED_POINT_BITS
 
 
 def _typed(value: Any, kind: type, where: str) -> Any:

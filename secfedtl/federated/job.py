@@ -45,6 +45,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from secfedtl.aggregation import make_server_optimizer
 from secfedtl.crypto.primitives import SigningKey
+from secfedtl.encoding.fixed_point import MIN_FIXED_POINT_BITS
 from secfedtl.errors import AccountingError, AggregationError, ConfigError, RemoteProtocolError
 from secfedtl.federated.config import JobConfig
 from secfedtl.federated.distributed import STEP_TASK, DistributedPlan, DistributedStepTask, plan_for, settings_for
@@ -209,13 +210,19 @@ class FederatedJob:
         return events
 
     def load_config(self, path: str | os.PathLike[str] | None = None) -> JobConfig:
-        return self.config_type.load(path)
+        return self.check(self.config_type.load(path))
 
     def check(self, config: JobConfig) -> JobConfig:
-        """``config`` as this job's config class (re-validated if it is another class)."""
-        if isinstance(config, self.config_type):
-            return config
-        return self.config_type.from_mapping(config.to_dict())
+        """``config`` as this job's config class (re-validated if it is another class). A job with a
+        preparation runs it as a fixed-point secure round in the job's field, so its ``[secagg]
+        bits`` must be at least :data:`~secfedtl.encoding.fixed_point.MIN_FIXED_POINT_BITS` even
+        with distributed noise (refused here, before any folder or state exists)."""
+        checked = config if isinstance(config, self.config_type) else self.config_type.from_mapping(config.to_dict())
+        if self.prepare is not None and checked["secagg"]["bits"] < MIN_FIXED_POINT_BITS:
+            raise ConfigError(f"[secagg] bits must be at least {MIN_FIXED_POINT_BITS} for job {self.name!r}: its "
+                              f"preparation is a fixed-point secure round in the same field, got "
+                              f"{checked['secagg']['bits']}")
+        return checked
 
     def build_source(self, config: JobConfig, spec: Mapping[str, Any] | None = None) -> SourceModel:
         source = self.source(config, config.source_specs()[0] if spec is None else spec)

@@ -48,6 +48,7 @@ from torch.utils.data import Dataset
 from secfedtl._atomic import atomic_write
 from secfedtl.crypto.primitives import SigningKey
 from secfedtl.encoding import FixedPointEncoding
+from secfedtl.encoding.fixed_point import MIN_FIXED_POINT_BITS
 from secfedtl.errors import (
     ConfigError,
     PrivacyBudgetExceeded,
@@ -256,6 +257,10 @@ def encoding_from_options(options: Mapping[str, Any]) -> FixedPointEncoding:
     spec = options.get("encoding")
     if not isinstance(spec, Mapping) or set(spec) != {"clip", "bits", "num_clients", "max_weight"}:
         raise RemoteProtocolError("a secure task must announce its encoding (clip, bits, num_clients, max_weight)")
+    bits = spec["bits"]
+    if isinstance(bits, int) and not isinstance(bits, bool) and bits < MIN_FIXED_POINT_BITS:
+        raise RemoteProtocolError(f"a fixed-point encoding of {bits} bits: a float update needs at least "
+                                  f"{MIN_FIXED_POINT_BITS}")
     try:
         return FixedPointEncoding(clip=float(spec["clip"]), bits=spec["bits"], num_clients=spec["num_clients"],
                                   max_weight=spec["max_weight"])

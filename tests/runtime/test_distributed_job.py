@@ -354,3 +354,39 @@ def test_a_server_of_another_job_id_is_refused_before_any_step_is_charged(tmp_pa
             assert not path.exists() or [e for e in ledger(tmp_path / "state", name) if e["status"] == "pending"] == []
     finally:
         job.close()
+
+
+@pytest.mark.parametrize("bits", [8, 12, 15])
+def test_a_node_refuses_a_fixed_point_encoding_narrower_than_16_bits_before_charging(tmp_path, bits) -> None:
+    """The field floor of 8 is for distributed noise's integer sessions; a float update (a
+    local-noise round, selection, a preparation) needs 16, and a hospital refuses a server that
+    announces less before training or charging (found by helper-29's red team)."""
+    data = HeartConfig.load(None).to_dict()
+    data["model"]["source_epochs"] = 40
+    data["job"]["rounds"] = 1
+    job = build_job(HeartConfig.from_mapping(data), tmp_path / "out", state_dir=tmp_path / "state")
+    try:
+        fed = job.federation
+        node = job.nodes["hungary"]
+        request = wire.TaskRequest.with_weights(round=0, task="train", weights=fed.global_params, options={
+            **fed.task_options(), "encoding": {"clip": 1.0, "bits": bits, "num_clients": 3, "max_weight": 140}})
+        (reply,) = [wire.decode(b) for b in node.handle(wire.encode(request))]
+        assert reply.status == "failed"
+        path = tmp_path / "state" / "hungary" / "ledger.jsonl"
+        assert not path.exists() or not [e for e in ledger(tmp_path / "state", "hungary") if e["status"] == "pending"]
+    finally:
+        job.close()
+
+
+def test_a_prepared_job_needs_16_bits_even_with_distributed_noise(tmp_path) -> None:
+    """A preparation (DP centring) is a fixed-point secure round in the job's field: a prepared
+    distributed job below 16 bits is refused by the job's check, before any folder or state."""
+    from secfedtl.runtime.local import run_job as run_prepared
+    from tests.federated.test_preparation import DISTRIBUTED, JOB
+
+    data = DISTRIBUTED.to_dict()
+    data["secagg"]["bits"] = 12
+    config = type(DISTRIBUTED).from_mapping(data)  # the config alone is fine: steps take 8 bits and up
+    with pytest.raises(ConfigError, match="preparation is a fixed-point secure round"):
+        run_prepared(JOB, config, tmp_path / "out", state_dir=tmp_path / "state", progress=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "state").exists()
