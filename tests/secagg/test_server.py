@@ -128,7 +128,7 @@ class Round(RuleBasedStateMachine):
     on the way (either direction). At the end: the exact modular sum of the included clients'
     vectors, or TooFewSurvivorsError."""
 
-    @initialize(n=st.integers(4, 7), sparse=st.booleans(), auth=st.booleans(), bits=st.sampled_from([20, 32]),
+    @initialize(n=st.integers(4, 7), sparse=st.booleans(), auth=st.booleans(), bits=st.sampled_from([8, 12, 20, 32]),
                 seed=st.integers(0, 100))
     def setup(self, n, sparse, auth, bits, seed):
         if sparse and n >= 5:
